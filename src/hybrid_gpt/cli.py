@@ -1,0 +1,289 @@
+"""The `hybrid-gpt` command: thin argparse subcommands over the library.
+
+Bad input raises HybridGPTError in the library; here it becomes one line on stderr and exit 2
+(RunFailure: exit 1). Run it under torchrun for DDP: `torchrun --nproc_per_node 2 -m hybrid_gpt.cli pretrain`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import HybridGPTError
+from .presets import PRESETS, default_preset
+
+PROG = "hybrid-gpt"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, and a pointer to --help
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="model and training sizes (default: seed with a GPU, cpu without)")
+    g.add_argument("--run-dir", default=None, help="where data and checkpoints live (default: runs/<preset>)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: 1337)")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (overrides the preset)")
+    g.add_argument("--model-type", "--model_type", dest="model_type", choices=["standard", "hybrid"],
+                   help="standard: attention in every block; hybrid: attention in the first half, "
+                        "per-token MLP in the second half")
+    g.add_argument("--layers", help="any layer pattern, one letter per block: A attention, M per-token MLP, "
+                                    "N no mixer (e.g. AAMM)")
+    g.add_argument("--n-layer", type=_positive_int)
+    g.add_argument("--n-head", type=_positive_int)
+    g.add_argument("--n-embd", type=_positive_int)
+    g.add_argument("--block-size", type=_positive_int, help="context length")
+    g.add_argument("--mlp-hidden", type=_positive_int, help="hidden size of M mixers (default: n_embd / 4)")
+    g.add_argument("--dropout", type=_fraction)
+    g.add_argument("--vocab-size", type=_positive_int, help="must match the prepared tokenizer")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (overrides the preset)")
+    g.add_argument("--max-steps", type=_positive_int)
+    g.add_argument("--batch-size", type=_positive_int, help="rows per forward pass")
+    g.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=_fraction)
+    g.add_argument("--warmup-steps", type=_nonneg_int)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--grad-clip", type=float)
+    g.add_argument("--eval-interval", type=_positive_int)
+    g.add_argument("--eval-tokens", type=_positive_int, help="validation tokens per periodic evaluation")
+    g.add_argument("--save-interval", type=_nonneg_int, help="steps between checkpoints (0: at each evaluation)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    g.add_argument("--stop-after-steps", dest="stop_after", type=_positive_int, default=None,
+                   help=argparse.SUPPRESS)  # simulate an interruption (tests of --resume)
+    g2 = p.add_argument_group("checkpoint")
+    g2.add_argument("--out", "--output_path", dest="out", help="checkpoint directory (default: <run-dir>/<stage>-<model-type>)")
+    g2.add_argument("--data", help="prepared data directory (default: <run-dir>/data)")
+    g2.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    g2.add_argument("--overwrite", action="store_true", help="start over, replacing an existing checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Test the Static Function Hypothesis: GPTs whose deep attention "
+                                           "is replaced by a tiny per-token MLP.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("prepare", help="corpus -> tokenizer -> token files (offline)")
+    _common(p)
+    p.add_argument("--corpus", help="a .txt file or a folder of .txt files (default: the embedded Shakespeare)")
+    p.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary size (default: the preset's)")
+    p.add_argument("--out", help="data directory (default: <run-dir>/data)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the data directory is complete")
+
+    p = sub.add_parser("pretrain", help="pretrain a model on the prepared token files")
+    _common(p)
+    _model_flags(p)
+    _train_flags(p)
+
+    p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint")
+    _common(p)
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--eval-tokens", type=_positive_int, default=None,
+                   help="validation tokens to score (default: 131072, or the whole split if shorter)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    _common(p)
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    p.add_argument("--top-k", type=_nonneg_int, default=50, help="0 to disable")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=_positive_int, default=1)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every token")
+    return parser
+
+
+def _run_dir(args) -> tuple[str, Path]:
+    preset = args.preset or default_preset()
+    return preset, Path(args.run_dir) if args.run_dir else Path("runs") / preset
+
+
+def cmd_prepare(args) -> int:
+    from .corpus import load_shakespeare, load_user_corpus
+    from .data import prepare_data
+    from .fsutil import read_json
+    from .presets import get_preset
+
+    preset, run_dir = _run_dir(args)
+    out = Path(args.out) if args.out else run_dir / "data"
+    vocab = args.vocab_size or get_preset(preset)["vocab_size"]
+    corpus = load_user_corpus(args.corpus) if args.corpus else load_shakespeare()
+    if (out / "meta.json").is_file() and not args.force:
+        meta = read_json(out / "meta.json", "data meta file")
+        if meta.get("corpus_sha256") == corpus.sha256() and meta.get("vocab_size") == vocab:
+            print(f"{out} is already prepared for this corpus and vocabulary; nothing to do (--force rebuilds)")
+            return 0
+    print(f"preparing {corpus.source} -> {out}")
+    prepare_data(corpus, out, vocab)
+    print(f"wrote {out}/tokenizer.json, train.bin, val.bin, meta.json")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import MODEL_KEYS, TRAIN_KEYS, run_pretrain
+
+    preset, run_dir = _run_dir(args)
+    keys = set(MODEL_KEYS) | set(TRAIN_KEYS) | {"vocab_size"}
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    result = run_pretrain(run_dir=run_dir, preset=preset, model_type=args.model_type, layers=args.layers,
+                          out=args.out, data_dir=args.data, overrides=overrides, device=args.device,
+                          resume=args.resume, overwrite=args.overwrite)
+    from .train import distributed_env
+
+    if distributed_env()[0] != 0:
+        return 0
+    if result.interrupted:
+        print(f"stopped at step {result.step}; checkpoint saved. Continue with the same command plus --resume",
+              file=sys.stderr)
+        return 130
+    ev = result.final_eval
+    if ev:
+        print(f"done: {result.step} steps in {result.elapsed:.0f}s; val loss {ev['val_loss']:.4f}, "
+              f"val bpb {ev['val_bpb']:.4f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import TokenData
+    from .evaluate import EVAL_TOKENS, evaluate_lm
+    from .pretrain import checkpoint_data_dir
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device)
+    model, tok, training = load_checkpoint(args.checkpoint, device)
+    ckpt = Path(args.checkpoint)
+    data = TokenData.open(args.data or checkpoint_data_dir(ckpt if ckpt.is_dir() else ckpt.parent, training))
+    if data.meta["tokenizer_sha256"] != tok.sha256():
+        raise HybridGPTError(f"the checkpoint's tokenizer differs from the one in {data.root}; "
+                             "pass --data with the data it was trained on")
+    res = evaluate_lm(model, data.val, tok.token_byte_lengths(), args.eval_tokens or EVAL_TOKENS)
+    res = {"checkpoint": str(ckpt), "layers": model.config.layers, "parameters": model.num_params(), **res}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{ckpt} ({model.config.layers}, {model.num_params():,} parameters)")
+        print(f"  val loss    {res['loss']:.4f} nats/token")
+        print(f"  perplexity  {res['perplexity']:.2f}")
+        print(f"  bits/byte   {res['bpb']:.4f}")
+        print(f"  over {res['tokens']:,} tokens ({res['bytes']:,} bytes) of {data.meta['source']} validation text")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .engine import generate
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device)
+    model, tok, _ = load_checkpoint(args.checkpoint, device)
+    if args.temperature < 0:
+        raise HybridGPTError(f"--temperature must not be negative, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise HybridGPTError(f"--top-p must be in (0, 1], got {args.top_p}")
+    ids = [tok.bos_id] + tok.encode(args.prompt)
+    block = model.config.block_size
+    if len(ids) > block - 1:
+        print(f"note: the prompt has {len(ids)} tokens; keeping its last {block - 1} to fit the context of {block}",
+              file=sys.stderr)
+        ids = ids[-(block - 1):]
+    seed = args.seed if args.seed is not None else 1337
+    for i in range(args.num_samples):
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        out_ids: list[int] = []
+        printed = ""
+        for nxt in generate(model, idx, args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k or None, top_p=args.top_p, seed=seed + i,
+                            use_cache=not args.no_cache):
+            out_ids.append(int(nxt[0, 0]))
+            text = tok.decode(out_ids)
+            if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character before printing
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+        sys.stdout.write(tok.decode(out_ids)[len(printed):] + "\n")
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except HybridGPTError as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Inference: a preallocated KV cache, sampling, and streaming generation.
+
+Kept apart from the model definition: the model only knows the cache's small interface
+(``pos`` and ``update``), so decoding strategies can change without touching model.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .model import GPT
+
+
+class KVCache:
+    """Static per-layer key/value buffers of shape [B, H, max_len, head_dim] for attention layers only.
+
+    Written in place (no per-token concatenation); ``pos`` counts the tokens already cached.
+    """
+
+    def __init__(self, model: GPT, batch_size: int, max_len: int | None = None, dtype=None, device=None):
+        cfg = model.config
+        param = next(model.parameters())
+        self.max_len = max_len or cfg.block_size
+        shape = (batch_size, cfg.n_head, self.max_len, cfg.n_embd // cfg.n_head)
+        dtype, device = dtype or param.dtype, device or param.device
+        n = model.attention_layers
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.pos = 0
+
+    def update(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.size(2)
+        self.k[index][:, :, self.pos:end] = k
+        self.v[index][:, :, self.pos:end] = v
+        return self.k[index][:, :, :end], self.v[index][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token for each row of ``logits`` [B, vocab]; temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop tokens once the mass before them already exceeds top_p (the first token always stays).
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.inference_mode()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             use_cache: bool = True, stop_token: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token ids [B, 1] one step at a time (streaming).
+
+    ``idx`` [B, T] must fit the context. With the cache, once the context is full the cache is
+    re-primed with the last half of the context (an amortised sliding window); without it, every
+    step re-runs the last ``block_size`` tokens. ``stop_token`` ends generation once every row
+    has produced it.
+    """
+    model.eval()
+    block = model.config.block_size
+    if idx.size(1) > block:
+        raise ValueError(f"prompt of {idx.size(1)} tokens exceeds the context of {block}; crop it first")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    seq = idx
+    done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+    cache = KVCache(model, idx.size(0)) if use_cache else None
+    pending = idx  # tokens not yet fed to the cache
+    for _ in range(max_new_tokens):
+        if cache is None:
+            logits = model(seq[:, -block:])[:, -1]
+        else:
+            if cache.pos + pending.size(1) > block:
+                cache.reset()
+                pending = seq[:, -(block // 2):]
+            logits = model(pending, kv_cache=cache)[:, -1]
+            cache.advance(pending.size(1))
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if stop_token is not None:
+            nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
+            done = done | (nxt == stop_token)
+        seq = torch.cat([seq, nxt], dim=1)
+        pending = nxt
+        yield nxt
+        if stop_token is not None and bool(done.all()):
+            return

@@ -1,0 +1,228 @@
+"""The GPT: GPT-2 architecture whose token mixer is chosen per block by a layer pattern.
+
+    A  causal multi-head self-attention (the usual GPT-2 block)
+    M  a static per-token MLP in place of attention: LayerNorm -> Linear(d, h) -> GELU -> Linear(h, d)
+    N  no token mixer at all (the block keeps only its feed-forward MLP): the zero-parameter control
+
+"AAAA" is the standard model and "AAMM" the original experiment's hybrid. Only the attention
+sub-layer changes; every block keeps its feed-forward MLP. M and N blocks never look at other
+positions, so they need no KV cache. Names follow GPT-2's so that weights map 1:1 onto
+Hugging Face's GPT2LMHeadModel for the standard model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import HybridGPTError
+
+MIXERS = "AMN"
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    block_size: int = 256  # maximum context length
+    n_embd: int = 384
+    n_head: int = 6
+    layers: str = "AAAA"  # one letter per block, from MIXERS
+    mlp_hidden: int = 0  # hidden width of an M mixer; 0 means n_embd // 4 ("tiny")
+    dropout: float = 0.0
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layers)
+
+    @property
+    def m_hidden(self) -> int:
+        return self.mlp_hidden or max(1, self.n_embd // 4)
+
+    def validate(self) -> "GPTConfig":
+        ints = {"vocab_size": self.vocab_size, "block_size": self.block_size, "n_embd": self.n_embd,
+                "n_head": self.n_head, "mlp_hidden": self.mlp_hidden}
+        for name, value in ints.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise HybridGPTError(f"model config: {name} must be an integer, got {value!r}")
+            if value < (0 if name == "mlp_hidden" else 1):
+                raise HybridGPTError(f"model config: {name} must be positive, got {value}")
+        if not isinstance(self.layers, str) or not self.layers:
+            raise HybridGPTError(f"model config: layers must be a non-empty pattern of {'/'.join(MIXERS)}")
+        bad = sorted(set(self.layers) - set(MIXERS))
+        if bad:
+            raise HybridGPTError(
+                f"layer pattern {self.layers!r} has letters {''.join(bad)!r}; use only A (attention), "
+                "M (per-token MLP) and N (no mixer)"
+            )
+        if self.n_embd % self.n_head:
+            raise HybridGPTError(f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise HybridGPTError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        if not isinstance(d, dict):
+            raise HybridGPTError("model config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise HybridGPTError(f"model config has unknown keys {unknown}")
+        return cls(**d).validate()
+
+    def num_params(self) -> int:
+        """Parameters of the model this config describes (tied embeddings counted once)."""
+        d, v, h = self.n_embd, self.vocab_size, self.m_hidden
+        ln = 2 * d
+        per_mixer = {"A": ln + 3 * d * d + 3 * d + d * d + d, "M": ln + d * h + h + h * d + d, "N": 0}
+        ffn = ln + 4 * d * d + 4 * d + 4 * d * d + d
+        return v * d + self.block_size * d + sum(per_mixer[c] + ffn for c in self.layers) + ln
+
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
+        """KV-cache bytes each token of context costs: keys and values of the attention blocks only."""
+        return 2 * self.layers.count("A") * self.n_embd * torch.empty((), dtype=dtype).element_size()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, cache_index: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.cache_index = cache_index  # which slot of a KV cache this layer owns
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.cache_index, k, v)
+        dropout = self.dropout if self.training else 0.0
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        elif T == 1:  # one new token attends to everything cached: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # a chunk appended to a cache: query i sees keys up to start + i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class TokenMLP(nn.Module):
+    """The static per-token mixer: the same small function applied at every position independently."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.m_hidden)
+        self.c_proj = nn.Linear(config.m_hidden, config.n_embd)
+
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, kind: str, cache_index: int):
+        super().__init__()
+        self.kind = kind
+        if kind == "A":
+            self.ln_1, self.attn = nn.LayerNorm(config.n_embd), CausalSelfAttention(config, cache_index)
+        elif kind == "M":
+            self.ln_1, self.attn = nn.LayerNorm(config.n_embd), TokenMLP(config)
+        else:  # "N": no mixer and no parameters for it
+            self.ln_1, self.attn = None, None
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        if self.attn is not None:
+            x = x + self.resid_dropout(self.attn(self.ln_1(x), kv_cache))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config.validate()
+        attn_slots = [config.layers[:i].count("A") for i in range(config.n_layer)]
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, kind, slot) for kind, slot in zip(config.layers, attn_slots)),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual projection's variance shrinks with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
+
+    @property
+    def attention_layers(self) -> int:
+        return self.config.layers.count("A")
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
+                loss_reduction: str = "mean"):
+        """Logits [B, T, vocab]; with ``targets`` also the cross-entropy loss (targets < 0 are ignored).
+
+        With a ``kv_cache`` the tokens are taken to follow the ``kv_cache.pos`` tokens already cached;
+        the caller advances the cache afterwards.
+        """
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise HybridGPTError(
+                f"sequence of {start + T} tokens exceeds the model's context of {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+        return logits, loss
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on matrices and embeddings only, never on biases or LayerNorm gains."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

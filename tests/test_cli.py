@@ -1,0 +1,140 @@
+"""The CLI as a user drives it: the quick start on the smoke preset, and every bad input from the core issue."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from hybrid_gpt.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(smoke_run, tmp_path_factory):
+    """A run directory with both smoke models pretrained through the CLI."""
+    rd = tmp_path_factory.mktemp("cli-run")
+    shutil.copytree(smoke_run / "data", rd / "data")
+    for model_type in ("standard", "hybrid"):
+        assert main(["pretrain", "--preset", "smoke", "--run-dir", str(rd), "--model-type", model_type,
+                     "--max-steps", "6", "--eval-interval", "3", "--no-progress"]) == 0
+    return rd
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quick_start_commands(run_dir, capsys):
+    assert sorted(p.name for p in run_dir.iterdir()) == ["data", "pretrain-hybrid", "pretrain-standard"]
+    code, out, _ = run(["eval", run_dir / "pretrain-hybrid", "--json"], capsys)
+    assert code == 0
+    res = json.loads(out)
+    assert res["layers"] == "AM" and res["bpb"] > 0 and res["loss"] > 0 and res["perplexity"] > 1
+    code, out, _ = run(["eval", run_dir / "pretrain-standard"], capsys)
+    assert code == 0 and "bits/byte" in out
+    code, out, _ = run(["sample", run_dir / "pretrain-hybrid", "--prompt", "ROMEO:", "--max-new-tokens", "20",
+                        "--preset", "smoke"], capsys)
+    assert code == 0 and out.startswith("ROMEO:") and len(out) > len("ROMEO:\n")
+
+
+def test_sampling_is_reproducible_and_greedy_cache_matches_no_cache(run_dir, capsys):
+    base = ["sample", run_dir / "pretrain-standard", "--prompt", "KING:", "--max-new-tokens", "25"]
+    outs = [run(base + ["--seed", "3"], capsys)[1] for _ in range(2)]
+    assert outs[0] == outs[1]
+    greedy = [run(base + ["--temperature", "0"] + extra, capsys)[1] for extra in ([], ["--no-cache"])]
+    assert greedy[0] == greedy[1]
+
+
+def test_original_flag_spellings(run_dir, tmp_path, capsys):
+    out = tmp_path / "base_hybrid_model"
+    code, _, _ = run(["pretrain", "--preset", "smoke", "--run-dir", run_dir, "--model_type", "hybrid",
+                      "--output_path", out, "--max-steps", "2", "--no-progress"], capsys)
+    assert code == 0 and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["model"]["layers"] == "AM"
+
+
+def test_custom_layer_pattern_names_its_run(run_dir, capsys):
+    code, _, _ = run(["pretrain", "--preset", "smoke", "--run-dir", run_dir, "--layers", "ANM",
+                      "--max-steps", "2", "--no-progress"], capsys)
+    assert code == 0 and (run_dir / "pretrain-ANM" / "config.json").is_file()
+
+
+def test_long_prompt_is_cropped_with_a_note(run_dir, capsys):
+    code, out, err = run(["sample", run_dir / "pretrain-hybrid", "--prompt", "To be or not to be. " * 40,
+                          "--max-new-tokens", "3"], capsys)
+    assert code == 0 and "keeping its last 31" in err
+
+
+def _bad_corpus(tmp_path, content):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    return path
+
+
+BAD_INPUTS = {
+    "missing corpus": lambda t, r: (["prepare", "--corpus", t / "none.txt", "--run-dir", t], "does not exist"),
+    "empty corpus": lambda t, r: (["prepare", "--corpus", _bad_corpus(t, b""), "--run-dir", t], "empty"),
+    "non-utf8 corpus": lambda t, r: (["prepare", "--corpus", _bad_corpus(t, b"\xff\xfe caf\xe9"), "--run-dir", t],
+                                     "not UTF-8"),
+    "pattern letters": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--layers", "AAXM"],
+                                     "only A (attention)"),
+    "pattern length": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--layers", "AAM",
+                                     "--n-layer", "4"], "has 3 letters"),
+    "missing checkpoint": lambda t, r: (["eval", t / "nope"], "does not exist"),
+    "not a checkpoint": lambda t, r: (["sample", r / "data"], "is not a checkpoint"),
+    "model-type and layers": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--model-type",
+                                            "hybrid", "--layers", "AM"], "not both"),
+    "resume and overwrite": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--resume",
+                                           "--overwrite"], "contradict"),
+    "vocab mismatch": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--vocab-size", "999",
+                                     "--out", t / "x"], "contradicts the prepared data"),
+    "existing output": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--model-type", "hybrid"],
+                                     "already exists"),
+    "nothing to resume": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--resume",
+                                        "--out", t / "fresh"], "nothing to resume"),
+    "no prepared data": lambda t, r: (["pretrain", "--run-dir", t, "--preset", "smoke"], "hybrid-gpt prepare"),
+    "cuda without gpu": lambda t, r: (["eval", r / "pretrain-hybrid", "--device", "cuda"], "no CUDA GPU"),
+    "unknown device": lambda t, r: (["eval", r / "pretrain-hybrid", "--device", "tpu"], "unknown --device"),
+    "heads do not divide": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--n-head", "3",
+                                          "--out", t / "y"], "divisible"),
+    "bad temperature": lambda t, r: (["sample", r / "pretrain-hybrid", "--temperature", "-1"], "temperature"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_exit_2(case, run_dir, tmp_path, capsys):
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    argv, expected = BAD_INPUTS[case](tmp_path, run_dir)
+    code, _, err = run(argv, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing touched
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["pretrain", "--preset", "huge"], "invalid choice"),
+    (["pretrain", "--max-steps", "0"], "at least 1"),
+    (["pretrain", "--n-embd", "-8"], "at least 1"),
+    (["pretrain", "--lr", "nan"], "positive number"),
+    (["pretrain", "--model-type", "giant"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_flags_give_one_line_and_exit_2(argv, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_console_script_exit_status_and_stderr(tmp_path):
+    """Through a real process: exit status 2, one line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "hybrid_gpt.cli", "eval", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr

@@ -1,0 +1,118 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import smoke_model
+from hybrid_gpt.errors import RunFailure
+from hybrid_gpt.pretrain import run_pretrain
+from hybrid_gpt.tokenizer import Tokenizer
+from hybrid_gpt.train import TrainConfig, lr_at, train
+
+QUIET = dict(log=lambda *a: None)
+
+
+def losses(ckpt):
+    rows = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_resume_matches_an_uninterrupted_run(smoke_run, tmp_path):
+    common = dict(run_dir=smoke_run, preset="smoke", model_type="hybrid", **QUIET,
+                  overrides=dict(max_steps=16, eval_interval=4, progress=False, dropout=0.1))
+    full = run_pretrain(out=tmp_path / "full", **common)
+    part = run_pretrain(out=tmp_path / "part", **{**common, "overrides": {**common["overrides"], "stop_after": 6}})
+    assert part.interrupted and part.step == 6
+    resumed = run_pretrain(out=tmp_path / "part", resume=True, **common)
+    assert resumed.step == 16 and not resumed.interrupted
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    a, b = load_state(tmp_path / "part"), load_state(tmp_path / "full")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def load_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_resume_of_a_complete_run_does_nothing(smoke_run, tmp_path):
+    kw = dict(run_dir=smoke_run, preset="smoke", out=tmp_path / "r", overrides=dict(max_steps=4, progress=False))
+    run_pretrain(**kw, **QUIET)
+    messages = []
+    result = run_pretrain(**kw, resume=True, log=messages.append)
+    assert result.step == 4 and "already complete" in messages[0]
+
+
+def test_ddp_two_processes_match_one(smoke_run, tmp_path):
+    args = ["pretrain", "--preset", "smoke", "--run-dir", str(smoke_run), "--model-type", "hybrid",
+            "--max-steps", "6", "--batch-size", "4", "--grad-accum", "2", "--eval-interval", "3", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "hybrid_gpt.cli", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "hybrid_gpt.cli", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one[0]) == len(two[0]) == 6
+    assert one[0] == pytest.approx(two[0], abs=1e-4)
+    assert one[1] == pytest.approx(two[1], abs=1e-4)
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["training"]["world_size"] == 2
+
+
+def test_sigint_saves_a_checkpoint_that_resumes(smoke_run, tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "hybrid_gpt.cli", "pretrain", "--preset", "smoke", "--run-dir", str(smoke_run),
+           "--max-steps", "100000", "--eval-interval", "50", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "trainer_state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    state = torch.load(out / "trainer_state.pt", weights_only=True)
+    assert state["step"] >= 50
+
+
+class NaNTask:
+    tokens_per_row = 4
+
+    def rows(self, step):
+        return None
+
+    def take(self, batch, lo, hi, device):
+        return None
+
+    def loss(self, model, micro):
+        out = model(torch.zeros(1, 4, dtype=torch.long))
+        return out.sum() * float("nan"), {}
+
+    def evaluate(self, model, max_tokens, autocast=None):
+        return {"loss": 0.0}
+
+
+def test_non_finite_loss_stops_the_run(tmp_path):
+    tok = Tokenizer.train(["abc def"] * 5, vocab_size=270)
+    model = smoke_model("AM", vocab_size=tok.vocab_size)
+    cfg = TrainConfig(max_steps=3, batch_size=1, progress=False)
+    with pytest.raises(RunFailure, match="non-finite at step 1"):
+        train(model, NaNTask(), cfg, tmp_path / "nan", tok, {}, torch.device("cpu"))
+    assert not (tmp_path / "nan").exists()
