@@ -138,3 +138,21 @@ def test_console_script_exit_status_and_stderr(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_prepare_is_idempotent_and_never_silently_replaces_data(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"SPEAKER {i % 7}:\nline number {i} of the play\n\n" for i in range(400)))
+    argv = ["prepare", "--corpus", corpus, "--run-dir", tmp_path / "run", "--vocab-size", "300"]
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and (tmp_path / "run" / "data" / "meta.json").is_file()
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and "nothing to do" in out
+    before = (tmp_path / "run" / "data" / "tokenizer.json").read_bytes()
+    code, _, err = run(argv[:-1] + ["320"], capsys)
+    assert code == 2 and "--force" in err
+    assert (tmp_path / "run" / "data" / "tokenizer.json").read_bytes() == before
+    code, _, _ = run(argv[:-1] + ["320", "--force"], capsys)
+    assert code == 0
+    meta = json.loads((tmp_path / "run" / "data" / "meta.json").read_text())
+    assert meta["vocab_size"] <= 320 and meta["source"].startswith("user corpus")

