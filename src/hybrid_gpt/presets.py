@@ -8,16 +8,27 @@ PRESETS: dict[str, dict] = {
     # Seconds on a CPU: what the test suite uses.
     "smoke": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=512, batch_size=8, grad_accum=1,
                   max_steps=20, lr=3e-3, min_lr_ratio=0.1, warmup_steps=2, weight_decay=0.1,
-                  eval_interval=10, eval_tokens=4096, dropout=0.0, grad_clip=1.0),
+                  eval_interval=10, eval_tokens=4096, dropout=0.0, grad_clip=1.0,
+                  sft=dict(max_steps=10, lr=1e-3, batch_size=8, warmup_steps=2, eval_interval=5, weight_decay=0.0),
+                  dpo=dict(max_steps=10, lr=1e-4, batch_size=4, warmup_steps=2, eval_interval=5, weight_decay=0.0)),
     # About 4 minutes per pretraining run on a 2-core CPU.
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=4096, batch_size=32, grad_accum=1,
                 max_steps=800, lr=3e-3, min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1,
-                eval_interval=200, eval_tokens=32768, dropout=0.0, grad_clip=1.0),
+                eval_interval=200, eval_tokens=32768, dropout=0.0, grad_clip=1.0,
+                sft=dict(max_steps=300, lr=1e-3, batch_size=32, warmup_steps=20, eval_interval=100,
+                         weight_decay=0.0),
+                dpo=dict(max_steps=150, lr=5e-5, batch_size=16, warmup_steps=10, eval_interval=50,
+                         weight_decay=0.0)),
     # The original experiment's shape (4 layers, d 384, 6 heads, context 256), for a GPU.
     "seed": dict(n_layer=4, n_head=6, n_embd=384, block_size=256, vocab_size=4096, batch_size=64, grad_accum=1,
                  max_steps=5000, lr=1e-3, min_lr_ratio=0.1, warmup_steps=200, weight_decay=0.1,
-                 eval_interval=500, eval_tokens=131072, dropout=0.1, grad_clip=1.0),
+                 eval_interval=500, eval_tokens=131072, dropout=0.1, grad_clip=1.0,
+                 sft=dict(max_steps=1000, lr=3e-4, batch_size=64, warmup_steps=50, eval_interval=250,
+                          weight_decay=0.0),
+                 dpo=dict(max_steps=500, lr=1e-5, batch_size=32, warmup_steps=25, eval_interval=100,
+                          weight_decay=0.0)),
 }
+STAGES = ("pretrain", "sft", "dpo")
 
 
 def default_preset() -> str:
@@ -27,9 +38,18 @@ def default_preset() -> str:
 
 
 def get_preset(name: str) -> dict:
+    """The preset's pretraining values (model shape and training settings)."""
     if name not in PRESETS:
         raise HybridGPTError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+    return {k: v for k, v in PRESETS[name].items() if k not in STAGES}
+
+
+def stage_values(name: str, stage: str, overrides: dict | None = None) -> dict:
+    """A stage's settings: the preset's base values, its stage-specific ones, then explicit flags."""
+    values = get_preset(name)
+    values.update(PRESETS[name].get(stage, {}))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return values
 
 
 def layer_pattern(model_type: str | None, layers: str | None, n_layer: int, explicit_n_layer: bool = False

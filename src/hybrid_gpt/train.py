@@ -5,7 +5,7 @@ A *task* provides the data and the loss:
     task.rows(step) -> a batch object for all rows of the global batch at ``step`` (deterministic)
     task.take(batch, lo, hi) -> the rows lo:hi of it (one micro-batch of this rank)
     task.loss(model, micro) -> (mean loss over the micro-batch rows, {metric: float})
-    task.evaluate(model, max_tokens, autocast) -> {metric: float}; keys become "val_<key>"
+    task.evaluate(model, final, autocast) -> {metric: float}; keys become "val_<key>"
     task.tokens_per_row -> tokens one row holds (for tokens/s)
 
 The loop owns the optimizer, schedule, accumulation, clipping, DDP, autocast, checkpoints and resume.
@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from .checkpoint import save_checkpoint
 from .errors import HybridGPTError, RunFailure
-from .evaluate import EVAL_TOKENS
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -195,9 +194,9 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
         save_checkpoint(out_dir, raw_model, tokenizer, training, trainer_state=state,
                         files={"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)})
 
-    def run_eval(max_tokens: int) -> dict:
+    def run_eval(final: bool) -> dict:
         if master:
-            res = task.evaluate(raw_model, max_tokens, autocast if device.type == "cuda" else None)
+            res = task.evaluate(raw_model, final, autocast if device.type == "cuda" else None)
             rec = {"step": step, **{f"val_{k}": v for k, v in res.items()}}
             metrics.append(rec)
             return rec
@@ -254,7 +253,7 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_sec']:,.0f}")
             last = step == cfg.max_steps
             if step % cfg.eval_interval == 0 or last:
-                ev = run_eval(max(cfg.eval_tokens, EVAL_TOKENS) if last else cfg.eval_tokens)
+                ev = run_eval(final=last)
                 if ev:
                     bar.write(f"step {step}: val loss {ev['val_loss']:.4f}"
                               + (f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""))

@@ -1,0 +1,108 @@
+"""Running one training stage (pretrain, SFT or DPO): output-directory rules, --resume and
+--overwrite, the process group, and the shared loop.
+
+A stage is described by a :class:`Stage`; the stage modules only say how to build the model and the task.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .checkpoint import is_checkpoint, load_weights, read_config, resolve
+from .errors import HybridGPTError
+from .fsutil import recover_dir
+from .model import GPT, GPTConfig
+from .runtime import init_distributed, resolve_device, shutdown_distributed
+from .tokenizer import Tokenizer
+from .train import TrainConfig, TrainResult, distributed_env, train
+
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
+# Settings that may differ on --resume without contradicting the saved run.
+RESUMABLE_KEYS = {"max_steps", "eval_interval", "save_interval", "progress", "stop_after", "compile", "eval_tokens"}
+
+
+@dataclass
+class Stage:
+    name: str  # "pretrain", "sft" or "dpo"
+    out: Path
+    config: GPTConfig
+    tokenizer: Tokenizer
+    tcfg: TrainConfig
+    info: dict  # recorded under "training" in config.json
+    make_task: Callable[[GPT, torch.device], object]  # builds the task once the model is on its device
+    init_weights: Path | None = None  # start from these weights (SFT, DPO); None: fresh initialisation
+    fixed: dict = field(default_factory=dict)  # stage settings outside TrainConfig that a resume must keep
+
+
+def read_metrics(ckpt: Path) -> list[dict]:
+    path = ckpt / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _check_resume(stage: Stage) -> tuple[dict, list[dict]]:
+    out = stage.out
+    if not is_checkpoint(out) or not (out / "trainer_state.pt").is_file():
+        raise HybridGPTError(f"nothing to resume at {out}: no checkpoint with trainer_state.pt there")
+    saved_config, saved_training = read_config(out)
+    if saved_training.get("stage", stage.name) != stage.name:
+        raise HybridGPTError(f"{out} holds a {saved_training['stage']} checkpoint, not {stage.name}")
+    saved_train = saved_training.get("train_config", {})
+    ours = asdict(stage.tcfg)
+    conflicts = [k for k in TRAIN_KEYS if k not in RESUMABLE_KEYS and k in saved_train and saved_train[k] != ours[k]]
+    if saved_config != stage.config:
+        conflicts.append("model shape or layer pattern")
+    conflicts += [k for k, v in stage.fixed.items() if saved_training.get("fixed", {}).get(k, v) != v]
+    if conflicts:
+        raise HybridGPTError(
+            f"--resume with settings that contradict the saved run in {out}: {', '.join(conflicts)}; "
+            "repeat the original command with --resume"
+        )
+    try:
+        state = torch.load(out / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise HybridGPTError(f"{out}/trainer_state.pt is unreadable ({type(e).__name__}); start over with --overwrite") from e
+    return state, read_metrics(out)
+
+
+def run_stage(stage: Stage, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
+              log=print) -> TrainResult:
+    if resume and overwrite:
+        raise HybridGPTError("--resume and --overwrite contradict each other; pass one")
+    recover_dir(stage.out)
+    if stage.out.exists() and not resume and not overwrite:
+        raise HybridGPTError(f"{stage.out} already exists; pass --resume to continue it or --overwrite to start over")
+    resume_state, prior_metrics = None, None
+    if resume:
+        resume_state, prior_metrics = _check_resume(stage)
+        if int(resume_state["step"]) >= stage.tcfg.max_steps:
+            log(f"{stage.out} is already complete ({resume_state['step']} of {stage.tcfg.max_steps} steps); "
+                "nothing to do")
+            return TrainResult(step=int(resume_state["step"]), interrupted=False, elapsed=0.0, metrics=prior_metrics)
+
+    rank, local_rank, world = distributed_env()
+    dev = resolve_device(device, local_rank)
+    init_distributed(dev)
+    try:
+        torch.manual_seed(stage.tcfg.seed)
+        model = GPT(stage.config)
+        weights = resolve(stage.out)[1] if resume_state is not None else stage.init_weights
+        if weights is not None:
+            model.load_state_dict(load_weights(weights), strict=False)  # shapes checked when the config was read
+        model.to(dev)
+        if rank == 0:
+            log(f"{stage.name}: model {stage.config.layers} ({stage.info.get('model_type')}), "
+                f"{model.num_params():,} parameters, KV cache {stage.config.kv_bytes_per_token():,} bytes/token "
+                f"(fp32); device {dev}" + (f", {world} processes" if world > 1 else ""))
+        info = dict(stage.info, stage=stage.name, parameters=model.num_params(), fixed=stage.fixed)
+        task = stage.make_task(model, dev)
+        return train(model, task, stage.tcfg, stage.out, stage.tokenizer, info, dev, resume_state=resume_state,
+                     prior_metrics=prior_metrics, log=log)
+    finally:
+        shutdown_distributed()
