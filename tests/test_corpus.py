@@ -21,7 +21,7 @@ Ay me!
 
 _Exit ROMEO_
 
-Wherefore art thou \\[sic\\] Romeo?
+Wherefore art thou \\-- Romeo?
 
 ### SCENE II. A street.
 
@@ -37,7 +37,7 @@ def test_parse_play_keeps_speeches_and_drops_directions():
     assert [(s.speaker, s.scene) for s in speeches] == [("ROMEO", 2), ("JULIET", 2), ("NURSE", 3)]
     assert speeches[0].text == "But soft, what light\nthrough yonder window breaks?"
     # The paragraph after a stage direction continues the speech; inline "[Aside]_" is dropped.
-    assert speeches[1].text == "Ay me!\nWherefore art thou [sic] Romeo?"
+    assert speeches[1].text == "Ay me!\nWherefore art thou -- Romeo?"
     text = render_speeches(speeches)
     assert text.startswith("ROMEO:\nBut soft, what light\n")
     assert "Enter" not in text and "ACT" not in text and "_" not in text
@@ -94,3 +94,14 @@ def test_bad_user_corpus(tmp_path, content, message):
 def test_empty_corpus_folder(tmp_path):
     with pytest.raises(HybridGPTError, match="no .txt files"):
         load_user_corpus(tmp_path)
+
+
+@pytest.mark.parametrize("line", ["_[To VIOLA]_", "__\\[Awaking]_", "[Within]_", "*[Reads.]*", "*Sound a horn.*"])
+def test_stage_directions_inside_speeches_are_dropped(line):
+    (speech,) = parse_play(f"**VIOLA**  \n{line}  \nPray God defend me!  \nAnd thanks; and ever _\\[ ]_\n")
+    assert speech.text == "Pray God defend me!\nAnd thanks; and ever"
+
+
+def test_embedded_corpus_has_no_markup_left(corpus):
+    text = corpus.split_text("train") + corpus.split_text("val")
+    assert not any(ch in text for ch in "*_[]\\")

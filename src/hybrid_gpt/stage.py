@@ -67,7 +67,9 @@ def _check_resume(stage: Stage) -> tuple[dict, list[dict]]:
     try:
         state = torch.load(out / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
-        raise HybridGPTError(f"{out}/trainer_state.pt is unreadable ({type(e).__name__}); start over with --overwrite") from e
+        raise HybridGPTError(
+            f"{out}/trainer_state.pt is unreadable ({type(e).__name__}); start over with --overwrite"
+        ) from e
     return state, read_metrics(out)
 
 
