@@ -39,3 +39,41 @@ def smoke_run(tmp_path_factory, corpus):
     run_dir = tmp_path_factory.mktemp("smoke-run")
     prepare_data(corpus, run_dir / "data", SMOKE["vocab_size"], log=lambda *a: None)
     return run_dir
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(scope="session")
+def pretrained(smoke_run, tmp_path_factory):
+    """A run directory holding smoke-sized pretrained checkpoints of both model types."""
+    import shutil
+
+    from hybrid_gpt.pretrain import run_pretrain
+
+    run_dir = tmp_path_factory.mktemp("pretrained")
+    shutil.copytree(smoke_run / "data", run_dir / "data")
+    for model_type in ("standard", "hybrid"):
+        run_pretrain(run_dir=run_dir, preset="smoke", model_type=model_type,
+                     overrides=dict(max_steps=6, eval_interval=3, progress=False), log=quiet)
+    return run_dir
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_chat_files(tmp_path):
+    """Small SFT and DPO JSONL files in the ecosystem's formats (fast to train on)."""
+    lines = ["But soft, what light through yonder window breaks?", "It is the east, and Juliet is the sun.",
+             "Good night, good night! Parting is such sweet sorrow.", "What's in a name?", "Ay me!",
+             "O Romeo, Romeo! wherefore art thou Romeo?", "Wilt thou be gone? It is not yet near day."]
+    sft = [{"messages": [{"role": "user", "content": lines[i % 7]}, {"role": "assistant", "content": lines[(i + 1) % 7]}]}
+           for i in range(24)]
+    dpo = [{"prompt": lines[i % 7], "chosen": lines[(i + 1) % 7], "rejected": "Fish and chips, " * (1 + i % 3)}
+           for i in range(24)]
+    return write_jsonl(tmp_path / "sft.jsonl", sft), write_jsonl(tmp_path / "dpo.jsonl", dpo)

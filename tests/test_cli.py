@@ -101,6 +101,17 @@ BAD_INPUTS = {
     "heads do not divide": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--n-head", "3",
                                           "--out", t / "y"], "divisible"),
     "bad temperature": lambda t, r: (["sample", r / "pretrain-hybrid", "--temperature", "-1"], "temperature"),
+    "sft without chat data": lambda t, r: (["sft", "--run-dir", r, "--preset", "smoke", "--model-type", "hybrid"],
+                                           "hybrid-gpt prepare-chat"),
+    "malformed sft jsonl": lambda t, r: (["sft", "--run-dir", r, "--preset", "smoke", "--sft-data",
+                                          _bad_corpus(t, b'{"messages": [{"role": "user", "content": "hi"}]}\n{oops')],
+                                         "corpus.txt:1: the conversation has no assistant turn"),
+    "dpo without sft": lambda t, r: (["dpo", "--run-dir", r, "--preset", "smoke", "--model-type", "hybrid"],
+                                     "run `hybrid-gpt sft --model-type hybrid` first"),
+    "dpo init not a checkpoint": lambda t, r: (["dpo", "--run-dir", r, "--preset", "smoke", "--init", r / "data"],
+                                               "is not a checkpoint"),
+    "chat top-p": lambda t, r: (["chat", r / "pretrain-hybrid", "--top-p", "1.5"], "--top-p"),
+    "chat missing checkpoint": lambda t, r: (["chat", t / "dpo-hybrid"], "does not exist"),
 }
 
 
@@ -123,6 +134,8 @@ def test_bad_input_gives_one_line_and_exit_2(case, run_dir, tmp_path, capsys):
     (["pretrain", "--lr", "nan"], "positive number"),
     (["pretrain", "--model-type", "giant"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
+    (["dpo", "--beta", "-0.1"], "positive number"),
+    (["sft", "--sft-data"], "expected one argument"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(argv, expected, capsys):
     with pytest.raises(SystemExit) as e:

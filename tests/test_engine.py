@@ -59,5 +59,11 @@ def test_stop_token_ends_generation():
     model = smoke_model("AM")
     idx = torch.zeros(1, 3, dtype=torch.long)
     first = next(generate(model, idx, 1, temperature=0))
-    out = list(generate(model, idx, 20, temperature=0, stop_token=int(first)))
+    out = list(generate(model, idx, 20, temperature=0, stop_tokens={int(first)}))
     assert len(out) == 1
+    # In a batch, a finished row repeats its stop token while the others go on.
+    two = torch.cat([idx, torch.ones(1, 3, dtype=torch.long)])
+    second = next(generate(model, two[1:], 1, temperature=0))
+    if int(second) != int(first):
+        rows = torch.cat(list(generate(model, two, 4, temperature=0, stop_tokens={int(first)})), dim=1)
+        assert rows.shape == (2, 4) and (rows[0] == int(first)).all()

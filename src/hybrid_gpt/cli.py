@@ -71,13 +71,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="random seed (default: 1337)")
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (overrides the preset)")
+def _model_type_flags(g) -> None:
     g.add_argument("--model-type", "--model_type", dest="model_type", choices=["standard", "hybrid"],
                    help="standard: attention in every block; hybrid: attention in the first half, "
                         "per-token MLP in the second half")
     g.add_argument("--layers", help="any layer pattern, one letter per block: A attention, M per-token MLP, "
                                     "N no mixer (e.g. AAMM)")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (overrides the preset)")
+    _model_type_flags(g)
     g.add_argument("--n-layer", type=_positive_int)
     g.add_argument("--n-head", type=_positive_int)
     g.add_argument("--n-embd", type=_positive_int)
@@ -107,9 +111,21 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g2 = p.add_argument_group("checkpoint")
     g2.add_argument("--out", "--output_path", dest="out",
                     help="checkpoint directory (default: <run-dir>/<stage>-<model-type>)")
-    g2.add_argument("--data", help="prepared data directory (default: <run-dir>/data)")
     g2.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     g2.add_argument("--overwrite", action="store_true", help="start over, replacing an existing checkpoint")
+    return g2
+
+
+def _finetune_flags(p: argparse.ArgumentParser, stage: str, previous: str) -> None:
+    g = p.add_argument_group("model")
+    _model_type_flags(g)
+    g.add_argument("--init", help=f"checkpoint to start from (default: <run-dir>/{previous}-<model-type>)")
+    g2 = _train_flags(p)
+    g2.add_argument(f"--{stage}-data", dest="stage_data", metavar="FILE.jsonl",
+                    help="your own training data (default: <run-dir>/chat from `prepare-chat`)")
+    g2.add_argument(f"--{stage}-val-data", dest="stage_val_data", metavar="FILE.jsonl",
+                    help=f"validation data (default: the last 5%% of --{stage}-data)")
+    g2.add_argument("--chat-data", help="directory written by `prepare-chat` (default: <run-dir>/chat)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a model on the prepared token files")
     _common(p)
     _model_flags(p)
-    _train_flags(p)
+    _train_flags(p).add_argument("--data", help="prepared data directory (default: <run-dir>/data)")
+
+    p = sub.add_parser("prepare-chat", help="SFT conversations and DPO preference pairs from the plays (offline)")
+    _common(p)
+    p.add_argument("--out", help="chat data directory (default: <run-dir>/chat)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the directory is complete")
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on assistant turns")
+    _common(p)
+    _finetune_flags(p, "sft", "pretrain")
+
+    p = sub.add_parser("dpo", help="Direct Preference Optimization against the frozen SFT model")
+    _common(p)
+    _finetune_flags(p, "dpo", "sft")
+    p.add_argument("--beta", type=_positive_float, default=0.1, help="DPO temperature (default: 0.1)")
 
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint")
     _common(p)
@@ -147,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--num-samples", type=_positive_int, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every token")
+
+    p = sub.add_parser("chat", help="chat with an aligned checkpoint (interactive, streaming)")
+    _common(p)
+    p.add_argument("checkpoint")
+    p.add_argument("-p", "--prompt", help="one message, one reply, then exit")
+    p.add_argument("--system", help="a system message to start the conversation")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    p.add_argument("--top-k", type=_nonneg_int, default=50, help="0 to disable")
+    p.add_argument("--top-p", type=float, default=None)
     return parser
 
 
@@ -191,19 +231,7 @@ def cmd_pretrain(args) -> int:
     result = run_pretrain(run_dir=run_dir, preset=preset, model_type=args.model_type, layers=args.layers,
                           out=args.out, data_dir=args.data, overrides=overrides, device=args.device,
                           resume=args.resume, overwrite=args.overwrite)
-    from .train import distributed_env
-
-    if distributed_env()[0] != 0:
-        return 0
-    if result.interrupted:
-        print(f"stopped at step {result.step}; checkpoint saved. Continue with the same command plus --resume",
-              file=sys.stderr)
-        return 130
-    ev = result.final_eval
-    if ev:
-        print(f"done: {result.step} steps in {result.elapsed:.0f}s; val loss {ev['val_loss']:.4f}, "
-              f"val bpb {ev['val_bpb']:.4f}")
-    return 0
+    return _report(result)
 
 
 def cmd_eval(args) -> int:
@@ -233,6 +261,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_sampling(args) -> None:
+    if args.temperature < 0:
+        raise HybridGPTError(f"--temperature must not be negative, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise HybridGPTError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -240,12 +275,9 @@ def cmd_sample(args) -> int:
     from .engine import generate
     from .runtime import resolve_device
 
+    _check_sampling(args)
     device = resolve_device(args.device)
     model, tok, _ = load_checkpoint(args.checkpoint, device)
-    if args.temperature < 0:
-        raise HybridGPTError(f"--temperature must not be negative, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise HybridGPTError(f"--top-p must be in (0, 1], got {args.top_p}")
     ids = [tok.bos_id] + tok.encode(args.prompt)
     block = model.config.block_size
     if len(ids) > block - 1:
@@ -274,7 +306,132 @@ def cmd_sample(args) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample}
+def cmd_prepare_chat(args) -> int:
+    from .chat_data import prepare_chat_data
+    from .corpus import load_shakespeare
+    from .fsutil import read_json
+
+    _, run_dir = _run_dir(args)
+    out = Path(args.out) if args.out else run_dir / "chat"
+    corpus = load_shakespeare()
+    seed = args.seed if args.seed is not None else 1337
+    if (out / "meta.json").is_file() and not args.force:
+        meta = read_json(out / "meta.json", "chat data meta file")
+        if meta.get("corpus_sha256") == corpus.sha256() and meta.get("seed") == seed:
+            print(f"{out} is already prepared; nothing to do (--force rebuilds)")
+            return 0
+        raise HybridGPTError(f"{out} holds chat data built differently; pass --force to replace it")
+    print(f"building chat data from {corpus.source} -> {out}")
+    prepare_chat_data(corpus, out, seed=seed)
+    return 0
+
+
+def _finetune_overrides(args) -> dict:
+    from .stage import TRAIN_KEYS
+
+    return {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k, None) is not None}
+
+
+def _report(result) -> int:
+    from .train import SHOWN, distributed_env
+
+    if distributed_env()[0] != 0:
+        return 0
+    if result.interrupted:
+        print(f"stopped at step {result.step}; checkpoint saved. Continue with the same command plus --resume",
+              file=sys.stderr)
+        return 130
+    ev = result.final_eval
+    if ev:
+        shown = [f"{k.removeprefix('val_')} {ev[k]:.4f}" for k in SHOWN if k in ev]
+        print(f"done: {result.step} steps in {result.elapsed:.0f}s; validation " + ", ".join(shown))
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from .sft import run_sft
+
+    preset, run_dir = _run_dir(args)
+    return _report(run_sft(run_dir=run_dir, preset=preset, model_type=args.model_type, layers=args.layers,
+                           init=args.init, out=args.out, sft_data=args.stage_data, sft_val_data=args.stage_val_data,
+                           chat_dir=args.chat_data, overrides=_finetune_overrides(args), device=args.device,
+                           resume=args.resume, overwrite=args.overwrite))
+
+
+def cmd_dpo(args) -> int:
+    from .dpo import run_dpo
+
+    preset, run_dir = _run_dir(args)
+    return _report(run_dpo(run_dir=run_dir, preset=preset, model_type=args.model_type, layers=args.layers,
+                           init=args.init, out=args.out, dpo_data=args.stage_data, dpo_val_data=args.stage_val_data,
+                           chat_dir=args.chat_data, beta=args.beta, overrides=_finetune_overrides(args),
+                           device=args.device, resume=args.resume, overwrite=args.overwrite))
+
+
+def cmd_chat(args) -> int:
+    from .chat import MAX_INPUT_CHARS, ChatSession, clean_input
+    from .checkpoint import load_checkpoint
+    from .runtime import resolve_device
+
+    _check_sampling(args)
+    model, tok, training = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    session = ChatSession(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
+                          system=clean_input(args.system) if args.system else None)
+
+    def answer(text: str) -> None:
+        if len(text) > MAX_INPUT_CHARS:
+            print(f"(message of {len(text):,} characters refused: the limit is {MAX_INPUT_CHARS:,})",
+                  file=sys.stderr)
+            return
+        try:
+            for piece in session.reply(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n(reply interrupted; it is not kept in the history)", file=sys.stderr)
+            return
+        st = session.last
+        notes = []
+        if st.cropped_turns:
+            notes.append(f"{st.cropped_turns} oldest turns dropped to fit the context of {model.config.block_size}")
+        if st.cut_tokens:
+            notes.append(f"the oldest {st.cut_tokens} tokens of your message dropped to fit the context")
+        print()
+        print(f"[{st.tokens} tokens, {st.tokens_per_sec:.1f} tokens/s" + "".join(f"; {n}" for n in notes) + "]",
+              file=sys.stderr)
+
+    if args.prompt is not None:
+        text = clean_input(args.prompt)
+        if not text:
+            raise HybridGPTError("the --prompt message is empty")
+        answer(text)
+        return 0
+    stage = training.get("stage", "?")
+    print(f"chatting with {args.checkpoint} ({model.config.layers}, {stage}). "
+          "/reset clears the history, /quit or Ctrl-D exits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        text = clean_input(line)
+        if not text:
+            print("(empty message: type something, /reset or /quit)", file=sys.stderr)
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        sys.stdout.write("bot> ")
+        answer(text)
+
+
+COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample,
+            "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

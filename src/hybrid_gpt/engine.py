@@ -69,13 +69,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.inference_mode()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             use_cache: bool = True, stop_token: int | None = None) -> Iterator[torch.Tensor]:
+             use_cache: bool = True, stop_tokens=None) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B, 1] one step at a time (streaming).
 
     ``idx`` [B, T] must fit the context. With the cache, once the context is full the cache is
     re-primed with the last half of the context (an amortised sliding window); without it, every
-    step re-runs the last ``block_size`` tokens. ``stop_token`` ends generation once every row
-    has produced it.
+    step re-runs the last ``block_size`` tokens. Generation ends once every row has produced one of
+    ``stop_tokens``; a row that has stopped repeats its stop token.
     """
     model.eval()
     block = model.config.block_size
@@ -86,6 +86,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
         generator = torch.Generator(device=idx.device).manual_seed(seed)
     seq = idx
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+    stops = torch.tensor(sorted(stop_tokens or []), dtype=torch.long, device=idx.device)
+    finished = torch.zeros_like(done, dtype=torch.long)  # the stop token each finished row produced
     cache = KVCache(model, idx.size(0)) if use_cache else None
     pending = idx  # tokens not yet fed to the cache
     for _ in range(max_new_tokens):
@@ -98,11 +100,13 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
             logits = model(pending, kv_cache=cache)[:, -1]
             cache.advance(pending.size(1))
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        if stop_token is not None:
-            nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
-            done = done | (nxt == stop_token)
+        if stops.numel():
+            nxt = torch.where(done, finished, nxt)
+            hit = torch.isin(nxt, stops) & ~done
+            finished = torch.where(hit, nxt, finished)
+            done = done | hit
         seq = torch.cat([seq, nxt], dim=1)
         pending = nxt
         yield nxt
-        if stop_token is not None and bool(done.all()):
+        if stops.numel() and bool(done.all()):
             return

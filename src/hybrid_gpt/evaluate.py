@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ EVAL_TOKENS = 131072
 
 @torch.no_grad()
 def evaluate_lm(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens: int = EVAL_TOKENS,
-                batch_size: int = 16, autocast=None) -> dict:
+                batch_size: int = 16, autocast=nullcontext) -> dict:
     """Mean next-token loss (nats), perplexity and bits per byte.
 
     Windows of ``block_size`` targets tile the split from its start without overlap, so each token
@@ -38,10 +39,7 @@ def evaluate_lm(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_to
         chunk = np.stack([tokens[r * T : r * T + T + 1] for r in rows]).astype(np.int64)
         x = torch.from_numpy(chunk[:, :-1]).to(device)
         y = torch.from_numpy(chunk[:, 1:]).to(device)
-        if autocast is not None:
-            with autocast():
-                _, loss = model(x, y, loss_reduction="sum")
-        else:
+        with autocast():
             _, loss = model(x, y, loss_reduction="sum")
         total_loss += loss.item()
         total_bytes += int(byte_lengths[chunk[:, 1:]].sum())

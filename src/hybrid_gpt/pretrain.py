@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from .data import TokenData, batch_offsets, get_batch
@@ -33,7 +34,7 @@ class PretrainTask:
         _, loss = model(*micro)
         return loss, {}
 
-    def evaluate(self, model, final: bool, autocast=None) -> dict:
+    def evaluate(self, model, final: bool, autocast=nullcontext) -> dict:
         # The final evaluation is the documented one (EVAL_TOKENS); periodic ones may be shorter.
         tokens = max(self.eval_tokens, EVAL_TOKENS) if final else self.eval_tokens
         return evaluate_lm(model, self.data.val, self.byte_lengths, tokens, autocast=autocast)

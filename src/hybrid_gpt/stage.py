@@ -35,7 +35,7 @@ class Stage:
     tcfg: TrainConfig
     info: dict  # recorded under "training" in config.json
     make_task: Callable[[GPT, torch.device], object]  # builds the task once the model is on its device
-    init_weights: Path | None = None  # start from these weights (SFT, DPO); None: fresh initialisation
+    init_state: dict | None = None  # start from these weights (SFT, DPO); None: fresh initialisation
     fixed: dict = field(default_factory=dict)  # stage settings outside TrainConfig that a resume must keep
 
 
@@ -94,9 +94,9 @@ def run_stage(stage: Stage, *, device: str = "auto", resume: bool = False, overw
     try:
         torch.manual_seed(stage.tcfg.seed)
         model = GPT(stage.config)
-        weights = resolve(stage.out)[1] if resume_state is not None else stage.init_weights
-        if weights is not None:
-            model.load_state_dict(load_weights(weights), strict=False)  # shapes checked when the config was read
+        state = load_weights(resolve(stage.out)[1]) if resume_state is not None else stage.init_state
+        if state is not None:
+            model.load_state_dict(state, strict=False)  # lm_head.weight is tied to transformer.wte.weight
         model.to(dev)
         if rank == 0:
             log(f"{stage.name}: model {stage.config.layers} ({stage.info.get('model_type')}), "

@@ -32,6 +32,10 @@ from .model import GPT
 from .tokenizer import Tokenizer
 
 
+# Validation metrics printed after each evaluation (all of them go to metrics.jsonl).
+SHOWN = ("val_loss", "val_bpb", "val_rewards/accuracies", "val_rewards/margins")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
@@ -196,7 +200,7 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
 
     def run_eval(final: bool) -> dict:
         if master:
-            res = task.evaluate(raw_model, final, autocast if device.type == "cuda" else None)
+            res = task.evaluate(raw_model, final, autocast)
             rec = {"step": step, **{f"val_{k}": v for k, v in res.items()}}
             metrics.append(rec)
             return rec
@@ -255,8 +259,8 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
             if step % cfg.eval_interval == 0 or last:
                 ev = run_eval(final=last)
                 if ev:
-                    bar.write(f"step {step}: val loss {ev['val_loss']:.4f}"
-                              + (f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""))
+                    shown = [f"{k.removeprefix('val_')} {ev[k]:.4f}" for k in SHOWN if k in ev]
+                    bar.write(f"step {step}: validation " + ", ".join(shown))
             save_every = cfg.save_interval or cfg.eval_interval
             requested = stop.signal is not None or (cfg.stop_after and step >= cfg.stop_after)
             if world > 1:  # every rank must agree to stop, or the others would hang in all_reduce
