@@ -72,8 +72,8 @@ def tiny_chat_files(tmp_path):
     lines = ["But soft, what light through yonder window breaks?", "It is the east, and Juliet is the sun.",
              "Good night, good night! Parting is such sweet sorrow.", "What's in a name?", "Ay me!",
              "O Romeo, Romeo! wherefore art thou Romeo?", "Wilt thou be gone? It is not yet near day."]
-    sft = [{"messages": [{"role": "user", "content": lines[i % 7]}, {"role": "assistant", "content": lines[(i + 1) % 7]}]}
-           for i in range(24)]
+    sft = [{"messages": [{"role": "user", "content": lines[i % 7]},
+                         {"role": "assistant", "content": lines[(i + 1) % 7]}]} for i in range(24)]
     dpo = [{"prompt": lines[i % 7], "chosen": lines[(i + 1) % 7], "rejected": "Fish and chips, " * (1 + i % 3)}
            for i in range(24)]
     return write_jsonl(tmp_path / "sft.jsonl", sft), write_jsonl(tmp_path / "dpo.jsonl", dpo)

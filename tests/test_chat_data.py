@@ -8,8 +8,8 @@ from hybrid_gpt.errors import HybridGPTError
 
 
 def _doc(name, speakers, scene_break=None):
-    speeches = [Speech(speaker=s, text=f"{name} speech {i} by {s}", scene=int(scene_break is not None and i >= scene_break))
-                for i, s in enumerate(speakers)]
+    speeches = [Speech(speaker=s, text=f"{name} speech {i} by {s}",
+                       scene=int(scene_break is not None and i >= scene_break)) for i, s in enumerate(speakers)]
     return Document(name=name, text="", speeches=speeches)
 
 

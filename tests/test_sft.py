@@ -38,7 +38,7 @@ def test_sft_trains_on_user_jsonl_and_resumes(pretrained, tmp_path):
     rows = records(tmp_path / "full")
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     train = [r["loss"] for r in rows if "loss" in r]
-    assert len(train) == 8 and len(val) == 2 and val[-1] < val[0]
+    assert len(train) == 8 and len(val) == 3 and val[-1] < val[0]  # a baseline at step 0, then steps 4 and 8
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert config["training"]["stage"] == "sft" and config["training"]["init"].endswith("pretrain-hybrid")
     assert config["training"]["val_examples"] == 1  # 5% of 24, at least one

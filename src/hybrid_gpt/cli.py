@@ -333,7 +333,7 @@ def _finetune_overrides(args) -> dict:
 
 
 def _report(result) -> int:
-    from .train import SHOWN, distributed_env
+    from .train import distributed_env, format_eval
 
     if distributed_env()[0] != 0:
         return 0
@@ -343,8 +343,7 @@ def _report(result) -> int:
         return 130
     ev = result.final_eval
     if ev:
-        shown = [f"{k.removeprefix('val_')} {ev[k]:.4f}" for k in SHOWN if k in ev]
-        print(f"done: {result.step} steps in {result.elapsed:.0f}s; validation " + ", ".join(shown))
+        print(f"done: {result.step} steps in {result.elapsed:.0f}s; {format_eval(ev)}")
     return 0
 
 

@@ -8,6 +8,7 @@ starting model (the SFT checkpoint), run without gradients. Metric names follow 
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from .stage import Stage, run_stage
 from .template import training_example
 from .train import TrainResult
 
-EVAL_PAIRS = 512  # held-out pairs scored at each evaluation (all, if fewer)
+EVAL_PAIRS = 512  # held-out pairs scored at each periodic evaluation
+FINAL_EVAL_PAIRS = 4096  # ... and at the final one (all of them, if fewer)
 DEFAULT_BETA = 0.1
 
 
@@ -74,10 +76,10 @@ class DPOTask:
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.train = encode_pairs(tok, train_pairs, block_size, "training")
-        self.val = encode_pairs(tok, val_pairs, block_size, "validation")[:EVAL_PAIRS]
+        self.val = encode_pairs(tok, val_pairs, block_size, "validation")[:FINAL_EVAL_PAIRS]
         self.seed, self.rows_global = seed, rows_global
         self.tokens_per_row = int(np.mean([len(c[0]) + len(r[0]) for c, r in self.train]))
-        self._val_ref = None  # reference log-probs of the validation pairs, computed once
+        self._val_ref: dict[int, torch.Tensor] = {}  # reference log-probs per validation pair, computed once
 
     def rows(self, step: int):
         return np.random.default_rng([self.seed, step]).integers(0, len(self.train), self.rows_global)
@@ -106,19 +108,23 @@ class DPOTask:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
+        pairs = self.val if final else self.val[:EVAL_PAIRS]
         policy, ref = [], []
-        for i in range(0, len(self.val), 32):
-            x, y, n = self._batch(self.val[i:i + 32], device)
+        for i in range(0, len(pairs), 32):
+            x, y, n = self._batch(pairs[i:i + 32], device)
             with autocast():
                 policy.append(torch.stack(self._logps(model, x, y, n)))
-                if self._val_ref is None:
-                    ref.append(torch.stack(self._logps(self.reference, x, y, n)))
-        if self._val_ref is None:
-            self._val_ref = torch.cat(ref, dim=1)
-        policy = torch.cat(policy, dim=1)
+                if i not in self._val_ref:
+                    self._val_ref[i] = torch.stack(self._logps(self.reference, x, y, n))
+            ref.append(self._val_ref[i])
+        policy, ref = torch.cat(policy, dim=1), torch.cat(ref, dim=1)
         model.train(was_training)
-        loss, metrics = dpo_loss(policy[0], policy[1], self._val_ref[0], self._val_ref[1], self.beta)
-        return {"loss": loss.item(), **metrics, "pairs": len(self.val)}
+        loss, metrics = dpo_loss(policy[0], policy[1], ref[0], ref[1], self.beta)
+        # A 95% interval for the accuracy (normal approximation), so "above 0.5" can be judged.
+        acc = metrics["rewards/accuracies"]
+        half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / len(pairs))
+        return {"loss": loss.item(), **metrics, "rewards/accuracies_ci95": [acc - half, acc + half],
+                "pairs": len(pairs)}
 
 
 def run_dpo(*, run_dir: str | Path, preset: str, model_type: str | None = None, layers: str | None = None,

@@ -17,7 +17,7 @@ PRESETS: dict[str, dict] = {
                 eval_interval=200, eval_tokens=32768, dropout=0.0, grad_clip=1.0,
                 sft=dict(max_steps=300, lr=1e-3, batch_size=32, warmup_steps=20, eval_interval=100,
                          weight_decay=0.0),
-                dpo=dict(max_steps=150, lr=5e-5, batch_size=16, warmup_steps=10, eval_interval=50,
+                dpo=dict(max_steps=300, lr=1.5e-4, batch_size=16, warmup_steps=10, eval_interval=100,
                          weight_decay=0.0)),
     # The original experiment's shape (4 layers, d 384, 6 heads, context 256), for a GPU.
     "seed": dict(n_layer=4, n_head=6, n_embd=384, block_size=256, vocab_size=4096, batch_size=64, grad_accum=1,
@@ -29,6 +29,9 @@ PRESETS: dict[str, dict] = {
                           weight_decay=0.0)),
 }
 STAGES = ("pretrain", "sft", "dpo")
+for _preset in PRESETS.values():  # fine-tuning stages record the baseline they start from
+    for _stage in ("sft", "dpo"):
+        _preset[_stage]["eval_at_start"] = True
 
 
 def default_preset() -> str:

@@ -16,7 +16,8 @@ from .stage import Stage, run_stage
 from .template import training_example
 from .train import TrainResult
 
-EVAL_EXAMPLES = 1024  # validation conversations scored at each evaluation (all, if fewer)
+EVAL_EXAMPLES = 1024  # validation conversations scored at each periodic evaluation
+FINAL_EVAL_EXAMPLES = 4096  # ... and at the final one (all of them, if fewer)
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +42,7 @@ class SFTTask:
     def __init__(self, tok, train_convs, val_convs, block_size: int, seed: int, rows_global: int):
         self.pad_id = tok.end_id
         self.train = encode_conversations(tok, train_convs, block_size, "training")
-        self.val = encode_conversations(tok, val_convs, block_size, "validation")[:EVAL_EXAMPLES]
+        self.val = encode_conversations(tok, val_convs, block_size, "validation")[:FINAL_EVAL_EXAMPLES]
         self.seed, self.rows_global = seed, rows_global
         self.tokens_per_row = int(np.mean([len(x) for x, _ in self.train]))
 
@@ -63,14 +64,15 @@ class SFTTask:
         model.eval()
         device = next(model.parameters()).device
         total, count = 0.0, 0
-        for i in range(0, len(self.val), 32):
-            x, y = pad_batch(self.val[i:i + 32], self.pad_id, device)
+        examples = self.val if final else self.val[:EVAL_EXAMPLES]
+        for i in range(0, len(examples), 32):
+            x, y = pad_batch(examples[i:i + 32], self.pad_id, device)
             with autocast():
                 _, loss = model(x, y, loss_reduction="sum")
             total += loss.item()
             count += int((y >= 0).sum())
         model.train(was_training)
-        return {"loss": total / max(count, 1), "tokens": count, "examples": len(self.val)}
+        return {"loss": total / max(count, 1), "tokens": count, "examples": len(examples)}
 
 
 def run_sft(*, run_dir: str | Path, preset: str, model_type: str | None = None, layers: str | None = None,

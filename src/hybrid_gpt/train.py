@@ -36,6 +36,10 @@ from .tokenizer import Tokenizer
 SHOWN = ("val_loss", "val_bpb", "val_rewards/accuracies", "val_rewards/margins")
 
 
+def format_eval(ev: dict) -> str:
+    return "validation " + ", ".join(f"{k.removeprefix('val_')} {ev[k]:.4f}" for k in SHOWN if k in ev)
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
@@ -53,6 +57,7 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
     stop_after: int = 0  # stop (as if interrupted) after this step; for tests of resume
+    eval_at_start: bool = False  # also evaluate before the first step (the baseline a fine-tune starts from)
 
     def validate(self) -> "TrainConfig":
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_tokens"):
@@ -215,6 +220,10 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
     t_start = time.time()
     elapsed_before = float(resume_state.get("elapsed", 0.0)) if resume_state else 0.0
     model.train()
+    if cfg.eval_at_start and step == 0:
+        ev = run_eval(final=False)
+        if ev:
+            bar.write(f"step 0: {format_eval(ev)}")
     with stop.installed():
         while step < cfg.max_steps:
             t0 = time.time()
@@ -259,8 +268,7 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
             if step % cfg.eval_interval == 0 or last:
                 ev = run_eval(final=last)
                 if ev:
-                    shown = [f"{k.removeprefix('val_')} {ev[k]:.4f}" for k in SHOWN if k in ev]
-                    bar.write(f"step {step}: validation " + ", ".join(shown))
+                    bar.write(f"step {step}: {format_eval(ev)}")
             save_every = cfg.save_interval or cfg.eval_interval
             requested = stop.signal is not None or (cfg.stop_after and step >= cfg.stop_after)
             if world > 1:  # every rank must agree to stop, or the others would hang in all_reduce
