@@ -62,6 +62,39 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers, got {text!r}")
+    return values
+
+
+def _bench_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--contexts", type=_int_list, help="context lengths, e.g. 64,128 (default: up to the model's)")
+    g.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="default: 1,8")
+    g.add_argument("--new-tokens", type=_positive_int, default=24, help="tokens decoded per measurement")
+    g.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats (medians are reported)")
+    g.add_argument("--warmup", type=_nonneg_int, default=1)
+    g.add_argument("--no-naive", action="store_true", help="skip decoding without the KV cache")
+    g.add_argument("--no-peer", action="store_true", help="skip the transformers GPT-2 peer")
+    g.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+
+
+def _bench_config(args):
+    import torch
+
+    from .bench import BenchConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return BenchConfig(contexts=args.contexts, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
+                       repeats=args.repeats, warmup=args.warmup, naive=not args.no_naive, peer=not args.no_peer)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
@@ -177,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--num-samples", type=_positive_int, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every token")
+
+    p = sub.add_parser("bench", help="prefill, cached and naive decode, memory, and a transformers peer, side by side")
+    _common(p)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    _bench_flags(p)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--out", help="also write the JSON results to this file")
+
+    p = sub.add_parser("pipeline", help="prepare -> pretrain -> SFT -> DPO -> eval -> bench -> report, both models")
+    _common(p)
+    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (default: 1337)")
+    _bench_flags(p)
+    p.add_argument("--progress", action="store_true", help="show a progress bar for each training stage")
 
     p = sub.add_parser("chat", help="chat with an aligned checkpoint (interactive, streaming)")
     _common(p)
@@ -429,8 +475,53 @@ def cmd_chat(args) -> int:
         answer(text)
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_bench
+    from .checkpoint import load_checkpoint
+    from .fsutil import write_json
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device)
+    models = {}
+    for path in args.checkpoints:
+        model, _, training = load_checkpoint(path, device)
+        name = training.get("model_type") or Path(path).name
+        if name in models:
+            name = Path(path).name
+        models[name] = model
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    results = run_bench(models, _bench_config(args), log=log)
+    if args.out:
+        write_json(args.out, results)
+    print(json.dumps(results) if args.json else format_table(results))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from .pipeline import DEFAULT_SEED, PipelineOptions, run_pipeline
+    from .report import headline_table
+
+    preset, run_dir = _run_dir(args)
+    seeds = args.seeds or [args.seed if args.seed is not None else DEFAULT_SEED]
+    if len(set(seeds)) != len(seeds):
+        raise HybridGPTError(f"--seeds {','.join(map(str, seeds))} repeats a seed")
+    opts = PipelineOptions(run_dir=run_dir, preset=preset, seeds=seeds, device=args.device,
+                           bench=_bench_config(args), progress=args.progress,
+                           command="hybrid-gpt " + " ".join(sys.argv[1:]))
+    report, results = run_pipeline(opts)
+    summary = results["summary"]
+    print()
+    print(headline_table(results, summary))
+    print()
+    for v in summary["verdicts"]:
+        print(f"- {v}")
+    print(f"\nreport: {report}\nresults: {report.parent / 'results.json'}")
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample,
-            "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat}
+            "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat,
+            "bench": cmd_bench, "pipeline": cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from .finetune import load_stage_data, resolve_init
 from .model import GPT
 from .pretrain import train_config
 from .presets import stage_values
-from .sft import pad_batch
+from .sft import LazyExamples, pad_batch
 from .stage import Stage, run_stage
 from .template import training_example
 from .train import TrainResult
@@ -55,15 +55,15 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return loss, metrics
 
 
+def encode_pair(tok, p: dict, block_size: int):
+    """(chosen example, rejected example), or None unless both keep a response token."""
+    chosen = training_example(tok, p["prompt"] + [{"role": "assistant", "content": p["chosen"]}], block_size)
+    rejected = training_example(tok, p["prompt"] + [{"role": "assistant", "content": p["rejected"]}], block_size)
+    return (chosen, rejected) if chosen is not None and rejected is not None else None
+
+
 def encode_pairs(tok, pairs: list[dict], block_size: int, what: str) -> list:
-    """(chosen example, rejected example) per pair; each keeps at least one response token."""
-    out = []
-    for p in pairs:
-        chosen = training_example(tok, p["prompt"] + [{"role": "assistant", "content": p["chosen"]}], block_size)
-        rejected = training_example(tok, p["prompt"] + [{"role": "assistant", "content": p["rejected"]}],
-                                    block_size)
-        if chosen is not None and rejected is not None:
-            out.append((chosen, rejected))
+    out = [e for e in (encode_pair(tok, p, block_size) for p in pairs) if e is not None]
     if not out:
         raise HybridGPTError(f"no {what} preference pair keeps a response token within a context of {block_size}")
     return out
@@ -75,10 +75,10 @@ class DPOTask:
         self.pad_id, self.reference, self.beta = tok.end_id, reference.eval(), beta
         for p in self.reference.parameters():
             p.requires_grad_(False)
-        self.train = encode_pairs(tok, train_pairs, block_size, "training")
-        self.val = encode_pairs(tok, val_pairs, block_size, "validation")[:FINAL_EVAL_PAIRS]
+        self.train = LazyExamples(train_pairs, lambda p: encode_pair(tok, p, block_size), "training pair")
+        self.val = encode_pairs(tok, val_pairs[:FINAL_EVAL_PAIRS], block_size, "validation")
         self.seed, self.rows_global = seed, rows_global
-        self.tokens_per_row = int(np.mean([len(c[0]) + len(r[0]) for c, r in self.train]))
+        self.tokens_per_row = int(np.mean([len(c[0]) + len(r[0]) for c, r in self.val]))
         self._val_ref: dict[int, torch.Tensor] = {}  # reference log-probs per validation pair, computed once
 
     def rows(self, step: int):

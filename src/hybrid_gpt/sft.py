@@ -31,6 +31,38 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> t
     return x.to(device), y.to(device)
 
 
+class LazyExamples:
+    """Examples encoded on first use (a run touches a fraction of them) and memoised.
+
+    An item that yields no example (``encode`` returns None: no target left in the context) is
+    replaced by the next one that does, deterministically.
+    """
+
+    def __init__(self, items: list, encode, what: str, check: int = 64):
+        self.items, self.encode, self.what = items, encode, what
+        self.cache: dict[int, object] = {}
+        if all(self._get(i) is None for i in range(min(check, len(items)))):
+            raise HybridGPTError(f"no {what} keeps a target token within the model's context")
+
+    def _get(self, i: int):
+        if i not in self.cache:
+            self.cache[i] = self.encode(self.items[i])
+        return self.cache[i]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self.items)))
+
+    def __getitem__(self, i: int):
+        for k in range(len(self.items)):
+            example = self._get((i + k) % len(self.items))
+            if example is not None:
+                return example
+        raise HybridGPTError(f"no {self.what} keeps a target token within the model's context")
+
+
 def encode_conversations(tok, conversations: list[list[dict]], block_size: int, what: str) -> list:
     examples = [e for e in (training_example(tok, c, block_size) for c in conversations) if e is not None]
     if not examples:
@@ -41,10 +73,11 @@ def encode_conversations(tok, conversations: list[list[dict]], block_size: int, 
 class SFTTask:
     def __init__(self, tok, train_convs, val_convs, block_size: int, seed: int, rows_global: int):
         self.pad_id = tok.end_id
-        self.train = encode_conversations(tok, train_convs, block_size, "training")
-        self.val = encode_conversations(tok, val_convs, block_size, "validation")[:FINAL_EVAL_EXAMPLES]
+        self.train = LazyExamples(train_convs, lambda c: training_example(tok, c, block_size),
+                                  "training conversation")
+        self.val = encode_conversations(tok, val_convs[:FINAL_EVAL_EXAMPLES], block_size, "validation")
         self.seed, self.rows_global = seed, rows_global
-        self.tokens_per_row = int(np.mean([len(x) for x, _ in self.train]))
+        self.tokens_per_row = int(np.mean([len(x) for x, _ in self.val]))
 
     def rows(self, step: int):
         return np.random.default_rng([self.seed, step]).integers(0, len(self.train), self.rows_global)

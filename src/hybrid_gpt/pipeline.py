@@ -1,0 +1,192 @@
+"""The whole experiment as one resumable command:
+prepare -> pretrain -> SFT -> DPO -> eval -> bench -> report, for both model types and every seed.
+
+A stage whose checkpoint is complete is skipped; one that was interrupted is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .bench import BenchConfig, run_bench
+from .checkpoint import is_checkpoint, load_checkpoint, read_config
+from .data import TokenData
+from .evaluate import EVAL_TOKENS, evaluate_lm
+from .stage import read_metrics
+
+MODEL_TYPES = ("standard", "hybrid")
+DEFAULT_SEED = 1337
+SAMPLE_PROMPT = "ROMEO:"
+CHAT_PROMPTS = ("What news from Verona?", "Good morrow, my lord. How fares the king?", "Who goes there?")
+
+
+@dataclass
+class PipelineOptions:
+    run_dir: Path
+    preset: str
+    seeds: list[int] = field(default_factory=lambda: [DEFAULT_SEED])
+    device: str = "auto"
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    progress: bool = False
+    overrides: dict = field(default_factory=dict)  # per stage: {"pretrain": {...}, "sft": {...}, "dpo": {...}}
+    command: str = ""
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    """The default seed trains into the run directory itself (shared with the quick start)."""
+    return run_dir if seed == DEFAULT_SEED else run_dir / f"seed-{seed}"
+
+
+def _complete(ckpt: Path) -> bool:
+    if not is_checkpoint(ckpt):
+        return False
+    _, training = read_config(ckpt)
+    return bool(training.get("complete"))
+
+
+def _stage(name: str, ckpt: Path, fn, log) -> float:
+    """Run (or resume, or skip) one stage; returns the seconds it took in this invocation."""
+    if _complete(ckpt):
+        log(f"[pipeline] {name}: complete at {ckpt}, skipped")
+        return 0.0
+    resume = ckpt.exists() and (ckpt / "trainer_state.pt").is_file()
+    log(f"[pipeline] {name}: {'resuming' if resume else 'training'} -> {ckpt}")
+    t0 = time.time()
+    result = fn(resume=resume, overwrite=ckpt.exists() and not resume)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return time.time() - t0
+
+
+def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
+    from .chat_data import prepare_chat_data
+    from .corpus import load_shakespeare
+    from .data import prepare_data
+    from .dpo import run_dpo
+    from .fsutil import read_json
+    from .presets import get_preset
+    from .pretrain import run_pretrain
+    from .sft import run_sft
+
+    run_dir = Path(opts.run_dir)
+    t_start = time.time()
+    data_dir, chat_dir = run_dir / "data", run_dir / "chat"
+    corpus = None
+    if not (data_dir / "meta.json").is_file():
+        corpus = load_shakespeare()
+        log(f"[pipeline] prepare -> {data_dir}")
+        prepare_data(corpus, data_dir, get_preset(opts.preset)["vocab_size"], log=log)
+    if not (chat_dir / "meta.json").is_file():
+        corpus = corpus or load_shakespeare()
+        log(f"[pipeline] prepare-chat -> {chat_dir}")
+        prepare_chat_data(corpus, chat_dir, log=log)
+    data = TokenData.open(data_dir)
+
+    timings: dict[str, dict] = {}
+    for seed in opts.seeds:
+        sd = seed_dir(run_dir, seed)
+        for mt in MODEL_TYPES:
+            common = dict(preset=opts.preset, device=opts.device, log=log)
+
+            def ov(stage):
+                return {**opts.overrides.get(stage, {}), "seed": seed, "progress": opts.progress}
+
+            t = timings.setdefault(f"{seed}/{mt}", {})
+            t["pretrain"] = _stage(f"pretrain {mt} seed {seed}", sd / f"pretrain-{mt}", lambda **kw: run_pretrain(
+                run_dir=sd, model_type=mt, data_dir=data_dir, overrides=ov("pretrain"), **common, **kw), log)
+            t["sft"] = _stage(f"sft {mt} seed {seed}", sd / f"sft-{mt}", lambda **kw: run_sft(
+                run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("sft"), **common, **kw), log)
+            t["dpo"] = _stage(f"dpo {mt} seed {seed}", sd / f"dpo-{mt}", lambda **kw: run_dpo(
+                run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("dpo"), **common, **kw), log)
+
+    log("[pipeline] evaluating")
+    byte_lengths = data.tokenizer.token_byte_lengths()
+    per_seed: dict[str, dict] = {mt: {} for mt in MODEL_TYPES}
+    curves: dict[str, dict] = {mt: {} for mt in MODEL_TYPES}
+    for seed in opts.seeds:
+        sd = seed_dir(run_dir, seed)
+        for mt in MODEL_TYPES:
+            figures = {}
+            for stage in ("pretrain", "dpo"):
+                model, _, _ = load_checkpoint(sd / f"{stage}-{mt}")
+                ev = evaluate_lm(model, data.val, byte_lengths, EVAL_TOKENS)
+                figures[f"{stage}_val_loss"], figures[f"{stage}_val_bpb"] = ev["loss"], ev["bpb"]
+            for stage in ("pretrain", "sft", "dpo"):
+                metrics = read_metrics(sd / f"{stage}-{mt}")
+                evals = [m for m in metrics if "val_loss" in m]
+                steps = [m for m in metrics if "loss" in m]
+                if stage == "sft":
+                    figures["sft_val_loss_start"], figures["sft_val_loss"] = evals[0]["val_loss"], evals[-1]["val_loss"]
+                if stage == "dpo":
+                    last = evals[-1]
+                    for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "loss"):
+                        figures[f"dpo_val_{k}"] = last[f"val_{k}"]
+                    figures["dpo_val_rewards/accuracies_ci95"] = last.get("val_rewards/accuracies_ci95")
+                    figures["dpo_val_pairs"] = last.get("val_pairs")
+                figures[f"{stage}_train_seconds"] = steps[-1]["elapsed"] if steps else None
+                figures[f"{stage}_train_tokens_per_sec"] = (
+                    sorted(m["tokens_per_sec"] for m in steps)[len(steps) // 2] if steps else None)
+                if seed == opts.seeds[0]:
+                    curves[mt][stage] = {"train": [(m["step"], m["loss"]) for m in steps],
+                                         "val": [(m["step"], m["val_loss"]) for m in evals]}
+            figures["parameters"] = model.num_params()
+            figures["kv_bytes_per_token"] = model.config.kv_bytes_per_token()
+            figures["layers"] = model.config.layers
+            per_seed[mt][seed] = figures
+
+    first = seed_dir(run_dir, opts.seeds[0])
+    log("[pipeline] benchmarking the aligned models (seed %d)" % opts.seeds[0])
+    from .runtime import resolve_device
+
+    device = resolve_device(opts.device)
+    models = {mt: load_checkpoint(first / f"dpo-{mt}", device)[0] for mt in MODEL_TYPES}
+    bench = run_bench(models, opts.bench, log=log)
+
+    log("[pipeline] samples and chat replies")
+    samples = _samples(first, device)
+    results = {
+        "preset": opts.preset, "seeds": opts.seeds, "run_dir": str(run_dir),
+        "per_seed": {mt: {str(s): f for s, f in v.items()} for mt, v in per_seed.items()},
+        "bench": bench, "samples": samples, "curves": curves, "timings": timings,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu_count": __import__("os").cpu_count(),
+                    "device": str(device)},
+        "data": {k: read_json(data_dir / "meta.json", "meta")[k] for k in ("source", "vocab_size", "splits")},
+        "command": opts.command or " ".join(shlex.quote(a) for a in ["hybrid-gpt", *sys.argv[1:]]),
+        "pipeline_seconds": time.time() - t_start,
+    }
+    from .report import write_report
+
+    report = write_report(results, run_dir)
+    return report, results
+
+
+def _samples(sd: Path, device) -> dict:
+    from .chat import ChatSession
+    from .engine import generate
+
+    out = {}
+    for mt in MODEL_TYPES:
+        model, tok, _ = load_checkpoint(sd / f"pretrain-{mt}", device)
+        idx = torch.tensor([[tok.bos_id] + tok.encode(SAMPLE_PROMPT)], device=device)
+        ids = [int(t) for t in generate(model, idx, 60, temperature=0)]
+        greedy = SAMPLE_PROMPT + tok.decode([i for i in ids])
+        model, tok, _ = load_checkpoint(sd / f"dpo-{mt}", device)
+        replies = []
+        for prompt in CHAT_PROMPTS:
+            session = ChatSession(model, tok, max_new_tokens=60, temperature=0.8, top_k=50, seed=1)
+            replies.append({"user": prompt, "assistant": "".join(session.reply(prompt))})
+        out[mt] = {"prompt": SAMPLE_PROMPT, "greedy_pretrain_sample": greedy, "chat": replies}
+    return out
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

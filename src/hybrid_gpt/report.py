@@ -1,0 +1,267 @@
+"""The experiment's report: results.json, report.md and PNG plots, written from measured numbers only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .bench import format_table
+from .fsutil import atomic_path, write_json, write_text
+from .stats import judge_difference, mean_ci
+
+ORIGINAL = {"val_loss": (5.02, 5.09), "prefill_s": (0.0047, 0.0029), "decode_tok_s": (206.27, 326.11)}
+
+
+def _plot(path: Path, draw) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = draw(plt)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path.name
+
+
+def _smooth(points, window=25):
+    if not points:
+        return [], []
+    xs, ys = zip(*points)
+    out = []
+    for i in range(len(ys)):
+        lo = max(0, i - window + 1)
+        out.append(sum(ys[lo:i + 1]) / (i + 1 - lo))
+    return list(xs), out
+
+
+def plot_curves(results: dict, out: Path) -> str:
+    def draw(plt):
+        stages = ("pretrain", "sft", "dpo")
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, stage in zip(axes, stages):
+            for mt, color in (("standard", "tab:blue"), ("hybrid", "tab:orange")):
+                c = results["curves"].get(mt, {}).get(stage)
+                if not c:
+                    continue
+                xs, ys = _smooth(c["train"])
+                ax.plot(xs, ys, color=color, alpha=0.6, label=f"{mt} train (smoothed)")
+                if c["val"]:
+                    vx, vy = zip(*c["val"])
+                    ax.plot(vx, vy, "o-", color=color, label=f"{mt} validation")
+            ax.set_title({"pretrain": "pretraining (nats/token)", "sft": "SFT (assistant tokens)",
+                          "dpo": "DPO loss"}[stage])
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        return fig
+    return _plot(out / "loss_curves.png", draw)
+
+
+def plot_decode(results: dict, out: Path) -> str:
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for mt, color in (("standard", "tab:blue"), ("hybrid", "tab:orange")):
+            rows = [r for r in results["bench"]["models"][mt]["rows"] if r["batch"] == 1]
+            ctx = [r["context"] for r in rows]
+            ax.plot(ctx, [r["decode_tok_s"]["median"] for r in rows], "o-", color=color, label=f"{mt}, KV cache")
+            if "naive_decode_tok_s" in rows[0]:
+                ax.plot(ctx, [r["naive_decode_tok_s"]["median"] for r in rows], "s--", color=color,
+                        label=f"{mt}, no cache (naive)")
+        if "peer" in results["bench"]:
+            rows = [r for r in results["bench"]["peer"]["rows"] if r["batch"] == 1]
+            ax.plot([r["context"] for r in rows], [r["decode_tok_s"]["median"] for r in rows], "^:", color="gray",
+                    label="transformers GPT-2 (standard weights)")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("new tokens / s (batch 1, median)")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return fig
+    return _plot(out / "decode_speed.png", draw)
+
+
+def plot_kv(results: dict, out: Path) -> str:
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        ctx = sorted({r["context"] for r in results["bench"]["models"]["standard"]["rows"]})
+        full = list(range(1, max(ctx) + 1))
+        for mt, color in (("standard", "tab:blue"), ("hybrid", "tab:orange")):
+            per = results["bench"]["models"][mt]["kv_bytes_per_token"]
+            ax.plot(full, [per * c / 2**20 for c in full], color=color, label=f"{mt} ({per:,} B/token)")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("KV cache, MB (batch 1, fp32)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return fig
+    return _plot(out / "kv_cache.png", draw)
+
+
+def _stat(results: dict, mt: str, key: str) -> dict:
+    values = [f[key] for f in results["per_seed"][mt].values() if f.get(key) is not None]
+    return mean_ci(values) if values else {"mean": None, "ci95": None, "n": 0, "values": []}
+
+
+def _fmt(s: dict, digits: int = 4) -> str:
+    if s["mean"] is None:
+        return "-"
+    text = f"{s['mean']:.{digits}f}"
+    if s["ci95"]:
+        text += f" ± {(s['ci95'][1] - s['ci95'][0]) / 2:.{digits}f}"
+    return text
+
+
+def _row(bench: dict, mt: str, context: int, batch: int = 1) -> dict:
+    for r in bench["models"][mt]["rows"]:
+        if r["context"] == context and r["batch"] == batch:
+            return r
+    raise KeyError(context)
+
+
+def summarize(results: dict) -> dict:
+    """The headline figures: quality with mean/CI over seeds, speed at the reference context."""
+    bench = results["bench"]
+    contexts = bench["config"]["contexts"]
+    ref = 256 if 256 in contexts else max(contexts)
+    quality_keys = ["pretrain_val_loss", "pretrain_val_bpb", "dpo_val_loss", "dpo_val_bpb", "sft_val_loss",
+                    "dpo_val_rewards/accuracies", "dpo_val_rewards/margins"]
+    quality = {mt: {k: _stat(results, mt, k) for k in quality_keys} for mt in ("standard", "hybrid")}
+    speed = {}
+    for mt in ("standard", "hybrid"):
+        r = _row(bench, mt, ref)
+        speed[mt] = {"prefill_ms": r["prefill_ms"]["median"], "decode_tok_s": r["decode_tok_s"]["median"],
+                     "naive_decode_tok_s": r.get("naive_decode_tok_s", {}).get("median"),
+                     "kv_cache_bytes": r["kv_cache_bytes"]}
+    verdicts = [
+        judge_difference("validation bits per byte after pretraining",
+                         quality["standard"]["pretrain_val_bpb"]["values"],
+                         quality["hybrid"]["pretrain_val_bpb"]["values"], "bpb", lower_is_better=True),
+        judge_difference("validation loss of the aligned (DPO) models",
+                         quality["standard"]["dpo_val_loss"]["values"],
+                         quality["hybrid"]["dpo_val_loss"]["values"], "nats/token", lower_is_better=True),
+    ]
+    return {"reference_context": ref, "quality": quality, "speed": speed, "verdicts": verdicts}
+
+
+def _speed_sentence(summary: dict) -> str:
+    s, h = summary["speed"]["standard"], summary["speed"]["hybrid"]
+    cached = h["decode_tok_s"] / s["decode_tok_s"]
+    text = (f"At context {summary['reference_context']}, batch 1, the hybrid decodes {cached:.2f}x as fast as the "
+            f"standard model with the KV cache")
+    if s["naive_decode_tok_s"]:
+        naive = h["naive_decode_tok_s"] / s["naive_decode_tok_s"]
+        text += f" and {naive:.2f}x as fast without it (the naive way the original likely measured)"
+    text += f"; its prefill is {s['prefill_ms'] / h['prefill_ms']:.2f}x as fast."
+    return text
+
+
+def headline_table(results: dict, summary: dict) -> str:
+    """The original's rows with our values, then our extra rows (markdown)."""
+    q, sp = summary["quality"], summary["speed"]
+    ref = summary["reference_context"]
+    seeds = results["seeds"]
+    L = []
+    L.append(f"| metric (context {ref}) | standard | hybrid | improvement | original: standard | original: hybrid |")
+    L.append("| --- | --- | --- | --- | --- | --- |")
+    dl = q["hybrid"]["dpo_val_loss"]["mean"] - q["standard"]["dpo_val_loss"]["mean"]
+    L.append(f"| final validation loss (DPO models, nats/token) | {_fmt(q['standard']['dpo_val_loss'])} | "
+             f"{_fmt(q['hybrid']['dpo_val_loss'])} | {dl:+.4f} | 5.02 | 5.09 |")
+    pf = sp["standard"]["prefill_ms"] / sp["hybrid"]["prefill_ms"]
+    L.append(f"| prefill time (batch 1) | {sp['standard']['prefill_ms']:.2f} ms | "
+             f"{sp['hybrid']['prefill_ms']:.2f} ms | {pf:.2f}x as fast | 4.7 ms | 2.9 ms |")
+    dr = sp["hybrid"]["decode_tok_s"] / sp["standard"]["decode_tok_s"]
+    L.append(f"| decode speed, KV cache (batch 1) | {sp['standard']['decode_tok_s']:.1f} tok/s | "
+             f"{sp['hybrid']['decode_tok_s']:.1f} tok/s | {dr:.2f}x as fast | 206 tok/s | 326 tok/s |")
+    if sp["standard"]["naive_decode_tok_s"]:
+        nr = sp["hybrid"]["naive_decode_tok_s"] / sp["standard"]["naive_decode_tok_s"]
+        L.append(f"| decode speed, no cache (batch 1) | {sp['standard']['naive_decode_tok_s']:.1f} tok/s | "
+                 f"{sp['hybrid']['naive_decode_tok_s']:.1f} tok/s | {nr:.2f}x as fast | | |")
+    L.append("")
+    L.append("Our extra rows:\n")
+    L.append("| metric | standard | hybrid |")
+    L.append("| --- | --- | --- |")
+    rows = [("pretraining: validation loss (nats/token)", "pretrain_val_loss"),
+            ("pretraining: validation bits per byte", "pretrain_val_bpb"),
+            ("aligned (DPO) model: validation bits per byte", "dpo_val_bpb"),
+            ("SFT: validation loss on assistant tokens", "sft_val_loss"),
+            ("DPO: validation reward accuracy", "dpo_val_rewards/accuracies"),
+            ("DPO: validation reward margin", "dpo_val_rewards/margins")]
+    for label, key in rows:
+        L.append(f"| {label} | {_fmt(q['standard'][key])} | {_fmt(q['hybrid'][key])} |")
+    first = str(seeds[0])
+    ps, ph = results["per_seed"]["standard"][first], results["per_seed"]["hybrid"][first]
+    L.append(f"| parameters | {ps['parameters']:,} | {ph['parameters']:,} |")
+    L.append(f"| KV cache per token (fp32) | {ps['kv_bytes_per_token']:,} B | {ph['kv_bytes_per_token']:,} B |")
+    L.append(f"| KV cache at context {ref} (batch 1) | {sp['standard']['kv_cache_bytes'] / 2**20:.2f} MB | "
+             f"{sp['hybrid']['kv_cache_bytes'] / 2**20:.2f} MB |")
+    L.append(f"| pretraining time (seed {first}) | {ps['pretrain_train_seconds']:.0f} s | "
+             f"{ph['pretrain_train_seconds']:.0f} s |")
+    L.append(f"| pretraining throughput (median tokens/s) | {ps['pretrain_train_tokens_per_sec']:,.0f} | "
+             f"{ph['pretrain_train_tokens_per_sec']:,.0f} |")
+    return "\n".join(L)
+
+
+def render_markdown(results: dict, summary: dict, plots: dict) -> str:
+    seeds = results["seeds"]
+    L = []
+    L.append(f"# hybrid-gpt report: standard vs hybrid ({results['preset']} preset)\n")
+    L.append(f"Seeds: {', '.join(map(str, seeds))}. Quality figures are means over seeds"
+             + (" ± the half-width of a 95% confidence interval (Student's t)." if len(seeds) > 1 else
+                " (one seed: no confidence interval).")
+             + f" Speed figures are medians of {results['bench']['config']['repeats']} interleaved repeats, "
+             "measured in one process on the aligned (DPO) models of the first seed.\n")
+    L.append("## The original's table, measured again\n")
+    L.append(headline_table(results, summary))
+    first = str(seeds[0])
+    ps, ph = results["per_seed"]["standard"][first], results["per_seed"]["hybrid"][first]
+    ci = ps.get("dpo_val_rewards/accuracies_ci95")
+    L.append("")
+    if ci:
+        L.append(f"DPO reward accuracy is measured on {ps['dpo_val_pairs']} held-out pairs; for seed {first} the "
+                 f"standard model's 95% interval is [{ci[0]:.3f}, {ci[1]:.3f}] and the hybrid's "
+                 f"[{ph['dpo_val_rewards/accuracies_ci95'][0]:.3f}, {ph['dpo_val_rewards/accuracies_ci95'][1]:.3f}].\n")
+    L.append("## What the numbers say\n")
+    for v in summary["verdicts"]:
+        L.append(f"- {v}")
+    L.append(f"- {_speed_sentence(summary)}")
+    L.append("")
+    L.append("## Benchmark\n")
+    L.append("```")
+    L.append(format_table(results["bench"]))
+    L.append("```\n")
+    L.append("![decode speed](decode_speed.png)\n\n![KV cache](kv_cache.png)\n\n![loss curves](loss_curves.png)\n")
+    L.append("## Samples\n")
+    for mt in ("standard", "hybrid"):
+        s = results["samples"][mt]
+        L.append(f"### {mt}\n")
+        L.append(f"Greedy continuation of `{s['prompt']}` by the pretrained model:\n")
+        L.append("```\n" + s["greedy_pretrain_sample"].strip() + "\n```\n")
+        L.append("Chat replies of the aligned model (temperature 0.8, top-k 50, seed 1):\n")
+        for turn in s["chat"]:
+            L.append(f"> **user:** {turn['user']}  \n> **assistant:** {' '.join(turn['assistant'].split())}\n")
+    L.append("## Machine and commands\n")
+    m = results["machine"]
+    L.append(f"- machine: {m['platform']}, {m['cpu_count']} CPUs, device {m['device']}, {m['threads']} torch threads")
+    L.append(f"- versions: Python {m['python']}, torch {m['torch']}"
+             + (f", transformers {results['bench']['environment']['transformers']}"
+                if "transformers" in results["bench"]["environment"] else ""))
+    L.append(f"- data: {results['data']['source']}, vocabulary {results['data']['vocab_size']}")
+    L.append(f"- pipeline wall time in this invocation: {results['pipeline_seconds']:.0f} s")
+    L.append(f"- command: `{results['command']}`")
+    L.append("- re-run: `uv run hybrid-gpt pipeline` (stages already complete are skipped; delete the run "
+             "directory to start over)")
+    return "\n".join(L) + "\n"
+
+
+
+def write_report(results: dict, run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    summary = summarize(results)
+    results["summary"] = summary
+    plots = {"curves": plot_curves(results, run_dir), "decode": plot_decode(results, run_dir),
+             "kv": plot_kv(results, run_dir)}
+    results["plots"] = plots
+    write_json(run_dir / "results.json", json.loads(json.dumps(results, default=str)))
+    write_text(run_dir / "report.md", render_markdown(results, summary, plots))
+    return run_dir / "report.md"

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from conftest import smoke_model
+from hybrid_gpt.bench import BenchConfig, default_contexts, format_table, run_bench
+from hybrid_gpt.cli import main
+from hybrid_gpt.errors import HybridGPTError
+
+
+def test_default_contexts_reach_the_models_maximum():
+    assert default_contexts(128, 32) == [64, 128]
+    assert default_contexts(128, 24) == [32, 64, 128]
+    assert default_contexts(256, 32) == [64, 128, 256]
+    assert default_contexts(1024, 32) == [128, 256, 512, 1024]
+
+
+def test_bench_reports_every_figure_for_both_models_and_the_peer():
+    pytest.importorskip("transformers")
+    models = {"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}
+    cfg = BenchConfig(contexts=[16, 32], new_tokens=4, batch_sizes=[1, 2], repeats=2, warmup=0)
+    res = run_bench(models, cfg, log=lambda *a: None)
+    for name in ("standard", "hybrid"):
+        rows = res["models"][name]["rows"]
+        assert [(r["context"], r["batch"]) for r in rows] == [(16, 1), (16, 2), (32, 1), (32, 2)]
+        for r in rows:
+            for fig in ("prefill_ms", "decode_tok_s", "naive_decode_tok_s"):
+                assert r[fig]["n"] == 2 and 0 < r[fig]["min"] <= r[fig]["median"] <= r[fig]["max"]
+    assert res["models"]["hybrid"]["rows"][0]["kv_cache_bytes"] * 2 == res["models"]["standard"]["rows"][0][
+        "kv_cache_bytes"]
+    assert res["peer"]["max_abs_logit_diff"] <= 1e-4
+    assert len(res["ratios"]["hybrid/standard"]) == 4 and len(res["ratios"]["standard/peer"]) == 4
+    assert all(r["kv_cache_ratio"] == 0.5 for r in res["ratios"]["hybrid/standard"])
+    assert res["peak_memory_bytes"] > 0
+    env = res["environment"]
+    assert {"device", "dtype", "threads", "torch"} <= set(env)
+    text = format_table(res)
+    assert "cached tok/s" in text and "speedup hybrid/standard" in text and "peer" in text
+
+
+def test_bench_refuses_contexts_beyond_the_model():
+    with pytest.raises(HybridGPTError, match="exceeds"):
+        run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[64], new_tokens=4, peer=False), log=print)
+
+
+def test_bench_cli_json(pretrained, capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(pretrained / "pretrain-standard"), str(pretrained / "pretrain-hybrid"), "--json",
+                 "--contexts", "16,32", "--new-tokens", "4", "--repeats", "1", "--batch-sizes", "1", "--no-peer",
+                 "--out", str(out)])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert set(printed["models"]) == {"standard", "hybrid"}
