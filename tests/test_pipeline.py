@@ -7,7 +7,7 @@ import pytest
 from hybrid_gpt.cli import main
 
 FIGURES = ["pretrain_val_loss", "pretrain_val_bpb", "dpo_val_loss", "dpo_val_bpb", "sft_val_loss",
-           "dpo_val_rewards/accuracies", "dpo_val_rewards/margins", "parameters", "kv_bytes_per_token",
+           "dpo_val_rewards/accuracies", "dpo_val_rewards/margins", "dpo_val_preference_loss", "parameters", "kv_bytes_per_token",
            "pretrain_train_seconds", "pretrain_train_tokens_per_sec"]
 
 
@@ -33,7 +33,9 @@ def test_pipeline_writes_every_stage_and_the_report(pipeline_run, capsys):
     results = json.loads((run_dir / "results.json").read_text())
     for mt in ("standard", "hybrid"):
         for seed in ("1", "2"):
-            assert all(results["per_seed"][mt][seed][k] is not None for k in FIGURES)
+            figures = results["per_seed"][mt][seed]
+            assert all(figures[k] is not None for k in FIGURES)
+            assert figures["dpo_val_loss"] > 2 and figures["dpo_val_preference_loss"] < 1  # never mixed up
         q = results["summary"]["quality"][mt]
         assert q["pretrain_val_bpb"]["n"] == 2 and q["pretrain_val_bpb"]["ci95"] is not None
         assert results["samples"][mt]["greedy_pretrain_sample"].startswith("ROMEO:")

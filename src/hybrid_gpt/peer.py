@@ -27,7 +27,8 @@ def to_hf_gpt2(model: GPT):
     hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                            n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=4 * cfg.n_embd,
                            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                           layer_norm_epsilon=1e-5, tie_word_embeddings=True, use_cache=True)
+                           layer_norm_epsilon=1e-5, tie_word_embeddings=True, use_cache=True,
+                           bos_token_id=0, eos_token_id=0)  # GPT-2's 50256 is outside our vocabulary
     hf = GPT2LMHeadModel(hf_config)
     ours = model.state_dict()
     state = {}

@@ -127,8 +127,10 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
                     figures["sft_val_loss_start"], figures["sft_val_loss"] = evals[0]["val_loss"], evals[-1]["val_loss"]
                 if stage == "dpo":
                     last = evals[-1]
-                    for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "loss"):
+                    for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
                         figures[f"dpo_val_{k}"] = last[f"val_{k}"]
+                    # The preference loss; "dpo_val_loss" is the aligned model's language-model loss.
+                    figures["dpo_val_preference_loss"] = last["val_loss"]
                     figures["dpo_val_rewards/accuracies_ci95"] = last.get("val_rewards/accuracies_ci95")
                     figures["dpo_val_pairs"] = last.get("val_pairs")
                 figures[f"{stage}_train_seconds"] = steps[-1]["elapsed"] if steps else None

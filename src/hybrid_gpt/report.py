@@ -76,6 +76,8 @@ def plot_decode(results: dict, out: Path) -> str:
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("new tokens / s (batch 1, median)")
         ax.set_xscale("log", base=2)
+        contexts = results["bench"]["config"]["contexts"]
+        ax.set_xticks(contexts, [str(c) for c in contexts])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         return fig
