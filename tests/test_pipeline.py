@@ -7,7 +7,8 @@ import pytest
 from hybrid_gpt.cli import main
 
 FIGURES = ["pretrain_val_loss", "pretrain_val_bpb", "dpo_val_loss", "dpo_val_bpb", "sft_val_loss",
-           "dpo_val_rewards/accuracies", "dpo_val_rewards/margins", "dpo_val_preference_loss", "parameters", "kv_bytes_per_token",
+           "dpo_val_rewards/accuracies", "dpo_val_rewards/margins", "dpo_val_preference_loss",
+           "parameters", "kv_bytes_per_token",
            "pretrain_train_seconds", "pretrain_train_tokens_per_sec"]
 
 

@@ -116,3 +116,17 @@ def test_non_finite_loss_stops_the_run(tmp_path):
     with pytest.raises(RunFailure, match="non-finite at step 1"):
         train(model, NaNTask(), cfg, tmp_path / "nan", tok, {}, torch.device("cpu"))
     assert not (tmp_path / "nan").exists()
+
+
+def test_a_second_writer_of_the_same_checkpoint_is_refused(smoke_run, tmp_path):
+    from hybrid_gpt.errors import HybridGPTError
+    from hybrid_gpt.fsutil import exclusive_writer
+
+    out = tmp_path / "locked"
+    with exclusive_writer(out):  # as if another process were training into it
+        with pytest.raises(HybridGPTError, match="another process .* is writing"):
+            run_pretrain(run_dir=smoke_run, preset="smoke", out=out, overrides=dict(max_steps=2, progress=False),
+                         **QUIET)
+    assert not out.exists()
+    run_pretrain(run_dir=smoke_run, preset="smoke", out=out, overrides=dict(max_steps=2, progress=False), **QUIET)
+    assert (out / "model.safetensors").is_file()

@@ -86,6 +86,43 @@ def replace_dir(tmp_dir: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def exclusive_writer(target: str | Path):
+    """Hold a lock on ``target`` (an advisory flock on a hidden sibling file) while writing it.
+
+    A second process that tries to write the same checkpoint gets a clear error instead of
+    interleaving its checkpoints with the first one's. The lock dies with its process.
+    """
+    import fcntl
+
+    from .errors import HybridGPTError
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.with_name(f".{target.name}.lock")
+    f = open(lock, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise HybridGPTError(
+            f"another process{f' (pid {holder})' if holder else ''} is writing {target}; "
+            "wait for it to finish, or pass another --out"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held, so no one else sees it held and then gone
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 def recover_dir(final: Path) -> None:
     """Undo a swap interrupted by a crash: restore ``final.old`` if ``final`` is missing."""
     old = final.with_name(final.name + ".old")

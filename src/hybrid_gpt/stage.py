@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import is_checkpoint, load_weights, read_config, resolve
 from .errors import HybridGPTError
-from .fsutil import recover_dir
+from .fsutil import exclusive_writer, recover_dir
 from .model import GPT, GPTConfig
 from .runtime import init_distributed, resolve_device, shutdown_distributed
 from .tokenizer import Tokenizer
@@ -77,9 +77,22 @@ def run_stage(stage: Stage, *, device: str = "auto", resume: bool = False, overw
               log=print) -> TrainResult:
     if resume and overwrite:
         raise HybridGPTError("--resume and --overwrite contradict each other; pass one")
-    recover_dir(stage.out)
-    if stage.out.exists() and not resume and not overwrite:
+    _refuse_existing(stage, resume, overwrite)  # before the lock: a refused command leaves no trace
+    if distributed_env()[0] != 0:  # only rank 0 writes checkpoints
+        return _run_stage(stage, device, resume, overwrite, log)
+    with exclusive_writer(stage.out):
+        return _run_stage(stage, device, resume, overwrite, log)
+
+
+def _refuse_existing(stage: Stage, resume: bool, overwrite: bool) -> None:
+    old = stage.out.with_name(stage.out.name + ".old")
+    if (stage.out.exists() or old.exists()) and not resume and not overwrite:
         raise HybridGPTError(f"{stage.out} already exists; pass --resume to continue it or --overwrite to start over")
+
+
+def _run_stage(stage: Stage, device: str, resume: bool, overwrite: bool, log) -> TrainResult:
+    recover_dir(stage.out)
+    _refuse_existing(stage, resume, overwrite)
     resume_state, prior_metrics = None, None
     if resume:
         resume_state, prior_metrics = _check_resume(stage)
