@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HybridGPTError
+from .evaluate import evaluating
 from .finetune import load_stage_data, resolve_init
 from .model import GPT
 from .pretrain import train_config
@@ -104,21 +105,18 @@ class DPOTask:
 
     @torch.no_grad()
     def evaluate(self, model, final: bool, autocast=nullcontext) -> dict:
-        model = getattr(model, "module", model)
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
         pairs = self.val if final else self.val[:EVAL_PAIRS]
         policy, ref = [], []
-        for i in range(0, len(pairs), 32):
-            x, y, n = self._batch(pairs[i:i + 32], device)
-            with autocast():
-                policy.append(torch.stack(self._logps(model, x, y, n)))
-                if i not in self._val_ref:
-                    self._val_ref[i] = torch.stack(self._logps(self.reference, x, y, n))
-            ref.append(self._val_ref[i])
+        with evaluating(model) as model:
+            device = next(model.parameters()).device
+            for i in range(0, len(pairs), 32):
+                x, y, n = self._batch(pairs[i:i + 32], device)
+                with autocast():
+                    policy.append(torch.stack(self._logps(model, x, y, n)))
+                    if i not in self._val_ref:
+                        self._val_ref[i] = torch.stack(self._logps(self.reference, x, y, n))
+                ref.append(self._val_ref[i])
         policy, ref = torch.cat(policy, dim=1), torch.cat(ref, dim=1)
-        model.train(was_training)
         loss, metrics = dpo_loss(policy[0], policy[1], ref[0], ref[1], self.beta)
         # A 95% interval for the accuracy (normal approximation), so "above 0.5" can be judged.
         acc = metrics["rewards/accuracies"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -15,6 +15,18 @@ from .model import GPT
 EVAL_TOKENS = 131072
 
 
+@contextmanager
+def evaluating(model):
+    """Yield the bare model (unwrapped from DDP) in eval mode; restore its training mode after."""
+    model = getattr(model, "module", model)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate_lm(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens: int = EVAL_TOKENS,
                 batch_size: int = 16, autocast=nullcontext) -> dict:
@@ -24,9 +36,11 @@ def evaluate_lm(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_to
     is predicted once; bits per byte divide the summed loss by the UTF-8 bytes of exactly those
     targets (special tokens count zero bytes), which makes models with different tokenizers comparable.
     """
-    model = getattr(model, "module", model)
-    was_training = model.training
-    model.eval()
+    with evaluating(model) as model:
+        return _evaluate_lm(model, tokens, byte_lengths, max_tokens, batch_size, autocast)
+
+
+def _evaluate_lm(model: GPT, tokens, byte_lengths, max_tokens: int, batch_size: int, autocast) -> dict:
     device = next(model.parameters()).device
     T = model.config.block_size
     n_windows = min(max_tokens, len(tokens) - 1) // T
@@ -44,8 +58,6 @@ def evaluate_lm(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_to
         total_loss += loss.item()
         total_bytes += int(byte_lengths[chunk[:, 1:]].sum())
         count += y.numel()
-    if was_training:
-        model.train()
     mean = total_loss / count
     return {
         "loss": mean,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .errors import HybridGPTError
+from .evaluate import evaluating
 from .finetune import load_stage_data, resolve_init
 from .pretrain import train_config
 from .presets import stage_values
@@ -92,19 +93,16 @@ class SFTTask:
     @torch.no_grad()
     def evaluate(self, model, final: bool, autocast=nullcontext) -> dict:
         """Mean loss per assistant token over the validation conversations."""
-        model = getattr(model, "module", model)
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
         total, count = 0.0, 0
         examples = self.val if final else self.val[:EVAL_EXAMPLES]
-        for i in range(0, len(examples), 32):
-            x, y = pad_batch(examples[i:i + 32], self.pad_id, device)
-            with autocast():
-                _, loss = model(x, y, loss_reduction="sum")
-            total += loss.item()
-            count += int((y >= 0).sum())
-        model.train(was_training)
+        with evaluating(model) as model:
+            device = next(model.parameters()).device
+            for i in range(0, len(examples), 32):
+                x, y = pad_batch(examples[i:i + 32], self.pad_id, device)
+                with autocast():
+                    _, loss = model(x, y, loss_reduction="sum")
+                total += loss.item()
+                count += int((y >= 0).sum())
         return {"loss": total / max(count, 1), "tokens": count, "examples": len(examples)}
 
 
