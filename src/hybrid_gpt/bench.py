@@ -8,6 +8,7 @@ Decode time excludes prefill: it is t(N new tokens) - t(1 new token), for ours a
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -65,13 +66,7 @@ def summary(values: list[float]) -> dict:
 def environment(device: torch.device) -> dict:
     env = {"device": str(device), "dtype": "float32", "torch": torch.__version__, "python": platform.python_version(),
            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
-           "platform": platform.platform()}
-    try:
-        import os
-
-        env["cpu_count"] = os.cpu_count()
-    except Exception:  # pragma: no cover
-        pass
+           "platform": platform.platform(), "cpu_count": os.cpu_count()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     try:

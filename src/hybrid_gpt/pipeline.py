@@ -6,7 +6,7 @@ A stage whose checkpoint is complete is skipped; one that was interrupted is res
 
 from __future__ import annotations
 
-import json
+import os
 import platform
 import shlex
 import sys
@@ -159,7 +159,7 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
         "per_seed": {mt: {str(s): f for s, f in v.items()} for mt, v in per_seed.items()},
         "bench": bench, "samples": samples, "curves": curves, "timings": timings,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu_count": __import__("os").cpu_count(),
+                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "device": str(device)},
         "data": {k: read_json(data_dir / "meta.json", "meta")[k] for k in ("source", "vocab_size", "splits")},
         "command": opts.command or " ".join(shlex.quote(a) for a in ["hybrid-gpt", *sys.argv[1:]]),
@@ -180,7 +180,7 @@ def _samples(sd: Path, device) -> dict:
         model, tok, _ = load_checkpoint(sd / f"pretrain-{mt}", device)
         idx = torch.tensor([[tok.bos_id] + tok.encode(SAMPLE_PROMPT)], device=device)
         ids = [int(t) for t in generate(model, idx, 60, temperature=0)]
-        greedy = SAMPLE_PROMPT + tok.decode([i for i in ids])
+        greedy = SAMPLE_PROMPT + tok.decode(ids)
         model, tok, _ = load_checkpoint(sd / f"dpo-{mt}", device)
         replies = []
         for prompt in CHAT_PROMPTS:
@@ -189,6 +189,3 @@ def _samples(sd: Path, device) -> dict:
         out[mt] = {"prompt": SAMPLE_PROMPT, "greedy_pretrain_sample": greedy, "chat": replies}
     return out
 
-
-def load_results(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
