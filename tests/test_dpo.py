@@ -58,3 +58,19 @@ def test_dpo_decreases_the_loss_on_a_tiny_dataset_with_trl_metric_names(pretrain
     assert final["val_rewards/accuracies"] > 0.9 and final["val_rewards/margins"] > 0
     config = json.loads((tmp_path / "dpo" / "config.json").read_text())["training"]
     assert config["stage"] == "dpo" and config["beta"] == 0.1 and config["model_type"] == "standard"
+
+
+def test_dpo_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
+    _, dpo_file = tiny_chat_files(tmp_path)
+    common = dict(run_dir=pretrained, preset="smoke", init=str(pretrained / "pretrain-hybrid"),
+                  dpo_data=str(dpo_file), log=quiet, overrides=dict(max_steps=8, eval_interval=4, progress=False))
+    run_dpo(out=tmp_path / "full", **common)
+    part = run_dpo(out=tmp_path / "part", **{**common, "overrides": {**common["overrides"], "stop_after": 3}})
+    assert part.interrupted and part.step == 3
+    run_dpo(out=tmp_path / "part", resume=True, **common)
+
+    def rows(path):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "tokens_per_sec")}
+                for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(tmp_path / "part") == rows(tmp_path / "full")

@@ -130,3 +130,39 @@ def test_a_second_writer_of_the_same_checkpoint_is_refused(smoke_run, tmp_path):
     assert not out.exists()
     run_pretrain(run_dir=smoke_run, preset="smoke", out=out, overrides=dict(max_steps=2, progress=False), **QUIET)
     assert (out / "model.safetensors").is_file()
+
+
+def test_sigkill_while_checkpointing_never_tears_a_checkpoint(smoke_run, tmp_path):
+    """kill -9 at several moments of a run that checkpoints every step; --resume ends where an
+    uninterrupted run ends."""
+    from hybrid_gpt.checkpoint import load_checkpoint
+
+    args = [sys.executable, "-m", "hybrid_gpt.cli", "pretrain", "--preset", "smoke", "--run-dir", str(smoke_run),
+            "--max-steps", "150", "--save-interval", "1", "--eval-interval", "50", "--no-progress"]
+    ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    kills = 0
+    for delay in (0.0, 0.3, 0.7):
+        resume = ["--resume"] if (out / "trainer_state.pt").exists() or out.with_name("killed.old").exists() else []
+        proc = subprocess.Popen(args + ["--out", str(out)] + resume, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        start = time.time()
+        seen = None
+        while time.time() - start < 120 and proc.poll() is None:
+            state = out / "trainer_state.pt"
+            if state.exists():
+                seen = seen or time.time()
+                if time.time() - seen >= delay:
+                    break
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+        load_checkpoint(out if out.exists() else out.with_name("killed.old"))  # complete, never torn
+    assert kills >= 2
+    final = subprocess.run(args + ["--out", str(out), "--resume"], capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert losses(out) == losses(tmp_path / "ref")
+    assert not list(tmp_path.glob(".killed.tmp-*"))

@@ -7,6 +7,7 @@ A stage is described by a :class:`Stage`; the stage modules only say how to buil
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -91,6 +92,9 @@ def _refuse_existing(stage: Stage, resume: bool, overwrite: bool) -> None:
 
 
 def _run_stage(stage: Stage, device: str, resume: bool, overwrite: bool, log) -> TrainResult:
+    # Holding the lock, we own every leftover of an earlier writer that was killed mid-save.
+    for stale in stage.out.parent.glob(f".{stage.out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     recover_dir(stage.out)
     _refuse_existing(stage, resume, overwrite)
     resume_state, prior_metrics = None, None
