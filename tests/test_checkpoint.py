@@ -117,3 +117,12 @@ def test_overwrite_is_atomic_and_an_interrupted_swap_recovers(ckpt, tok):
     path.rename(path.with_name(path.name + ".old"))
     recover_dir(path)
     torch.testing.assert_close(load(path)[0](idx), other(idx))
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocation(ckpt):
+    path, _ = ckpt
+    config = json.loads((path / "config.json").read_text())
+    config["model"].update(n_embd=2**17, n_head=2)  # about 800 billion parameters
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HybridGPTError, match=r"would need about [\d.]+ GiB but only"):
+        load(path)

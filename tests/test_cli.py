@@ -169,3 +169,9 @@ def test_prepare_is_idempotent_and_never_silently_replaces_data(tmp_path, capsys
     assert code == 0
     meta = json.loads((tmp_path / "run" / "data" / "meta.json").read_text())
     assert meta["vocab_size"] <= 320 and meta["source"].startswith("user corpus")
+
+
+def test_training_a_model_too_big_for_memory_is_refused(run_dir, tmp_path, capsys):
+    code, _, err = run(["pretrain", "--run-dir", run_dir, "--preset", "smoke", "--n-embd", "65536", "--n-head", "1",
+                        "--out", tmp_path / "huge"], capsys)
+    assert code == 2 and "GiB but only" in err and not (tmp_path / "huge").exists()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .errors import HybridGPTError
 from .fsutil import read_json, recover_dir, replace_dir, write_json, write_text
 from .model import GPT, GPTConfig
+from .runtime import ensure_fits
 from .tokenizer import Tokenizer
 
 FORMAT = "hybrid-gpt-checkpoint"
@@ -125,6 +126,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Load (model, tokenizer, training info); the config is validated before any tensor is allocated."""
     root, weights = resolve(path)
     config, training = read_config(root)
+    ensure_fits(4 * config.num_params(), f"the model in {root} ({config.num_params():,} fp32 parameters)")
     tokenizer = Tokenizer.from_file(root / "tokenizer.json")
     if tokenizer.vocab_size != config.vocab_size:
         raise HybridGPTError(

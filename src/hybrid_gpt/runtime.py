@@ -31,6 +31,31 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the OS can still give us (MemAvailable), or None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def ensure_fits(nbytes: int, what: str) -> None:
+    """Refuse, before allocating anything, a model that could not fit in this machine's memory."""
+    available = available_memory_bytes()
+    if available is not None and nbytes > available:
+        raise HybridGPTError(
+            f"{what} would need about {nbytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory "
+            "is available; use a smaller model (--n-embd, --n-layer, --vocab-size)"
+        )
+
+
 def init_distributed(device: torch.device) -> bool:
     """Join the torchrun process group if WORLD_SIZE > 1 (NCCL on CUDA, gloo otherwise)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():

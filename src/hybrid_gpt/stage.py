@@ -18,7 +18,7 @@ from .checkpoint import is_checkpoint, load_weights, read_config, resolve
 from .errors import HybridGPTError
 from .fsutil import exclusive_writer, recover_dir
 from .model import GPT, GPTConfig
-from .runtime import init_distributed, resolve_device, shutdown_distributed
+from .runtime import ensure_fits, init_distributed, resolve_device, shutdown_distributed
 from .tokenizer import Tokenizer
 from .train import TrainConfig, TrainResult, distributed_env, train
 
@@ -105,6 +105,8 @@ def _run_stage(stage: Stage, device: str, resume: bool, overwrite: bool, log) ->
                 "nothing to do")
             return TrainResult(step=int(resume_state["step"]), interrupted=False, elapsed=0.0, metrics=prior_metrics)
 
+    # Weights, gradients and AdamW's two moments: 16 bytes per parameter before any activation.
+    ensure_fits(16 * stage.config.num_params(), f"training this model ({stage.config.num_params():,} parameters)")
     rank, local_rank, world = distributed_env()
     dev = resolve_device(device, local_rank)
     init_distributed(dev)
