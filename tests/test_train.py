@@ -109,6 +109,20 @@ class NaNTask:
         return {"loss": 0.0}
 
 
+def test_non_finite_batches_can_be_skipped_and_counted(tmp_path):
+    import json as _json
+
+    tok = Tokenizer.train(["abc def"] * 5, vocab_size=270)
+    model = smoke_model("AM", vocab_size=tok.vocab_size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(max_steps=3, batch_size=1, progress=False, skip_nonfinite=True, eval_interval=3)
+    result = train(model, NaNTask(), cfg, tmp_path / "nan", tok, {}, torch.device("cpu"), log=lambda *a: None)
+    assert result.step == 3 and sum(1 for m in result.metrics if m.get("skipped")) == 3
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update from a NaN batch
+    config = _json.loads((tmp_path / "nan" / "config.json").read_text())
+    assert config["training"]["skipped_steps"] == 3
+
+
 def test_non_finite_loss_stops_the_run(tmp_path):
     tok = Tokenizer.train(["abc def"] * 5, vocab_size=270)
     model = smoke_model("AM", vocab_size=tok.vocab_size)
@@ -166,3 +180,30 @@ def test_sigkill_while_checkpointing_never_tears_a_checkpoint(smoke_run, tmp_pat
     assert final.returncode == 0, final.stderr
     assert losses(out) == losses(tmp_path / "ref")
     assert not list(tmp_path.glob(".killed.tmp-*"))
+
+
+def test_a_failed_write_says_what_and_keeps_the_previous_checkpoint(smoke_run, tmp_path):
+    """Out of disk, simulated with a file-size limit: exit 1, one line naming the checkpoint, old one intact."""
+    import resource
+
+    from hybrid_gpt.checkpoint import load_checkpoint
+
+    out = tmp_path / "ckpt"
+    args = [sys.executable, "-m", "hybrid_gpt.cli", "pretrain", "--preset", "smoke", "--run-dir", str(smoke_run),
+            "--eval-interval", "5", "--no-progress", "--out", str(out)]
+    first = subprocess.run(args + ["--max-steps", "5"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    before = (out / "model.safetensors").read_bytes()
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write then fails with EFBIG
+
+    proc = subprocess.run(args + ["--max-steps", "10", "--resume"], capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "could not write" in line and str(out) in line and "Traceback" not in proc.stderr
+    assert (out / "model.safetensors").read_bytes() == before
+    assert load_checkpoint(out)[2]["step"] == 5
+    assert not list(tmp_path.glob(".ckpt.tmp-*"))

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import HybridGPTError
+from .errors import HybridGPTError, RunFailure
 from .fsutil import read_json, recover_dir, replace_dir, write_json, write_text
 from .model import GPT, GPTConfig
 from .runtime import ensure_fits
@@ -52,11 +52,10 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, training
             write_text(tmp / name, text)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer_state.pt")
-    except OSError as e:
+    except (OSError, SafetensorError, RuntimeError) as e:  # safetensors and torch.save wrap I/O errors
         shutil.rmtree(tmp, ignore_errors=True)
-        from .errors import RunFailure
-
-        raise RunFailure(f"could not write checkpoint {path}: {e.strerror or e}; the previous one is intact") from e
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise RunFailure(f"could not write checkpoint {path}: {reason}; the previous one is intact") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

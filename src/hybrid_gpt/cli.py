@@ -121,6 +121,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=_nonneg_int, help="steps between checkpoints (0: at each evaluation)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    g.add_argument("--skip-nonfinite", action="store_true", default=None,
+                   help="skip (and count) a batch whose loss or gradient is not finite, instead of stopping")
     g.add_argument("--stop-after-steps", dest="stop_after", type=_positive_int, default=None,
                    help=argparse.SUPPRESS)  # simulate an interruption (tests of --resume)
     g2 = p.add_argument_group("checkpoint")

@@ -24,7 +24,8 @@ from .train import TrainConfig, TrainResult, distributed_env, train
 
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
 # Settings that may differ on --resume without contradicting the saved run.
-RESUMABLE_KEYS = {"max_steps", "eval_interval", "save_interval", "progress", "stop_after", "compile", "eval_tokens"}
+RESUMABLE_KEYS = {"max_steps", "eval_interval", "save_interval", "progress", "stop_after", "compile", "eval_tokens",
+                  "skip_nonfinite"}
 
 
 @dataclass

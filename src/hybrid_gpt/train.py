@@ -58,6 +58,7 @@ class TrainConfig:
     progress: bool = True
     stop_after: int = 0  # stop (as if interrupted) after this step; for tests of resume
     eval_at_start: bool = False  # also evaluate before the first step (the baseline a fine-tune starts from)
+    skip_nonfinite: bool = False  # skip a batch whose loss or gradient is not finite, instead of stopping
 
     def validate(self) -> "TrainConfig":
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_tokens"):
@@ -196,7 +197,8 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
         state = {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
                  "elapsed": elapsed_before + time.time() - t_start}
         training = dict(info, step=step, max_steps=cfg.max_steps, complete=final and step >= cfg.max_steps,
-                        tokens_seen=step * tokens_per_step, train_config=asdict(cfg), world_size=world)
+                        tokens_seen=step * tokens_per_step, train_config=asdict(cfg), world_size=world,
+                        skipped_steps=sum(1 for m in metrics if m.get("skipped")))
         evals = [m for m in metrics if "val_loss" in m]
         if evals:
             training["last_eval"] = evals[-1]
@@ -248,19 +250,24 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             loss_value = loss_sum.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
+            finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+            if not finite and not cfg.skip_nonfinite:
                 bar.close()
                 raise RunFailure(
                     f"loss or gradient became non-finite at step {step + 1} (loss {loss_value}); "
-                    f"the last good checkpoint in {out_dir} is kept; try a lower --lr"
+                    f"the last good checkpoint in {out_dir} is kept; try a lower --lr, or --skip-nonfinite"
                 )
-            optimizer.step()
+            if finite:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - t0
             rec = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_sec": tokens_per_step / max(dt, 1e-9),
                    "elapsed": elapsed_before + time.time() - t_start, **extra_sum}
+            if not finite:
+                rec["skipped"] = True
+                bar.write(f"step {step}: non-finite loss or gradient; batch skipped")
             metrics.append(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_sec']:,.0f}")
