@@ -108,3 +108,10 @@ def test_empty_missing_and_non_utf8_files(tmp_path):
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe{}")
     with pytest.raises(HybridGPTError, match="not UTF-8"):
         load_sft(tmp_path / "bin.jsonl")
+
+
+def test_unicode_line_separators_inside_strings_do_not_split_lines(tmp_path):
+    row = {"messages": [{"role": "user", "content": "a\u2028b\x85c"}, {"role": "assistant", "content": "d\u2029e"}]}
+    path = tmp_path / "sep.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert load_sft(path) == [row["messages"]]

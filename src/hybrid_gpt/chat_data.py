@@ -119,7 +119,8 @@ def _read_jsonl(path: Path):
     except UnicodeDecodeError as e:
         raise HybridGPTError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from e
     rows = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by "\n" only: splitlines() would also split inside strings at U+2028 etc.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
