@@ -122,7 +122,7 @@ def test_overwrite_is_atomic_and_an_interrupted_swap_recovers(ckpt, tok):
 def test_a_model_too_big_for_memory_is_refused_before_allocation(ckpt):
     path, _ = ckpt
     config = json.loads((path / "config.json").read_text())
-    config["model"].update(n_embd=2**17, n_head=2)  # about 800 billion parameters
+    config["model"].update(n_embd=2**17, n_head=2)  # hundreds of billions of parameters
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HybridGPTError, match=r"would need about [\d.]+ GiB but only"):
         load(path)

@@ -76,7 +76,8 @@ def test_ddp_two_processes_match_one(smoke_run, tmp_path):
     assert config["training"]["world_size"] == 2
 
 
-def test_sigint_saves_a_checkpoint_that_resumes(smoke_run, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(smoke_run, tmp_path, signum):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "hybrid_gpt.cli", "pretrain", "--preset", "smoke", "--run-dir", str(smoke_run),
            "--max-steps", "100000", "--eval-interval", "50", "--no-progress", "--out", str(out)]
@@ -84,12 +85,23 @@ def test_sigint_saves_a_checkpoint_that_resumes(smoke_run, tmp_path):
     deadline = time.time() + 120
     while not (out / "trainer_state.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
     state = torch.load(out / "trainer_state.pt", weights_only=True)
     assert state["step"] >= 50
+    # A second process may not write the same checkpoint while the first is still running.
+    if signum == signal.SIGTERM:
+        return
+    first = subprocess.Popen(cmd + ["--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / ".interrupted.lock").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=120)
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=120)
+    assert second.returncode == 2 and "another process (pid" in second.stderr, second.stderr
 
 
 class NaNTask:
