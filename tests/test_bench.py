@@ -52,3 +52,20 @@ def test_bench_cli_json(pretrained, capsys, tmp_path):
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
     assert set(printed["models"]) == {"standard", "hybrid"}
+
+
+def test_training_throughput_bench_leaves_the_models_untouched():
+    pytest.importorskip("transformers")
+    import torch
+
+    from hybrid_gpt.bench import format_train_table, run_train_bench
+
+    models = {"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in models.items()}
+    res = run_train_bench(models, batch_size=2, repeats=2, warmup=0, log=lambda *a: None)
+    assert set(res["tokens_per_sec"]) == {"standard", "hybrid", "peer"}
+    assert all(s["n"] == 2 and s["median"] > 0 for s in res["tokens_per_sec"].values())
+    assert res["standard_vs_peer"] > 0
+    for n, m in models.items():
+        assert all(torch.equal(before[n][k], v) for k, v in m.state_dict().items())
+    assert "standard / peer" in format_train_table(res)

@@ -266,3 +266,68 @@ def format_table(results: dict) -> str:
     if "peer" in results:
         lines.append(f"peer logits match: max |difference| {results['peer']['max_abs_logit_diff']:.2e}")
     return "\n".join(lines)
+
+
+def run_train_bench(models: dict[str, GPT], batch_size: int = 16, repeats: int = 5, warmup: int = 1,
+                    peer: bool = True, seed: int = 0, log=print) -> dict:
+    """Training throughput: tokens/s of one full optimizer step (forward, backward, AdamW) on a
+    ``batch_size x block_size`` batch, for each model and for the transformers peer of the standard
+    one, interleaved. Runs on copies, so the models passed in are left as they were."""
+    import copy
+
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    steppers: dict[str, Callable[[], None]] = {}
+    tokens: dict[str, int] = {}
+
+    def make_step(module, loss_fn):
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda")
+        module.train()
+
+        def step():
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    for name, model in models.items():
+        m = copy.deepcopy(model)
+        T = m.config.block_size
+        x = torch.randint(0, m.config.vocab_size, (batch_size, T + 1), generator=gen).to(device)
+        steppers[name] = make_step(m, lambda m=m, x=x: m(x[:, :-1], x[:, 1:])[1])
+        tokens[name] = batch_size * T
+    standard = [n for n, m in models.items() if set(m.config.layers) == {"A"}]
+    if peer and standard:
+        try:
+            from .peer import to_hf_gpt2
+
+            hf = to_hf_gpt2(copy.deepcopy(models[standard[0]]))
+            T = hf.config.n_positions
+            x = torch.randint(0, hf.config.vocab_size, (batch_size, T), generator=gen).to(device)
+            steppers["peer"] = make_step(hf, lambda: hf(x, labels=x).loss)  # HF shifts labels itself
+            tokens["peer"] = batch_size * T
+        except HybridGPTError as e:
+            log(f"peer: skipped ({e})")
+    samples: dict[str, list[float]] = {name: [] for name in steppers}
+    for rep in range(warmup + repeats):
+        for name, step in steppers.items():  # interleaved
+            seconds = _time(step, device)
+            if rep >= warmup:
+                samples[name].append(tokens[name] / seconds)
+    out = {"batch_size": batch_size, "tokens_per_sec": {n: summary(v) for n, v in samples.items()}}
+    if "peer" in samples and standard:
+        out["standard_vs_peer"] = (out["tokens_per_sec"][standard[0]]["median"]
+                                   / out["tokens_per_sec"]["peer"]["median"])
+    return out
+
+
+def format_train_table(train: dict) -> str:
+    lines = [f"training throughput: one optimizer step (forward, backward, AdamW), batch {train['batch_size']} "
+             "x the model's context; tokens/s, medians [min-max]"]
+    for name, s in train["tokens_per_sec"].items():
+        lines.append(f"  {name:<16} {s['median']:,.0f} [{s['min']:,.0f}-{s['max']:,.0f}]")
+    if "standard_vs_peer" in train:
+        lines.append(f"  standard / peer: {train['standard_vs_peer']:.2f}x")
+    return "\n".join(lines)

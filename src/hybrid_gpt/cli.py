@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT")
     _bench_flags(p)
+    p.add_argument("--train", action="store_true", help="also measure training throughput (ours and the peer)")
+    p.add_argument("--train-batch", type=_positive_int, default=16, help="rows per training step (default: 16)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", help="also write the JSON results to this file")
 
@@ -460,7 +462,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, run_bench
+    from .bench import format_table, format_train_table, run_bench, run_train_bench
     from .checkpoint import load_checkpoint
     from .fsutil import write_json
     from .runtime import resolve_device
@@ -474,10 +476,19 @@ def cmd_bench(args) -> int:
             name = Path(path).name
         models[name] = model
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    results = run_bench(models, _bench_config(args), log=log)
+    cfg = _bench_config(args)
+    results = run_bench(models, cfg, log=log)
+    if args.train:
+        results["train"] = run_train_bench(models, batch_size=args.train_batch, repeats=cfg.repeats,
+                                           warmup=cfg.warmup, peer=cfg.peer, log=log)
     if args.out:
         write_json(args.out, results)
-    print(json.dumps(results) if args.json else format_table(results))
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(format_table(results))
+        if args.train:
+            print(format_train_table(results["train"]))
     return 0
 
 
