@@ -32,10 +32,13 @@ def test_bench_reports_every_figure_for_both_models_and_the_peer():
     assert len(res["ratios"]["hybrid/standard"]) == 4 and len(res["ratios"]["standard/peer"]) == 4
     assert all(r["kv_cache_ratio"] == 0.5 for r in res["ratios"]["hybrid/standard"])
     assert res["peak_memory_bytes"] > 0
+    hw = res["hardware"]
+    assert hw["memory_bandwidth_bytes_per_s"] > 0 and hw["matmul_flops_per_s"] > 0
+    assert all(r["decode_limit_tok_s"] > 0 and r["decode_fraction_of_limit"] > 0 for r in rows)
     env = res["environment"]
     assert {"device", "dtype", "threads", "torch"} <= set(env)
     text = format_table(res)
-    assert "cached tok/s" in text and "speedup hybrid/standard" in text and "peer" in text
+    assert "cached tok/s" in text and "speedup hybrid/standard" in text and "peer" in text and "of limit" in text
 
 
 def test_bench_refuses_contexts_beyond_the_model():

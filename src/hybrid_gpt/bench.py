@@ -78,6 +78,36 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _median_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    return statistics.median([_time(fn, device) for _ in range(repeats + 1)][1:])  # the first run warms up
+
+
+@torch.inference_mode()
+def measure_hardware(device: torch.device, repeats: int = 5) -> dict:
+    """The machine's own limits, measured here: memory bandwidth from a large matrix-vector product
+    (it reads the whole matrix once) and matmul throughput from a large square product."""
+    n = 8192 if device.type == "cpu" else 16384  # 256 MiB / 1 GiB of float32
+    a, v = torch.randn(n, n, device=device), torch.randn(n, device=device)
+    bandwidth = n * n * 4 / _median_time(lambda: a @ v, device, repeats)
+    m = 1024 if device.type == "cpu" else 8192
+    x, y = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
+    flops = 2 * m**3 / _median_time(lambda: x @ y, device, repeats)
+    return {"memory_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": flops,
+            "method": f"median of {repeats}: {n}x{n} float32 matrix-vector product; {m}x{m} matmul"}
+
+
+def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float:
+    """Tokens/s at the hardware limit for one cached decode step at ``context``: the larger of the time
+    to read the weights and the KV cache from memory and the time of its arithmetic."""
+    cfg = model.config
+    weight_bytes = 4 * model.num_params()
+    kv_bytes = cfg.kv_bytes_per_token() * context * batch
+    # 2 FLOPs per weight per token, plus attention's scores and weighted sum over the context.
+    flops = batch * (2 * model.num_params() + 4 * context * cfg.n_embd * cfg.layers.count("A"))
+    seconds = max((weight_bytes + kv_bytes) / hw["memory_bandwidth_bytes_per_s"], flops / hw["matmul_flops_per_s"])
+    return batch / seconds
+
+
 def _ours_generate(model: GPT, prompt: torch.Tensor, n: int, use_cache: bool) -> None:
     for _ in generate(model, prompt, n, temperature=0, use_cache=use_cache):
         pass
@@ -168,8 +198,11 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print) -> dict:
                             record((name, c, b, fig), value)
             log(f"context {c}, batch {b}: done")
 
+    hw = measure_hardware(device)
+    log(f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"matmul {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
     results = {"environment": environment(device), "config": asdict(cfg) | {"contexts": contexts},
-               "models": {}, "ratios": {}}
+               "hardware": hw, "models": {}, "ratios": {}}
     for name, model in models.items():
         mc = model.config
         rows = []
@@ -179,6 +212,8 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print) -> dict:
                 for fig in ("prefill_ms", "decode_tok_s", "naive_decode_tok_s"):
                     if (name, c, b, fig) in samples:
                         row[fig] = summary(samples[(name, c, b, fig)])
+                row["decode_limit_tok_s"] = decode_limit(model, c, b, hw)
+                row["decode_fraction_of_limit"] = row["decode_tok_s"]["median"] / row["decode_limit_tok_s"]
                 rows.append(row)
         results["models"][name] = {"layers": mc.layers, "parameters": model.num_params(),
                                    "kv_bytes_per_token": mc.kv_bytes_per_token(), "rows": rows}
@@ -242,7 +277,7 @@ def format_table(results: dict) -> str:
     def fmt(s, digits=1):
         return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
 
-    header = ["model", "context", "batch", "prefill ms", "cached tok/s", "naive tok/s", "KV cache MB"]
+    header = ["model", "context", "batch", "prefill ms", "cached tok/s", "of limit", "naive tok/s", "KV cache MB"]
     table = [header]
     entries = [(n, m["rows"]) for n, m in results["models"].items()]
     if "peer" in results:
@@ -250,6 +285,7 @@ def format_table(results: dict) -> str:
     for name, rows in entries:
         for r in rows:
             table.append([name, str(r["context"]), str(r["batch"]), fmt(r["prefill_ms"], 2), fmt(r["decode_tok_s"]),
+                          f"{100 * r['decode_fraction_of_limit']:.0f}%" if "decode_fraction_of_limit" in r else "-",
                           fmt(r["naive_decode_tok_s"]) if "naive_decode_tok_s" in r else "-",
                           f"{r['kv_cache_bytes'] / 2**20:.2f}" if "kv_cache_bytes" in r else "-"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -265,6 +301,12 @@ def format_table(results: dict) -> str:
             lines.append(f"  context {r['context']}, batch {r['batch']}: " + ", ".join(parts))
     if "peer" in results:
         lines.append(f"peer logits match: max |difference| {results['peer']['max_abs_logit_diff']:.2e}")
+    if "hardware" in results:
+        hw = results["hardware"]
+        lines.append(f"hardware limit ('of limit' column): {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s memory "
+                     f"bandwidth, {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s matmul ({hw['method']}); a step's limit "
+                     "is the larger of reading weights + KV cache and its arithmetic. Small models that fit in the "
+                     "CPU's caches can exceed a DRAM-bandwidth limit.")
     return "\n".join(lines)
 
 
