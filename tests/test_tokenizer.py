@@ -56,3 +56,11 @@ def test_bad_vocab_size_and_bad_file(tmp_path):
         Tokenizer.from_file(bad)
     with pytest.raises(HybridGPTError, match="not found"):
         Tokenizer.from_file(tmp_path / "missing.json")
+
+
+def test_decode_stream_never_splits_a_character(tok):
+    text = "café 🙂 漢字, soft!"
+    ids = tok.encode(text)
+    pieces = list(tok.decode_stream(ids))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)

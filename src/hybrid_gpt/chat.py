@@ -64,23 +64,21 @@ class ChatSession:
         device = next(self.model.parameters()).device
         idx = torch.tensor([r.ids], dtype=torch.long, device=device)
         seed = None if self.seed is None else self.seed + len(self.history)
-        out: list[int] = []
-        printed = ""
         start = time.perf_counter()
-        for nxt in generate(self.model, idx, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                            top_p=self.top_p, seed=seed, stop_tokens=self.stop_tokens):
-            token = int(nxt[0, 0])
-            if token in self.stop_tokens:
-                break
-            out.append(token)
-            self.last.tokens = len(out)
-            self.last.seconds = time.perf_counter() - start
-            decoded = self.tok.decode(out)
-            if not decoded.endswith("\ufffd"):  # hold back a partial UTF-8 character
-                yield decoded[len(printed):]
-                printed = decoded
+
+        def tokens():
+            for nxt in generate(self.model, idx, self.max_new_tokens, temperature=self.temperature,
+                                top_k=self.top_k, top_p=self.top_p, seed=seed, stop_tokens=self.stop_tokens):
+                token = int(nxt[0, 0])
+                if token in self.stop_tokens:
+                    return
+                self.last.tokens += 1
+                self.last.seconds = time.perf_counter() - start
+                yield token
+
+        pieces = []
+        for piece in self.tok.decode_stream(tokens()):
+            pieces.append(piece)
+            yield piece
         self.last.seconds = time.perf_counter() - start
-        decoded = self.tok.decode(out)
-        if decoded[len(printed):]:
-            yield decoded[len(printed):]
-        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": decoded}]
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]

@@ -323,18 +323,12 @@ def cmd_sample(args) -> int:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        out_ids: list[int] = []
-        printed = ""
-        for nxt in generate(model, idx, args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k or None, top_p=args.top_p, seed=seed + i,
-                            use_cache=not args.no_cache):
-            out_ids.append(int(nxt[0, 0]))
-            text = tok.decode(out_ids)
-            if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character before printing
-                sys.stdout.write(text[len(printed):])
-                sys.stdout.flush()
-                printed = text
-        sys.stdout.write(tok.decode(out_ids)[len(printed):] + "\n")
+        stream = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                          top_p=args.top_p, seed=seed + i, use_cache=not args.no_cache)
+        for piece in tok.decode_stream(nxt[0, 0] for nxt in stream):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     return 0
 
 

@@ -8,6 +8,7 @@ becomes plain bytes, never the control token; control tokens enter a sequence on
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,20 @@ class Tokenizer:
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def decode_stream(self, ids) -> Iterator[str]:
+        """Text pieces as token ids arrive, holding back a partial UTF-8 character until it is whole."""
+        out: list[int] = []
+        printed = ""
+        for i in ids:
+            out.append(int(i))
+            text = self.decode(out)
+            if not text.endswith("\ufffd"):
+                yield text[len(printed):]
+                printed = text
+        rest = self.decode(out)[len(printed):]
+        if rest:
+            yield rest
 
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each token stands for (0 for special tokens), for bits-per-byte.
