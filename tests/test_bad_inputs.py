@@ -157,6 +157,7 @@ BAD_FLAGS = [
     (["sft", "--sft-data"], "expected one argument"),
     (["pipeline", "--seeds", "1,x"], "comma-separated whole numbers"),
     (["bench"], "the following arguments are required"),
+    (["bench", "ckpt", "--dtypes", "float32,float64"], "unknown precision float64"),
 ]
 
 

@@ -46,6 +46,37 @@ def test_bench_refuses_contexts_beyond_the_model():
         run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[64], new_tokens=4, peer=False), log=print)
 
 
+def test_bench_measures_each_precision_side_by_side_with_its_quality_cost(smoke_run):
+    pytest.importorskip("transformers")
+    import torch
+
+    from hybrid_gpt.data import TokenData
+
+    data = TokenData.open(smoke_run / "data")
+    models = {"standard": smoke_model("AA", vocab_size=data.tokenizer.vocab_size),
+              "hybrid": smoke_model("AM", vocab_size=data.tokenizer.vocab_size)}
+    cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, naive=False,
+                      dtypes=["float32", "bfloat16"], quality_tokens=512)
+    res = run_bench(models, cfg, log=lambda *a: None, val=(data.val, data.tokenizer.token_byte_lengths()))
+    assert set(res["models"]) == {"standard", "hybrid", "standard@bfloat16", "hybrid@bfloat16"}
+    assert res["models"]["hybrid@bfloat16"]["dtype"] == "bfloat16"
+    # Half the bytes per KV entry, so the limit of the bf16 model is higher.
+    assert res["models"]["standard@bfloat16"]["kv_bytes_per_token"] * 2 == res["models"]["standard"][
+        "kv_bytes_per_token"]
+    assert res["models"]["standard@bfloat16"]["rows"][0]["decode_limit_tok_s"] > res["models"]["standard"]["rows"][
+        0]["decode_limit_tok_s"]
+    assert set(res["peers"]) == {"peer", "peer@bfloat16"} and res["peer"] is res["peers"]["peer"]
+    assert res["peers"]["peer"]["max_abs_logit_diff"] <= 1e-4
+    for key in ("hybrid/standard", "hybrid@bfloat16/standard@bfloat16", "standard@bfloat16/standard",
+                "standard/peer", "standard@bfloat16/peer@bfloat16", "standard@bfloat16/peer"):
+        assert len(res["ratios"][key]) == 1, key
+    q = res["quality"]
+    assert q["standard"]["cost_bpb"] == 0.0 and q["standard@bfloat16"]["bpb_float32"] == q["standard"]["bpb"]
+    assert 0 < abs(q["standard@bfloat16"]["cost_bpb"]) < 0.1  # rounding changes the loss, but only a little
+    assert all(next(m.parameters()).dtype == torch.float32 for m in models.values())  # copies were converted
+    assert "quality standard@bfloat16" in format_table(res)
+
+
 def test_bench_cli_json(pretrained, capsys, tmp_path):
     out = tmp_path / "bench.json"
     code = main(["bench", str(pretrained / "pretrain-standard"), str(pretrained / "pretrain-hybrid"), "--json",

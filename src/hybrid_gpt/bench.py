@@ -33,6 +33,32 @@ class BenchConfig:
     naive: bool = True  # also decode without a cache (re-run the growing sequence for every token)
     peer: bool = True
     seed: int = 0
+    # Weight and KV-cache precisions to measure, each model in each; float32 keeps the plain model name,
+    # the others are named "<model>@<dtype>" (e.g. "standard@bfloat16").
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    quality_tokens: int = 32768  # validation tokens for each precision's bits per byte (when data is given)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def entry_name(name: str, dtype: str) -> str:
+    return name if dtype == "float32" else f"{name}@{dtype}"
+
+
+def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
+    """Every model in every requested precision (copies; the models passed in are left as they are)."""
+    import copy
+
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise HybridGPTError(f"unknown --dtypes {','.join(bad) or '(none)'}; choose from {', '.join(DTYPES)}")
+    out = {}
+    for dtype in dtypes:
+        for name, model in models.items():
+            same = next(model.parameters()).dtype == DTYPES[dtype]
+            out[entry_name(name, dtype)] = model if same else copy.deepcopy(model).to(DTYPES[dtype])
+    return out
 
 
 def default_contexts(block_size: int, new_tokens: int) -> list[int]:
@@ -63,8 +89,8 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def environment(device: torch.device) -> dict:
-    env = {"device": str(device), "dtype": "float32", "torch": torch.__version__, "python": platform.python_version(),
+def environment(device: torch.device, dtypes: list[str]) -> dict:
+    env = {"device": str(device), "dtype": ",".join(dtypes), "torch": torch.__version__, "python": platform.python_version(),
            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
            "platform": platform.platform(), "cpu_count": os.cpu_count()}
     if device.type == "cuda":
@@ -84,24 +110,32 @@ def _median_time(fn: Callable[[], object], device: torch.device, repeats: int) -
 
 @torch.inference_mode()
 def measure_hardware(device: torch.device, repeats: int = 5) -> dict:
-    """The machine's own limits, measured here: memory bandwidth from a large matrix-vector product
-    (it reads the whole matrix once) and matmul throughput from a large square product."""
+    """The machine's own limits, measured here: memory bandwidth as the faster of a large
+    matrix-vector product and a plain streaming read (a sum) of the same 256 MiB / 1 GiB, each of
+    which reads every byte once, and matmul throughput from a large square product.
+
+    The streaming read is usually the faster, so the limit is the memory system's, not one BLAS
+    kernel's: a decode that reaches it cannot go faster by a better matrix-vector kernel."""
     n = 8192 if device.type == "cpu" else 16384  # 256 MiB / 1 GiB of float32
     a, v = torch.randn(n, n, device=device), torch.randn(n, device=device)
-    bandwidth = n * n * 4 / _median_time(lambda: a @ v, device, repeats)
+    matvec = n * n * 4 / _median_time(lambda: a @ v, device, repeats)
+    read = n * n * 4 / _median_time(lambda: a.sum(), device, repeats)
     m = 1024 if device.type == "cpu" else 8192
     x, y = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
     flops = 2 * m**3 / _median_time(lambda: x @ y, device, repeats)
-    return {"memory_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": flops,
-            "method": f"median of {repeats}: {n}x{n} float32 matrix-vector product; {m}x{m} matmul"}
+    return {"memory_bandwidth_bytes_per_s": max(matvec, read), "matvec_bytes_per_s": matvec,
+            "streaming_read_bytes_per_s": read, "matmul_flops_per_s": flops,
+            "method": f"median of {repeats}: the faster of a {n}x{n} float32 matrix-vector product and a sum of "
+                      f"the same matrix; {m}x{m} float32 matmul"}
 
 
 def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float:
     """Tokens/s at the hardware limit for one cached decode step at ``context``: the larger of the time
     to read the weights and the KV cache from memory and the time of its arithmetic."""
     cfg = model.config
-    weight_bytes = 4 * model.num_params()
-    kv_bytes = cfg.kv_bytes_per_token() * context * batch
+    dtype = next(model.parameters()).dtype
+    weight_bytes = model.num_params() * torch.empty((), dtype=dtype).element_size()
+    kv_bytes = cfg.kv_bytes_per_token(dtype) * context * batch
     # 2 FLOPs per weight per token, plus attention's scores and weighted sum over the context.
     flops = batch * (2 * model.num_params() + 4 * context * cfg.n_embd * cfg.layers.count("A"))
     seconds = max((weight_bytes + kv_bytes) / hw["memory_bandwidth_bytes_per_s"], flops / hw["matmul_flops_per_s"])
@@ -125,11 +159,42 @@ def _decode_rate(gen: Callable[[int], None], batch: int, n: int, device) -> floa
     return (n - 1) * batch / max(t_n - t_1, 1e-9)
 
 
+def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log) -> dict[str, dict]:
+    """One transformers GPT2LMHeadModel per standard (all-attention) entry, in that entry's precision."""
+    standard = [n for n, m in models.items() if set(m.config.layers) == {"A"}]
+    if not standard:
+        log("peer: skipped (no standard, all-attention model among the checkpoints)")
+        return {}
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        log("peer: skipped (transformers is not installed: `uv sync --extra peer`)")
+        return {}
+    from .peer import max_logit_difference, to_hf_gpt2
+
+    peers, seen = {}, set()
+    probe = torch.randint(0, vocab, (2, min(block, 64)), generator=gen).to(device)
+    for of in standard:
+        dtype = str(next(models[of].parameters()).dtype).removeprefix("torch.")
+        if dtype in seen:  # one peer per precision: of the first standard model in it
+            continue
+        seen.add(dtype)
+        hf = to_hf_gpt2(models[of])
+        diff = max_logit_difference(models[of], hf, probe)
+        peers[entry_name("peer", dtype)] = {"of": of, "dtype": dtype, "model": hf, "max_abs_logit_diff": diff}
+        log(f"peer: transformers GPT2LMHeadModel with {of}'s weights ({dtype}), max |logit difference| {diff:.2e}")
+    return peers
+
+
 @torch.inference_mode()
-def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print) -> dict:
-    """Benchmark ``models`` (name -> model, all on one device) and return the results as a dict."""
+def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | None = None) -> dict:
+    """Benchmark ``models`` (name -> model, all on one device), each in every precision of
+    ``cfg.dtypes``, and return the results as a dict. With ``val`` = (validation tokens, bytes per
+    token), each entry's bits per byte in its precision is measured too (the quality cost of bf16)."""
     if not models:
         raise HybridGPTError("bench needs at least one checkpoint")
+    originals = models
+    models = with_dtypes(models, cfg.dtypes)
     first = next(iter(models.values()))
     device = next(first.parameters()).device
     block = min(m.config.block_size for m in models.values())
@@ -143,25 +208,7 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print) -> dict:
             raise HybridGPTError(f"context {c} must exceed --new-tokens {cfg.new_tokens}")
     vocab = min(m.config.vocab_size for m in models.values())
     gen = torch.Generator().manual_seed(cfg.seed)
-    peer = None
-    if cfg.peer:
-        standard = [n for n, m in models.items() if set(m.config.layers) == {"A"}]
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            standard = None
-            log("peer: skipped (transformers is not installed: `uv sync --extra peer`)")
-        if standard:
-            from .peer import max_logit_difference, to_hf_gpt2
-
-            hf = to_hf_gpt2(models[standard[0]])
-            probe = torch.randint(0, vocab, (2, min(block, 64)), generator=gen).to(device)
-            peer = {"of": standard[0], "model": hf, "max_abs_logit_diff": max_logit_difference(models[standard[0]],
-                                                                                               hf, probe)}
-            log(f"peer: transformers GPT2LMHeadModel with {standard[0]}'s weights, "
-                f"max |logit difference| {peer['max_abs_logit_diff']:.2e}")
-        elif standard is not None:
-            log("peer: skipped (no standard, all-attention model among the checkpoints)")
+    peers = _make_peers(models, vocab, block, gen, device, log) if cfg.peer else {}
 
     samples: dict = {}
 
@@ -184,11 +231,11 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print) -> dict:
                 if cfg.naive:
                     runners[name]["naive_decode_tok_s"] = lambda m=model: _decode_rate(
                         lambda k: _ours_generate(m, prompt, k, False), b, n, device)
-            if peer is not None:
-                hf = peer["model"]
-                runners["peer"] = {
-                    "prefill_ms": lambda: 1000 * _time(lambda: hf(prompt_full), device),
-                    "decode_tok_s": lambda: _decode_rate(lambda k: _peer_generate(hf, prompt, k), b, n, device),
+            for name, peer in peers.items():
+                runners[name] = {
+                    "prefill_ms": lambda hf=peer["model"]: 1000 * _time(lambda: hf(prompt_full), device),
+                    "decode_tok_s": lambda hf=peer["model"]: _decode_rate(lambda k: _peer_generate(hf, prompt, k),
+                                                                          b, n, device),
                 }
             for rep in range(cfg.warmup + cfg.repeats):
                 for name, figures in runners.items():  # interleaved: every model once per repeat
@@ -201,30 +248,37 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print) -> dict:
     hw = measure_hardware(device)
     log(f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
         f"matmul {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
-    results = {"environment": environment(device), "config": asdict(cfg) | {"contexts": contexts},
+    results = {"environment": environment(device, cfg.dtypes), "config": asdict(cfg) | {"contexts": contexts},
                "hardware": hw, "models": {}, "ratios": {}}
     for name, model in models.items():
         mc = model.config
+        dtype = next(model.parameters()).dtype
         rows = []
         for c in contexts:
             for b in cfg.batch_sizes:
-                row = {"context": c, "batch": b, "kv_cache_bytes": mc.kv_bytes_per_token() * c * b}
+                row = {"context": c, "batch": b, "kv_cache_bytes": mc.kv_bytes_per_token(dtype) * c * b}
                 for fig in ("prefill_ms", "decode_tok_s", "naive_decode_tok_s"):
                     if (name, c, b, fig) in samples:
                         row[fig] = summary(samples[(name, c, b, fig)])
                 row["decode_limit_tok_s"] = decode_limit(model, c, b, hw)
                 row["decode_fraction_of_limit"] = row["decode_tok_s"]["median"] / row["decode_limit_tok_s"]
                 rows.append(row)
-        results["models"][name] = {"layers": mc.layers, "parameters": model.num_params(),
-                                   "kv_bytes_per_token": mc.kv_bytes_per_token(), "rows": rows}
-    if peer is not None:
-        rows = []
-        for c in contexts:
-            for b in cfg.batch_sizes:
-                rows.append({"context": c, "batch": b, **{fig: summary(samples[("peer", c, b, fig)])
-                                                          for fig in ("prefill_ms", "decode_tok_s")}})
-        results["peer"] = {"implementation": "transformers GPT2LMHeadModel", "weights_of": peer["of"],
-                           "max_abs_logit_diff": peer["max_abs_logit_diff"], "rows": rows}
+        results["models"][name] = {"layers": mc.layers, "dtype": str(dtype).removeprefix("torch."),
+                                   "parameters": model.num_params(), "kv_bytes_per_token": mc.kv_bytes_per_token(dtype),
+                                   "rows": rows}
+    if peers:
+        results["peers"] = {}
+        for name, peer in peers.items():
+            rows = [{"context": c, "batch": b, **{fig: summary(samples[(name, c, b, fig)])
+                                                  for fig in ("prefill_ms", "decode_tok_s")}}
+                    for c in contexts for b in cfg.batch_sizes]
+            results["peers"][name] = {"implementation": "transformers GPT2LMHeadModel", "weights_of": peer["of"],
+                                      "dtype": peer["dtype"], "max_abs_logit_diff": peer["max_abs_logit_diff"],
+                                      "rows": rows}
+        # "peer" is the float32 peer (or the only one): what the report and the ratios compare against.
+        results["peer"] = results["peers"].get("peer") or next(iter(results["peers"].values()))
+    if val is not None:
+        results["quality"] = precision_quality(originals, models, cfg, val, log)
     results["ratios"] = _ratios(results)
     if device.type == "cuda":
         results["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -234,33 +288,76 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print) -> dict:
     return results
 
 
+def precision_quality(originals: dict[str, GPT], models: dict[str, GPT], cfg: BenchConfig, val: tuple,
+                      log=print) -> dict:
+    """Bits per byte of every entry in its precision, and the cost against the same model in float32."""
+    from .evaluate import evaluate_lm
+
+    tokens, byte_lengths = val
+    reference = {name: evaluate_lm(_as_float32(model), tokens, byte_lengths,
+                                   cfg.quality_tokens)["bpb"] for name, model in originals.items()}
+    out = {}
+    for dtype in cfg.dtypes:
+        for name in originals:
+            entry = entry_name(name, dtype)
+            bpb = reference[name] if dtype == "float32" else evaluate_lm(models[entry], tokens, byte_lengths,
+                                                                        cfg.quality_tokens)["bpb"]
+            out[entry] = {"bpb": bpb, "bpb_float32": reference[name], "cost_bpb": bpb - reference[name]}
+            log(f"quality {entry}: {bpb:.4f} bits per byte ({bpb - reference[name]:+.4f} vs float32)")
+    return out
+
+
+def _as_float32(model: GPT) -> GPT:
+    import copy
+
+    return model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+
+
 def _ratios(results: dict) -> dict:
-    """hybrid vs standard (speedups > 1 mean the hybrid is faster) and ours vs the peer, per row."""
+    """Speedups per row (> 1: the first named is faster): each model against the standard model of the
+    same precision; each of our standard entries against the peer of its precision and, for the
+    issue's comparison, against the float32 peer."""
     models = results["models"]
     out = {}
-    names = list(models)
-    base = "standard" if "standard" in models else names[0]
-    for other in names:
-        if other == base:
-            continue
-        rows = []
-        for rb, ro in zip(models[base]["rows"], models[other]["rows"]):
-            r = {"context": rb["context"], "batch": rb["batch"]}
-            if "prefill_ms" in rb:
-                r["prefill_speedup"] = rb["prefill_ms"]["median"] / ro["prefill_ms"]["median"]
-            for fig in ("decode_tok_s", "naive_decode_tok_s"):
-                if fig in rb and fig in ro:
-                    r[fig.replace("tok_s", "speedup")] = ro[fig]["median"] / rb[fig]["median"]
-            r["kv_cache_ratio"] = (ro["kv_cache_bytes"] / rb["kv_cache_bytes"]) if rb["kv_cache_bytes"] else None
-            rows.append(r)
-        out[f"{other}/{base}"] = rows
-    if "peer" in results:
-        ours = models[results["peer"]["weights_of"]]["rows"]
-        out[f"{results['peer']['weights_of']}/peer"] = [
+    by_dtype: dict[str, list[str]] = {}
+    for name, m in models.items():
+        by_dtype.setdefault(m.get("dtype", "float32"), []).append(name)
+    for dtype, names in by_dtype.items():
+        base = entry_name("standard", dtype)
+        base = base if base in names else names[0]
+        for other in names:
+            if other == base:
+                continue
+            rows = []
+            for rb, ro in zip(models[base]["rows"], models[other]["rows"]):
+                r = {"context": rb["context"], "batch": rb["batch"]}
+                if "prefill_ms" in rb:
+                    r["prefill_speedup"] = rb["prefill_ms"]["median"] / ro["prefill_ms"]["median"]
+                for fig in ("decode_tok_s", "naive_decode_tok_s"):
+                    if fig in rb and fig in ro:
+                        r[fig.replace("tok_s", "speedup")] = ro[fig]["median"] / rb[fig]["median"]
+                r["kv_cache_ratio"] = (ro["kv_cache_bytes"] / rb["kv_cache_bytes"]) if rb["kv_cache_bytes"] else None
+                rows.append(r)
+            out[f"{other}/{base}"] = rows
+    for name, m in models.items():  # what a lower precision buys: each entry against its float32 self
+        plain = name.split("@")[0]
+        if m.get("dtype", "float32") != "float32" and plain in models:
+            out[f"{name}/{plain}"] = [
+                {"context": o["context"], "batch": o["batch"],
+                 "prefill_speedup": b["prefill_ms"]["median"] / o["prefill_ms"]["median"],
+                 "decode_speedup": o["decode_tok_s"]["median"] / b["decode_tok_s"]["median"]}
+                for o, b in zip(m["rows"], models[plain]["rows"])]
+    peers = results.get("peers", {})
+    pairs = [(peer["weights_of"], name) for name, peer in peers.items()]
+    if "peer" in peers:  # lower precisions of ours against the float32 peer, as the issue states its target
+        pairs += [(name, "peer") for name, m in models.items()
+                  if m.get("dtype", "float32") != "float32" and set(m["layers"]) == {"A"}]
+    for of, peer_name in pairs:
+        out[f"{of}/{peer_name}"] = [
             {"context": o["context"], "batch": o["batch"],
              "decode_speedup": o["decode_tok_s"]["median"] / p["decode_tok_s"]["median"],
              "prefill_speedup": p["prefill_ms"]["median"] / o["prefill_ms"]["median"]}
-            for o, p in zip(ours, results["peer"]["rows"])]
+            for o, p in zip(models[of]["rows"], peers[peer_name]["rows"])]
     return out
 
 
@@ -280,8 +377,8 @@ def format_table(results: dict) -> str:
     header = ["model", "context", "batch", "prefill ms", "cached tok/s", "of limit", "naive tok/s", "KV cache MB"]
     table = [header]
     entries = [(n, m["rows"]) for n, m in results["models"].items()]
-    if "peer" in results:
-        entries.append((f"peer ({results['peer']['weights_of']})", results["peer"]["rows"]))
+    for name, peer in results.get("peers", {}).items():
+        entries.append((f"{name} ({peer['weights_of']})", peer["rows"]))
     for name, rows in entries:
         for r in rows:
             table.append([name, str(r["context"]), str(r["batch"]), fmt(r["prefill_ms"], 2), fmt(r["decode_tok_s"]),
@@ -299,8 +396,11 @@ def format_table(results: dict) -> str:
         for r in rows:
             parts = [f"{k.replace('_speedup', '')} {v:.2f}x" for k, v in r.items() if k.endswith("speedup")]
             lines.append(f"  context {r['context']}, batch {r['batch']}: " + ", ".join(parts))
-    if "peer" in results:
-        lines.append(f"peer logits match: max |difference| {results['peer']['max_abs_logit_diff']:.2e}")
+    for name, peer in results.get("peers", {}).items():
+        lines.append(f"{name} logits match: max |difference| {peer['max_abs_logit_diff']:.2e}")
+    for name, q in results.get("quality", {}).items():
+        lines.append(f"quality {name}: {q['bpb']:.4f} bits per byte on {results['config']['quality_tokens']:,} "
+                     f"validation tokens ({q['cost_bpb']:+.4f} vs float32)")
     if "hardware" in results:
         hw = results["hardware"]
         lines.append(f"hardware limit ('of limit' column): {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s memory "

@@ -54,16 +54,29 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _dtype_list(text: str) -> list[str]:
+    from .bench import DTYPES
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in DTYPES]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"unknown precision {','.join(bad) or repr(text)}; choose from {', '.join(DTYPES)}")
+    return list(dict.fromkeys(values))
+
+
 def _bench_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("benchmark")
     g.add_argument("--contexts", type=_int_list, help="context lengths, e.g. 64,128 (default: up to the model's)")
-    g.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="default: 1,8")
+    g.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32], help="default: 1,8,32")
     g.add_argument("--new-tokens", type=_positive_int, default=24, help="tokens decoded per measurement")
     g.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats (medians are reported)")
     g.add_argument("--warmup", type=_nonneg_int, default=1)
     g.add_argument("--no-naive", action="store_true", help="skip decoding without the KV cache")
     g.add_argument("--no-peer", action="store_true", help="skip the transformers GPT-2 peer")
     g.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--dtypes", type=_dtype_list, default=["float32"],
+                   help="weight/KV precisions to measure side by side, e.g. float32,bfloat16 (default: float32); "
+                        "bench also reports each one's bits per byte")
 
 
 def _bench_config(args):
@@ -74,7 +87,8 @@ def _bench_config(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     return BenchConfig(contexts=args.contexts, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
-                       repeats=args.repeats, warmup=args.warmup, naive=not args.no_naive, peer=not args.no_peer)
+                       repeats=args.repeats, warmup=args.warmup, naive=not args.no_naive, peer=not args.no_peer,
+                       dtypes=args.dtypes)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -455,6 +469,22 @@ def cmd_chat(args) -> int:
         answer(text)
 
 
+def _validation_tokens(ckpt: Path, tokenizer, training: dict, log):
+    """(validation tokens, bytes per token) of a checkpoint's prepared data, for the precision cost; None if absent."""
+    from .data import TokenData
+    from .pretrain import checkpoint_data_dir
+
+    data_dir = checkpoint_data_dir(ckpt if ckpt.is_dir() else ckpt.parent, training)
+    if not (data_dir / "meta.json").is_file():
+        log(f"quality: skipped (no prepared data at {data_dir} to measure bits per byte on)")
+        return None
+    data = TokenData.open(data_dir)
+    if data.meta["tokenizer_sha256"] != tokenizer.sha256():
+        log(f"quality: skipped (the data at {data_dir} was tokenized with another tokenizer)")
+        return None
+    return data.val, tokenizer.token_byte_lengths()
+
+
 def cmd_bench(args) -> int:
     from .bench import format_table, format_train_table, run_bench, run_train_bench
     from .checkpoint import load_checkpoint
@@ -462,16 +492,18 @@ def cmd_bench(args) -> int:
     from .runtime import resolve_device
 
     device = resolve_device(args.device)
-    models = {}
+    models, val = {}, None
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     for path in args.checkpoints:
-        model, _, training = load_checkpoint(path, device)
+        model, tokenizer, training = load_checkpoint(path, device)
         name = training.get("model_type") or Path(path).name
         if name in models:
             name = Path(path).name
         models[name] = model
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+        if val is None and args.dtypes != ["float32"]:
+            val = _validation_tokens(Path(path), tokenizer, training, log)
     cfg = _bench_config(args)
-    results = run_bench(models, cfg, log=log)
+    results = run_bench(models, cfg, log=log, val=val)
     if args.train:
         results["train"] = run_train_bench(models, batch_size=args.train_batch, repeats=cfg.repeats,
                                            warmup=cfg.warmup, peer=cfg.peer, log=log)

@@ -69,7 +69,7 @@ def plot_decode(results: dict, out: Path) -> str:
             if "naive_decode_tok_s" in rows[0]:
                 ax.plot(ctx, [r["naive_decode_tok_s"]["median"] for r in rows], "s--", color=color,
                         label=f"{mt}, no cache (naive)")
-        if "peer" in results["bench"]:
+        if results["bench"].get("peer"):
             rows = [r for r in results["bench"]["peer"]["rows"] if r["batch"] == 1]
             ax.plot([r["context"] for r in rows], [r["decode_tok_s"]["median"] for r in rows], "^:", color="gray",
                     label="transformers GPT-2 (standard weights)")
