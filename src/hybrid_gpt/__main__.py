@@ -1,0 +1,7 @@
+"""`python -m hybrid_gpt ...` is the `hybrid-gpt` command (for machines without uv's console script)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
