@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .engine import generate
-from .errors import HybridGPTError
+from .errors import HybridGPTError, RunFailure
 from .model import GPT
 
 
@@ -86,6 +86,9 @@ def _time(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def summary(values: list[float]) -> dict:
+    if not values:
+        raise RunFailure("every timing of a figure was swamped by other work on this machine; run bench again "
+                         "when it is quieter, or with more --repeats")
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
@@ -153,10 +156,16 @@ def _peer_generate(hf, prompt: torch.Tensor, n: int) -> None:
 
 
 def _decode_rate(gen: Callable[[int], None], batch: int, n: int, device) -> float:
-    """New tokens per second, prefill excluded: (n - 1) * batch / (t(n) - t(1))."""
-    t_n = _time(lambda: gen(n), device)
-    t_1 = _time(lambda: gen(1), device)
-    return (n - 1) * batch / max(t_n - t_1, 1e-9)
+    """New tokens per second, prefill excluded: (n - 1) * batch / (t(n) - t(1)).
+
+    On a busy machine t(1) can come out longer than t(n); such a pair says nothing, so it is measured
+    again (three tries) and otherwise reported as NaN, which the summary leaves out."""
+    for _ in range(3):
+        t_n = _time(lambda: gen(n), device)
+        t_1 = _time(lambda: gen(1), device)
+        if t_n > t_1:
+            return (n - 1) * batch / (t_n - t_1)
+    return float("nan")
 
 
 def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log) -> dict[str, dict]:
@@ -213,7 +222,9 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | 
     samples: dict = {}
 
     def record(key: tuple, value: float) -> None:
-        samples.setdefault(key, []).append(value)
+        samples.setdefault(key, [])
+        if value == value:  # not NaN
+            samples[key].append(value)
 
     for c in contexts:
         for b in cfg.batch_sizes:

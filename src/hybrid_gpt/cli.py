@@ -64,6 +64,13 @@ def _dtype_list(text: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def _str_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return values
+
+
 def _bench_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("benchmark")
     g.add_argument("--contexts", type=_int_list, help="context lengths, e.g. 64,128 (default: up to the model's)")
@@ -223,6 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (default: 1337)")
     _bench_flags(p)
     p.add_argument("--progress", action="store_true", help="show a progress bar for each training stage")
+
+    p = sub.add_parser("ablate", help="train layer patterns under one budget over seeds: bpb +- CI vs decode speed")
+    _common(p)
+    p.add_argument("--patterns", type=_str_list, default=None,
+                   help="comma-separated variants: PATTERN, PATTERN:H (M hidden width) or PATTERN:matched "
+                        "(default: AAAA,AAMM,AANN,MMAA,AA,AAMM:matched)")
+    p.add_argument("--budget", choices=["steps", "time"], default="steps",
+                   help="equal optimizer steps, or equal wall-clock time (cheaper patterns get more steps)")
+    p.add_argument("--seeds", type=_int_list, default=[1, 2, 3], help="comma-separated seeds (default: 1,2,3)")
+    p.add_argument("--steps", type=_positive_int, help="steps per run (default: the preset's; --quick: fewer)")
+    p.add_argument("--quick", action="store_true", help="a short budget (150 steps on cpu) into <run-dir>/ablate-quick")
+    p.add_argument("--out", help="output directory (default: <run-dir>/ablate or <run-dir>/ablate-quick)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar for each run")
+
+    p = sub.add_parser("importance", help="per attention layer: residual similarity and loss when dropped/replaced")
+    _common(p)
+    p.add_argument("checkpoint")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="validation tokens (default: 131072)")
+    p.add_argument("--replace", type=_positive_int, default=None,
+                   help="attention layers the recommended pattern replaces (default: half of them)")
+    p.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--out", help="output directory (default: <run-dir>/importance/<checkpoint name>)")
 
     p = sub.add_parser("chat", help="chat with an aligned checkpoint (interactive, streaming)")
     _common(p)
@@ -540,9 +569,38 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from .ablate import DEFAULT_VARIANTS, run_ablate
+
+    preset, run_dir = _run_dir(args)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise HybridGPTError(f"--seeds {','.join(map(str, args.seeds))} repeats a seed")
+    result = run_ablate(run_dir=run_dir, preset=preset, patterns=args.patterns or DEFAULT_VARIANTS,
+                        budget=args.budget, seeds=args.seeds, steps=args.steps, quick=args.quick, out_dir=args.out,
+                        device=args.device, progress=args.progress)
+    print()
+    for s in result["sentences"]:
+        print(f"- {s}")
+    print(f"\nresults: {Path(result['out_dir']) / 'ablate.md'}")
+    return 0
+
+
+def cmd_importance(args) -> int:
+    from .evaluate import EVAL_TOKENS
+    from .importance import run_importance
+    from .runtime import resolve_device
+
+    result = run_importance(args.checkpoint, out_dir=args.out, max_tokens=args.max_tokens or EVAL_TOKENS,
+                            replace=args.replace, data_dir=args.data, device=str(resolve_device(args.device)))
+    rec = result["recommendation"]
+    print(f"recommended pattern: {rec['pattern']} (replaces attention layers {rec['replace']}, 1-based)")
+    print(f"results: {Path(result['out_dir']) / 'importance.md'}")
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample,
             "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat,
-            "bench": cmd_bench, "pipeline": cmd_pipeline}
+            "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,16 +45,16 @@ def seed_dir(run_dir: Path, seed: int) -> Path:
     return run_dir if seed == DEFAULT_SEED else run_dir / f"seed-{seed}"
 
 
-def _complete(ckpt: Path) -> bool:
+def is_complete(ckpt: Path) -> bool:
     if not is_checkpoint(ckpt):
         return False
     _, training = read_config(ckpt)
     return bool(training.get("complete"))
 
 
-def _stage(name: str, ckpt: Path, fn, log) -> float:
+def run_or_skip(name: str, ckpt: Path, fn, log) -> float:
     """Run (or resume, or skip) one stage; returns the seconds it took in this invocation."""
-    if _complete(ckpt):
+    if is_complete(ckpt):
         log(f"[pipeline] {name}: complete at {ckpt}, skipped")
         return 0.0
     resume = ckpt.exists() and (ckpt / "trainer_state.pt").is_file()
@@ -100,11 +100,11 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
                 return {**opts.overrides.get(stage, {}), "seed": seed, "progress": opts.progress}
 
             t = timings.setdefault(f"{seed}/{mt}", {})
-            t["pretrain"] = _stage(f"pretrain {mt} seed {seed}", sd / f"pretrain-{mt}", lambda **kw: run_pretrain(
+            t["pretrain"] = run_or_skip(f"pretrain {mt} seed {seed}", sd / f"pretrain-{mt}", lambda **kw: run_pretrain(
                 run_dir=sd, model_type=mt, data_dir=data_dir, overrides=ov("pretrain"), **common, **kw), log)
-            t["sft"] = _stage(f"sft {mt} seed {seed}", sd / f"sft-{mt}", lambda **kw: run_sft(
+            t["sft"] = run_or_skip(f"sft {mt} seed {seed}", sd / f"sft-{mt}", lambda **kw: run_sft(
                 run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("sft"), **common, **kw), log)
-            t["dpo"] = _stage(f"dpo {mt} seed {seed}", sd / f"dpo-{mt}", lambda **kw: run_dpo(
+            t["dpo"] = run_or_skip(f"dpo {mt} seed {seed}", sd / f"dpo-{mt}", lambda **kw: run_dpo(
                 run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("dpo"), **common, **kw), log)
 
     log("[pipeline] evaluating")

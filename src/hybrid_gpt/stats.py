@@ -24,16 +24,21 @@ def mean_ci(values: list[float]) -> dict:
 
 
 def judge_difference(name: str, base: list[float], other: list[float], unit: str, lower_is_better: bool) -> str:
+    """A plain sentence on whether hybrid - standard (paired by seed) is within noise."""
+    return judge_pair(name, "standard", base, "hybrid", other, unit, lower_is_better)
+
+
+def judge_pair(name: str, base_label: str, base: list[float], other_label: str, other: list[float], unit: str,
+               lower_is_better: bool) -> str:
     """A plain sentence on whether other - base (paired by seed) is within noise."""
     diffs = [o - b for b, o in zip(base, other)]
     d = mean_ci(diffs)
+    head = f"{name}: {other_label} - {base_label} = {d['mean']:+.4f} {unit}"
     if d["ci95"] is None:
-        return (f"{name}: hybrid - standard = {d['mean']:+.4f} {unit} from a single seed; with one seed the noise "
-                "cannot be judged (run with --seeds 1,2,3).")
+        return f"{head} from a single seed; with one seed the noise cannot be judged (run with --seeds 1,2,3)."
     lo, hi = d["ci95"]
+    span = f" (95% CI [{lo:+.4f}, {hi:+.4f}] over {d['n']} seeds)"
     if lo <= 0 <= hi:
-        return (f"{name}: hybrid - standard = {d['mean']:+.4f} {unit} (95% CI [{lo:+.4f}, {hi:+.4f}] over "
-                f"{d['n']} seeds): the difference is within noise.")
+        return f"{head}{span}: the difference is within noise."
     better = (d["mean"] < 0) == lower_is_better
-    return (f"{name}: hybrid - standard = {d['mean']:+.4f} {unit} (95% CI [{lo:+.4f}, {hi:+.4f}] over {d['n']} seeds): "
-            f"the hybrid is measurably {'better' if better else 'worse'}.")
+    return f"{head}{span}: {other_label} is measurably {'better' if better else 'worse'}."
