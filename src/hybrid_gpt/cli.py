@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (default: 1337)")
     _bench_flags(p)
     p.add_argument("--progress", action="store_true", help="show a progress bar for each training stage")
+    p.add_argument("--full", action="store_true",
+                   help="also test the hypothesis: ablate --quick, importance, distill AAMM, probe, and the verdict")
 
     p = sub.add_parser("ablate", help="train layer patterns under one budget over seeds: bpb +- CI vs decode speed")
     _common(p)
@@ -252,6 +254,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention layers the recommended pattern replaces (default: half of them)")
     p.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
     p.add_argument("--out", help="output directory (default: <run-dir>/importance/<checkpoint name>)")
+
+    p = sub.add_parser("probe", help="token-mixing probe (associative recall) per pattern, and loss by position")
+    _common(p)
+    p.add_argument("--patterns", type=_str_list, default=None, help="default: AAAA,AAMM,AANN,MMAA,AA")
+    p.add_argument("--seeds", type=_int_list, default=[1, 2, 3], help="comma-separated seeds (default: 1,2,3)")
+    p.add_argument("--steps", type=_positive_int, help="training steps per pattern (default: the preset's)")
+    p.add_argument("--task", choices=["recall", "two-hop"], help="probe task (default: the preset's)")
+    p.add_argument("--checkpoints", nargs="*", metavar="CKPT",
+                   help="models for the loss-by-position curves (default: <run-dir>/pretrain-{standard,hybrid})")
+    p.add_argument("--out", help="output directory (default: <run-dir>/probe)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar per pattern")
+
+    p = sub.add_parser("distill", help="distill a trained model's deep attention into per-token MLPs, then compare")
+    _common(p)
+    p.add_argument("checkpoint", help="the trained standard model (the teacher)")
+    p.add_argument("--layers", required=True, help="target pattern, e.g. AAMM (A->M distilled, A->N dropped)")
+    p.add_argument("--steps", type=_positive_int, help="distillation steps per layer (default: the preset's)")
+    p.add_argument("--finetune-steps", type=_nonneg_int, help="whole-model fine-tune steps after the swap (0: none)")
+    p.add_argument("--mlp-hidden", type=_positive_int, help="hidden width of the M blocks (default: n_embd / 4)")
+    p.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--out", help="output directory (default: <run-dir>/distill-<layers>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+
+    p = sub.add_parser("verdict", help="'Does the hypothesis hold?': one table and sentences from the analyses")
+    _common(p)
 
     p = sub.add_parser("chat", help="chat with an aligned checkpoint (interactive, streaming)")
     _common(p)
@@ -557,13 +585,13 @@ def cmd_pipeline(args) -> int:
         raise HybridGPTError(f"--seeds {','.join(map(str, seeds))} repeats a seed")
     opts = PipelineOptions(run_dir=run_dir, preset=preset, seeds=seeds, device=args.device,
                            bench=_bench_config(args), progress=args.progress,
-                           command="hybrid-gpt " + " ".join(sys.argv[1:]))
+                           command="hybrid-gpt " + " ".join(sys.argv[1:]), full=args.full)
     report, results = run_pipeline(opts)
     summary = results["summary"]
     print()
     print(headline_table(results, summary))
     print()
-    for v in summary["verdicts"]:
+    for v in summary["verdicts"] + results.get("hypothesis", {}).get("sentences", []):
         print(f"- {v}")
     print(f"\nreport: {report}\nresults: {report.parent / 'results.json'}")
     return 0
@@ -598,9 +626,47 @@ def cmd_importance(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from .probe import DEFAULT_PATTERNS, run_probe
+
+    preset, run_dir = _run_dir(args)
+    result = run_probe(run_dir=run_dir, out_dir=args.out, patterns=args.patterns or DEFAULT_PATTERNS, preset=preset,
+                       seeds=args.seeds, steps=args.steps, task=args.task, checkpoints=args.checkpoints or None,
+                       device=args.device, progress=args.progress)
+    for r in result["patterns"]:
+        print(f"{r['pattern']:<8} accuracy {r['accuracy']['mean']:.3f} (chance {result['chance']:.3f})")
+    print(f"results: {Path(args.out or run_dir / 'probe') / 'probe.md'}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .distill import run_distill
+
+    result = run_distill(args.checkpoint, layers=args.layers, out_dir=args.out, steps=args.steps,
+                         finetune_steps=args.finetune_steps, mlp_hidden=args.mlp_hidden, data_dir=args.data,
+                         seed=args.seed if args.seed is not None else 1337, device=args.device,
+                         overwrite=args.overwrite, progress=args.progress)
+    for line in result.get("sentences", []):
+        print(f"- {line}")
+    print(f"results: {result['out_dir']}/distill.md")
+    return 0
+
+
+def cmd_verdict(args) -> int:
+    from .verdict import write_verdict
+
+    _, run_dir = _run_dir(args)
+    result = write_verdict(run_dir)
+    for line in result["sentences"]:
+        print(f"- {line}")
+    print(f"results: {run_dir / 'hypothesis.md'}")
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample,
             "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat,
-            "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance}
+            "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance,
+            "probe": cmd_probe, "distill": cmd_distill, "verdict": cmd_verdict}
 
 
 def main(argv: list[str] | None = None) -> int:

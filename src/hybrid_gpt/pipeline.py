@@ -38,6 +38,7 @@ class PipelineOptions:
     progress: bool = False
     overrides: dict = field(default_factory=dict)  # per stage: {"pretrain": {...}, "sft": {...}, "dpo": {...}}
     command: str = ""
+    full: bool = False  # also run the hypothesis tests (ablate --quick, importance, distill, probe) and the verdict
 
 
 def seed_dir(run_dir: Path, seed: int) -> Path:
@@ -168,7 +169,38 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
     from .report import write_report
 
     report = write_report(results, run_dir)
+    if opts.full:
+        from .fsutil import write_text
+
+        results["hypothesis"] = run_hypothesis_tests(first, opts.preset, opts.device, opts.progress, log)
+        write_text(report, report.read_text() + "\n" + (first / "hypothesis.md").read_text())
     return report, results
+
+
+def run_hypothesis_tests(run_dir: Path, preset: str, device: str = "auto", progress: bool = False, log=print) -> dict:
+    """The analyses of `pipeline --full`, each skipped when its output already exists (delete it to redo one),
+    then the verdict. Uses the run directory's pretrained standard model as teacher and subject."""
+    from .ablate import run_ablate
+    from .distill import run_distill
+    from .importance import run_importance
+    from .presets import get_preset, layer_pattern
+    from .probe import run_probe
+    from .verdict import write_verdict
+
+    hybrid = layer_pattern("hybrid", None, get_preset(preset)["n_layer"])[0]
+    log("[pipeline] hypothesis tests: ablate --quick")
+    run_ablate(run_dir=run_dir, preset=preset, quick=True, device=device, progress=progress, log=log)
+    teacher = run_dir / "pretrain-standard"
+    if not (run_dir / "importance" / teacher.name / "importance.json").is_file():
+        log("[pipeline] hypothesis tests: importance")
+        run_importance(teacher, device=device, log=log)
+    if not (run_dir / f"distill-{hybrid}" / "distill.json").is_file():
+        log(f"[pipeline] hypothesis tests: distill {hybrid}")
+        run_distill(teacher, layers=hybrid, device=device, progress=progress, log=log)
+    if not (run_dir / "probe" / "probe.json").is_file():
+        log("[pipeline] hypothesis tests: probe")
+        run_probe(run_dir=run_dir, preset=preset, seeds=(1, 2, 3), device=device, progress=progress, log=log)
+    return write_verdict(run_dir)
 
 
 def _samples(sd: Path, device) -> dict:
