@@ -104,3 +104,14 @@ def test_too_long_input_is_an_error():
     model = smoke_model("AM")
     with pytest.raises(HybridGPTError, match="exceeds"):
         model(torch.zeros(1, model.config.block_size + 1, dtype=torch.long))
+
+
+def test_last_only_logits_equal_the_last_row_of_the_full_logits():
+    import torch
+
+    model = smoke_model("AMNA")
+    idx = torch.randint(0, model.config.vocab_size, (3, 17))
+    with torch.no_grad():
+        full, last = model(idx), model(idx, last_only=True)
+    assert last.shape == (3, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)

@@ -92,12 +92,12 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     pending = idx  # tokens not yet fed to the cache
     for _ in range(max_new_tokens):
         if cache is None:
-            logits = model(seq[:, -block:])[:, -1]
+            logits = model(seq[:, -block:], last_only=True)[:, -1]
         else:
             if cache.pos + pending.size(1) > block:
                 cache.reset()
                 pending = seq[:, -(block // 2):]
-            logits = model(pending, kv_cache=cache)[:, -1]
+            logits = model(pending, kv_cache=cache, last_only=True)[:, -1]
             cache.advance(pending.size(1))
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         if stops.numel():

@@ -198,11 +198,12 @@ class GPT(nn.Module):
         return self.config.layers.count("A")
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean", last_only: bool = False):
         """Logits [B, T, vocab]; with ``targets`` also the cross-entropy loss (targets < 0 are ignored).
 
         With a ``kv_cache`` the tokens are taken to follow the ``kv_cache.pos`` tokens already cached;
-        the caller advances the cache afterwards.
+        the caller advances the cache afterwards. ``last_only`` returns the logits of the last position
+        alone ([B, 1, vocab]): generation needs no more, and a prompt's vocabulary projection is costly.
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -214,6 +215,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, kv_cache)
+        if last_only and targets is None:
+            x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits
