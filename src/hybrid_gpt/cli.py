@@ -272,11 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", required=True, help="target pattern, e.g. AAMM (A->M distilled, A->N dropped)")
     p.add_argument("--steps", type=_positive_int, help="distillation steps per layer (default: the preset's)")
     p.add_argument("--finetune-steps", type=_nonneg_int, help="whole-model fine-tune steps after the swap (0: none)")
+    p.add_argument("--lr", type=_positive_float, help="distillation learning rate (default: the preset's)")
+    p.add_argument("--finetune-lr", type=_positive_float, help="fine-tune learning rate (default: the preset's)")
+    p.add_argument("--batch-size", type=_positive_int, help="rows per step (default: the preset's)")
     p.add_argument("--mlp-hidden", type=_positive_int, help="hidden width of the M blocks (default: n_embd / 4)")
+    p.add_argument("--eval-tokens", type=_positive_int, help="validation tokens for bits per byte (default: 131072)")
     p.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
     p.add_argument("--out", help="output directory (default: <run-dir>/distill-<layers>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     p = sub.add_parser("verdict", help="'Does the hypothesis hold?': one table and sentences from the analyses")
     _common(p)
@@ -640,15 +644,17 @@ def cmd_probe(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .distill import run_distill
+    from .checkpoint import resolve
+    from .distill import quality_sentences, run_distill
 
-    result = run_distill(args.checkpoint, layers=args.layers, out_dir=args.out, steps=args.steps,
-                         finetune_steps=args.finetune_steps, mlp_hidden=args.mlp_hidden, data_dir=args.data,
-                         seed=args.seed if args.seed is not None else 1337, device=args.device,
+    out = Path(args.out) if args.out else resolve(args.checkpoint)[0].parent / f"distill-{args.layers.strip().upper()}"
+    result = run_distill(args.checkpoint, layers=args.layers, out_dir=out, steps=args.steps,
+                         finetune_steps=args.finetune_steps, lr=args.lr, finetune_lr=args.finetune_lr,
+                         batch_size=args.batch_size, mlp_hidden=args.mlp_hidden, eval_tokens=args.eval_tokens,
+                         data_dir=args.data, seed=args.seed if args.seed is not None else 1337, device=args.device,
                          overwrite=args.overwrite, progress=args.progress)
-    for line in result.get("sentences", []):
-        print(f"- {line}")
-    print(f"results: {result['out_dir']}/distill.md")
+    print(quality_sentences(result))
+    print(f"results: {out / 'distill.md'}")
     return 0
 
 
