@@ -1,11 +1,19 @@
-import pytest
-import torch
+import os
 
-from hybrid_gpt.corpus import load_shakespeare
-from hybrid_gpt.data import prepare_data
-from hybrid_gpt.model import GPT, GPTConfig
-from hybrid_gpt.presets import get_preset
+# The suite's models are tiny: one thread per process runs them as fast as two on an idle machine and
+# far faster on a busy one (two torch threads that cannot both get a core wait on each other), and the
+# tests that start processes (DDP, SIGKILL, the CLI) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hybrid_gpt.corpus import load_shakespeare  # noqa: E402
+from hybrid_gpt.data import prepare_data  # noqa: E402
+from hybrid_gpt.model import GPT, GPTConfig  # noqa: E402
+from hybrid_gpt.presets import get_preset  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 SMOKE = get_preset("smoke")
 
 

@@ -146,14 +146,15 @@ def sentences(found: dict) -> list[str]:
         kept = arms.get("distilled", {}).get("quality_kept")
         tuned = arms.get("distilled_finetuned", {}).get("quality_kept")
         if kept is not None:
-            out.append(f"Distilling the deep attention into per-token MLPs keeps {100 * kept:.0f}% of the quality "
-                       "that attention-drop loses" + (f", {100 * tuned:.0f}% after the fine-tune." if tuned is not None
+            out.append(f"Distilling the deep attention into per-token MLPs recovers {100 * kept:.0f}% of the "
+                       "quality that attention-drop loses" + (f", {100 * tuned:.0f}% after the fine-tune." if tuned is not None
                                                       else "."))
     if have_quality:
         parts = [f"little loss of quality {quality_state}",
                  f"the speed gain is {'large' if speed_ok else 'small'} (criterion: at least {SPEED_GAIN:.2f}x)"]
         if mlp_matters is not None:
-            parts.append("the MLP " + ("is" if mlp_matters else "is not") + " what preserves the quality")
+            parts.append("the MLP is " + ("measurably better" if mlp_matters else "not measurably better")
+                         + " than dropping the attention")
         if quality_ok and speed_ok and mlp_matters is not False:
             status = "holds"
         elif quality_ok is False and not speed_ok:
