@@ -77,11 +77,18 @@ def test_ddp_two_processes_match_one(smoke_run, tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def _default_sigint():
+    # A shell starts background jobs with SIGINT ignored, and children inherit that; give them Ctrl-C back,
+    # so that a signal sent before the training loop installs its handler still stops them.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(smoke_run, tmp_path, signum):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "hybrid_gpt.cli", "pretrain", "--preset", "smoke", "--run-dir", str(smoke_run),
            "--max-steps", "100000", "--eval-interval", "50", "--no-progress", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while not (out / "trainer_state.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -94,13 +101,17 @@ def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(smoke_run, tmp_path, 
     # A second process may not write the same checkpoint while the first is still running.
     if signum == signal.SIGTERM:
         return
-    first = subprocess.Popen(cmd + ["--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(cmd + ["--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while not (tmp_path / ".interrupted.lock").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
     second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=120)
     first.send_signal(signal.SIGINT)
-    first.communicate(timeout=120)
+    try:
+        first.communicate(timeout=120)
+    finally:
+        first.kill()  # never leave a 100,000-step run behind
     assert second.returncode == 2 and "another process (pid" in second.stderr, second.stderr
 
 
