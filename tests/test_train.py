@@ -76,13 +76,13 @@ def test_ddp_two_processes_match_one(smoke_run, tmp_path):
     assert config["training"]["world_size"] == 2
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def _default_sigint():
     # A shell starts background jobs with SIGINT ignored, and children inherit that; give them Ctrl-C back,
     # so that a signal sent before the training loop installs its handler still stops them.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_save_a_checkpoint_that_resumes(smoke_run, tmp_path, signum):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "hybrid_gpt.cli", "pretrain", "--preset", "smoke", "--run-dir", str(smoke_run),
