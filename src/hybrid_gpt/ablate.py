@@ -26,7 +26,7 @@ from .errors import HybridGPTError
 from .fsutil import read_json, write_json, write_text
 from .model import MIXERS, GPT, GPTConfig
 from .presets import get_preset
-from .stats import judge_pair, mean_ci
+from .stats import format_ci, judge_pair, mean_ci
 
 DEFAULT_VARIANTS = ("AAAA", "AAMM", "AANN", "MMAA", "AA", "AAMM:matched")
 QUICK_STEPS = {"smoke": 10, "cpu": 150, "seed": 1000}  # --quick: 3 seeds x 6 variants well inside 20 min on cpu
@@ -80,17 +80,6 @@ def parse_variants(specs, values: dict, vocab_size: int) -> list[Variant]:
     return out
 
 
-def _prepare(run_dir: Path, preset: str, log) -> Path:
-    from .corpus import load_shakespeare
-    from .data import prepare_data
-
-    data_dir = run_dir / "data"
-    if not (data_dir / "meta.json").is_file():
-        log(f"[ablate] prepare -> {data_dir}")
-        prepare_data(load_shakespeare(), data_dir, get_preset(preset)["vocab_size"], log=log)
-    return data_dir
-
-
 def calibrate_steps(variants: list[Variant], values: dict, vocab_size: int, steps: int, device: str,
                     log=print) -> dict:
     """Steps per variant for an equal wall-clock budget: the first variant gets ``steps``; the others
@@ -113,7 +102,7 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
                device: str = "auto", bench_repeats: int = 5, progress: bool = False, log=print) -> dict:
     """Train every variant for every seed under one budget (skipping runs already complete), then
     measure their cached decode speed side by side; write ablate.json, ablate.md and two PNGs."""
-    from .pipeline import run_or_skip
+    from .pipeline import ensure_prepared, run_or_skip
     from .pretrain import run_pretrain
 
     if budget not in BUDGETS:
@@ -125,7 +114,8 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
     values = get_preset(preset)
     steps = steps or (QUICK_STEPS[preset] if quick else values["max_steps"])
     out = Path(out_dir) if out_dir else run_dir / ("ablate-quick" if quick else "ablate")
-    data_dir = _prepare(run_dir, preset, log)
+    data_dir = run_dir / "data"
+    ensure_prepared(data_dir, preset, log, tag="ablate")
     vocab_size = read_json(data_dir / "meta.json", "data meta")["vocab_size"]
     variants = parse_variants(patterns, values, vocab_size)
 
@@ -285,13 +275,6 @@ def plot_ablate(result: dict, out: Path) -> dict:
     return {"pareto": _plot(out / "ablate-pareto.png", pareto), "bpb": _plot(out / "ablate-bpb.png", bars)}
 
 
-def _ci_text(s: dict, digits: int = 4) -> str:
-    text = f"{s['mean']:.{digits}f}"
-    if s["ci95"]:
-        text += f" ± {(s['ci95'][1] - s['ci95'][0]) / 2:.{digits}f}"
-    return text
-
-
 def render_ablate_markdown(result: dict) -> str:
     seeds = result["seeds"]
     budget = (f"equal optimizer steps ({result['steps']} each)" if result["budget"] == "steps" else
@@ -307,7 +290,7 @@ def render_ablate_markdown(result: dict) -> str:
          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for e in result["variants"]:
         L.append(f"| {e['spec']} | {e['mlp_hidden'] or '-'} | {e['parameters']:,} | {e['kv_bytes_per_token']:,} | "
-                 f"{e['steps']} | {_ci_text(e['val_bpb'])} | {e['train_seconds']['mean']:.0f} | "
+                 f"{e['steps']} | {format_ci(e['val_bpb'])} | {e['train_seconds']['mean']:.0f} | "
                  f"{e['decode_tok_s']:,.0f} |")
     L.append("")
     L += [f"- {s}" for s in result["sentences"]]

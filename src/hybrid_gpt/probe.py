@@ -29,15 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import is_checkpoint, load_checkpoint, resolve
-from .data import TokenData
 from .errors import HybridGPTError
 from .evaluate import evaluating
 from .fsutil import write_json, write_text
 from .model import GPT, GPTConfig
 from .presets import get_preset
-from .pretrain import checkpoint_data_dir
+from .pretrain import checkpoint_data
 from .runtime import resolve_device
-from .stats import mean_ci
+from .stats import format_ci, mean_ci
 
 TASKS = ("recall", "two-hop")
 DEFAULT_PATTERNS = ("AAAA", "AAMM", "AANN", "MMAA", "AA")
@@ -286,8 +285,8 @@ def position_losses(checkpoints: dict[str, Path], max_tokens: int, device="cpu",
     in nats per token of different tokenizers do not compare."""
     models, per_window = {}, {}
     for label, path in checkpoints.items():
-        model, _, training = load_checkpoint(path, device=device)
-        data = TokenData.open(checkpoint_data_dir(Path(path), training))
+        model, tokenizer, training = load_checkpoint(path, device=device)
+        data = checkpoint_data(Path(path), tokenizer, training)
         per_window[label] = window_losses(model, data.val, max_tokens)
         curve = per_window[label].mean(0).tolist()
         models[label] = {"checkpoint": str(path), "layers": model.config.layers, "block_size": len(curve),
@@ -443,13 +442,6 @@ def plot_position_loss(result: dict, out: Path) -> str:
     return _plot(out / "probe-position-loss.png", draw)
 
 
-def _fmt(stat: dict, digits: int = 3, signed: bool = False) -> str:
-    text = f"{stat['mean']:{'+' if signed else ''}.{digits}f}"
-    if stat["ci95"]:
-        text += f" ± {(stat['ci95'][1] - stat['ci95'][0]) / 2:.{digits}f}"
-    return text
-
-
 def _above(stat: dict, level: float) -> bool:
     """Above ``level`` by the 95% interval, or by 0.05 when a single seed gives no interval."""
     return stat["ci95"][0] > level if stat["ci95"] else stat["mean"] > level + 0.05
@@ -489,7 +481,7 @@ def render_probe_markdown(result: dict) -> str:
               "| --- | --- | --- | --- | --- | --- |"]
     for r in result["patterns"]:
         loss = _mean([x["answer_loss"] for x in r["runs"]])
-        lines.append(f"| {r['pattern']} | {r['attention_layers']} | {r['params']:,} | {_fmt(r['accuracy'])} "
+        lines.append(f"| {r['pattern']} | {r['attention_layers']} | {r['params']:,} | {format_ci(r['accuracy'], 3)} "
                      f"| {result['chance']:.3f} | {loss:.3f} |")
     lines += ["", *_accuracy_sentences(result), ""]
     if "accuracy" in result["plots"]:
@@ -515,7 +507,7 @@ def render_probe_markdown(result: dict) -> str:
     for i, b in enumerate(first["buckets"]):
         cells = [f"{b['lo']}-{b['hi'] - 1}"]
         cells += [f"{m['buckets'][i]['loss']:.4f}" for m in models.values()]
-        cells += [_fmt(g["bucket_ci"][i], 4, signed=True) for g in gaps.values()]
+        cells += [format_ci(g["bucket_ci"][i], 4, signed=True) for g in gaps.values()]
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["all", *[f"{m['mean']:.4f}" for m in models.values()], *[f"{g['mean']:+.4f}" for g in gaps.values()]]
     lines.append("| " + " | ".join(cells) + " |")
@@ -527,10 +519,11 @@ def render_probe_markdown(result: dict) -> str:
         lo, hi = change["ci95"] or (change["mean"], change["mean"])
         verdict = ("grows with position" if lo > 0 else "shrinks with position" if hi < 0
                    else "shows no change with position beyond noise")
-        lines.append(f"{label} - {g['vs']}: {_fmt(g['bucket_ci'][0], 4, signed=True)} nats in the first bucket and "
-                     f"{_fmt(g['bucket_ci'][-1], 4, signed=True)} in the last (95% intervals over the windows, "
+        first, last = (format_ci(g["bucket_ci"][i], 4, signed=True) for i in (0, -1))
+        lines.append(f"{label} - {g['vs']}: {first} nats in the first bucket "
+                     f"and {last} in the last (95% intervals over the windows, "
                      "which leave out the noise of training these checkpoints); "
-                     f"last minus first {_fmt(change, 4, signed=True)}: the gap {verdict}.")
+                     f"last minus first {format_ci(change, 4, signed=True)}: the gap {verdict}.")
     for label, m in pl["models"].items():
         if label not in models:
             lines.append(f"{label} ({m['layers']}) has a context of {m['block_size']} tokens, not "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .bench import format_table
 from .fsutil import atomic_path, write_json, write_text
-from .stats import judge_difference, mean_ci
+from .stats import format_ci, judge_difference, mean_ci
 
 ORIGINAL = {"val_loss": (5.02, 5.09), "prefill_s": (0.0047, 0.0029), "decode_tok_s": (206.27, 326.11)}
 
@@ -105,15 +105,6 @@ def _stat(results: dict, mt: str, key: str) -> dict:
     return mean_ci(values) if values else {"mean": None, "ci95": None, "n": 0, "values": []}
 
 
-def _fmt(s: dict, digits: int = 4) -> str:
-    if s["mean"] is None:
-        return "-"
-    text = f"{s['mean']:.{digits}f}"
-    if s["ci95"]:
-        text += f" ± {(s['ci95'][1] - s['ci95'][0]) / 2:.{digits}f}"
-    return text
-
-
 def _row(bench: dict, mt: str, context: int, batch: int = 1) -> dict:
     for r in bench["models"][mt]["rows"]:
         if r["context"] == context and r["batch"] == batch:
@@ -167,8 +158,8 @@ def headline_table(results: dict, summary: dict) -> str:
     L.append(f"| metric (context {ref}) | standard | hybrid | improvement | original: standard | original: hybrid |")
     L.append("| --- | --- | --- | --- | --- | --- |")
     dl = q["hybrid"]["dpo_val_loss"]["mean"] - q["standard"]["dpo_val_loss"]["mean"]
-    L.append(f"| final validation loss (DPO models, nats/token) | {_fmt(q['standard']['dpo_val_loss'])} | "
-             f"{_fmt(q['hybrid']['dpo_val_loss'])} | {dl:+.4f} | 5.02 | 5.09 |")
+    L.append(f"| final validation loss (DPO models, nats/token) | {format_ci(q['standard']['dpo_val_loss'])} | "
+             f"{format_ci(q['hybrid']['dpo_val_loss'])} | {dl:+.4f} | 5.02 | 5.09 |")
     pf = sp["standard"]["prefill_ms"] / sp["hybrid"]["prefill_ms"]
     L.append(f"| prefill time (batch 1) | {sp['standard']['prefill_ms']:.2f} ms | "
              f"{sp['hybrid']['prefill_ms']:.2f} ms | {pf:.2f}x as fast | 4.7 ms | 2.9 ms |")
@@ -190,7 +181,7 @@ def headline_table(results: dict, summary: dict) -> str:
             ("DPO: validation reward accuracy", "dpo_val_rewards/accuracies"),
             ("DPO: validation reward margin", "dpo_val_rewards/margins")]
     for label, key in rows:
-        L.append(f"| {label} | {_fmt(q['standard'][key])} | {_fmt(q['hybrid'][key])} |")
+        L.append(f"| {label} | {format_ci(q['standard'][key])} | {format_ci(q['hybrid'][key])} |")
     first = str(seeds[0])
     ps, ph = results["per_seed"]["standard"][first], results["per_seed"]["hybrid"][first]
     L.append(f"| parameters | {ps['parameters']:,} | {ph['parameters']:,} |")

@@ -23,6 +23,16 @@ def mean_ci(values: list[float]) -> dict:
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": n, "values": values}
 
 
+def format_ci(s: dict | None, digits: int = 4, signed: bool = False) -> str:
+    """``mean ± half-width`` of a :func:`mean_ci` result (the mean alone without an interval; "-" for none)."""
+    if not s or s.get("mean") is None:
+        return "-"
+    text = f"{s['mean']:{'+' if signed else ''}.{digits}f}"
+    if s.get("ci95"):
+        text += f" ± {(s['ci95'][1] - s['ci95'][0]) / 2:.{digits}f}"
+    return text
+
+
 def judge_difference(name: str, base: list[float], other: list[float], unit: str, lower_is_better: bool) -> str:
     """A plain sentence on whether hybrid - standard (paired by seed) is within noise."""
     return judge_pair(name, "standard", base, "hybrid", other, unit, lower_is_better)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import HybridGPTError
 from .fsutil import write_json, write_text
-from .stats import mean_ci
+from .stats import format_ci, mean_ci
 
 QUALITY_TOLERANCE = 0.01  # 1% of the standard model's bits per byte
 SPEED_GAIN = 1.25
@@ -146,9 +146,9 @@ def sentences(found: dict) -> list[str]:
         kept = arms.get("distilled", {}).get("quality_kept")
         tuned = arms.get("distilled_finetuned", {}).get("quality_kept")
         if kept is not None:
+            after = f", {100 * tuned:.0f}% after the fine-tune." if tuned is not None else "."
             out.append(f"Distilling the deep attention into per-token MLPs recovers {100 * kept:.0f}% of the "
-                       "quality that attention-drop loses" + (f", {100 * tuned:.0f}% after the fine-tune." if tuned is not None
-                                                      else "."))
+                       "quality that attention-drop loses" + after)
     if have_quality:
         parts = [f"little loss of quality {quality_state}",
                  f"the speed gain is {'large' if speed_ok else 'small'} (criterion: at least {SPEED_GAIN:.2f}x)"]
@@ -167,19 +167,11 @@ def sentences(found: dict) -> list[str]:
     return out
 
 
-def _fmt_ci(s: dict | None, digits: int = 4) -> str:
-    if not s:
-        return "-"
-    text = f"{s['mean']:.{digits}f}"
-    if s.get("ci95"):
-        text += f" ± {(s['ci95'][1] - s['ci95'][0]) / 2:.{digits}f}"
-    return text
-
-
 def render_verdict_markdown(result: dict) -> str:
     L = ["## Does the hypothesis hold?\n",
          "Generated from the analyses below; criteria: little loss of quality = the 95% interval of the hybrid's "
-         f"extra bits per byte lies below {100 * QUALITY_TOLERANCE:.0f}% of the standard's; a large speed gain = cached decode at least "
+         f"extra bits per byte lies below {100 * QUALITY_TOLERANCE:.0f}% of the standard's; a large speed gain = "
+         "cached decode at least "
          f"{SPEED_GAIN:.2f}x; the MLP matters = {HYBRID} measurably better than {DROP}. Sources: "
          + ", ".join(f"`{v}`" for v in result["sources"].values()) + ".\n",
          "| pattern | parameters | val bpb | vs AAAA | probe accuracy | decode tok/s | vs AAAA | KV B/token |",
@@ -189,8 +181,8 @@ def render_verdict_markdown(result: dict) -> str:
 
     for r in result["table"]:
         d = r["bpb_vs_standard"]
-        cells = [r["pattern"], num(r["parameters"], ","), _fmt_ci(r["val_bpb"]), num(d and d["mean"], "+.4f"),
-                 _fmt_ci(r["probe_accuracy"], 3), num(r["decode_tok_s"], ",.0f"),
+        cells = [r["pattern"], num(r["parameters"], ","), format_ci(r["val_bpb"]), num(d and d["mean"], "+.4f"),
+                 format_ci(r["probe_accuracy"], 3), num(r["decode_tok_s"], ",.0f"),
                  num(r["decode_vs_standard"], ".2f") + ("x" if r["decode_vs_standard"] else ""),
                  num(r["kv_bytes_per_token"], ",")]
         L.append("| " + " | ".join(cells) + " |")
