@@ -93,7 +93,8 @@ def summary(values: list[float]) -> dict:
 
 
 def environment(device: torch.device, dtypes: list[str]) -> dict:
-    env = {"device": str(device), "dtype": ",".join(dtypes), "torch": torch.__version__, "python": platform.python_version(),
+    env = {"device": str(device), "dtype": ",".join(dtypes), "torch": torch.__version__,
+           "python": platform.python_version(),
            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
            "platform": platform.platform(), "cpu_count": os.cpu_count()}
     if device.type == "cuda":

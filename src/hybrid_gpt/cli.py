@@ -60,7 +60,8 @@ def _dtype_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in values if v not in DTYPES]
     if bad or not values:
-        raise argparse.ArgumentTypeError(f"unknown precision {','.join(bad) or repr(text)}; choose from {', '.join(DTYPES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown precision {','.join(bad) or repr(text)}; choose from {', '.join(DTYPES)}")
     return list(dict.fromkeys(values))
 
 
@@ -343,18 +344,14 @@ def cmd_pretrain(args) -> int:
 
 def cmd_eval(args) -> int:
     from .checkpoint import load_checkpoint
-    from .data import TokenData
     from .evaluate import EVAL_TOKENS, evaluate_lm
-    from .pretrain import checkpoint_data_dir
+    from .pretrain import checkpoint_data
     from .runtime import resolve_device
 
     device = resolve_device(args.device)
     model, tok, training = load_checkpoint(args.checkpoint, device)
     ckpt = Path(args.checkpoint)
-    data = TokenData.open(args.data or checkpoint_data_dir(ckpt if ckpt.is_dir() else ckpt.parent, training))
-    if data.meta["tokenizer_sha256"] != tok.sha256():
-        raise HybridGPTError(f"the checkpoint's tokenizer differs from the one in {data.root}; "
-                             "pass --data with the data it was trained on")
+    data = checkpoint_data(ckpt if ckpt.is_dir() else ckpt.parent, tok, training, args.data)
     res = evaluate_lm(model, data.val, tok.token_byte_lengths(), args.eval_tokens or EVAL_TOKENS)
     res = {"checkpoint": str(ckpt), "layers": model.config.layers, "parameters": model.num_params(), **res}
     if args.json:
@@ -532,16 +529,12 @@ def cmd_chat(args) -> int:
 
 def _validation_tokens(ckpt: Path, tokenizer, training: dict, log):
     """(validation tokens, bytes per token) of a checkpoint's prepared data, for the precision cost; None if absent."""
-    from .data import TokenData
-    from .pretrain import checkpoint_data_dir
+    from .pretrain import checkpoint_data
 
-    data_dir = checkpoint_data_dir(ckpt if ckpt.is_dir() else ckpt.parent, training)
-    if not (data_dir / "meta.json").is_file():
-        log(f"quality: skipped (no prepared data at {data_dir} to measure bits per byte on)")
-        return None
-    data = TokenData.open(data_dir)
-    if data.meta["tokenizer_sha256"] != tokenizer.sha256():
-        log(f"quality: skipped (the data at {data_dir} was tokenized with another tokenizer)")
+    try:
+        data = checkpoint_data(ckpt if ckpt.is_dir() else ckpt.parent, tokenizer, training)
+    except HybridGPTError as e:
+        log(f"quality: skipped ({e})")
         return None
     return data.val, tokenizer.token_byte_lengths()
 

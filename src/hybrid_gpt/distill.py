@@ -26,13 +26,13 @@ import torch.nn.functional as F
 
 from .bench import summary
 from .checkpoint import is_checkpoint, load_checkpoint, read_config, save_checkpoint
-from .data import TokenData, batch_offsets, get_batch
+from .data import batch_offsets, get_batch
 from .engine import generate
 from .errors import HybridGPTError, RunFailure
 from .evaluate import EVAL_TOKENS, evaluate_lm
 from .fsutil import exclusive_writer, recover_dir, replace_dir, write_json, write_text
 from .model import GPT, GPTConfig
-from .pretrain import checkpoint_data_dir
+from .pretrain import checkpoint_data
 from .runtime import resolve_device
 from .train import TrainConfig, lr_at
 
@@ -367,10 +367,7 @@ def run_distill(checkpoint: str | Path, *, layers: str, out_dir: str | Path | No
     if out.exists() and not (out / "distill.json").is_file():  # never replace a run dir or a checkpoint
         raise HybridGPTError(f"{out} exists and holds no distill.json, so it is not a distill output; "
                              "choose another output directory")
-    data = TokenData.open(data_dir or checkpoint_data_dir(ckpt, training))
-    if data.meta["tokenizer_sha256"] != tokenizer.sha256():
-        raise HybridGPTError(f"the checkpoint's tokenizer differs from the one in {data.root}; "
-                             "pass --data with the data it was trained on")
+    data = checkpoint_data(ckpt, tokenizer, training, data_dir)
     with exclusive_writer(out):
         for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run; the lock makes them ours
             shutil.rmtree(stale, ignore_errors=True)

@@ -241,8 +241,7 @@ def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, ma
                    log=print) -> dict:
     """Analyse one checkpoint; write importance.json, importance.md and importance-layers.png; return the dict."""
     from .checkpoint import load_checkpoint, resolve
-    from .data import TokenData
-    from .pretrain import checkpoint_data_dir
+    from .pretrain import checkpoint_data
     from .runtime import resolve_device
 
     if max_tokens < 1:
@@ -253,10 +252,7 @@ def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, ma
         raise HybridGPTError(f"the output directory {out} is inside the checkpoint {root}; choose another")
     model, tok, training = load_checkpoint(checkpoint, resolve_device(device))
     _require_attention(model, str(root))
-    data = TokenData.open(data_dir or checkpoint_data_dir(root, training))
-    if data.meta["tokenizer_sha256"] != tok.sha256():
-        raise HybridGPTError(f"the checkpoint's tokenizer differs from the one in {data.root}; "
-                             "pass the data directory it was trained on")
+    data = checkpoint_data(root, tok, training, data_dir)
 
     result = {
         "checkpoint": str(root),

@@ -67,24 +67,32 @@ def run_or_skip(name: str, ckpt: Path, fn, log) -> float:
     return time.time() - t0
 
 
+def ensure_prepared(data_dir: Path, preset: str, log=print, tag: str = "pipeline"):
+    """Prepare the embedded corpus into ``data_dir`` unless it is already there; the corpus if it was loaded."""
+    from .corpus import load_shakespeare
+    from .data import prepare_data
+    from .presets import get_preset
+
+    if (data_dir / "meta.json").is_file():
+        return None
+    corpus = load_shakespeare()
+    log(f"[{tag}] prepare -> {data_dir}")
+    prepare_data(corpus, data_dir, get_preset(preset)["vocab_size"], log=log)
+    return corpus
+
+
 def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
     from .chat_data import prepare_chat_data
     from .corpus import load_shakespeare
-    from .data import prepare_data
     from .dpo import run_dpo
     from .fsutil import read_json
-    from .presets import get_preset
     from .pretrain import run_pretrain
     from .sft import run_sft
 
     run_dir = Path(opts.run_dir)
     t_start = time.time()
     data_dir, chat_dir = run_dir / "data", run_dir / "chat"
-    corpus = None
-    if not (data_dir / "meta.json").is_file():
-        corpus = load_shakespeare()
-        log(f"[pipeline] prepare -> {data_dir}")
-        prepare_data(corpus, data_dir, get_preset(opts.preset)["vocab_size"], log=log)
+    corpus = ensure_prepared(data_dir, opts.preset, log)
     if not (chat_dir / "meta.json").is_file():
         corpus = corpus or load_shakespeare()
         log(f"[pipeline] prepare-chat -> {chat_dir}")

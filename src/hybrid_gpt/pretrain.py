@@ -83,3 +83,13 @@ def checkpoint_data_dir(ckpt: Path, training: dict) -> Path:
     if recorded and (Path(recorded) / "meta.json").is_file():
         return Path(recorded)
     return ckpt.parent / "data"
+
+
+def checkpoint_data(ckpt: Path, tokenizer, training: dict, data_dir: str | Path | None = None) -> TokenData:
+    """The prepared data a checkpoint is evaluated on (``data_dir``, else :func:`checkpoint_data_dir`),
+    refused when it was tokenized with another tokenizer: its token ids would mean other text."""
+    data = TokenData.open(data_dir or checkpoint_data_dir(ckpt, training))
+    if data.meta["tokenizer_sha256"] != tokenizer.sha256():
+        raise HybridGPTError(f"the checkpoint's tokenizer differs from the one in {data.root}; "
+                             "pass --data with the data it was trained on")
+    return data
