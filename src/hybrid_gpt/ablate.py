@@ -17,7 +17,6 @@ needs its length up front, so the time budget is turned into a step count before
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,8 +296,3 @@ def render_ablate_markdown(result: dict) -> str:
     L.append("")
     L.append(f"![quality vs speed]({result['plots']['pareto']})\n\n![bits per byte]({result['plots']['bpb']})\n")
     return "\n".join(L) + "\n"
-
-
-def load_ablate(path: str | Path) -> dict:
-    path = Path(path)
-    return json.loads((path / "ablate.json" if path.is_dir() else path).read_text())
