@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import HybridGPTError
+from .kernels import Linear  # nn.Linear whose CPU products run on oneDNN (see kernels.py)
 
 MIXERS = "AMN"
 
@@ -95,8 +96,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.cache_index = cache_index  # which slot of a KV cache this layer owns
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
@@ -123,8 +124,8 @@ class TokenMLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.m_hidden)
-        self.c_proj = nn.Linear(config.m_hidden, config.n_embd)
+        self.c_fc = Linear(config.n_embd, config.m_hidden)
+        self.c_proj = Linear(config.m_hidden, config.n_embd)
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -133,8 +134,8 @@ class TokenMLP(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +174,7 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config, kind, slot) for kind, slot in zip(config.layers, attn_slots)),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual projection's variance shrinks with depth.
@@ -211,8 +212,8 @@ class GPT(nn.Module):
             raise HybridGPTError(
                 f"sequence of {start + T} tokens exceeds the model's context of {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        # Slicing the position table is the lookup of positions start..start+T-1, with less per-call work.
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe.weight[start:start + T])
         for block in self.transformer.h:
             x = block(x, kv_cache)
         if last_only and targets is None:
