@@ -103,3 +103,17 @@ def test_training_throughput_bench_leaves_the_models_untouched():
     for n, m in models.items():
         assert all(torch.equal(before[n][k], v) for k, v in m.state_dict().items())
     assert "standard / peer" in format_train_table(res)
+
+
+def test_precision_copies_are_ordinary_tensors_even_inside_inference_mode():
+    """run_bench runs in inference mode; its bf16 copies must still be able to keep packed oneDNN weights."""
+    import torch
+
+    from hybrid_gpt.bench import with_dtypes
+
+    model = smoke_model("AM")
+    with torch.inference_mode():
+        copies = with_dtypes({"m": model}, ["float32", "bfloat16"])
+    assert copies["m"] is model
+    assert all(not p.is_inference() and p.dtype == torch.bfloat16 for p in copies["m@bfloat16"].parameters())
+    assert next(model.parameters()).dtype == torch.float32

@@ -141,3 +141,13 @@ def test_model_trains_and_decodes_the_same_on_both_paths(always_onednn, monkeypa
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     with torch.inference_mode():
         torch.testing.assert_close(got, reference.eval()(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_tensor_weight_stays_on_f_linear(always_onednn, monkeypatch):
+    """A weight made inside inference mode has no version counter: no packed copy that could go stale."""
+    with torch.inference_mode():
+        layer = kernels.Linear(24, 40)
+        x = torch.randn(3, 24)
+        calls = _calls(monkeypatch)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert calls == []

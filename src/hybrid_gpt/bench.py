@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import kernels
 from .engine import generate
 from .errors import HybridGPTError, RunFailure
 from .model import GPT
@@ -54,10 +55,13 @@ def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
     if bad or not dtypes:
         raise HybridGPTError(f"unknown --dtypes {','.join(bad) or '(none)'}; choose from {', '.join(DTYPES)}")
     out = {}
-    for dtype in dtypes:
-        for name, model in models.items():
-            same = next(model.parameters()).dtype == DTYPES[dtype]
-            out[entry_name(name, dtype)] = model if same else copy.deepcopy(model).to(DTYPES[dtype])
+    # Copies made inside inference mode would hold inference tensors, which have no version counter;
+    # kernels.Linear then cannot keep a packed weight for them and falls back to F.linear.
+    with torch.inference_mode(False):
+        for dtype in dtypes:
+            for name, model in models.items():
+                same = next(model.parameters()).dtype == DTYPES[dtype]
+                out[entry_name(name, dtype)] = model if same else copy.deepcopy(model).to(DTYPES[dtype])
     return out
 
 
@@ -92,11 +96,24 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def environment(device: torch.device, dtypes: list[str]) -> dict:
     env = {"device": str(device), "dtype": ",".join(dtypes), "torch": torch.__version__,
            "python": platform.python_version(),
            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
-           "platform": platform.platform(), "cpu_count": os.cpu_count()}
+           "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
+           # Our CPU linear layers use oneDNN, the peer's use PyTorch's default (MKL): say which ran.
+           "linear_kernels": kernels.backend_name() if device.type == "cpu" else "F.linear"}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     try:
@@ -378,7 +395,9 @@ def format_table(results: dict) -> str:
     lines = []
     env = results["environment"]
     lines.append(f"device {env['device']}, {env['dtype']}, {env['threads']} threads, torch {env['torch']}"
-                 + (f", transformers {env['transformers']}" if "transformers" in env else ""))
+                 + (f", transformers {env['transformers']}" if "transformers" in env else "")
+                 + (f"; CPU {env['cpu_model']}" if env.get("cpu_model") and env["device"] == "cpu" else "")
+                 + (f"; our linear layers: {env['linear_kernels']}" if "linear_kernels" in env else ""))
     cfg = results["config"]
     lines.append(f"{cfg['repeats']} repeats after {cfg['warmup']} warm-up, {cfg['new_tokens']} new tokens; "
                  "medians [min-max]")

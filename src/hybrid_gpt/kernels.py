@@ -14,8 +14,8 @@ oneDNN multiplies float32 matrices ~2.3x faster than MKL, in full float32 precis
 - without it (generation, evaluation), the weight is reordered once into oneDNN's blocked layout
   and the packed copy is reused until the weight changes (its version counter moves).
 
-Everywhere else (CUDA, other dtypes, ``torch.compile``, a PyTorch without oneDNN) it is plain
-``F.linear``. ``HYBRID_GPT_ONEDNN=0`` switches the oneDNN path off, e.g. to measure what it buys.
+Everywhere else (CUDA, other dtypes, small products, weights made inside ``torch.inference_mode``,
+``torch.compile``, a PyTorch without oneDNN) it is plain ``F.linear``. ``HYBRID_GPT_ONEDNN=0`` switches the oneDNN path off, e.g. to measure what it buys.
 """
 
 from __future__ import annotations
@@ -81,8 +81,6 @@ class PackedWeight:
         self.key, self.packed = None, None
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
-        if weight.is_inference():  # no version counter to tell when it changes: do not cache
-            return weight
         key = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape))
         if key != self.key:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
@@ -128,6 +126,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x2 = x.reshape(-1, x.size(-1))
     if x2.size(0) == 0 or (2 * x2.size(0) * weight.numel() < MIN_FLOPS
             and weight.numel() * weight.element_size() < MIN_WEIGHT_BYTES):
+        return F.linear(x, weight, bias)
+    # An inference tensor (a weight made inside torch.inference_mode) has no version counter, so a
+    # packed copy could go stale unseen; reordering it on every call would cost more than MKL.
+    if weight.is_inference():
         return F.linear(x, weight, bias)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
