@@ -51,12 +51,13 @@ def test_non_contiguous_input(always_onednn):
 
 
 @pytest.mark.parametrize("frozen", ["none", "weight", "input"])
-def test_gradients_equal_f_linear(always_onednn, monkeypatch, frozen):
+@pytest.mark.parametrize("n_in,n_out", [(24, 40), (40, 24)])  # both ways of forming the weight gradient
+def test_gradients_equal_f_linear(always_onednn, monkeypatch, frozen, n_in, n_out):
     torch.manual_seed(0)
-    w = torch.randn(40, 24, requires_grad=frozen != "weight")
-    b = torch.randn(40, requires_grad=frozen != "weight")
-    x = torch.randn(2, 9, 24, requires_grad=frozen != "input")
-    g = torch.randn(2, 9, 40)
+    w = torch.randn(n_out, n_in, requires_grad=frozen != "weight")
+    b = torch.randn(n_out, requires_grad=frozen != "weight")
+    x = torch.randn(2, 9, n_in, requires_grad=frozen != "input")
+    g = torch.randn(2, 9, n_out)
     ours = [t for t in (x, w, b) if t.requires_grad]
     calls = _calls(monkeypatch)
     got = torch.autograd.grad(kernels.linear(x, w, b), ours, g)

@@ -108,7 +108,12 @@ class _LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _product(grad, weight.t(), None)  # [M, out] @ [out, in]
         if ctx.needs_input_grad[1]:
-            grad_w = _product(x.t(), grad.t(), None).t()  # ([in, M] @ [M, out])^T = grad^T x
+            # grad^T x. oneDNN takes a transposed weight as it is but copies a transposed input, a
+            # slow copy, so the smaller of x [M, in] and grad [M, out] is the one transposed.
+            if x.size(1) <= grad.size(1):
+                grad_w = _product(x.t().contiguous(), grad.t(), None).t()  # ([in, M] @ [M, out])^T
+            else:
+                grad_w = _product(grad.t().contiguous(), x.t(), None)  # [out, M] @ [M, in]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
