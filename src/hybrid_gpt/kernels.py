@@ -15,7 +15,8 @@ oneDNN multiplies float32 matrices ~2.3x faster than MKL, in full float32 precis
   and the packed copy is reused until the weight changes (its version counter moves).
 
 Everywhere else (CUDA, other dtypes, small products, weights made inside ``torch.inference_mode``,
-``torch.compile``, a PyTorch without oneDNN) it is plain ``F.linear``. ``HYBRID_GPT_ONEDNN=0`` switches the oneDNN path off, e.g. to measure what it buys.
+``torch.compile``, a PyTorch without oneDNN) it is plain ``F.linear``. ``HYBRID_GPT_ONEDNN=0``
+switches the oneDNN path off, e.g. to measure what it buys.
 """
 
 from __future__ import annotations
