@@ -152,3 +152,10 @@ def test_inference_tensor_weight_stays_on_f_linear(always_onednn, monkeypatch):
         calls = _calls(monkeypatch)
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert calls == []
+
+
+def test_self_test_leaves_the_global_random_state_alone(monkeypatch):
+    monkeypatch.setattr(kernels, "_available", None)  # force the self-test to run again
+    state = torch.get_rng_state()
+    assert kernels.onednn_enabled()
+    assert torch.equal(torch.get_rng_state(), state)
