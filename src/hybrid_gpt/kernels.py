@@ -76,7 +76,10 @@ def backend_name() -> str:
 class PackedWeight:
     """A layer's weight in oneDNN's blocked layout, re-made whenever the weight changes.
 
-    Copies of a model (``copy.deepcopy``) start with an empty one instead of sharing it.
+    A change is seen through the weight's version counter (any in-place op on the parameter, as
+    optimizers and ``load_state_dict`` do) or its storage (``p.data = t``). Writing through
+    ``p.data`` in place (``p.data.copy_(t)``) bypasses the counter: call ``p.copy_(t)`` under
+    ``torch.no_grad()`` instead. Copies of a model (``copy.deepcopy``) start with an empty one.
     """
 
     def __init__(self):
