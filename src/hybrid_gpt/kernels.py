@@ -21,6 +21,7 @@ switches the oneDNN path off, e.g. to measure what it buys.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -124,32 +125,34 @@ class _LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _use_onednn(x: torch.Tensor, rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether x @ weight.T goes to oneDNN rather than F.linear (the module docstring lists why not)."""
+    if (x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype
+            or (bias is not None and bias.dtype != x.dtype) or rows == 0 or torch.compiler.is_compiling()
+            or not onednn_enabled()):
+        return False
+    if 2 * rows * weight.numel() < MIN_FLOPS and weight.numel() * weight.element_size() < MIN_WEIGHT_BYTES:
+        return False  # too small to pay oneDNN's per-call cost
+    # An inference tensor (a weight made inside torch.inference_mode) has no version counter, so a
+    # packed copy could go stale unseen; reordering it on every call would cost more than MKL.
+    return not weight.is_inference()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: PackedWeight | None = None) -> torch.Tensor:
     """``F.linear`` with the oneDNN path where it applies (see the module docstring); ``packed``
     keeps the weight's blocked copy between calls without autograd (without it, none is kept)."""
-    if (x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype
-            or (bias is not None and bias.dtype != x.dtype) or torch.compiler.is_compiling()
-            or not onednn_enabled()):
+    rows = math.prod(x.shape[:-1])
+    if not _use_onednn(x, rows, weight, bias):
         return F.linear(x, weight, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.size(-1))
-    if x2.size(0) == 0 or (2 * x2.size(0) * weight.numel() < MIN_FLOPS
-            and weight.numel() * weight.element_size() < MIN_WEIGHT_BYTES):
-        return F.linear(x, weight, bias)
-    # An inference tensor (a weight made inside torch.inference_mode) has no version counter, so a
-    # packed copy could go stale unseen; reordering it on every call would cost more than MKL.
-    if weight.is_inference():
-        return F.linear(x, weight, bias)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = x.reshape(rows, x.size(-1)).contiguous()
     tracking = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if tracking:
         y = _LinearFunction.apply(x2, weight, bias)
     else:
         y = _product(x2, packed.get(weight) if packed is not None else weight, bias)
-    return y.view(*lead, weight.size(0))
+    return y.view(*x.shape[:-1], weight.size(0))
 
 
 class Linear(nn.Linear):
