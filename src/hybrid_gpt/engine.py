@@ -14,7 +14,8 @@ from .model import GPT
 
 
 class KVCache:
-    """Static per-layer key/value buffers of shape [B, H, max_len, head_dim] for attention layers only.
+    """Static per-layer key/value buffers for attention layers only: one [2, B, H, max_len, head_dim]
+    tensor per layer, keys at index 0 and values at 1, so that one copy writes both.
 
     Written in place (no per-token concatenation); ``pos`` counts the tokens already cached.
     """
@@ -23,18 +24,19 @@ class KVCache:
         cfg = model.config
         param = next(model.parameters())
         self.max_len = max_len or cfg.block_size
-        shape = (batch_size, cfg.n_head, self.max_len, cfg.n_embd // cfg.n_head)
+        shape = (2, batch_size, cfg.n_head, self.max_len, cfg.n_embd // cfg.n_head)
         dtype, device = dtype or param.dtype, device or param.device
-        n = model.attention_layers
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.attention_layers)]
         self.pos = 0
 
-    def update(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.pos + k.size(2)
-        self.k[index][:, :, self.pos:end] = k
-        self.v[index][:, :, self.pos:end] = v
-        return self.k[index][:, :, :end], self.v[index][:, :, :end]
+    def update(self, index: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache ``kv`` ([2, B, H, T, head_dim]: new keys and values) after the ``pos`` cached tokens
+        of attention layer ``index``; return that layer's keys and values so far, [B, H, pos + T, head_dim] each."""
+        end = self.pos + kv.size(-2)
+        buf = self.kv[index]
+        buf[:, :, :, self.pos:end] = kv
+        k, v = buf[:, :, :, :end].unbind(0)
+        return k, v
 
     def advance(self, n: int) -> None:
         self.pos += n
@@ -43,7 +45,7 @@ class KVCache:
         self.pos = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.kv)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

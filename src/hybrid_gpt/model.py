@@ -102,12 +102,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # One view and one permute give q, k, v as [B, heads, T, head_dim] each, and k, v side by side
+        # ([2, B, heads, T, head_dim]) as the cache stores them, so that one copy caches both.
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         start = 0
         if kv_cache is not None:
             start = kv_cache.pos
-            k, v = kv_cache.update(self.cache_index, k, v)
+            k, v = kv_cache.update(self.cache_index, qkv[1:])
         dropout = self.dropout if self.training else 0.0
         if start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
@@ -116,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         else:  # a chunk appended to a cache: query i sees keys up to start + i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # a view, without a copy, when T == 1
 
 
 class TokenMLP(nn.Module):
