@@ -34,6 +34,10 @@ def test_bench_reports_every_figure_for_both_models_and_the_peer():
     assert res["peak_memory_bytes"] > 0
     hw = res["hardware"]
     assert hw["memory_bandwidth_bytes_per_s"] > 0 and hw["matmul_flops_per_s"] > 0
+    # 5 reads of its own, plus one per repeat of every (context, batch) pair, taken between the timed runs
+    assert hw["streaming_read_samples"] == 5 + 2 * 4
+    low, high = hw["streaming_read_range_bytes_per_s"]
+    assert 0 < low <= hw["streaming_read_bytes_per_s"] <= high
     assert all(r["decode_limit_tok_s"] > 0 and r["decode_fraction_of_limit"] > 0 for r in rows)
     env = res["environment"]
     assert {"device", "dtype", "threads", "torch"} <= set(env)

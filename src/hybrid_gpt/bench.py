@@ -129,25 +129,44 @@ def _median_time(fn: Callable[[], object], device: torch.device, repeats: int) -
     return statistics.median([_time(fn, device) for _ in range(repeats + 1)][1:])  # the first run warms up
 
 
+def _probe_matrix(device: torch.device) -> torch.Tensor:
+    """256 MiB (CPU) / 1 GiB (GPU) of float32: far more than any cache, so reading it measures memory."""
+    n = 8192 if device.type == "cpu" else 16384
+    return torch.randn(n, n, device=device)
+
+
 @torch.inference_mode()
-def measure_hardware(device: torch.device, repeats: int = 5) -> dict:
+def _read_rate(a: torch.Tensor, device: torch.device) -> float:
+    """Bytes/s of one streaming read (a sum) of ``a``."""
+    return a.numel() * a.element_size() / _time(lambda: a.sum(), device)
+
+
+@torch.inference_mode()
+def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[float] | None = None) -> dict:
     """The machine's own limits, measured here: memory bandwidth as the faster of a large
     matrix-vector product and a plain streaming read (a sum) of the same 256 MiB / 1 GiB, each of
     which reads every byte once, and matmul throughput from a large square product.
 
     The streaming read is usually the faster, so the limit is the memory system's, not one BLAS
-    kernel's: a decode that reaches it cannot go faster by a better matrix-vector kernel."""
-    n = 8192 if device.type == "cpu" else 16384  # 256 MiB / 1 GiB of float32
-    a, v = torch.randn(n, n, device=device), torch.randn(n, device=device)
-    matvec = n * n * 4 / _median_time(lambda: a @ v, device, repeats)
-    read = n * n * 4 / _median_time(lambda: a.sum(), device, repeats)
+    kernel's: a decode that reaches it cannot go faster by a better matrix-vector kernel.
+    ``read_rates`` are more streaming-read samples, taken between the timed runs (see run_bench):
+    on a shared machine the bandwidth itself moves (45-81 GB/s in one day on ours), so the limit
+    must be measured while the models are."""
+    a = _probe_matrix(device)
+    v = torch.randn(a.size(1), device=device)
+    matvec = a.numel() * 4 / _median_time(lambda: a @ v, device, repeats)
+    reads = [_read_rate(a, device) for _ in range(repeats + 1)][1:] + list(read_rates or [])
+    read = statistics.median(reads)
     m = 1024 if device.type == "cpu" else 8192
     x, y = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
     flops = 2 * m**3 / _median_time(lambda: x @ y, device, repeats)
+    n = a.size(0)
     return {"memory_bandwidth_bytes_per_s": max(matvec, read), "matvec_bytes_per_s": matvec,
-            "streaming_read_bytes_per_s": read, "matmul_flops_per_s": flops,
-            "method": f"median of {repeats}: the faster of a {n}x{n} float32 matrix-vector product and a sum of "
-                      f"the same matrix; {m}x{m} float32 matmul"}
+            "streaming_read_bytes_per_s": read, "streaming_read_range_bytes_per_s": [min(reads), max(reads)],
+            "streaming_read_samples": len(reads), "matmul_flops_per_s": flops,
+            "method": f"the faster of a {n}x{n} float32 matrix-vector product (median of {repeats}) and a sum of "
+                      f"the same matrix (median of {len(reads)}, {len(reads) - repeats} of them between the timed "
+                      f"runs; range {min(reads) / 1e9:.1f}-{max(reads) / 1e9:.1f} GB/s); {m}x{m} float32 matmul"}
 
 
 def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float:
@@ -238,6 +257,7 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | 
     peers = _make_peers(models, vocab, block, gen, device, log) if cfg.peer else {}
 
     samples: dict = {}
+    probe, read_rates = _probe_matrix(device), []
 
     def record(key: tuple, value: float) -> None:
         samples.setdefault(key, [])
@@ -272,9 +292,12 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | 
                         value = fn()
                         if rep >= cfg.warmup:
                             record((name, c, b, fig), value)
+                if rep >= cfg.warmup:  # the memory bandwidth, sampled among the models it is the limit of
+                    read_rates.append(_read_rate(probe, device))
             log(f"context {c}, batch {b}: done")
 
-    hw = measure_hardware(device)
+    del probe
+    hw = measure_hardware(device, read_rates=read_rates)
     log(f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
         f"matmul {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
     results = {"environment": environment(device, cfg.dtypes), "config": asdict(cfg) | {"contexts": contexts},
