@@ -48,6 +48,8 @@ def test_pipeline_writes_every_stage_and_the_report(pipeline_run, capsys):
                  "decode speed, no cache", "bits per byte", "reward accuracy", "KV cache per token", "parameters",
                  "What the numbers say", "95% CI", "## Samples", "Machine and commands", "hybrid-gpt pipeline"):
         assert text in report, text
+    assert results["machine"] == results["bench"]["environment"]  # one record of the machine, not two
+    assert f"linear layers: {results['machine']['linear_kernels']}" in report
     for png in ("loss_curves.png", "decode_speed.png", "kv_cache.png"):
         data = (run_dir / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -6,8 +6,6 @@ A stage whose checkpoint is complete is skipped; one that was interrupted is res
 
 from __future__ import annotations
 
-import os
-import platform
 import shlex
 import sys
 import time
@@ -167,9 +165,7 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
         "preset": opts.preset, "seeds": opts.seeds, "run_dir": str(run_dir),
         "per_seed": {mt: {str(s): f for s, f in v.items()} for mt, v in per_seed.items()},
         "bench": bench, "samples": samples, "curves": curves, "timings": timings,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                    "device": str(device)},
+        "machine": bench["environment"],  # the benchmark's record of the machine, versions and kernels
         "data": {k: read_json(data_dir / "meta.json", "meta")[k] for k in ("source", "vocab_size", "splits")},
         "command": opts.command or " ".join(shlex.quote(a) for a in ["hybrid-gpt", *sys.argv[1:]]),
         "pipeline_seconds": time.time() - t_start,

@@ -235,10 +235,13 @@ def render_markdown(results: dict, summary: dict, plots: dict) -> str:
             L.append(f"> **user:** {turn['user']}  \n> **assistant:** {' '.join(turn['assistant'].split())}\n")
     L.append("## Machine and commands\n")
     m = results["machine"]
-    L.append(f"- machine: {m['platform']}, {m['cpu_count']} CPUs, device {m['device']}, {m['threads']} torch threads")
+    cpu = f", {m['cpu_model']}" if m.get("cpu_model") else ""
+    gpu = f" ({m['gpu']})" if m.get("gpu") else ""
+    kernels = f"; linear layers: {m['linear_kernels']}" if m.get("linear_kernels") else ""
+    L.append(f"- machine: {m['platform']}{cpu}, {m['cpu_count']} CPUs, device {m['device']}{gpu}, "
+             f"{m['threads']} torch threads{kernels}")
     L.append(f"- versions: Python {m['python']}, torch {m['torch']}"
-             + (f", transformers {results['bench']['environment']['transformers']}"
-                if "transformers" in results["bench"]["environment"] else ""))
+             + (f", transformers {m['transformers']}" if "transformers" in m else ""))
     L.append(f"- data: {results['data']['source']}, vocabulary {results['data']['vocab_size']}")
     L.append(f"- pipeline wall time in this invocation: {results['pipeline_seconds']:.0f} s")
     L.append(f"- command: `{results['command']}`")
