@@ -115,3 +115,15 @@ def test_last_only_logits_equal_the_last_row_of_the_full_logits():
         full, last = model(idx), model(idx, last_only=True)
     assert last.shape == (3, 1, model.config.vocab_size)
     torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", ["AAMM", "NNNN"])
+def test_dropout_acts_only_in_training_mode(layers):
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = smoke_model(layers, dropout=0.5)
+    with torch.no_grad():
+        assert torch.equal(model(idx), model(idx)), "eval mode must be deterministic"
+        model.train()
+        assert not torch.equal(model(idx), model(idx)), "dropout 0.5 in training mode must change the output"
+        plain = smoke_model(layers, dropout=0.0).train()
+        assert torch.equal(plain(idx), plain(idx)), "dropout 0 does nothing, even in training mode"
