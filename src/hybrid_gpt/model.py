@@ -116,14 +116,14 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             start = kv_cache.pos
             k, v = kv_cache.update(self.cache_index, qkv[1:])
-        dropout = self.dropout if self.training else 0.0
+        p = self.dropout if self.training else 0.0
         if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         elif T == 1:  # one new token attends to everything cached: no mask needed
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # a chunk appended to a cache: query i sees keys up to start + i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # a view, without a copy, when T == 1
 
 
