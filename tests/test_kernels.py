@@ -1,5 +1,6 @@
 """kernels.py: the oneDNN linear layer must compute what F.linear computes, forward and backward."""
 
+import contextlib
 import copy
 
 import pytest
@@ -19,6 +20,16 @@ def always_onednn(monkeypatch):
     """Route even the smoke sizes' tiny products through oneDNN (normally they stay on F.linear)."""
     monkeypatch.setattr(kernels, "MIN_FLOPS", 0)
     monkeypatch.setattr(kernels, "MIN_WEIGHT_BYTES", 0)
+
+
+@contextlib.contextmanager
+def onednn_off():
+    """Linear layers on F.linear for the duration, as HYBRID_GPT_ONEDNN=0 makes them for a process."""
+    kernels.set_enabled(False)
+    try:
+        yield
+    finally:
+        kernels.set_enabled(None)
 
 
 def _calls(monkeypatch) -> list:
@@ -105,11 +116,25 @@ def test_falls_back_to_f_linear(always_onednn, monkeypatch):
     assert torch.equal(kernels.linear(x64, layer.weight.double(), layer.bias.double()),
                        F.linear(x64, layer.weight.double(), layer.bias.double()))
     assert torch.equal(layer(torch.randn(0, 24)), torch.empty(0, 40))
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    assert not kernels.onednn_enabled()
-    x = torch.randn(3, 24)
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    assert calls == []
+    with onednn_off():
+        assert not kernels.onednn_enabled()
+        x = torch.randn(3, 24)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert calls == []
+    assert kernels.onednn_enabled()
+
+
+@pytest.mark.parametrize("value,expected", [("0", False), (" 0 ", False), ("1", True), ("", True)])
+def test_environment_switch_is_read_once(monkeypatch, value, expected):
+    monkeypatch.setenv(kernels.ENV_SWITCH, value)
+    kernels.set_enabled(None)  # as at the start of a process: the next product reads the environment
+    try:
+        assert kernels.onednn_enabled() is expected
+        monkeypatch.setenv(kernels.ENV_SWITCH, "1" if value == "0" else "0")
+        assert kernels.onednn_enabled() is expected, "read once per process, not on every product"
+    finally:
+        monkeypatch.delenv(kernels.ENV_SWITCH)
+        kernels.set_enabled(None)
 
 
 def test_small_products_stay_on_f_linear(monkeypatch):
@@ -128,20 +153,23 @@ def test_model_trains_and_decodes_the_same_on_both_paths(always_onednn, monkeypa
     assert list(model.state_dict()) == list(reference.state_dict())
     idx = torch.randint(0, 97, (3, 16))
     targets = torch.randint(0, 97, (3, 16))
+    calls = _calls(monkeypatch)
     _, loss = model(idx, targets)
     loss.backward()
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    _, ref_loss = reference(idx, targets)
-    ref_loss.backward()
+    assert calls, "the model's products should run on oneDNN"
+    calls.clear()
+    with onednn_off():
+        _, ref_loss = reference(idx, targets)
+        ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
-    monkeypatch.delenv(kernels.ENV_SWITCH)
     with torch.inference_mode():
         got = model.eval()(idx)
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    with torch.inference_mode():
-        torch.testing.assert_close(got, reference.eval()(idx), rtol=1e-5, atol=1e-5)
+    with onednn_off(), torch.inference_mode():
+        expected = reference.eval()(idx)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 17, "one forward of the oneDNN model (16 block products and the head), none of the reference"
 
 
 def test_inference_tensor_weight_stays_on_f_linear(always_onednn, monkeypatch):
@@ -156,6 +184,7 @@ def test_inference_tensor_weight_stays_on_f_linear(always_onednn, monkeypatch):
 
 def test_self_test_leaves_the_global_random_state_alone(monkeypatch):
     monkeypatch.setattr(kernels, "_available", None)  # force the self-test to run again
+    monkeypatch.setattr(kernels, "_enabled", None)
     state = torch.get_rng_state()
     assert kernels.onednn_enabled()
     assert torch.equal(torch.get_rng_state(), state)
