@@ -67,3 +67,35 @@ def test_stop_token_ends_generation():
     if int(second) != int(first):
         rows = torch.cat(list(generate(model, two, 4, temperature=0, stop_tokens={int(first)})), dim=1)
         assert rows.shape == (2, 4) and (rows[0] == int(first)).all()
+
+
+@pytest.mark.parametrize("layers", ["AAAA", "AAMM"])
+def test_bfloat16_decode_matches_its_full_forward(layers):
+    """bf16 on the CPU decodes one query with spelled-out attention (model._attend_one) at batch > 1."""
+    model = smoke_model(layers).to(torch.bfloat16)
+    T = model.config.block_size
+    idx = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = model(idx).float()
+        cache = KVCache(model, batch_size=2)
+        outs = [model(idx[:, :8], kv_cache=cache)]
+        cache.advance(8)
+        for i in range(8, T):
+            outs.append(model(idx[:, i:i + 1], kv_cache=cache))
+            cache.advance(1)
+    got = torch.cat(outs, dim=1).float()
+    # bf16 keeps 8 bits of mantissa: the two paths round differently, so agree to bf16's precision.
+    torch.testing.assert_close(got, full, rtol=0.05, atol=0.05)
+    assert (got.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+
+
+def test_single_query_attention_equals_sdpa():
+    from hybrid_gpt.model import _attend_one
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (1, 20, 20))
+    torch.testing.assert_close(_attend_one(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                               rtol=1e-5, atol=1e-6)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    torch.testing.assert_close(_attend_one(qb, kb, vb).float(),
+                               torch.nn.functional.scaled_dot_product_attention(qb, kb, vb).float(), rtol=0.02, atol=0.02)
