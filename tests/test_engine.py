@@ -97,5 +97,5 @@ def test_single_query_attention_equals_sdpa():
     torch.testing.assert_close(_attend_one(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
                                rtol=1e-5, atol=1e-6)
     qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
-    torch.testing.assert_close(_attend_one(qb, kb, vb).float(),
-                               torch.nn.functional.scaled_dot_product_attention(qb, kb, vb).float(), rtol=0.02, atol=0.02)
+    expected = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb).float()
+    torch.testing.assert_close(_attend_one(qb, kb, vb).float(), expected, rtol=0.02, atol=0.02)
