@@ -71,7 +71,7 @@ def test_stop_token_ends_generation():
 
 @pytest.mark.parametrize("layers", ["AAAA", "AAMM"])
 def test_bfloat16_decode_matches_its_full_forward(layers):
-    """bf16 on the CPU decodes one query with spelled-out attention (model._attend_one) at batch > 1."""
+    """On the CPU at batch > 1 one query's attention is spelled out (model._attend_one), not SDPA."""
     model = smoke_model(layers).to(torch.bfloat16)
     T = model.config.block_size
     idx = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
