@@ -121,3 +121,30 @@ def test_precision_copies_are_ordinary_tensors_even_inside_inference_mode():
     assert copies["m"] is model
     assert all(not p.is_inference() and p.dtype == torch.bfloat16 for p in copies["m@bfloat16"].parameters())
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_bench_measures_compiled_entries_beside_eager():
+    """--compile adds "<name>+compile" entries, checked against eager logits, with their own ratios."""
+    import torch
+
+    torch._dynamo.reset()
+    models = {"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}
+    cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1, 2], repeats=1, warmup=1, naive=False,
+                      peer=False, compile=True)
+    recompile_limit = torch._dynamo.config.recompile_limit
+    res = run_bench(models, cfg, log=lambda *a: None)
+    assert torch._dynamo.config.recompile_limit == recompile_limit, "the dynamo settings are put back"
+    assert set(res["models"]) == {"standard", "hybrid", "standard+compile", "hybrid+compile"}
+    assert res["models"]["standard+compile"]["compiled"] and not res["models"]["standard"]["compiled"]
+    for name in ("standard+compile", "hybrid+compile"):
+        assert res["compiled"][name]["max_abs_logit_diff_from_eager"] <= 1e-4
+        assert all(r["decode_tok_s"]["median"] > 0 for r in res["models"][name]["rows"])
+    assert {"hybrid/standard", "hybrid+compile/standard+compile", "standard+compile/standard"} <= set(res["ratios"])
+    assert "hybrid+compile/standard" not in res["ratios"], "compiled entries are compared with compiled ones"
+    assert "(torch.compile, dynamic shapes) logits vs eager" in format_table(res)
+
+
+def test_bench_compile_needs_a_warmup():
+    with pytest.raises(HybridGPTError, match="--warmup"):
+        run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, warmup=0, peer=False,
+                                                         compile=True), log=print)

@@ -38,6 +38,9 @@ class BenchConfig:
     # the others are named "<model>@<dtype>" (e.g. "standard@bfloat16").
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
     quality_tokens: int = 32768  # validation tokens for each precision's bits per byte (when data is given)
+    # Also measure every entry torch.compile'd (dynamic shapes), as "<entry>+compile": fused kernels and
+    # fewer launches, which matter most on a GPU. On the CPU our layers' oneDNN path is eager-only.
+    compile: bool = False
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,6 +66,31 @@ def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
                 same = next(model.parameters()).dtype == DTYPES[dtype]
                 out[entry_name(name, dtype)] = model if same else copy.deepcopy(model).to(DTYPES[dtype])
     return out
+
+
+# Graphs one compiled model needs: prefill, cached prefill, decode and naive decode, each at batch 1 and
+# batch > 1 (dynamo specialises sizes 0 and 1). Every entry counts against one limit, as they share
+# GPT.forward's code; past it dynamo would quietly run eager code under a "+compile" label.
+_GRAPHS_PER_MODEL = 8
+
+
+def with_compiled(models: dict[str, GPT], probe: torch.Tensor, log=print) -> tuple[dict, dict]:
+    """Each entry again as "<name>+compile" (torch.compile, dynamic shapes), tried once on ``probe``
+    (compiling its prefill and decode graphs) and checked against the eager model's logits."""
+    out, diffs = {}, {}
+    for name, model in models.items():
+        compiled = torch.compile(model, dynamic=True)
+        try:
+            diff = (compiled(probe).float() - model(probe).float()).abs().max().item()
+            for _ in generate(compiled, probe[:, : max(1, probe.size(1) // 2)], 2, temperature=0):
+                pass
+        except Exception as e:  # a compiler missing or failing here: say so in one line
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise RunFailure(f"--compile: torch.compile failed for {name} ({type(e).__name__}: {first}); "
+                             "run bench without --compile") from e
+        out[f"{name}+compile"], diffs[f"{name}+compile"] = compiled, diff
+        log(f"compile: {name}+compile, max |logit difference| from eager {diff:.2e}")
+    return out, diffs
 
 
 def default_contexts(block_size: int, new_tokens: int) -> list[int]:
@@ -232,11 +260,22 @@ def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log
     return peers
 
 
-@torch.inference_mode()
 def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | None = None) -> dict:
     """Benchmark ``models`` (name -> model, all on one device), each in every precision of
-    ``cfg.dtypes``, and return the results as a dict. With ``val`` = (validation tokens, bytes per
-    token), each entry's bits per byte in its precision is measured too (the quality cost of bf16)."""
+    ``cfg.dtypes`` (and compiled, with ``cfg.compile``), and return the results as a dict. With
+    ``val`` = (validation tokens, bytes per token), each entry's bits per byte in its precision is
+    measured too (the quality cost of bf16)."""
+    if not cfg.compile:
+        return _run_bench(models, cfg, log, val)
+    # Room for every compiled entry's graphs, and an error (never eager code under a "+compile"
+    # label) should dynamo run out of it anyway.
+    limit = max(torch._dynamo.config.recompile_limit, 2 * _GRAPHS_PER_MODEL * len(models) * len(cfg.dtypes))
+    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+        return _run_bench(models, cfg, log, val)
+
+
+@torch.inference_mode()
+def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None) -> dict:
     if not models:
         raise HybridGPTError("bench needs at least one checkpoint")
     originals = models
@@ -255,6 +294,13 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | 
     vocab = min(m.config.vocab_size for m in models.values())
     gen = torch.Generator().manual_seed(cfg.seed)
     peers = _make_peers(models, vocab, block, gen, device, log) if cfg.peer else {}
+    compiled_diffs = {}
+    if cfg.compile:
+        if cfg.warmup < 1:
+            raise HybridGPTError("--compile needs --warmup 1 or more: the first runs of each shape compile")
+        probe = torch.randint(0, vocab, (2, min(block, 32)), generator=gen).to(device)
+        compiled, compiled_diffs = with_compiled(models, probe, log)
+        models = models | compiled
 
     samples: dict = {}
     probe, read_rates = _probe_matrix(device), []
@@ -316,6 +362,7 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | 
                 row["decode_fraction_of_limit"] = row["decode_tok_s"]["median"] / row["decode_limit_tok_s"]
                 rows.append(row)
         results["models"][name] = {"layers": mc.layers, "dtype": str(dtype).removeprefix("torch."),
+                                   "compiled": name in compiled_diffs,
                                    "parameters": model.num_params(), "kv_bytes_per_token": mc.kv_bytes_per_token(dtype),
                                    "rows": rows}
     if peers:
@@ -329,6 +376,8 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | 
                                       "rows": rows}
         # "peer" is the float32 peer (or the only one): what the report and the ratios compare against.
         results["peer"] = results["peers"].get("peer") or next(iter(results["peers"].values()))
+    if compiled_diffs:
+        results["compiled"] = {name: {"max_abs_logit_diff_from_eager": d} for name, d in compiled_diffs.items()}
     if val is not None:
         results["quality"] = precision_quality(originals, models, cfg, val, log)
     results["ratios"] = _ratios(results)
@@ -371,11 +420,11 @@ def _ratios(results: dict) -> dict:
     issue's comparison, against the float32 peer."""
     models = results["models"]
     out = {}
-    by_dtype: dict[str, list[str]] = {}
+    groups: dict[tuple, list[str]] = {}  # same precision, and compiled or not
     for name, m in models.items():
-        by_dtype.setdefault(m.get("dtype", "float32"), []).append(name)
-    for dtype, names in by_dtype.items():
-        base = entry_name("standard", dtype)
+        groups.setdefault((m.get("dtype", "float32"), m.get("compiled", False)), []).append(name)
+    for (dtype, compiled), names in groups.items():
+        base = entry_name("standard", dtype) + ("+compile" if compiled else "")
         base = base if base in names else names[0]
         for other in names:
             if other == base:
@@ -391,9 +440,17 @@ def _ratios(results: dict) -> dict:
                 r["kv_cache_ratio"] = (ro["kv_cache_bytes"] / rb["kv_cache_bytes"]) if rb["kv_cache_bytes"] else None
                 rows.append(r)
             out[f"{other}/{base}"] = rows
+    for name, m in models.items():  # what compiling buys: each compiled entry against its eager self
+        eager = name.removesuffix("+compile")
+        if m.get("compiled") and eager in models:
+            out[f"{name}/{eager}"] = [
+                {"context": o["context"], "batch": o["batch"],
+                 "prefill_speedup": b["prefill_ms"]["median"] / o["prefill_ms"]["median"],
+                 "decode_speedup": o["decode_tok_s"]["median"] / b["decode_tok_s"]["median"]}
+                for o, b in zip(m["rows"], models[eager]["rows"])]
     for name, m in models.items():  # what a lower precision buys: each entry against its float32 self
         plain = name.split("@")[0]
-        if m.get("dtype", "float32") != "float32" and plain in models:
+        if m.get("dtype", "float32") != "float32" and not m.get("compiled") and plain in models:
             out[f"{name}/{plain}"] = [
                 {"context": o["context"], "batch": o["batch"],
                  "prefill_speedup": b["prefill_ms"]["median"] / o["prefill_ms"]["median"],
@@ -401,6 +458,7 @@ def _ratios(results: dict) -> dict:
                 for o, b in zip(m["rows"], models[plain]["rows"])]
     peers = results.get("peers", {})
     pairs = [(peer["weights_of"], name) for name, peer in peers.items()]
+    pairs += [(f"{of}+compile", name) for of, name in pairs if f"{of}+compile" in models]
     if "peer" in peers:  # lower precisions of ours against the float32 peer, as the issue states its target
         pairs += [(name, "peer") for name, m in models.items()
                   if m.get("dtype", "float32") != "float32" and set(m["layers"]) == {"A"}]
@@ -452,6 +510,9 @@ def format_table(results: dict) -> str:
             lines.append(f"  context {r['context']}, batch {r['batch']}: " + ", ".join(parts))
     for name, peer in results.get("peers", {}).items():
         lines.append(f"{name} logits match: max |difference| {peer['max_abs_logit_diff']:.2e}")
+    for name, c in results.get("compiled", {}).items():
+        lines.append(f"{name} (torch.compile, dynamic shapes) logits vs eager: max |difference| "
+                     f"{c['max_abs_logit_diff_from_eager']:.2e}")
     for name, q in results.get("quality", {}).items():
         lines.append(f"quality {name}: {q['bpb']:.4f} bits per byte on {results['config']['quality_tokens']:,} "
                      f"validation tokens ({q['cost_bpb']:+.4f} vs float32)")

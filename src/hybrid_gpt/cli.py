@@ -96,7 +96,7 @@ def _bench_config(args):
         torch.set_num_threads(args.threads)
     return BenchConfig(contexts=args.contexts, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
                        repeats=args.repeats, warmup=args.warmup, naive=not args.no_naive, peer=not args.no_peer,
-                       dtypes=args.dtypes)
+                       dtypes=args.dtypes, compile=getattr(args, "compile", False))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_flags(p)
     p.add_argument("--train", action="store_true", help="also measure training throughput (ours and the peer)")
     p.add_argument("--train-batch", type=_positive_int, default=16, help="rows per training step (default: 16)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure every model torch.compile'd (dynamic shapes) as '<name>+compile'")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", help="also write the JSON results to this file")
 
