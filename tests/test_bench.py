@@ -148,3 +148,19 @@ def test_bench_compile_needs_a_warmup():
     with pytest.raises(HybridGPTError, match="--warmup"):
         run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, warmup=0, peer=False,
                                                          compile=True), log=print)
+
+
+def test_bench_compile_failure_is_one_clear_error(monkeypatch):
+    import torch
+
+    from hybrid_gpt.errors import RunFailure
+
+    class Broken(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise RuntimeError("no C++ compiler found\nlong traceback text")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: Broken())
+    with pytest.raises(RunFailure, match=r"torch.compile failed for s \(RuntimeError: no C\+\+ compiler found\); "
+                                         r"run bench without --compile"):
+        run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, peer=False, compile=True),
+                  log=lambda *a: None)
