@@ -74,15 +74,15 @@ def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
 _GRAPHS_PER_MODEL = 8
 
 
-def with_compiled(models: dict[str, GPT], probe: torch.Tensor, log=print) -> tuple[dict, dict]:
-    """Each entry again as "<name>+compile" (torch.compile, dynamic shapes), tried once on ``probe``
-    (compiling its prefill and decode graphs) and checked against the eager model's logits."""
+def with_compiled(models: dict[str, GPT], trial: torch.Tensor, log=print) -> tuple[dict, dict]:
+    """Each entry again as "<name>+compile" (torch.compile, dynamic shapes), tried once on the tokens
+    ``trial`` (compiling its prefill and decode graphs) and checked against the eager model's logits."""
     out, diffs = {}, {}
     for name, model in models.items():
         compiled = torch.compile(model, dynamic=True)
         try:
-            diff = (compiled(probe).float() - model(probe).float()).abs().max().item()
-            for _ in generate(compiled, probe[:, : max(1, probe.size(1) // 2)], 2, temperature=0):
+            diff = (compiled(trial).float() - model(trial).float()).abs().max().item()
+            for _ in generate(compiled, trial[:, : max(1, trial.size(1) // 2)], 2, temperature=0):
                 pass
         except Exception as e:  # a compiler missing or failing here: say so in one line
             first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -298,8 +298,8 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
     if cfg.compile:
         if cfg.warmup < 1:
             raise HybridGPTError("--compile needs --warmup 1 or more: the first runs of each shape compile")
-        probe = torch.randint(0, vocab, (2, min(block, 32)), generator=gen).to(device)
-        compiled, compiled_diffs = with_compiled(models, probe, log)
+        trial = torch.randint(0, vocab, (2, min(block, 32)), generator=gen).to(device)
+        compiled, compiled_diffs = with_compiled(models, trial, log)
         models = models | compiled
 
     samples: dict = {}
