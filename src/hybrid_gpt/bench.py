@@ -170,7 +170,8 @@ def _read_rate(a: torch.Tensor, device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[float] | None = None) -> dict:
+def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[float] | None = None,
+                     probe: torch.Tensor | None = None) -> dict:
     """The machine's own limits, measured here: memory bandwidth as the faster of a large
     matrix-vector product and a plain streaming read (a sum) of the same 256 MiB / 1 GiB, each of
     which reads every byte once, and matmul throughput from a large square product.
@@ -179,8 +180,8 @@ def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[fl
     kernel's: a decode that reaches it cannot go faster by a better matrix-vector kernel.
     ``read_rates`` are more streaming-read samples, taken between the timed runs (see run_bench):
     on a shared machine the bandwidth itself moves (45-81 GB/s in one day on ours), so the limit
-    must be measured while the models are."""
-    a = _probe_matrix(device)
+    must be measured while the models are; ``probe`` is the matrix they read (a new one if None)."""
+    a = _probe_matrix(device) if probe is None else probe
     v = torch.randn(a.size(1), device=device)
     matvec = a.numel() * 4 / _median_time(lambda: a @ v, device, repeats)
     reads = [_read_rate(a, device) for _ in range(repeats + 1)][1:] + list(read_rates or [])
@@ -342,8 +343,7 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
                     read_rates.append(_read_rate(probe, device))
             log(f"context {c}, batch {b}: done")
 
-    del probe
-    hw = measure_hardware(device, read_rates=read_rates)
+    hw = measure_hardware(device, read_rates=read_rates, probe=probe)
     log(f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
         f"matmul {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
     results = {"environment": environment(device, cfg.dtypes), "config": asdict(cfg) | {"contexts": contexts},
@@ -440,22 +440,17 @@ def _ratios(results: dict) -> dict:
                 r["kv_cache_ratio"] = (ro["kv_cache_bytes"] / rb["kv_cache_bytes"]) if rb["kv_cache_bytes"] else None
                 rows.append(r)
             out[f"{other}/{base}"] = rows
-    for name, m in models.items():  # what compiling buys: each compiled entry against its eager self
-        eager = name.removesuffix("+compile")
-        if m.get("compiled") and eager in models:
-            out[f"{name}/{eager}"] = [
+    # Each entry against itself without one change: what compiling buys, then what a lower precision buys.
+    selves = [(name, name.removesuffix("+compile")) for name, m in models.items() if m.get("compiled")]
+    selves += [(name, name.split("@")[0]) for name, m in models.items()
+               if m.get("dtype", "float32") != "float32" and not m.get("compiled")]
+    for name, ref in selves:
+        if ref in models:
+            out[f"{name}/{ref}"] = [
                 {"context": o["context"], "batch": o["batch"],
                  "prefill_speedup": b["prefill_ms"]["median"] / o["prefill_ms"]["median"],
                  "decode_speedup": o["decode_tok_s"]["median"] / b["decode_tok_s"]["median"]}
-                for o, b in zip(m["rows"], models[eager]["rows"])]
-    for name, m in models.items():  # what a lower precision buys: each entry against its float32 self
-        plain = name.split("@")[0]
-        if m.get("dtype", "float32") != "float32" and not m.get("compiled") and plain in models:
-            out[f"{name}/{plain}"] = [
-                {"context": o["context"], "batch": o["batch"],
-                 "prefill_speedup": b["prefill_ms"]["median"] / o["prefill_ms"]["median"],
-                 "decode_speedup": o["decode_tok_s"]["median"] / b["decode_tok_s"]["median"]}
-                for o, b in zip(m["rows"], models[plain]["rows"])]
+                for o, b in zip(models[name]["rows"], models[ref]["rows"])]
     peers = results.get("peers", {})
     pairs = [(peer["weights_of"], name) for name, peer in peers.items()]
     pairs += [(f"{of}+compile", name) for of, name in pairs if f"{of}+compile" in models]
