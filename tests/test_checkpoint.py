@@ -2,14 +2,14 @@ import json
 
 import pytest
 import torch
+from helpers import smoke_model
 from safetensors.torch import load_file, save_file
 
-from conftest import smoke_model
 from hybrid_gpt import load
 from hybrid_gpt.checkpoint import load_checkpoint, save_checkpoint
+from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import recover_dir
-from hybrid_gpt.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +61,14 @@ def test_pickled_objects_are_refused(ckpt):
 def test_mismatched_tensors_are_named(ckpt):
     path, _ = ckpt
     state = load_file(str(path / "model.safetensors"))
-    del state["transformer.h.0.attn.c_attn.weight"]
+    del state["transformer.h.0.mixer.c_attn.weight"]
     state["transformer.h.9.extra"] = torch.zeros(1)
     state["transformer.ln_f.weight"] = torch.zeros(3)
     save_file(state, str(path / "model.safetensors"))
     with pytest.raises(HybridGPTError) as e:
         load(path)
     msg = str(e.value)
-    assert "transformer.h.0.attn.c_attn.weight" in msg and "transformer.h.9.extra" in msg
+    assert "transformer.h.0.mixer.c_attn.weight" in msg and "transformer.h.9.extra" in msg
     assert "transformer.ln_f.weight" in msg
 
 

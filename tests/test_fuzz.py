@@ -5,15 +5,15 @@ import json
 import unicodedata
 
 import pytest
+from helpers import smoke_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import smoke_model
-from hybrid_gpt.chat import ChatSession, clean_input
-from hybrid_gpt.chat_data import load_dpo, load_sft
+from hybrid_gpt.data.chat_data import load_dpo, load_sft
+from hybrid_gpt.data.template import render, training_example
+from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.template import render, training_example
-from hybrid_gpt.tokenizer import Tokenizer
+from hybrid_gpt.infer.chat import ChatSession, clean_input
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # Any Unicode text (surrogates cannot be encoded, so Python strings from files never hold them), long ones too.

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .engine import KVCache, generate
-from .errors import HybridGPTError
-from .model import GPT, GPTConfig
-from .tokenizer import Tokenizer
+from hybrid_gpt.data.tokenizer import Tokenizer
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.infer.engine import KVCache, generate
+from hybrid_gpt.model.gpt import GPT, GPTConfig
 
 
 def load(path, device: str = "cpu"):
@@ -20,7 +20,7 @@ def load(path, device: str = "cpu"):
 
     ``.pt`` state dicts are read with ``weights_only=True``; nothing is unpickled.
     """
-    from .checkpoint import load_checkpoint
+    from hybrid_gpt.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(path, device)
     return model, tokenizer

@@ -16,11 +16,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import HybridGPTError, RunFailure
-from .fsutil import read_json, recover_dir, replace_dir, write_json, write_text
-from .model import GPT, GPTConfig
-from .runtime import ensure_fits
-from .tokenizer import Tokenizer
+from hybrid_gpt.data.tokenizer import Tokenizer
+from hybrid_gpt.data.tokens import TokenData
+from hybrid_gpt.errors import HybridGPTError, RunFailure
+from hybrid_gpt.fsutil import read_json, recover_dir, replace_dir, write_json, write_text
+from hybrid_gpt.model.gpt import GPT, GPTConfig
+from hybrid_gpt.runtime import ensure_fits
 
 FORMAT = "hybrid-gpt-checkpoint"
 FORMAT_VERSION = 1
@@ -137,3 +138,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     model.load_state_dict(state, strict=False)  # strictness checked above; lm_head is tied to wte
     model.to(device).eval()
     return model, tokenizer, training
+
+
+def checkpoint_data_dir(ckpt: Path, training: dict) -> Path:
+    """Where a checkpoint's validation data lives: recorded at training time, else ``<ckpt>/../data``."""
+    recorded = training.get("data_dir")
+    if recorded and (Path(recorded) / "meta.json").is_file():
+        return Path(recorded)
+    return ckpt.parent / "data"
+
+
+def checkpoint_data(ckpt: Path, tokenizer, training: dict, data_dir: str | Path | None = None) -> TokenData:
+    """The prepared data a checkpoint is evaluated on (``data_dir``, else :func:`checkpoint_data_dir`),
+    refused when it was tokenized with another tokenizer: its token ids would mean other text."""
+    data = TokenData.open(data_dir or checkpoint_data_dir(ckpt, training))
+    if data.meta["tokenizer_sha256"] != tokenizer.sha256():
+        raise HybridGPTError(f"the checkpoint's tokenizer differs from the one in {data.root}; "
+                             "pass --data with the data it was trained on")
+    return data

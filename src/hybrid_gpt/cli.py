@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import HybridGPTError
-from .presets import PRESETS, default_preset
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.presets import PRESETS, default_preset
 
 PROG = "hybrid-gpt"
 
@@ -55,7 +55,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _dtype_list(text: str) -> list[str]:
-    from .bench import DTYPES
+    from hybrid_gpt.infer.bench import DTYPES
 
     values = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in values if v not in DTYPES]
@@ -90,7 +90,7 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
 def _bench_config(args):
     import torch
 
-    from .bench import BenchConfig
+    from hybrid_gpt.infer.bench import BenchConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -306,26 +306,17 @@ def _run_dir(args) -> tuple[str, Path]:
 
 
 def cmd_prepare(args) -> int:
-    from .corpus import load_shakespeare, load_user_corpus
-    from .data import prepare_data
-    from .fsutil import read_json
-    from .presets import get_preset
+    from hybrid_gpt.data.corpus import load_shakespeare, load_user_corpus
+    from hybrid_gpt.data.tokens import is_prepared, prepare_data
+    from hybrid_gpt.presets import get_preset
 
     preset, run_dir = _run_dir(args)
     out = Path(args.out) if args.out else run_dir / "data"
     vocab = args.vocab_size or get_preset(preset)["vocab_size"]
     corpus = load_user_corpus(args.corpus) if args.corpus else load_shakespeare()
-    if (out / "meta.json").is_file() and not args.force:
-        meta = read_json(out / "meta.json", "data meta file")
-        same_vocab = meta.get("requested_vocab_size", meta.get("vocab_size")) == vocab
-        if meta.get("corpus_sha256") == corpus.sha256() and same_vocab:
-            print(f"{out} is already prepared for this corpus and vocabulary; nothing to do (--force rebuilds)")
-            return 0
-        # Checkpoints trained on the old data need it: never replace it silently.
-        raise HybridGPTError(
-            f"{out} already holds data prepared from {meta.get('source')} with vocabulary {meta.get('vocab_size')}; "
-            "pass --force to replace it, or --run-dir/--out to prepare elsewhere"
-        )
+    if not args.force and is_prepared(out, corpus, vocab):
+        print(f"{out} is already prepared for this corpus and vocabulary; nothing to do (--force rebuilds)")
+        return 0
     print(f"preparing {corpus.source} -> {out}")
     prepare_data(corpus, out, vocab)
     print(f"wrote {out}/tokenizer.json, train.bin, val.bin, meta.json")
@@ -333,7 +324,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .pretrain import MODEL_KEYS, TRAIN_KEYS, run_pretrain
+    from hybrid_gpt.train.pretrain import MODEL_KEYS, TRAIN_KEYS, run_pretrain
 
     preset, run_dir = _run_dir(args)
     keys = set(MODEL_KEYS) | set(TRAIN_KEYS) | {"vocab_size"}
@@ -345,10 +336,9 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .evaluate import EVAL_TOKENS, evaluate_lm
-    from .pretrain import checkpoint_data
-    from .runtime import resolve_device
+    from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
+    from hybrid_gpt.runtime import resolve_device
+    from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm
 
     device = resolve_device(args.device)
     model, tok, training = load_checkpoint(args.checkpoint, device)
@@ -377,9 +367,9 @@ def _check_sampling(args) -> None:
 def cmd_sample(args) -> int:
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .engine import generate
-    from .runtime import resolve_device
+    from hybrid_gpt.checkpoint import load_checkpoint
+    from hybrid_gpt.infer.engine import generate
+    from hybrid_gpt.runtime import resolve_device
 
     _check_sampling(args)
     device = resolve_device(args.device)
@@ -407,9 +397,9 @@ def cmd_sample(args) -> int:
 
 
 def cmd_prepare_chat(args) -> int:
-    from .chat_data import prepare_chat_data
-    from .corpus import load_shakespeare
-    from .fsutil import read_json
+    from hybrid_gpt.data.chat_data import prepare_chat_data
+    from hybrid_gpt.data.corpus import load_shakespeare
+    from hybrid_gpt.fsutil import read_json
 
     _, run_dir = _run_dir(args)
     out = Path(args.out) if args.out else run_dir / "chat"
@@ -427,13 +417,14 @@ def cmd_prepare_chat(args) -> int:
 
 
 def _finetune_overrides(args) -> dict:
-    from .stage import TRAIN_KEYS
+    from hybrid_gpt.train.stage import TRAIN_KEYS
 
     return {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k, None) is not None}
 
 
 def _report(result) -> int:
-    from .train import distributed_env, format_eval
+    from hybrid_gpt.runtime import distributed_env
+    from hybrid_gpt.train.loop import format_eval
 
     if distributed_env()[0] != 0:
         return 0
@@ -448,7 +439,7 @@ def _report(result) -> int:
 
 
 def cmd_sft(args) -> int:
-    from .sft import run_sft
+    from hybrid_gpt.train.sft import run_sft
 
     preset, run_dir = _run_dir(args)
     return _report(run_sft(run_dir=run_dir, preset=preset, model_type=args.model_type, layers=args.layers,
@@ -458,7 +449,7 @@ def cmd_sft(args) -> int:
 
 
 def cmd_dpo(args) -> int:
-    from .dpo import run_dpo
+    from hybrid_gpt.train.dpo import run_dpo
 
     preset, run_dir = _run_dir(args)
     return _report(run_dpo(run_dir=run_dir, preset=preset, model_type=args.model_type, layers=args.layers,
@@ -468,9 +459,9 @@ def cmd_dpo(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .chat import MAX_INPUT_CHARS, ChatSession, clean_input
-    from .checkpoint import load_checkpoint
-    from .runtime import resolve_device
+    from hybrid_gpt.checkpoint import load_checkpoint
+    from hybrid_gpt.infer.chat import MAX_INPUT_CHARS, ChatSession, clean_input
+    from hybrid_gpt.runtime import resolve_device
 
     _check_sampling(args)
     model, tok, training = load_checkpoint(args.checkpoint, resolve_device(args.device))
@@ -531,7 +522,7 @@ def cmd_chat(args) -> int:
 
 def _validation_tokens(ckpt: Path, tokenizer, training: dict, log):
     """(validation tokens, bytes per token) of a checkpoint's prepared data, for the precision cost; None if absent."""
-    from .pretrain import checkpoint_data
+    from hybrid_gpt.checkpoint import checkpoint_data
 
     try:
         data = checkpoint_data(ckpt if ckpt.is_dir() else ckpt.parent, tokenizer, training)
@@ -542,10 +533,10 @@ def _validation_tokens(ckpt: Path, tokenizer, training: dict, log):
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, format_train_table, run_bench, run_train_bench
-    from .checkpoint import load_checkpoint
-    from .fsutil import write_json
-    from .runtime import resolve_device
+    from hybrid_gpt.checkpoint import load_checkpoint
+    from hybrid_gpt.fsutil import write_json
+    from hybrid_gpt.infer.bench import format_table, format_train_table, run_bench, run_train_bench
+    from hybrid_gpt.runtime import resolve_device
 
     device = resolve_device(args.device)
     models, val = {}, None
@@ -575,8 +566,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from .pipeline import DEFAULT_SEED, PipelineOptions, run_pipeline
-    from .report import headline_table
+    from hybrid_gpt.pipeline import PipelineOptions, run_pipeline
+    from hybrid_gpt.presets import DEFAULT_SEED
+    from hybrid_gpt.report import headline_table
 
     preset, run_dir = _run_dir(args)
     seeds = args.seeds or [args.seed if args.seed is not None else DEFAULT_SEED]
@@ -597,7 +589,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import DEFAULT_VARIANTS, run_ablate
+    from hybrid_gpt.analysis.ablate import DEFAULT_VARIANTS, run_ablate
 
     preset, run_dir = _run_dir(args)
     if len(set(args.seeds)) != len(args.seeds):
@@ -613,9 +605,9 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_importance(args) -> int:
-    from .evaluate import EVAL_TOKENS
-    from .importance import run_importance
-    from .runtime import resolve_device
+    from hybrid_gpt.analysis.importance import run_importance
+    from hybrid_gpt.runtime import resolve_device
+    from hybrid_gpt.train.evaluate import EVAL_TOKENS
 
     result = run_importance(args.checkpoint, out_dir=args.out, max_tokens=args.max_tokens or EVAL_TOKENS,
                             replace=args.replace, data_dir=args.data, device=str(resolve_device(args.device)))
@@ -626,7 +618,7 @@ def cmd_importance(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from .probe import DEFAULT_PATTERNS, run_probe
+    from hybrid_gpt.analysis.probe import DEFAULT_PATTERNS, run_probe
 
     preset, run_dir = _run_dir(args)
     result = run_probe(run_dir=run_dir, out_dir=args.out, patterns=args.patterns or DEFAULT_PATTERNS, preset=preset,
@@ -639,8 +631,8 @@ def cmd_probe(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .checkpoint import resolve
-    from .distill import quality_sentences, run_distill
+    from hybrid_gpt.analysis.distill import quality_sentences, run_distill
+    from hybrid_gpt.checkpoint import resolve
 
     out = Path(args.out) if args.out else resolve(args.checkpoint)[0].parent / f"distill-{args.layers.strip().upper()}"
     result = run_distill(args.checkpoint, layers=args.layers, out_dir=out, steps=args.steps,
@@ -654,7 +646,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_verdict(args) -> int:
-    from .verdict import write_verdict
+    from hybrid_gpt.analysis.verdict import write_verdict
 
     _, run_dir = _run_dir(args)
     result = write_verdict(run_dir)

@@ -9,7 +9,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import RunFailure
+from hybrid_gpt.errors import RunFailure
 
 
 def _fsync_dir(path: Path) -> None:
@@ -56,7 +56,7 @@ def write_json(final: str | Path, obj) -> None:
 
 
 def read_json(path: str | Path, what: str):
-    from .errors import HybridGPTError
+    from hybrid_gpt.errors import HybridGPTError
 
     path = Path(path)
     try:
@@ -95,7 +95,7 @@ def exclusive_writer(target: str | Path):
     """
     import fcntl
 
-    from .errors import HybridGPTError
+    from hybrid_gpt.errors import HybridGPTError
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from .bench import BenchConfig, run_bench
-from .checkpoint import is_checkpoint, load_checkpoint, read_config
-from .data import TokenData
-from .evaluate import EVAL_TOKENS, evaluate_lm
-from .stage import read_metrics
+from hybrid_gpt.checkpoint import load_checkpoint
+from hybrid_gpt.data.tokens import TokenData, ensure_prepared
+from hybrid_gpt.infer.bench import BenchConfig, run_bench
+from hybrid_gpt.presets import DEFAULT_SEED
+from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm
+from hybrid_gpt.train.stage import read_metrics, run_or_skip, seed_dir
 
 MODEL_TYPES = ("standard", "hybrid")
-DEFAULT_SEED = 1337
 SAMPLE_PROMPT = "ROMEO:"
 CHAT_PROMPTS = ("What news from Verona?", "Good morrow, my lord. How fares the king?", "Who goes there?")
 
@@ -39,60 +39,18 @@ class PipelineOptions:
     full: bool = False  # also run the hypothesis tests (ablate --quick, importance, distill, probe) and the verdict
 
 
-def seed_dir(run_dir: Path, seed: int) -> Path:
-    """The default seed trains into the run directory itself (shared with the quick start)."""
-    return run_dir if seed == DEFAULT_SEED else run_dir / f"seed-{seed}"
-
-
-def is_complete(ckpt: Path) -> bool:
-    if not is_checkpoint(ckpt):
-        return False
-    _, training = read_config(ckpt)
-    return bool(training.get("complete"))
-
-
-def run_or_skip(name: str, ckpt: Path, fn, log) -> float:
-    """Run (or resume, or skip) one stage; returns the seconds it took in this invocation."""
-    if is_complete(ckpt):
-        log(f"[pipeline] {name}: complete at {ckpt}, skipped")
-        return 0.0
-    resume = ckpt.exists() and (ckpt / "trainer_state.pt").is_file()
-    log(f"[pipeline] {name}: {'resuming' if resume else 'training'} -> {ckpt}")
-    t0 = time.time()
-    result = fn(resume=resume, overwrite=ckpt.exists() and not resume)
-    if result.interrupted:
-        raise KeyboardInterrupt
-    return time.time() - t0
-
-
-def ensure_prepared(data_dir: Path, preset: str, log=print, tag: str = "pipeline"):
-    """Prepare the embedded corpus into ``data_dir`` unless it is already there; the corpus if it was loaded."""
-    from .corpus import load_shakespeare
-    from .data import prepare_data
-    from .presets import get_preset
-
-    if (data_dir / "meta.json").is_file():
-        return None
-    corpus = load_shakespeare()
-    log(f"[{tag}] prepare -> {data_dir}")
-    prepare_data(corpus, data_dir, get_preset(preset)["vocab_size"], log=log)
-    return corpus
-
-
 def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
-    from .chat_data import prepare_chat_data
-    from .corpus import load_shakespeare
-    from .dpo import run_dpo
-    from .fsutil import read_json
-    from .pretrain import run_pretrain
-    from .sft import run_sft
+    from hybrid_gpt.data.chat_data import prepare_chat_data
+    from hybrid_gpt.fsutil import read_json
+    from hybrid_gpt.train.dpo import run_dpo
+    from hybrid_gpt.train.pretrain import run_pretrain
+    from hybrid_gpt.train.sft import run_sft
 
     run_dir = Path(opts.run_dir)
     t_start = time.time()
     data_dir, chat_dir = run_dir / "data", run_dir / "chat"
     corpus = ensure_prepared(data_dir, opts.preset, log)
     if not (chat_dir / "meta.json").is_file():
-        corpus = corpus or load_shakespeare()
         log(f"[pipeline] prepare-chat -> {chat_dir}")
         prepare_chat_data(corpus, chat_dir, log=log)
     data = TokenData.open(data_dir)
@@ -153,7 +111,7 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
 
     first = seed_dir(run_dir, opts.seeds[0])
     log("[pipeline] benchmarking the aligned models (seed %d)" % opts.seeds[0])
-    from .runtime import resolve_device
+    from hybrid_gpt.runtime import resolve_device
 
     device = resolve_device(opts.device)
     models = {mt: load_checkpoint(first / f"dpo-{mt}", device)[0] for mt in MODEL_TYPES}
@@ -170,11 +128,11 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
         "command": opts.command or " ".join(shlex.quote(a) for a in ["hybrid-gpt", *sys.argv[1:]]),
         "pipeline_seconds": time.time() - t_start,
     }
-    from .report import write_report
+    from hybrid_gpt.report import write_report
 
     report = write_report(results, run_dir)
     if opts.full:
-        from .fsutil import write_text
+        from hybrid_gpt.fsutil import write_text
 
         results["hypothesis"] = run_hypothesis_tests(first, opts.preset, opts.device, opts.progress, log)
         write_text(report, report.read_text() + "\n" + (first / "hypothesis.md").read_text())
@@ -184,12 +142,12 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
 def run_hypothesis_tests(run_dir: Path, preset: str, device: str = "auto", progress: bool = False, log=print) -> dict:
     """The analyses of `pipeline --full`, each skipped when its output already exists (delete it to redo one),
     then the verdict. Uses the run directory's pretrained standard model as teacher and subject."""
-    from .ablate import run_ablate
-    from .distill import run_distill
-    from .importance import run_importance
-    from .presets import get_preset, layer_pattern
-    from .probe import run_probe
-    from .verdict import write_verdict
+    from hybrid_gpt.analysis.ablate import run_ablate
+    from hybrid_gpt.analysis.distill import run_distill
+    from hybrid_gpt.analysis.importance import run_importance
+    from hybrid_gpt.analysis.probe import run_probe
+    from hybrid_gpt.analysis.verdict import write_verdict
+    from hybrid_gpt.presets import get_preset, layer_pattern
 
     hybrid = layer_pattern("hybrid", None, get_preset(preset)["n_layer"])[0]
     log("[pipeline] hypothesis tests: ablate --quick")
@@ -208,8 +166,8 @@ def run_hypothesis_tests(run_dir: Path, preset: str, device: str = "auto", progr
 
 
 def _samples(sd: Path, device) -> dict:
-    from .chat import ChatSession
-    from .engine import generate
+    from hybrid_gpt.infer.chat import ChatSession
+    from hybrid_gpt.infer.engine import generate
 
     out = {}
     for mt in MODEL_TYPES:

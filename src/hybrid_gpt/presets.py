@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .errors import HybridGPTError
+from hybrid_gpt.errors import HybridGPTError
+
+DEFAULT_SEED = 1337  # every stage's and analysis's default seed, defined once
 
 PRESETS: dict[str, dict] = {
     # Seconds on a CPU: what the test suite uses.

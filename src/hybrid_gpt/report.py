@@ -5,35 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bench import format_table
-from .fsutil import atomic_path, write_json, write_text
-from .stats import format_ci, judge_difference, mean_ci
+from hybrid_gpt.analysis.plots import save_plot, smooth
+from hybrid_gpt.analysis.stats import format_ci, judge_difference, mean_ci
+from hybrid_gpt.fsutil import write_json, write_text
+from hybrid_gpt.infer.bench import format_table
 
 ORIGINAL = {"val_loss": (5.02, 5.09), "prefill_s": (0.0047, 0.0029), "decode_tok_s": (206.27, 326.11)}
-
-
-def _plot(path: Path, draw) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = draw(plt)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path.name
-
-
-def _smooth(points, window=25):
-    if not points:
-        return [], []
-    xs, ys = zip(*points)
-    out = []
-    for i in range(len(ys)):
-        lo = max(0, i - window + 1)
-        out.append(sum(ys[lo:i + 1]) / (i + 1 - lo))
-    return list(xs), out
 
 
 def plot_curves(results: dict, out: Path) -> str:
@@ -45,7 +22,7 @@ def plot_curves(results: dict, out: Path) -> str:
                 c = results["curves"].get(mt, {}).get(stage)
                 if not c:
                     continue
-                xs, ys = _smooth(c["train"])
+                xs, ys = [x for x, _ in c["train"]], smooth([y for _, y in c["train"]], 25)
                 ax.plot(xs, ys, color=color, alpha=0.6, label=f"{mt} train (smoothed)")
                 if c["val"]:
                     vx, vy = zip(*c["val"])
@@ -56,7 +33,7 @@ def plot_curves(results: dict, out: Path) -> str:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         return fig
-    return _plot(out / "loss_curves.png", draw)
+    return save_plot(out / "loss_curves.png", draw)
 
 
 def plot_decode(results: dict, out: Path) -> str:
@@ -81,7 +58,7 @@ def plot_decode(results: dict, out: Path) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         return fig
-    return _plot(out / "decode_speed.png", draw)
+    return save_plot(out / "decode_speed.png", draw)
 
 
 def plot_kv(results: dict, out: Path) -> str:
@@ -97,7 +74,7 @@ def plot_kv(results: dict, out: Path) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         return fig
-    return _plot(out / "kv_cache.png", draw)
+    return save_plot(out / "kv_cache.png", draw)
 
 
 def _stat(results: dict, mt: str, key: str) -> dict:

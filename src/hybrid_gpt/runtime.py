@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import HybridGPTError
+from hybrid_gpt.errors import HybridGPTError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -69,3 +69,9 @@ def init_distributed(device: torch.device) -> bool:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as set by torchrun; (0, 0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world

@@ -1,0 +1,1 @@
+"""Analyses of trained models: ablations, layer importance, distillation, probes, statistics and plots."""

@@ -1,0 +1,299 @@
+"""Ablations with controls: train a set of layer patterns under one budget, over several seeds.
+
+The default set asks the questions a careful reader asks of the original's two-model comparison:
+
+    AAAA          the standard model
+    AAMM          the original's hybrid (deep attention replaced by a tiny per-token MLP)
+    AANN          attention dropped, nothing in its place: what does the MLP add?
+    MMAA          early attention replaced instead: is depth the point?
+    AA            the truncated two-block model: are the deep blocks needed at all?
+    AAMM:matched  the hybrid with its M hidden width chosen so that it has the standard's parameter count
+
+A variant is ``PATTERN`` or ``PATTERN:H`` (H = M hidden width) or ``PATTERN:matched``. The budget is
+equal optimizer steps, or equal wall-clock time: each variant's training-step rate is measured
+first, side by side, and a cheaper variant gets proportionally more steps (the cosine schedule
+needs its length up front, so the time budget is turned into a step count before training).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybrid_gpt.analysis.plots import save_plot
+from hybrid_gpt.analysis.stats import format_ci, judge_pair, mean_ci
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.fsutil import read_json, write_json, write_text
+from hybrid_gpt.model.gpt import GPT, MIXERS, GPTConfig
+from hybrid_gpt.presets import get_preset
+
+DEFAULT_VARIANTS = ("AAAA", "AAMM", "AANN", "MMAA", "AA", "AAMM:matched")
+QUICK_STEPS = {"smoke": 10, "cpu": 150, "seed": 1000}  # --quick: 3 seeds x 6 variants well inside 20 min on cpu
+BUDGETS = ("steps", "time")
+
+
+@dataclass(frozen=True)
+class Variant:
+    spec: str  # as the user wrote it, e.g. "AAMM:matched"
+    layers: str
+    mlp_hidden: int  # 0: the model's default (n_embd // 4)
+
+    @property
+    def slug(self) -> str:
+        return self.layers + (f"-h{self.mlp_hidden}" if self.mlp_hidden else "")
+
+
+def _config(values: dict, vocab_size: int, layers: str, mlp_hidden: int = 0) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, block_size=values["block_size"], n_embd=values["n_embd"],
+                     n_head=values["n_head"], layers=layers, mlp_hidden=mlp_hidden).validate()
+
+
+def matched_hidden(values: dict, vocab_size: int, layers: str) -> int:
+    """The M hidden width that gives ``layers`` the parameter count of the all-attention model of its depth."""
+    if "M" not in layers:
+        raise HybridGPTError(f"{layers}:matched needs at least one M block to widen")
+    target = _config(values, vocab_size, "A" * len(layers)).num_params()
+    p1, p2 = (_config(values, vocab_size, layers, h).num_params() for h in (1, 2))
+    return max(1, round(1 + (target - p1) / (p2 - p1)))  # parameters grow linearly in the hidden width
+
+
+def parse_variants(specs, values: dict, vocab_size: int) -> list[Variant]:
+    out, seen = [], set()
+    for spec in specs:
+        spec = spec.strip()
+        m = re.fullmatch(r"([A-Za-z]+)(?::(\d+|matched))?", spec)
+        if not m or set(m.group(1).upper()) - set(MIXERS):
+            raise HybridGPTError(f"--patterns entry {spec!r} must be a layer pattern of A/M/N, optionally with "
+                                 ":H (M hidden width) or :matched, e.g. AAMM:matched")
+        layers, hidden = m.group(1).upper(), m.group(2)
+        if hidden and "M" not in layers:
+            raise HybridGPTError(f"--patterns entry {spec!r} sets an M width but has no M block")
+        h = matched_hidden(values, vocab_size, layers) if hidden == "matched" else int(hidden or 0)
+        v = Variant(spec, layers, h)
+        if v.slug in seen:
+            raise HybridGPTError(f"--patterns repeats {spec!r}")
+        seen.add(v.slug)
+        out.append(v)
+    if not out:
+        raise HybridGPTError("--patterns is empty")
+    return out
+
+
+def calibrate_steps(variants: list[Variant], values: dict, vocab_size: int, steps: int, device: str,
+                    log=print) -> dict:
+    """Steps per variant for an equal wall-clock budget: the first variant gets ``steps``; the others
+    as many as they run in the same time, from training-step rates measured side by side."""
+    from hybrid_gpt.infer.bench import run_train_bench
+    from hybrid_gpt.runtime import resolve_device
+
+    dev = resolve_device(device)
+    models = {v.slug: GPT(_config(values, vocab_size, v.layers, v.mlp_hidden)).to(dev) for v in variants}
+    log(f"[ablate] measuring training-step rates of {len(models)} variants for the time budget")
+    rates = run_train_bench(models, batch_size=values["batch_size"], repeats=5, warmup=1, peer=False, log=log)
+    tok_s = {k: s["median"] for k, s in rates["tokens_per_sec"].items()}
+    ref = variants[0].slug
+    return {"reference": ref, "reference_steps": steps, "tokens_per_sec": tok_s,
+            "steps": {k: max(1, round(steps * r / tok_s[ref])) for k, r in tok_s.items()}}
+
+
+def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VARIANTS, budget: str = "steps",
+               seeds=(1, 2, 3), steps: int | None = None, quick: bool = False, out_dir: str | Path | None = None,
+               device: str = "auto", bench_repeats: int = 5, progress: bool = False, log=print) -> dict:
+    """Train every variant for every seed under one budget (skipping runs already complete), then
+    measure their cached decode speed side by side; write ablate.json, ablate.md and two PNGs."""
+    from hybrid_gpt.data.tokens import ensure_prepared
+    from hybrid_gpt.train.pretrain import run_pretrain
+    from hybrid_gpt.train.stage import run_or_skip
+
+    if budget not in BUDGETS:
+        raise HybridGPTError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise HybridGPTError("--seeds must list distinct seeds, e.g. 1,2,3")
+    run_dir = Path(run_dir)
+    values = get_preset(preset)
+    steps = steps or (QUICK_STEPS[preset] if quick else values["max_steps"])
+    out = Path(out_dir) if out_dir else run_dir / ("ablate-quick" if quick else "ablate")
+    data_dir = run_dir / "data"
+    ensure_prepared(data_dir, preset, log, tag="ablate")
+    vocab_size = read_json(data_dir / "meta.json", "data meta")["vocab_size"]
+    variants = parse_variants(patterns, values, vocab_size)
+
+    calibration = None
+    if budget == "time":
+        cal_file = out / f"calibration-{steps}.json"
+        slugs = [v.slug for v in variants]
+        if cal_file.is_file() and read_json(cal_file, "calibration").get("variants") == slugs:
+            calibration = read_json(cal_file, "calibration")  # so that a re-run resumes the same runs
+        else:
+            calibration = calibrate_steps(variants, values, vocab_size, steps, device, log) | {"variants": slugs}
+            write_json(cal_file, calibration)
+    steps_of = {v.slug: calibration["steps"][v.slug] if calibration else steps for v in variants}
+
+    runs: dict[str, dict[int, Path]] = {}
+    for seed in seeds:
+        for v in variants:
+            n = steps_of[v.slug]
+            ckpt = out / f"{v.slug}-steps{n}-seed{seed}"
+            overrides = dict(seed=seed, max_steps=n, eval_interval=n, progress=progress,
+                             warmup_steps=min(values["warmup_steps"], max(1, n // 10)),
+                             mlp_hidden=v.mlp_hidden or None)
+            run_or_skip(f"ablate {v.spec} seed {seed} ({n} steps)", ckpt, lambda ckpt=ckpt, overrides=overrides,
+                        v=v, **kw: run_pretrain(run_dir=run_dir, preset=preset, layers=v.layers, out=ckpt,
+                                                data_dir=data_dir, overrides=overrides, device=device, log=log, **kw),
+                        log)
+            runs.setdefault(v.slug, {})[seed] = ckpt
+
+    result = {"preset": preset, "budget": budget, "steps": steps, "seeds": seeds, "calibration": calibration,
+              "variants": [], "out_dir": str(out)}
+    for v in variants:
+        bpb, loss, seconds = [], [], []
+        for seed in seeds:
+            final = _final_eval(runs[v.slug][seed])
+            bpb.append(final["val_bpb"])
+            loss.append(final["val_loss"])
+            seconds.append(final["elapsed"])
+        cfg = _config(values, vocab_size, v.layers, v.mlp_hidden)
+        result["variants"].append({
+            "spec": v.spec, "slug": v.slug, "layers": v.layers, "mlp_hidden": cfg.m_hidden if "M" in v.layers else None,
+            "parameters": cfg.num_params(), "kv_bytes_per_token": cfg.kv_bytes_per_token(), "steps": steps_of[v.slug],
+            "val_bpb": mean_ci(bpb), "val_loss": mean_ci(loss), "train_seconds": mean_ci(seconds),
+            "checkpoints": {str(s): str(p) for s, p in runs[v.slug].items()}})
+    result["decode"] = _decode_speeds(variants, runs, seeds[0], device, bench_repeats, log)
+    for entry in result["variants"]:
+        entry["decode_tok_s"] = result["decode"]["tok_s"][entry["slug"]]
+    result["sentences"] = sentences(result)
+    result["plots"] = plot_ablate(result, out)
+    write_json(out / "ablate.json", result)
+    write_text(out / "ablate.md", render_ablate_markdown(result))
+    log(f"[ablate] wrote {out / 'ablate.md'}")
+    return result
+
+
+def _final_eval(ckpt: Path) -> dict:
+    """The last evaluation of a completed run: the documented final one over EVAL_TOKENS."""
+    from hybrid_gpt.train.stage import read_metrics
+
+    metrics = read_metrics(ckpt)
+    evals = [m for m in metrics if "val_bpb" in m]
+    steps = [m for m in metrics if "elapsed" in m]
+    if not evals or not steps:
+        raise HybridGPTError(f"{ckpt} has no evaluation in metrics.jsonl; delete it and run ablate again")
+    return evals[-1] | {"elapsed": steps[-1]["elapsed"]}
+
+
+def _decode_speeds(variants, runs, seed: int, device: str, repeats: int, log) -> dict:
+    """Cached decode tokens/s (batch 1, full context) of every variant's first-seed model, interleaved."""
+    from hybrid_gpt.checkpoint import load_checkpoint
+    from hybrid_gpt.infer.bench import BenchConfig, run_bench
+    from hybrid_gpt.runtime import resolve_device
+
+    dev = resolve_device(device)
+    models = {v.slug: load_checkpoint(runs[v.slug][seed], dev)[0] for v in variants}
+    block = min(m.config.block_size for m in models.values())
+    cfg = BenchConfig(contexts=[block], new_tokens=min(24, block - 1), batch_sizes=[1], repeats=repeats,
+                      naive=False, peer=False)
+    log(f"[ablate] cached decode speed at context {block}, batch 1, {repeats} interleaved repeats")
+    res = run_bench(models, cfg, log=log)
+    return {"context": block, "batch": 1, "repeats": repeats, "seed": seed,
+            "tok_s": {k: m["rows"][0]["decode_tok_s"]["median"] for k, m in res["models"].items()},
+            "environment": res["environment"]}
+
+
+# Which comparisons answer which question: (other, base, what the difference means).
+QUESTIONS = (
+    ("AAMM", "AANN", "what the per-token MLP adds over dropping the attention"),
+    ("AAMM", "AAAA", "what replacing the deep attention costs"),
+    ("MMAA", "AAMM", "whether it matters which layers are replaced"),
+    ("AA", "AAMM", "whether the deep blocks are needed at all"),
+    ("AANN", "AAAA", "what dropping the deep attention costs"),
+)
+
+
+def sentences(result: dict) -> list[str]:
+    """Plain sentences generated from the numbers: each question the default set answers, when both are present."""
+    by_layers: dict[str, dict] = {}
+    for e in result["variants"]:
+        by_layers.setdefault(e["layers"], e)  # the first variant of a pattern (the default-width one)
+    out = []
+    for other, base, question in QUESTIONS:
+        if other in by_layers and base in by_layers:
+            o, b = by_layers[other], by_layers[base]
+            out.append(f"{question[0].upper() + question[1:]} — " + judge_pair(
+                "validation bits per byte", b["spec"], b["val_bpb"]["values"], o["spec"], o["val_bpb"]["values"],
+                "bpb", lower_is_better=True))
+    for e in result["variants"]:
+        if e["spec"].endswith(":matched") and e["layers"] in by_layers and by_layers[e["layers"]] is not e:
+            base = by_layers[e["layers"]]
+            out.append(f"Whether width is what the M blocks lack ({e['spec']}: hidden {e['mlp_hidden']}, "
+                       f"{e['parameters']:,} parameters) — " + judge_pair(
+                           "validation bits per byte", base["spec"], base["val_bpb"]["values"], e["spec"],
+                           e["val_bpb"]["values"], "bpb", lower_is_better=True))
+    ranked = sorted(result["variants"], key=lambda e: e["val_bpb"]["mean"])
+    out.append("Ranked by mean bits per byte: " + ", ".join(f"{e['spec']} {e['val_bpb']['mean']:.4f}" for e in ranked)
+               + ".")
+    fastest = max(result["variants"], key=lambda e: e["decode_tok_s"])
+    out.append(f"Fastest cached decode: {fastest['spec']} at {fastest['decode_tok_s']:,.0f} tokens/s "
+               f"(batch 1, context {result['decode']['context']}).")
+    return out
+
+
+def plot_ablate(result: dict, out: Path) -> dict:
+
+    variants = result["variants"]
+
+    def err(e):
+        ci = e["val_bpb"]["ci95"]
+        return 0.0 if not ci else (ci[1] - ci[0]) / 2
+
+    def pareto(plt):
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for e in variants:
+            ax.errorbar(e["decode_tok_s"], e["val_bpb"]["mean"], yerr=err(e), fmt="o", capsize=4)
+            ax.annotate(e["spec"], (e["decode_tok_s"], e["val_bpb"]["mean"]), textcoords="offset points",
+                        xytext=(6, 4), fontsize=9)
+        ax.set_xlabel(f"cached decode tokens/s (batch 1, context {result['decode']['context']})")
+        ax.set_ylabel("validation bits per byte (lower is better)")
+        ax.set_title(f"Quality vs speed ({result['budget']} budget, {len(result['seeds'])} seed(s), 95% CI)")
+        ax.grid(alpha=0.3)
+        return fig
+
+    def bars(plt):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        xs = range(len(variants))
+        ax.bar(xs, [e["val_bpb"]["mean"] for e in variants], yerr=[err(e) for e in variants], capsize=4,
+               color="tab:blue", alpha=0.8)
+        ax.set_xticks(list(xs), [e["spec"] for e in variants], rotation=20)
+        lo = min(e["val_bpb"]["mean"] - err(e) for e in variants)
+        hi = max(e["val_bpb"]["mean"] + err(e) for e in variants)
+        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
+        ax.set_ylabel("validation bits per byte")
+        ax.set_title("Bits per byte per pattern (mean, 95% CI)")
+        return fig
+
+    return {"pareto": save_plot(out / "ablate-pareto.png", pareto), "bpb": save_plot(out / "ablate-bpb.png", bars)}
+
+
+def render_ablate_markdown(result: dict) -> str:
+    seeds = result["seeds"]
+    budget = (f"equal optimizer steps ({result['steps']} each)" if result["budget"] == "steps" else
+              f"equal wall-clock time (the time {result['calibration']['reference']} takes for "
+              f"{result['calibration']['reference_steps']} steps; step counts from training rates measured side "
+              "by side)")
+    L = ["## Ablations: which layers, and is the MLP doing anything?\n",
+         f"Preset `{result['preset']}`, budget: {budget}; seeds {', '.join(map(str, seeds))}. Bits per byte on the "
+         "validation plays: mean ± half-width of a 95% CI over seeds (Student's t)"
+         + ("" if len(seeds) > 1 else "; one seed gives no interval") + ". Decode: cached, batch 1, median of "
+         f"{result['decode']['repeats']} interleaved repeats (seed {result['decode']['seed']}'s models).\n",
+         "| pattern | M hidden | parameters | KV cache B/token | steps | val bpb | train s | decode tok/s |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in result["variants"]:
+        L.append(f"| {e['spec']} | {e['mlp_hidden'] or '-'} | {e['parameters']:,} | {e['kv_bytes_per_token']:,} | "
+                 f"{e['steps']} | {format_ci(e['val_bpb'])} | {e['train_seconds']['mean']:.0f} | "
+                 f"{e['decode_tok_s']:,.0f} |")
+    L.append("")
+    L += [f"- {s}" for s in result["sentences"]]
+    L.append("")
+    L.append(f"![quality vs speed]({result['plots']['pareto']})\n\n![bits per byte]({result['plots']['bpb']})\n")
+    return "\n".join(L) + "\n"

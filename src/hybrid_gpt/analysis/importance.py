@@ -1,0 +1,374 @@
+"""Layer importance: which attention layers does a trained model need?
+
+For each attention layer, two measures over validation tokens, without retraining:
+
+- similarity: the mean cosine between the residual stream before and after the attention sub-layer,
+  the criterion of He et al. (2024), "What Matters in Transformers? Not All Attention is Needed".
+  A layer whose output barely turns the residual stream (cosine near 1) is a candidate to drop.
+- loss increase: validation loss when the layer's attention is dropped (the block acts as `N`) or
+  replaced by its mean output vector over the validation tokens (a constant: the crudest static function).
+
+Layers are ranked from least to most important, and the k least important by the drop loss increase
+give a recommended pattern (those layers become `M`), set against the original hybrid's choice of
+replacing the deepest attention layers.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybrid_gpt.analysis.plots import save_plot
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.fsutil import write_json, write_text
+from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm, evaluating
+
+INTERVENTIONS = ("drop", "mean")
+
+
+class ConstantMixer(nn.Module):
+    """Stands in for an attention sub-layer: the same output vector at every position, whatever the input."""
+
+    def __init__(self, vector: torch.Tensor):
+        super().__init__()
+        self.register_buffer("vector", vector.detach().clone())
+
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        return self.vector.to(x.dtype).expand_as(x)
+
+
+def attention_layers(model: GPT) -> list[int]:
+    """Block indices (0-based) whose mixer is attention."""
+    return [i for i, kind in enumerate(model.config.layers) if kind == "A"]
+
+
+@contextmanager
+def swapped_mixers(model: GPT, replacements: dict[int, nn.Module | None]):
+    """Temporarily replace the token mixer of some attention blocks (None: drop it, the block acts as `N`).
+
+    The original modules are put back in ``finally``, so the model is exactly as before even after an error.
+    """
+    blocks = model.transformer.h
+    for i in replacements:
+        if not 0 <= i < len(blocks) or blocks[i].kind != "A":
+            raise HybridGPTError(f"block {i} of pattern {model.config.layers!r} is not an attention layer")
+    originals = {i: blocks[i].mixer for i in replacements}
+    try:
+        for i, module in replacements.items():
+            blocks[i].mixer = module
+        yield model
+    finally:
+        for i, module in originals.items():
+            blocks[i].mixer = module
+
+
+def _windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: int):
+    """Input batches tiling the split exactly as evaluate_lm does, so both see the same tokens."""
+    T = block_size
+    n_windows = min(max_tokens, len(tokens) - 1) // T
+    if n_windows < 1:
+        T, n_windows = len(tokens) - 1, 1
+    for start in range(0, n_windows, batch_size):
+        rows = range(start, min(start + batch_size, n_windows))
+        yield torch.from_numpy(np.stack([tokens[r * T : r * T + T] for r in rows]).astype(np.int64))
+
+
+@torch.no_grad()
+def attention_stats(model: GPT, tokens: np.ndarray, max_tokens: int = EVAL_TOKENS,
+                    batch_size: int = 16) -> tuple[list[float | None], list[torch.Tensor | None]]:
+    """Per block: mean cos(x, x + mixer(ln_1(x))) over tokens, and the attention's mean output vector.
+
+    Hooks read the residual stream entering each block and the attention's output during the model's
+    own forward, so nothing here re-implements the block. Non-attention blocks give None.
+    """
+    if len(tokens) < 2:
+        raise HybridGPTError(f"the validation split has {len(tokens)} tokens; at least 2 are needed")
+    layers = attention_layers(model)
+    cos_sum = {i: 0.0 for i in layers}
+    out_sum = {i: None for i in layers}
+    count = 0
+    entering = {}
+    handles = []
+
+    def keep_input(i):
+        def hook(block, args):
+            entering[i] = args[0]
+        return hook
+
+    def measure(i):
+        def hook(attn, args, out):
+            before = entering.pop(i).float()
+            out = out.float()
+            cos_sum[i] += F.cosine_similarity(before, before + out, dim=-1).double().sum().item()
+            total = out.double().sum(dim=(0, 1))
+            out_sum[i] = total if out_sum[i] is None else out_sum[i] + total
+        return hook
+
+    with evaluating(model) as model:
+        device = next(model.parameters()).device
+        try:
+            for i in layers:
+                block = model.transformer.h[i]
+                handles.append(block.register_forward_pre_hook(keep_input(i)))
+                handles.append(block.mixer.register_forward_hook(measure(i)))
+            for x in _windows(tokens, model.config.block_size, max_tokens, batch_size):
+                model(x.to(device))
+                count += x.numel()
+        finally:
+            for h in handles:
+                h.remove()
+    dtype = next(model.parameters()).dtype
+    similarity = [cos_sum[i] / count if i in cos_sum else None for i in range(model.config.n_layer)]
+    means = [(out_sum[i] / count).to(dtype) if i in out_sum else None for i in range(model.config.n_layer)]
+    return similarity, means
+
+
+def _require_attention(model: GPT, what: str) -> list[int]:
+    layers = attention_layers(model)
+    if not layers:
+        raise HybridGPTError(f"{what} has pattern {model.config.layers!r} with no attention layers (A); "
+                             "layer importance ranks attention layers, so analyse a model that has some")
+    return layers
+
+
+def layer_similarity(model: GPT, tokens: np.ndarray, max_tokens: int = EVAL_TOKENS) -> list[float | None]:
+    """Mean cosine between the residual stream before and after each attention sub-layer (None elsewhere)."""
+    return attention_stats(model, tokens, max_tokens)[0]
+
+
+def _replacements(kind: str, layers: list[int], means: list) -> dict[int, nn.Module | None]:
+    if kind == "drop":
+        return {i: None for i in layers}
+    return {i: ConstantMixer(means[i]) for i in layers}
+
+
+def _scored(ev: dict, intact: dict) -> dict:
+    return {"loss": ev["loss"], "bpb": ev["bpb"], "loss_increase": ev["loss"] - intact["loss"],
+            "bpb_increase": ev["bpb"] - intact["bpb"]}
+
+
+def _spearman(a: list[int], b: list[int]) -> float | None:
+    """Rank correlation of two orderings of the same layers (no ties: each is a permutation)."""
+    n = len(a)
+    if n < 2:
+        return None
+    pos = {layer: r for r, layer in enumerate(b)}
+    d2 = sum((r - pos[layer]) ** 2 for r, layer in enumerate(a))
+    return 1.0 - 6.0 * d2 / (n * (n * n - 1))
+
+
+def _pattern(layers: str, replace: list[int]) -> str:
+    return "".join("M" if i in replace else c for i, c in enumerate(layers))
+
+
+def analyse(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens: int = EVAL_TOKENS,
+            replace: int | None = None, log=print) -> dict:
+    """Similarity, intervention losses, rankings and the recommended pattern for one model (layers 1-based)."""
+    pattern = model.config.layers
+    attn = _require_attention(model, "the model")
+    k = max(1, len(attn) // 2) if replace is None else replace
+    if not 1 <= k <= len(attn):
+        raise HybridGPTError(f"--replace {k} must be between 1 and the model's {len(attn)} attention layers")
+
+    def evaluate(kind=None, layers=()):
+        if kind is None:
+            return evaluate_lm(model, tokens, byte_lengths, max_tokens)
+        with swapped_mixers(model, _replacements(kind, list(layers), means)):
+            return evaluate_lm(model, tokens, byte_lengths, max_tokens)
+
+    log(f"measuring the residual stream around {len(attn)} attention layers of {pattern}")
+    similarity, means = attention_stats(model, tokens, max_tokens)
+    intact = evaluate()
+    log(f"intact: loss {intact['loss']:.4f}, {intact['bpb']:.4f} bits/byte over {intact['tokens']:,} tokens")
+    per_layer = []
+    for i in attn:
+        row = {"layer": i + 1, "similarity": similarity[i]}
+        for kind in INTERVENTIONS:
+            row[kind] = _scored(evaluate(kind, [i]), intact)
+        log(f"layer {i + 1}: cos {similarity[i]:.4f}, drop {row['drop']['loss_increase']:+.4f}, "
+            f"mean {row['mean']['loss_increase']:+.4f} nats/token")
+        per_layer.append(row)
+
+    # Least important first; sorted() is stable, so ties keep layer order.
+    by_similarity = [r["layer"] for r in sorted(per_layer, key=lambda r: -r["similarity"])]
+    by_drop = [r["layer"] for r in sorted(per_layer, key=lambda r: r["drop"]["loss_increase"])]
+    by_mean = [r["layer"] for r in sorted(per_layer, key=lambda r: r["mean"]["loss_increase"])]
+    chosen = sorted(by_drop[:k])
+    deep = sorted(i + 1 for i in attn[-k:])
+    sets = {"recommended": chosen} if chosen == deep else {"recommended": chosen, "deep": deep}
+    joint = {}
+    for name, layers in sets.items():
+        joint[name] = {kind: _scored(evaluate(kind, [n - 1 for n in layers]), intact) for kind in INTERVENTIONS}
+    joint.setdefault("deep", joint["recommended"])
+    return {
+        "layers": pattern,
+        "intact": {key: intact[key] for key in ("loss", "bpb", "perplexity", "tokens", "bytes")},
+        "similarity": similarity,
+        "per_layer": per_layer,
+        "ranking": {
+            "by_similarity": by_similarity,
+            "by_drop": by_drop,
+            "by_mean": by_mean,
+            "orders_agree": by_similarity == by_drop,
+            "spearman": _spearman(by_similarity, by_drop),
+            "least_important_agree": sorted(by_similarity[:k]) == chosen,
+        },
+        "recommendation": {
+            "k": k,
+            "chosen_by": "drop loss increase",
+            "replace": chosen,
+            "pattern": _pattern(pattern, [n - 1 for n in chosen]),
+            "deep_replace": deep,
+            "deep_pattern": _pattern(pattern, [n - 1 for n in deep]),
+            "same_as_deep": chosen == deep,
+            "joint": joint,
+        },
+    }
+
+
+def default_out_dir(checkpoint_root: Path) -> Path:
+    """``<run dir>/importance/<checkpoint name>``: beside the checkpoint, never inside it."""
+    return checkpoint_root.parent / "importance" / checkpoint_root.name
+
+
+def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, max_tokens: int = EVAL_TOKENS,
+                   replace: int | None = None, data_dir: str | Path | None = None, device: str = "cpu",
+                   log=print) -> dict:
+    """Analyse one checkpoint; write importance.json, importance.md and importance-layers.png; return the dict."""
+    from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint, resolve
+    from hybrid_gpt.runtime import resolve_device
+
+    if max_tokens < 1:
+        raise HybridGPTError(f"--max-tokens must be positive, got {max_tokens}")
+    root, _ = resolve(checkpoint)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(root)
+    if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
+        raise HybridGPTError(f"the output directory {out} is inside the checkpoint {root}; choose another")
+    model, tok, training = load_checkpoint(checkpoint, resolve_device(device))
+    _require_attention(model, str(root))
+    data = checkpoint_data(root, tok, training, data_dir)
+
+    result = {
+        "checkpoint": str(root),
+        "model": model.config.to_dict(),
+        "settings": {"max_tokens": max_tokens, "replace": replace, "device": str(next(model.parameters()).device)},
+        "data": {"dir": str(Path(data.root).resolve()), "source": data.meta["source"],
+                 "documents": data.meta["splits"]["val"]["documents"]},
+        **analyse(model, data.val, tok.token_byte_lengths(), max_tokens, replace, log=log),
+    }
+    result["out_dir"] = str(out)
+    result["plot"] = plot_importance(result, out / "importance-layers.png")
+    write_json(out / "importance.json", result)
+    write_text(out / "importance.md", render_importance_markdown(result))
+    log(f"wrote {out / 'importance.md'}")
+    return result
+
+
+def plot_importance(result: dict, path: Path) -> str:
+
+    rows = result["per_layer"]
+    labels = [str(r["layer"]) for r in rows]
+    x = np.arange(len(rows))
+
+    def draw(plt):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        left.bar(x, [1.0 - r["similarity"] for r in rows], color="tab:blue")
+        left.set_title("1 - cos(residual before, after attention)")
+        left.set_ylabel("higher: the layer changes the stream more")
+        width = 0.4
+        for offset, kind, color in ((-width / 2, "drop", "tab:red"), (width / 2, "mean", "tab:green")):
+            right.bar(x + offset, [r[kind]["loss_increase"] for r in rows], width, color=color,
+                      label={"drop": "dropped (acts as N)", "mean": "replaced by its mean output"}[kind])
+        right.axhline(0.0, color="black", linewidth=0.8)
+        right.set_title("validation loss increase")
+        right.set_ylabel("nats/token")
+        right.legend()
+        for ax in (left, right):
+            ax.set_xticks(x, labels)
+            ax.set_xlabel(f"attention layer (pattern {result['layers']})")
+        fig.suptitle(f"Layer importance: {Path(result['checkpoint']).name}")
+        fig.tight_layout()
+        return fig
+
+    return save_plot(path, draw)
+
+
+def _layers_text(layers: list[int]) -> str:
+    return ", ".join(str(n) for n in layers)
+
+
+def render_importance_markdown(result: dict) -> str:
+    """The report section, built from the result dict alone."""
+    name = Path(result["checkpoint"]).name
+    intact, rows, rank, rec = result["intact"], result["per_layer"], result["ranking"], result["recommendation"]
+    k = rec["k"]
+    lines = [
+        f"## Layer importance: {name} ({result['layers']})",
+        "",
+        f"Over {intact['tokens']:,} validation tokens ({intact['bytes']:,} bytes) of {result['data']['source']}, "
+        f"the intact model's loss is {intact['loss']:.4f} nats/token ({intact['bpb']:.4f} bits per byte). "
+        "Each attention layer in turn is dropped (its block acts as `N`) or replaced by its mean output "
+        "vector over these same tokens, at inference and without retraining. Similarity is the mean cosine "
+        "between the residual stream before and after the attention sub-layer (He et al. 2024); "
+        "near 1 means the layer barely changes the stream.",
+        "",
+        "| layer | cosine before/after | drop: loss | drop: increase | drop: bpb increase "
+        "| mean: loss | mean: increase | mean: bpb increase |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        d, m = r["drop"], r["mean"]
+        lines.append(f"| {r['layer']} | {r['similarity']:.4f} | {d['loss']:.4f} | {d['loss_increase']:+.4f} "
+                     f"| {d['bpb_increase']:+.4f} | {m['loss']:.4f} | {m['loss_increase']:+.4f} "
+                     f"| {m['bpb_increase']:+.4f} |")
+    lines += ["", "Loss in nats/token; increases are over the intact model.", ""]
+
+    agree = "agree" if rank["orders_agree"] else "disagree"
+    rho = f" (Spearman rank correlation {rank['spearman']:+.2f})" if rank["spearman"] is not None else ""
+    lines.append(
+        f"From least to most important, by similarity: layers {_layers_text(rank['by_similarity'])}; "
+        f"by the drop loss increase: {_layers_text(rank['by_drop'])}; by the mean-output loss increase: "
+        f"{_layers_text(rank['by_mean'])}. The similarity and drop orders {agree}{rho}, and they "
+        f"{'pick the same' if rank['least_important_agree'] else 'pick different'} {k} least important "
+        f"layer{'s' if k > 1 else ''}."
+    )
+    cheaper = sum(r["mean"]["loss_increase"] < r["drop"]["loss_increase"] for r in rows)
+    lines += ["", f"Replacing a layer's attention by its mean output costs less than dropping it in {cheaper} of "
+              f"{len(rows)} attention layers."]
+
+    joint = rec["joint"]
+    lines += [
+        "",
+        f"**Recommended pattern: `{rec['pattern']}`**: replace layer{'s' if k > 1 else ''} "
+        f"{_layers_text(rec['replace'])} by `M`, the {k} attention layer{'s' if k > 1 else ''} whose drop costs "
+        f"least. The original hybrid's rule, replacing the deepest {k}, gives `{rec['deep_pattern']}` "
+        + ("(the same layers)." if rec["same_as_deep"] else f"(layers {_layers_text(rec['deep_replace'])})."),
+        "",
+        "| layers replaced | pattern | all dropped: loss increase | all by their mean: loss increase |",
+        "| --- | --- | --- | --- |",
+    ]
+    sets = [("recommended", rec["replace"], rec["pattern"])]
+    if not rec["same_as_deep"]:
+        sets.append(("deep", rec["deep_replace"], rec["deep_pattern"]))
+    for key, layers, pattern in sets:
+        lines.append(f"| {_layers_text(layers)} | `{pattern}` | {joint[key]['drop']['loss_increase']:+.4f} "
+                     f"| {joint[key]['mean']['loss_increase']:+.4f} |")
+    if not rec["same_as_deep"]:
+        diff = joint["deep"]["drop"]["loss_increase"] - joint["recommended"]["drop"]["loss_increase"]
+        better = "recommended" if diff > 0 else "deepest-layers"
+        lines += ["", f"Dropped together, the {better} choice costs {abs(diff):.4f} nats/token less."]
+    lines += [
+        "",
+        "These are inference-time interventions on one trained model: they measure what each layer does "
+        "in this model, not the loss a hybrid trained with `M` in those layers would reach.",
+        "",
+        f"![layer importance]({result['plot']})",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,585 @@
+"""The benchmark: prefill latency, decode throughput with and without the KV cache, memory, and a
+peer baseline (Hugging Face GPT-2 with the standard model's weights), measured side by side.
+
+Every figure is a median over repeats with its min and max; the models are measured interleaved
+(model A, model B, model A, ...) after a warm-up, so that a noisy shared machine affects them alike.
+Decode time excludes prefill: it is t(N new tokens) - t(1 new token), for ours and the peer alike.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from hybrid_gpt.errors import HybridGPTError, RunFailure
+from hybrid_gpt.infer.engine import generate
+from hybrid_gpt.model import kernels
+from hybrid_gpt.model.gpt import GPT
+
+
+@dataclass
+class BenchConfig:
+    contexts: list[int] | None = None  # final context lengths (prompt + new tokens); default from the model
+    new_tokens: int = 24
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    repeats: int = 5
+    warmup: int = 1
+    naive: bool = True  # also decode without a cache (re-run the growing sequence for every token)
+    peer: bool = True
+    seed: int = 0
+    # Weight and KV-cache precisions to measure, each model in each; float32 keeps the plain model name,
+    # the others are named "<model>@<dtype>" (e.g. "standard@bfloat16").
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    quality_tokens: int = 32768  # validation tokens for each precision's bits per byte (when data is given)
+    # Also measure every entry torch.compile'd (dynamic shapes), as "<entry>+compile": fused kernels and
+    # fewer launches, which matter most on a GPU. On the CPU our layers' oneDNN path is eager-only.
+    compile: bool = False
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def entry_name(name: str, dtype: str) -> str:
+    return name if dtype == "float32" else f"{name}@{dtype}"
+
+
+def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
+    """Every model in every requested precision (copies; the models passed in are left as they are)."""
+    import copy
+
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise HybridGPTError(f"unknown --dtypes {','.join(bad) or '(none)'}; choose from {', '.join(DTYPES)}")
+    out = {}
+    # Copies made inside inference mode would hold inference tensors, which have no version counter;
+    # kernels.Linear then cannot keep a packed weight for them and falls back to F.linear.
+    with torch.inference_mode(False):
+        for dtype in dtypes:
+            for name, model in models.items():
+                same = next(model.parameters()).dtype == DTYPES[dtype]
+                out[entry_name(name, dtype)] = model if same else copy.deepcopy(model).to(DTYPES[dtype])
+    return out
+
+
+# Graphs one compiled model needs: prefill, cached prefill, decode and naive decode, each at batch 1 and
+# batch > 1 (dynamo specialises sizes 0 and 1). Every entry counts against one limit, as they share
+# GPT.forward's code; past it dynamo would quietly run eager code under a "+compile" label.
+_GRAPHS_PER_MODEL = 8
+
+
+def with_compiled(models: dict[str, GPT], trial: torch.Tensor, log=print) -> tuple[dict, dict]:
+    """Each entry again as "<name>+compile" (torch.compile, dynamic shapes), tried once on the tokens
+    ``trial`` (compiling its prefill and decode graphs) and checked against the eager model's logits."""
+    out, diffs = {}, {}
+    for name, model in models.items():
+        compiled = torch.compile(model, dynamic=True)
+        try:
+            diff = (compiled(trial).float() - model(trial).float()).abs().max().item()
+            for _ in generate(compiled, trial[:, : max(1, trial.size(1) // 2)], 2, temperature=0):
+                pass
+        except Exception as e:  # a compiler missing or failing here: say so in one line
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise RunFailure(f"--compile: torch.compile failed for {name} ({type(e).__name__}: {first}); "
+                             "run bench without --compile") from e
+        out[f"{name}+compile"], diffs[f"{name}+compile"] = compiled, diff
+        log(f"compile: {name}+compile, max |logit difference| from eager {diff:.2e}")
+    return out, diffs
+
+
+def default_contexts(block_size: int, new_tokens: int) -> list[int]:
+    """256 (the original's) where it fits, and powers of two up to the model's maximum context."""
+    out, c = [], block_size
+    while c > new_tokens and len(out) < 4:
+        out.append(c)
+        c //= 2
+    if 256 < block_size:
+        out.append(256)
+    return sorted(set(out))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def summary(values: list[float]) -> dict:
+    if not values:
+        raise RunFailure("every timing of a figure was swamped by other work on this machine; run bench again "
+                         "when it is quieter, or with more --repeats")
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def environment(device: torch.device, dtypes: list[str]) -> dict:
+    env = {"device": str(device), "dtype": ",".join(dtypes), "torch": torch.__version__,
+           "python": platform.python_version(),
+           "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
+           "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
+           # Our CPU linear layers use oneDNN, the peer's use PyTorch's default (MKL): say which ran.
+           "linear_kernels": kernels.backend_name() if device.type == "cpu" else "F.linear"}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _median_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    return statistics.median([_time(fn, device) for _ in range(repeats + 1)][1:])  # the first run warms up
+
+
+def _probe_matrix(device: torch.device) -> torch.Tensor:
+    """256 MiB (CPU) / 1 GiB (GPU) of float32: far more than any cache, so reading it measures memory."""
+    n = 8192 if device.type == "cpu" else 16384
+    return torch.randn(n, n, device=device)
+
+
+@torch.inference_mode()
+def _read_rate(a: torch.Tensor, device: torch.device) -> float:
+    """Bytes/s of one streaming read (a sum) of ``a``."""
+    return a.numel() * a.element_size() / _time(lambda: a.sum(), device)
+
+
+@torch.inference_mode()
+def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[float] | None = None,
+                     probe: torch.Tensor | None = None) -> dict:
+    """The machine's own limits, measured here: memory bandwidth as the faster of a large
+    matrix-vector product and a plain streaming read (a sum) of the same 256 MiB / 1 GiB, each of
+    which reads every byte once, and matmul throughput from a large square product.
+
+    The streaming read is usually the faster, so the limit is the memory system's, not one BLAS
+    kernel's: a decode that reaches it cannot go faster by a better matrix-vector kernel.
+    ``read_rates`` are more streaming-read samples, taken between the timed runs (see run_bench):
+    on a shared machine the bandwidth itself moves (45-81 GB/s in one day on ours), so the limit
+    must be measured while the models are; ``probe`` is the matrix they read (a new one if None)."""
+    a = _probe_matrix(device) if probe is None else probe
+    v = torch.randn(a.size(1), device=device)
+    matvec = a.numel() * 4 / _median_time(lambda: a @ v, device, repeats)
+    reads = [_read_rate(a, device) for _ in range(repeats + 1)][1:] + list(read_rates or [])
+    read = statistics.median(reads)
+    m = 1024 if device.type == "cpu" else 8192
+    x, y = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
+    flops = 2 * m**3 / _median_time(lambda: x @ y, device, repeats)
+    n = a.size(0)
+    return {"memory_bandwidth_bytes_per_s": max(matvec, read), "matvec_bytes_per_s": matvec,
+            "streaming_read_bytes_per_s": read, "streaming_read_range_bytes_per_s": [min(reads), max(reads)],
+            "streaming_read_samples": len(reads), "matmul_flops_per_s": flops,
+            "method": f"the faster of a {n}x{n} float32 matrix-vector product (median of {repeats}) and a sum of "
+                      f"the same matrix (median of {len(reads)}, {len(reads) - repeats} of them between the timed "
+                      f"runs; range {min(reads) / 1e9:.1f}-{max(reads) / 1e9:.1f} GB/s); {m}x{m} float32 matmul"}
+
+
+def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float:
+    """Tokens/s at the hardware limit for one cached decode step at ``context``: the larger of the time
+    to read the weights and the KV cache from memory and the time of its arithmetic."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    weight_bytes = model.num_params() * torch.empty((), dtype=dtype).element_size()
+    kv_bytes = cfg.kv_bytes_per_token(dtype) * context * batch
+    # 2 FLOPs per weight per token, plus attention's scores and weighted sum over the context.
+    flops = batch * (2 * model.num_params() + 4 * context * cfg.n_embd * cfg.layers.count("A"))
+    seconds = max((weight_bytes + kv_bytes) / hw["memory_bandwidth_bytes_per_s"], flops / hw["matmul_flops_per_s"])
+    return batch / seconds
+
+
+def _ours_generate(model: GPT, prompt: torch.Tensor, n: int, use_cache: bool) -> None:
+    for _ in generate(model, prompt, n, temperature=0, use_cache=use_cache):
+        pass
+
+
+def _peer_generate(hf, prompt: torch.Tensor, n: int) -> None:
+    hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                pad_token_id=0, attention_mask=torch.ones_like(prompt))
+
+
+def decode_rate(gen: Callable[[int], None], batch: int, n: int, device) -> float:
+    """New tokens per second, prefill excluded: (n - 1) * batch / (t(n) - t(1)).
+
+    On a busy machine t(1) can come out longer than t(n); such a pair says nothing, so it is measured
+    again (three tries) and otherwise reported as NaN, which the summary leaves out."""
+    for _ in range(3):
+        t_n = _time(lambda: gen(n), device)
+        t_1 = _time(lambda: gen(1), device)
+        if t_n > t_1:
+            return (n - 1) * batch / (t_n - t_1)
+    return float("nan")
+
+
+def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log) -> dict[str, dict]:
+    """One transformers GPT2LMHeadModel per standard (all-attention) entry, in that entry's precision."""
+    standard = [n for n, m in models.items() if set(m.config.layers) == {"A"}]
+    if not standard:
+        log("peer: skipped (no standard, all-attention model among the checkpoints)")
+        return {}
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        log("peer: skipped (transformers is not installed: `uv sync --extra peer`)")
+        return {}
+    from hybrid_gpt.infer.peer import max_logit_difference, to_hf_gpt2
+
+    peers, seen = {}, set()
+    probe = torch.randint(0, vocab, (2, min(block, 64)), generator=gen).to(device)
+    for of in standard:
+        dtype = str(next(models[of].parameters()).dtype).removeprefix("torch.")
+        if dtype in seen:  # one peer per precision: of the first standard model in it
+            continue
+        seen.add(dtype)
+        hf = to_hf_gpt2(models[of])
+        diff = max_logit_difference(models[of], hf, probe)
+        peers[entry_name("peer", dtype)] = {"of": of, "dtype": dtype, "model": hf, "max_abs_logit_diff": diff}
+        log(f"peer: transformers GPT2LMHeadModel with {of}'s weights ({dtype}), max |logit difference| {diff:.2e}")
+    return peers
+
+
+def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | None = None) -> dict:
+    """Benchmark ``models`` (name -> model, all on one device), each in every precision of
+    ``cfg.dtypes`` (and compiled, with ``cfg.compile``), and return the results as a dict. With
+    ``val`` = (validation tokens, bytes per token), each entry's bits per byte in its precision is
+    measured too (the quality cost of bf16)."""
+    if not cfg.compile:
+        return _run_bench(models, cfg, log, val)
+    # Room for every compiled entry's graphs, and an error (never eager code under a "+compile"
+    # label) should dynamo run out of it anyway.
+    limit = max(torch._dynamo.config.recompile_limit, 2 * _GRAPHS_PER_MODEL * len(models) * len(cfg.dtypes))
+    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+        return _run_bench(models, cfg, log, val)
+
+
+@torch.inference_mode()
+def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None) -> dict:
+    if not models:
+        raise HybridGPTError("bench needs at least one checkpoint")
+    originals = models
+    models = with_dtypes(models, cfg.dtypes)
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    block = min(m.config.block_size for m in models.values())
+    if cfg.new_tokens < 2:
+        raise HybridGPTError("--new-tokens must be at least 2 (decode time is t(N) - t(1))")
+    contexts = cfg.contexts or default_contexts(block, cfg.new_tokens)
+    for c in contexts:
+        if c > block:
+            raise HybridGPTError(f"context {c} exceeds the models' maximum of {block}; pass --contexts up to {block}")
+        if c <= cfg.new_tokens:
+            raise HybridGPTError(f"context {c} must exceed --new-tokens {cfg.new_tokens}")
+    vocab = min(m.config.vocab_size for m in models.values())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    peers = _make_peers(models, vocab, block, gen, device, log) if cfg.peer else {}
+    compiled_diffs = {}
+    if cfg.compile:
+        if cfg.warmup < 1:
+            raise HybridGPTError("--compile needs --warmup 1 or more: the first runs of each shape compile")
+        trial = torch.randint(0, vocab, (2, min(block, 32)), generator=gen).to(device)
+        compiled, compiled_diffs = with_compiled(models, trial, log)
+        models = models | compiled
+
+    samples: dict = {}
+    probe, read_rates = _probe_matrix(device), []
+
+    def record(key: tuple, value: float) -> None:
+        samples.setdefault(key, [])
+        if value == value:  # not NaN
+            samples[key].append(value)
+
+    for c in contexts:
+        for b in cfg.batch_sizes:
+            prompt_full = torch.randint(0, vocab, (b, c), generator=gen).to(device)
+            prompt = prompt_full[:, : c - cfg.new_tokens]
+            n = cfg.new_tokens
+            runners = {}
+            for name, model in models.items():
+                model.eval()
+                runners[name] = {
+                    "prefill_ms": lambda m=model: 1000 * _time(lambda: m(prompt_full), device),
+                    "decode_tok_s": lambda m=model: decode_rate(lambda k: _ours_generate(m, prompt, k, True),
+                                                                 b, n, device),
+                }
+                if cfg.naive:
+                    runners[name]["naive_decode_tok_s"] = lambda m=model: decode_rate(
+                        lambda k: _ours_generate(m, prompt, k, False), b, n, device)
+            for name, peer in peers.items():
+                runners[name] = {
+                    "prefill_ms": lambda hf=peer["model"]: 1000 * _time(lambda: hf(prompt_full), device),
+                    "decode_tok_s": lambda hf=peer["model"]: decode_rate(lambda k: _peer_generate(hf, prompt, k),
+                                                                          b, n, device),
+                }
+            for rep in range(cfg.warmup + cfg.repeats):
+                for name, figures in runners.items():  # interleaved: every model once per repeat
+                    for fig, fn in figures.items():
+                        value = fn()
+                        if rep >= cfg.warmup:
+                            record((name, c, b, fig), value)
+                if rep >= cfg.warmup:  # the memory bandwidth, sampled among the models it is the limit of
+                    read_rates.append(_read_rate(probe, device))
+            log(f"context {c}, batch {b}: done")
+
+    hw = measure_hardware(device, read_rates=read_rates, probe=probe)
+    log(f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"matmul {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    results = {"environment": environment(device, cfg.dtypes), "config": asdict(cfg) | {"contexts": contexts},
+               "hardware": hw, "models": {}, "ratios": {}}
+    for name, model in models.items():
+        mc = model.config
+        dtype = next(model.parameters()).dtype
+        rows = []
+        for c in contexts:
+            for b in cfg.batch_sizes:
+                row = {"context": c, "batch": b, "kv_cache_bytes": mc.kv_bytes_per_token(dtype) * c * b}
+                for fig in ("prefill_ms", "decode_tok_s", "naive_decode_tok_s"):
+                    if (name, c, b, fig) in samples:
+                        row[fig] = summary(samples[(name, c, b, fig)])
+                row["decode_limit_tok_s"] = decode_limit(model, c, b, hw)
+                row["decode_fraction_of_limit"] = row["decode_tok_s"]["median"] / row["decode_limit_tok_s"]
+                rows.append(row)
+        results["models"][name] = {"layers": mc.layers, "dtype": str(dtype).removeprefix("torch."),
+                                   "compiled": name in compiled_diffs,
+                                   "parameters": model.num_params(), "kv_bytes_per_token": mc.kv_bytes_per_token(dtype),
+                                   "rows": rows}
+    if peers:
+        results["peers"] = {}
+        for name, peer in peers.items():
+            rows = [{"context": c, "batch": b, **{fig: summary(samples[(name, c, b, fig)])
+                                                  for fig in ("prefill_ms", "decode_tok_s")}}
+                    for c in contexts for b in cfg.batch_sizes]
+            results["peers"][name] = {"implementation": "transformers GPT2LMHeadModel", "weights_of": peer["of"],
+                                      "dtype": peer["dtype"], "max_abs_logit_diff": peer["max_abs_logit_diff"],
+                                      "rows": rows}
+        # "peer" is the float32 peer (or the only one): what the report and the ratios compare against.
+        results["peer"] = results["peers"].get("peer") or next(iter(results["peers"].values()))
+    if compiled_diffs:
+        results["compiled"] = {name: {"max_abs_logit_diff_from_eager": d} for name, d in compiled_diffs.items()}
+    if val is not None:
+        results["quality"] = precision_quality(originals, models, cfg, val, log)
+    results["ratios"] = _ratios(results)
+    if device.type == "cuda":
+        results["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        results["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        results["peak_memory_note"] = "peak resident memory of the whole benchmark process (all models together)"
+    return results
+
+
+def precision_quality(originals: dict[str, GPT], models: dict[str, GPT], cfg: BenchConfig, val: tuple,
+                      log=print) -> dict:
+    """Bits per byte of every entry in its precision, and the cost against the same model in float32."""
+    from hybrid_gpt.train.evaluate import evaluate_lm
+
+    tokens, byte_lengths = val
+    reference = {name: evaluate_lm(_as_float32(model), tokens, byte_lengths,
+                                   cfg.quality_tokens)["bpb"] for name, model in originals.items()}
+    out = {}
+    for dtype in cfg.dtypes:
+        for name in originals:
+            entry = entry_name(name, dtype)
+            bpb = reference[name] if dtype == "float32" else evaluate_lm(models[entry], tokens, byte_lengths,
+                                                                        cfg.quality_tokens)["bpb"]
+            out[entry] = {"bpb": bpb, "bpb_float32": reference[name], "cost_bpb": bpb - reference[name]}
+            log(f"quality {entry}: {bpb:.4f} bits per byte ({bpb - reference[name]:+.4f} vs float32)")
+    return out
+
+
+def _as_float32(model: GPT) -> GPT:
+    import copy
+
+    return model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+
+
+def _ratios(results: dict) -> dict:
+    """Speedups per row (> 1: the first named is faster): each model against the standard model of the
+    same precision; each of our standard entries against the peer of its precision and, for the
+    issue's comparison, against the float32 peer."""
+    models = results["models"]
+    out = {}
+    groups: dict[tuple, list[str]] = {}  # same precision, and compiled or not
+    for name, m in models.items():
+        groups.setdefault((m.get("dtype", "float32"), m.get("compiled", False)), []).append(name)
+    for (dtype, compiled), names in groups.items():
+        base = entry_name("standard", dtype) + ("+compile" if compiled else "")
+        base = base if base in names else names[0]
+        for other in names:
+            if other == base:
+                continue
+            rows = []
+            for rb, ro in zip(models[base]["rows"], models[other]["rows"]):
+                r = {"context": rb["context"], "batch": rb["batch"]}
+                if "prefill_ms" in rb:
+                    r["prefill_speedup"] = rb["prefill_ms"]["median"] / ro["prefill_ms"]["median"]
+                for fig in ("decode_tok_s", "naive_decode_tok_s"):
+                    if fig in rb and fig in ro:
+                        r[fig.replace("tok_s", "speedup")] = ro[fig]["median"] / rb[fig]["median"]
+                r["kv_cache_ratio"] = (ro["kv_cache_bytes"] / rb["kv_cache_bytes"]) if rb["kv_cache_bytes"] else None
+                rows.append(r)
+            out[f"{other}/{base}"] = rows
+    # Each entry against itself without one change: what compiling buys, then what a lower precision buys.
+    selves = [(name, name.removesuffix("+compile")) for name, m in models.items() if m.get("compiled")]
+    selves += [(name, name.split("@")[0]) for name, m in models.items()
+               if m.get("dtype", "float32") != "float32" and not m.get("compiled")]
+    for name, ref in selves:
+        if ref in models:
+            out[f"{name}/{ref}"] = [
+                {"context": o["context"], "batch": o["batch"],
+                 "prefill_speedup": b["prefill_ms"]["median"] / o["prefill_ms"]["median"],
+                 "decode_speedup": o["decode_tok_s"]["median"] / b["decode_tok_s"]["median"]}
+                for o, b in zip(models[name]["rows"], models[ref]["rows"])]
+    peers = results.get("peers", {})
+    pairs = [(peer["weights_of"], name) for name, peer in peers.items()]
+    pairs += [(f"{of}+compile", name) for of, name in pairs if f"{of}+compile" in models]
+    if "peer" in peers:  # lower precisions of ours against the float32 peer, as the issue states its target
+        pairs += [(name, "peer") for name, m in models.items()
+                  if m.get("dtype", "float32") != "float32" and set(m["layers"]) == {"A"}]
+    for of, peer_name in pairs:
+        out[f"{of}/{peer_name}"] = [
+            {"context": o["context"], "batch": o["batch"],
+             "decode_speedup": o["decode_tok_s"]["median"] / p["decode_tok_s"]["median"],
+             "prefill_speedup": p["prefill_ms"]["median"] / o["prefill_ms"]["median"]}
+            for o, p in zip(models[of]["rows"], peers[peer_name]["rows"])]
+    return out
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of medians [min-max] for the terminal and the report."""
+    lines = []
+    env = results["environment"]
+    lines.append(f"device {env['device']}, {env['dtype']}, {env['threads']} threads, torch {env['torch']}"
+                 + (f", transformers {env['transformers']}" if "transformers" in env else "")
+                 + (f"; CPU {env['cpu_model']}" if env.get("cpu_model") and env["device"] == "cpu" else "")
+                 + (f"; our linear layers: {env['linear_kernels']}" if "linear_kernels" in env else ""))
+    cfg = results["config"]
+    lines.append(f"{cfg['repeats']} repeats after {cfg['warmup']} warm-up, {cfg['new_tokens']} new tokens; "
+                 "medians [min-max]")
+
+    def fmt(s, digits=1):
+        return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+    header = ["model", "context", "batch", "prefill ms", "cached tok/s", "of limit", "naive tok/s", "KV cache MB"]
+    table = [header]
+    entries = [(n, m["rows"]) for n, m in results["models"].items()]
+    for name, peer in results.get("peers", {}).items():
+        entries.append((f"{name} ({peer['weights_of']})", peer["rows"]))
+    for name, rows in entries:
+        for r in rows:
+            table.append([name, str(r["context"]), str(r["batch"]), fmt(r["prefill_ms"], 2), fmt(r["decode_tok_s"]),
+                          f"{100 * r['decode_fraction_of_limit']:.0f}%" if "decode_fraction_of_limit" in r else "-",
+                          fmt(r["naive_decode_tok_s"]) if "naive_decode_tok_s" in r else "-",
+                          f"{r['kv_cache_bytes'] / 2**20:.2f}" if "kv_cache_bytes" in r else "-"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for key, rows in results["ratios"].items():
+        lines.append("")
+        lines.append(f"speedup {key} (>1: the first is faster)")
+        for r in rows:
+            parts = [f"{k.replace('_speedup', '')} {v:.2f}x" for k, v in r.items() if k.endswith("speedup")]
+            lines.append(f"  context {r['context']}, batch {r['batch']}: " + ", ".join(parts))
+    for name, peer in results.get("peers", {}).items():
+        lines.append(f"{name} logits match: max |difference| {peer['max_abs_logit_diff']:.2e}")
+    for name, c in results.get("compiled", {}).items():
+        lines.append(f"{name} (torch.compile, dynamic shapes) logits vs eager: max |difference| "
+                     f"{c['max_abs_logit_diff_from_eager']:.2e}")
+    for name, q in results.get("quality", {}).items():
+        lines.append(f"quality {name}: {q['bpb']:.4f} bits per byte on {results['config']['quality_tokens']:,} "
+                     f"validation tokens ({q['cost_bpb']:+.4f} vs float32)")
+    if "hardware" in results:
+        hw = results["hardware"]
+        lines.append(f"hardware limit ('of limit' column): {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s memory "
+                     f"bandwidth, {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s matmul ({hw['method']}); a step's limit "
+                     "is the larger of reading weights + KV cache and its arithmetic. Small models that fit in the "
+                     "CPU's caches can exceed a DRAM-bandwidth limit.")
+    return "\n".join(lines)
+
+
+def run_train_bench(models: dict[str, GPT], batch_size: int = 16, repeats: int = 5, warmup: int = 1,
+                    peer: bool = True, seed: int = 0, log=print) -> dict:
+    """Training throughput: tokens/s of one full optimizer step (forward, backward, AdamW) on a
+    ``batch_size x block_size`` batch, for each model and for the transformers peer of the standard
+    one, interleaved. Runs on copies, so the models passed in are left as they were."""
+    import copy
+
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    steppers: dict[str, Callable[[], None]] = {}
+    tokens: dict[str, int] = {}
+
+    def make_step(module, loss_fn):
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda")
+        module.train()
+
+        def step():
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    for name, model in models.items():
+        m = copy.deepcopy(model)
+        T = m.config.block_size
+        x = torch.randint(0, m.config.vocab_size, (batch_size, T + 1), generator=gen).to(device)
+        steppers[name] = make_step(m, lambda m=m, x=x: m(x[:, :-1], x[:, 1:])[1])
+        tokens[name] = batch_size * T
+    standard = [n for n, m in models.items() if set(m.config.layers) == {"A"}]
+    if peer and standard:
+        try:
+            from hybrid_gpt.infer.peer import to_hf_gpt2
+
+            hf = to_hf_gpt2(copy.deepcopy(models[standard[0]]))
+            T = hf.config.n_positions
+            x = torch.randint(0, hf.config.vocab_size, (batch_size, T), generator=gen).to(device)
+            steppers["peer"] = make_step(hf, lambda: hf(x, labels=x).loss)  # HF shifts labels itself
+            tokens["peer"] = batch_size * T
+        except HybridGPTError as e:
+            log(f"peer: skipped ({e})")
+    samples: dict[str, list[float]] = {name: [] for name in steppers}
+    for rep in range(warmup + repeats):
+        for name, step in steppers.items():  # interleaved
+            seconds = _time(step, device)
+            if rep >= warmup:
+                samples[name].append(tokens[name] / seconds)
+    out = {"batch_size": batch_size, "tokens_per_sec": {n: summary(v) for n, v in samples.items()}}
+    if "peer" in samples and standard:
+        out["standard_vs_peer"] = (out["tokens_per_sec"][standard[0]]["median"]
+                                   / out["tokens_per_sec"]["peer"]["median"])
+    return out
+
+
+def format_train_table(train: dict) -> str:
+    lines = [f"training throughput: one optimizer step (forward, backward, AdamW), batch {train['batch_size']} "
+             "x the model's context; tokens/s, medians [min-max]"]
+    for name, s in train["tokens_per_sec"].items():
+        lines.append(f"  {name:<16} {s['median']:,.0f} [{s['min']:,.0f}-{s['max']:,.0f}]")
+    if "standard_vs_peer" in train:
+        lines.append(f"  standard / peer: {train['standard_vs_peer']:.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""Inference: a preallocated KV cache, sampling, and streaming generation.
+
+Kept apart from the model definition: the model only knows the cache's small interface
+(``pos`` and ``update``), so decoding strategies can change without touching model.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from hybrid_gpt.model.gpt import GPT
+
+
+class KVCache:
+    """Static per-layer key/value buffers for attention layers only: one [2, B, H, max_len, head_dim]
+    tensor per layer, keys at index 0 and values at 1, so that one copy writes both.
+
+    Written in place (no per-token concatenation); ``pos`` counts the tokens already cached.
+    """
+
+    def __init__(self, model: GPT, batch_size: int, max_len: int | None = None, dtype=None, device=None):
+        cfg = model.config
+        param = next(model.parameters())
+        self.max_len = max_len or cfg.block_size
+        shape = (2, batch_size, cfg.n_head, self.max_len, cfg.n_embd // cfg.n_head)
+        dtype, device = dtype or param.dtype, device or param.device
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.attention_layers)]
+        self.pos = 0
+
+    def update(self, index: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache ``kv`` ([2, B, H, T, head_dim]: new keys and values) after the ``pos`` cached tokens
+        of attention layer ``index``; return that layer's keys and values so far, [B, H, pos + T, head_dim] each."""
+        end = self.pos + kv.size(-2)
+        buf = self.kv[index]
+        buf[:, :, :, self.pos:end] = kv
+        k, v = buf[:, :, :, :end].unbind(0)
+        return k, v
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token for each row of ``logits`` [B, vocab]; temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop tokens once the mass before them already exceeds top_p (the first token always stays).
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.inference_mode()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             use_cache: bool = True, stop_tokens=None) -> Iterator[torch.Tensor]:
+    """Yield the next token ids [B, 1] one step at a time (streaming).
+
+    ``idx`` [B, T] must fit the context. With the cache, once the context is full the cache is
+    re-primed with the last half of the context (an amortised sliding window); without it, every
+    step re-runs the last ``block_size`` tokens. Generation ends once every row has produced one of
+    ``stop_tokens``; a row that has stopped repeats its stop token.
+    """
+    model.eval()
+    block = model.config.block_size
+    if idx.size(1) > block:
+        raise ValueError(f"prompt of {idx.size(1)} tokens exceeds the context of {block}; crop it first")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    seq = idx
+    done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+    stops = torch.tensor(sorted(stop_tokens or []), dtype=torch.long, device=idx.device)
+    finished = torch.zeros_like(done, dtype=torch.long)  # the stop token each finished row produced
+    cache = KVCache(model, idx.size(0)) if use_cache else None
+    pending = idx  # tokens not yet fed to the cache
+    for _ in range(max_new_tokens):
+        if cache is None:
+            logits = model(seq[:, -block:], last_only=True)[:, -1]
+        else:
+            if cache.pos + pending.size(1) > block:
+                cache.reset()
+                pending = seq[:, -(block // 2):]
+            logits = model(pending, kv_cache=cache, last_only=True)[:, -1]
+            cache.advance(pending.size(1))
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if stops.numel():
+            nxt = torch.where(done, finished, nxt)
+            hit = torch.isin(nxt, stops) & ~done
+            finished = torch.where(hit, nxt, finished)
+            done = done | hit
+        seq = torch.cat([seq, nxt], dim=1)
+        pending = nxt
+        yield nxt
+        if stops.numel() and bool(done.all()):
+            return

@@ -1,0 +1,287 @@
+"""One training loop for every stage (pretraining now; SFT and DPO supply their own task).
+
+A *task* provides the data and the loss:
+
+    task.rows(step) -> a batch object for all rows of the global batch at ``step`` (deterministic)
+    task.take(batch, lo, hi) -> the rows lo:hi of it (one micro-batch of this rank)
+    task.loss(model, micro) -> (mean loss over the micro-batch rows, {metric: float})
+    task.evaluate(model, final, autocast) -> {metric: float}; keys become "val_<key>"
+    task.tokens_per_row -> tokens one row holds (for tokens/s)
+
+The loop owns the optimizer, schedule, accumulation, clipping, DDP, autocast, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hybrid_gpt.checkpoint import save_checkpoint
+from hybrid_gpt.data.tokenizer import Tokenizer
+from hybrid_gpt.errors import HybridGPTError, RunFailure
+from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.runtime import distributed_env
+
+# Validation metrics printed after each evaluation (all of them go to metrics.jsonl).
+SHOWN = ("val_loss", "val_bpb", "val_rewards/accuracies", "val_rewards/margins")
+
+
+def format_eval(ev: dict) -> str:
+    return "validation " + ", ".join(f"{k.removeprefix('val_')} {ev[k]:.4f}" for k in SHOWN if k in ev)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 32  # rows per forward pass (micro-batch)
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_tokens: int = 32768
+    save_interval: int = 0  # 0: save at every evaluation
+    seed: int = 1337
+    compile: bool = False
+    progress: bool = True
+    stop_after: int = 0  # stop (as if interrupted) after this step; for tests of resume
+    eval_at_start: bool = False  # also evaluate before the first step (the baseline a fine-tune starts from)
+    skip_nonfinite: bool = False  # skip a batch whose loss or gradient is not finite, instead of stopping
+
+    def validate(self) -> "TrainConfig":
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise HybridGPTError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_interval", "stop_after"):
+            if getattr(self, name) < 0:
+                raise HybridGPTError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise HybridGPTError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise HybridGPTError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise HybridGPTError("--weight-decay and --grad-clip must not be negative")
+        return self
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps. A pure function of the step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * ratio
+
+
+@dataclass
+class TrainResult:
+    step: int
+    interrupted: bool
+    elapsed: float
+    metrics: list[dict] = field(default_factory=list)
+
+    @property
+    def final_eval(self) -> dict:
+        evals = [m for m in self.metrics if "val_loss" in m]
+        return evals[-1] if evals else {}
+
+
+class _StopFlag:
+    """Turn SIGINT/SIGTERM into a flag checked between steps, so the loop can save before exiting."""
+
+    def __init__(self):
+        self.signal = None
+
+    @contextmanager
+    def installed(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.signal is not None:  # a second Ctrl-C: stop now
+                signal.signal(signum, old[signum] if callable(old[signum]) else signal.SIG_DFL)
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: Tokenizer, info: dict,
+          device: torch.device, resume_state: dict | None = None, prior_metrics: list[dict] | None = None,
+          log=print) -> TrainResult:
+    """Run ``task`` on ``model`` until ``cfg.max_steps``, saving checkpoints to ``out_dir``.
+
+    ``resume_state`` is a loaded trainer_state.pt; the model must already hold the matching weights.
+    """
+    cfg.validate()
+    out_dir = Path(out_dir)
+    rank, _, world = distributed_env()
+    master = rank == 0
+    rows_global = cfg.batch_size * cfg.grad_accum
+    if rows_global % world:
+        raise HybridGPTError(
+            f"the global batch ({cfg.batch_size} x {cfg.grad_accum} = {rows_global} rows) must divide evenly "
+            f"over {world} processes; change --batch-size or --grad-accum"
+        )
+    rows_rank = rows_global // world
+    micro = min(cfg.batch_size, rows_rank)
+    chunks = [(lo, min(lo + micro, rows_rank)) for lo in range(0, rows_rank, micro)]
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model.to(device)
+    raw_model = model
+    optimizer = torch.optim.AdamW(raw_model.optimizer_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                                  eps=1e-8, fused=device.type == "cuda")
+    step = 0
+    metrics: list[dict] = list(prior_metrics or [])
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step = int(resume_state["step"])
+        _set_rng_state(resume_state["rng"], device)
+        metrics = [m for m in metrics if m.get("step", 0) <= step]
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    tokens_per_step = task.tokens_per_row * rows_global
+
+    def snapshot(final: bool) -> None:
+        if not master:
+            return
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
+                 "elapsed": elapsed_before + time.time() - t_start}
+        training = dict(info, step=step, max_steps=cfg.max_steps, complete=final and step >= cfg.max_steps,
+                        tokens_seen=step * tokens_per_step, train_config=asdict(cfg), world_size=world,
+                        skipped_steps=sum(1 for m in metrics if m.get("skipped")))
+        evals = [m for m in metrics if "val_loss" in m]
+        if evals:
+            training["last_eval"] = evals[-1]
+        save_checkpoint(out_dir, raw_model, tokenizer, training, trainer_state=state,
+                        files={"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)})
+
+    def run_eval(final: bool) -> dict:
+        if master:
+            res = task.evaluate(raw_model, final, autocast)
+            rec = {"step": step, **{f"val_{k}": v for k, v in res.items()}}
+            metrics.append(rec)
+            return rec
+        return {}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and master), unit="step",
+               dynamic_ncols=True, desc=info.get("stage", "train"))
+    stop = _StopFlag()
+    interrupted = False
+    t_start = time.time()
+    elapsed_before = float(resume_state.get("elapsed", 0.0)) if resume_state else 0.0
+    model.train()
+    if cfg.eval_at_start and step == 0:
+        ev = run_eval(final=False)
+        if ev:
+            bar.write(f"step 0: {format_eval(ev)}")
+    with stop.installed():
+        while step < cfg.max_steps:
+            t0 = time.time()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = task.rows(step)
+            loss_sum = torch.zeros((), device=device)
+            extra_sum: dict[str, float] = {}
+            for i, (lo, hi) in enumerate(chunks):
+                micro_batch = task.take(batch, rank * rows_rank + lo, rank * rows_rank + hi, device)
+                sync = nullcontext() if (world == 1 or i == len(chunks) - 1) else model.no_sync()
+                with sync:
+                    with autocast():
+                        loss, extra = task.loss(model, micro_batch)
+                    weight = (hi - lo) / rows_rank
+                    (loss * weight).backward()
+                loss_sum += loss.detach() * weight
+                for k, v in extra.items():
+                    extra_sum[k] = extra_sum.get(k, 0.0) + v * weight
+            if world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            loss_value = loss_sum.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+            if not finite and not cfg.skip_nonfinite:
+                bar.close()
+                raise RunFailure(
+                    f"loss or gradient became non-finite at step {step + 1} (loss {loss_value}); "
+                    f"the last good checkpoint in {out_dir} is kept; try a lower --lr, or --skip-nonfinite"
+                )
+            if finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.time() - t0
+            rec = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_sec": tokens_per_step / max(dt, 1e-9),
+                   "elapsed": elapsed_before + time.time() - t_start, **extra_sum}
+            if not finite:
+                rec["skipped"] = True
+                bar.write(f"step {step}: non-finite loss or gradient; batch skipped")
+            metrics.append(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_sec']:,.0f}")
+            last = step == cfg.max_steps
+            if step % cfg.eval_interval == 0 or last:
+                ev = run_eval(final=last)
+                if ev:
+                    bar.write(f"step {step}: {format_eval(ev)}")
+            save_every = cfg.save_interval or cfg.eval_interval
+            requested = stop.signal is not None or (cfg.stop_after and step >= cfg.stop_after)
+            if world > 1:  # every rank must agree to stop, or the others would hang in all_reduce
+                flag = torch.tensor([1.0 if requested else 0.0], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                requested = bool(flag.item())
+            if last or requested or step % save_every == 0:
+                snapshot(final=last)
+                if world > 1:
+                    dist.barrier()
+            if requested and not last:
+                interrupted = True
+                break
+    bar.close()
+    return TrainResult(step=step, interrupted=interrupted, elapsed=elapsed_before + time.time() - t_start,
+                       metrics=metrics)

@@ -1,0 +1,85 @@
+"""Supervised fine-tuning: next-token loss on assistant turns only, through the shared loop."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hybrid_gpt.data.template import training_example
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.presets import stage_values
+from hybrid_gpt.train.evaluate import evaluating
+from hybrid_gpt.train.finetune import LazyExamples, load_stage_data, pad_batch, resolve_init
+from hybrid_gpt.train.loop import TrainResult
+from hybrid_gpt.train.pretrain import train_config
+from hybrid_gpt.train.stage import Stage, run_stage
+
+EVAL_EXAMPLES = 1024  # validation conversations scored at each periodic evaluation
+FINAL_EVAL_EXAMPLES = 4096  # ... and at the final one (all of them, if fewer)
+
+
+def encode_conversations(tok, conversations: list[list[dict]], block_size: int, what: str) -> list:
+    examples = [e for e in (training_example(tok, c, block_size) for c in conversations) if e is not None]
+    if not examples:
+        raise HybridGPTError(f"no {what} conversation keeps an assistant token within a context of {block_size}")
+    return examples
+
+
+class SFTTask:
+    def __init__(self, tok, train_convs, val_convs, block_size: int, seed: int, rows_global: int):
+        self.pad_id = tok.end_id
+        self.train = LazyExamples(train_convs, lambda c: training_example(tok, c, block_size),
+                                  "training conversation")
+        self.val = encode_conversations(tok, val_convs[:FINAL_EVAL_EXAMPLES], block_size, "validation")
+        self.seed, self.rows_global = seed, rows_global
+        self.tokens_per_row = int(np.mean([len(x) for x, _ in self.val]))
+
+    def rows(self, step: int):
+        return np.random.default_rng([self.seed, step]).integers(0, len(self.train), self.rows_global)
+
+    def take(self, idx, lo: int, hi: int, device):
+        return pad_batch([self.train[i] for i in idx[lo:hi]], self.pad_id, device)
+
+    def loss(self, model, micro):
+        _, loss = model(*micro)
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self, model, final: bool, autocast=nullcontext) -> dict:
+        """Mean loss per assistant token over the validation conversations."""
+        total, count = 0.0, 0
+        examples = self.val if final else self.val[:EVAL_EXAMPLES]
+        with evaluating(model) as model:
+            device = next(model.parameters()).device
+            for i in range(0, len(examples), 32):
+                x, y = pad_batch(examples[i:i + 32], self.pad_id, device)
+                with autocast():
+                    _, loss = model(x, y, loss_reduction="sum")
+                total += loss.item()
+                count += int((y >= 0).sum())
+        return {"loss": total / max(count, 1), "tokens": count, "examples": len(examples)}
+
+
+def run_sft(*, run_dir: str | Path, preset: str, model_type: str | None = None, layers: str | None = None,
+            init: str | None = None, out: str | None = None, sft_data: str | None = None,
+            sft_val_data: str | None = None, chat_dir: str | None = None, overrides: dict | None = None,
+            device: str = "auto", resume: bool = False, overwrite: bool = False, log=print) -> TrainResult:
+    run_dir = Path(run_dir)
+    name, init_path, model, tok, _ = resolve_init("sft", run_dir, model_type, layers, init)
+    train_convs, val_convs, data_info = load_stage_data("sft", Path(chat_dir or run_dir / "chat"), sft_data,
+                                                        sft_val_data)
+    tcfg = train_config(stage_values(preset, "sft", overrides))
+    config = model.config
+    info = {"model_type": name, "preset": preset, "init": str(init_path.resolve()), **data_info,
+            "train_examples": len(train_convs), "val_examples": len(val_convs)}
+
+    def make_task(_model, _device):
+        return SFTTask(tok, train_convs, val_convs, config.block_size, tcfg.seed, tcfg.batch_size * tcfg.grad_accum)
+
+    stage = Stage(name="sft", out=Path(out) if out else run_dir / f"sft-{name}", config=config, tokenizer=tok,
+                  tcfg=tcfg, info=info, make_task=make_task, init_state=model.state_dict(),
+                  fixed={"init": str(init_path.resolve())})
+    return run_stage(stage, device=device, resume=resume, overwrite=overwrite, log=log)

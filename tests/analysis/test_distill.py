@@ -1,0 +1,141 @@
+import json
+
+import pytest
+import torch
+from helpers import quiet, smoke_model
+
+from hybrid_gpt.analysis.distill import (
+    distill_layers,
+    plan_layers,
+    render_distill_markdown,
+    run_distill,
+    teacher_activations,
+    transplant,
+)
+from hybrid_gpt.checkpoint import load_checkpoint
+from hybrid_gpt.data.tokens import TokenData
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.train.evaluate import evaluate_lm
+
+
+def test_plan_layers_distills_a_to_m_and_drops_n():
+    assert plan_layers("AAAA", " aamm ") == ("AAMM", [2, 3])
+    assert plan_layers("AAAA", "MANM") == ("MANM", [0, 3])
+    assert plan_layers("AAMM", "AMNM") == ("AMNM", [1])  # teacher's own M blocks are kept (or dropped)
+
+
+@pytest.mark.parametrize("teacher, target, match", [
+    ("AAAA", "AAM", "has 3 letters but the teacher's pattern AAAA has 4"),
+    ("AAAA", "AAXM", "must use only A"),
+    ("AAAA", "", "must use only A"),
+    ("AAMM", "AAAM", "block 3 has a per-token MLP .M. in the teacher .AAMM. and cannot become attention"),
+    ("AANA", "AAMA", "block 3 has no mixer .N. in the teacher"),
+    ("AAAA", "AAAA", "nothing to distill"),
+    ("AAAA", "AANN", "nothing to distill"),
+])
+def test_bad_patterns_are_refused_with_a_clear_error(teacher, target, match):
+    with pytest.raises(HybridGPTError, match=match):
+        plan_layers(teacher, target)
+
+
+def test_transplant_copies_every_shared_tensor_bit_identically():
+    teacher = smoke_model("AAAA")
+    student = transplant(teacher, "AMNA", seed=3)
+    theirs = teacher.state_dict()
+    for name, p in student.state_dict().items():
+        if name.startswith("transformer.h.1.mixer."):  # the new TokenMLP
+            continue
+        assert torch.equal(p, theirs[name]), name
+    assert student.transformer.h[2].mixer is None and student.transformer.h[2].ln_1 is None
+    # The new mixer is GPT's own seeded initialisation, not the teacher's tensors and not the caller's RNG.
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    again = transplant(teacher, "AMNA", seed=3)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(again.transformer.h[1].mixer.c_fc.weight, student.transformer.h[1].mixer.c_fc.weight)
+
+
+def test_teacher_activations_match_the_models_own_forward():
+    teacher = smoke_model("AAAA")
+    idx = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    hooks = [teacher.transformer.h[i].register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
+             for i in (1, 3)]
+    hooks += [teacher.transformer.h[i].mixer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(-i, o))
+              for i in (1, 3)]
+    teacher(idx)
+    for h in hooks:
+        h.remove()
+    acts = teacher_activations(teacher, idx, [1, 3])
+    for i in (1, 3):
+        assert torch.allclose(acts[i][0], seen[i], atol=1e-6)
+        assert torch.allclose(acts[i][1], seen[-i], atol=1e-6)
+
+
+def test_distillation_lowers_the_held_out_mse_of_every_replaced_layer(smoke_run):
+    data = TokenData.open(smoke_run / "data")
+    teacher = smoke_model("AAAA", vocab_size=data.tokenizer.vocab_size)
+    student = transplant(teacher, "AMAM", seed=0)
+    untouched = {k: v.clone() for k, v in student.state_dict().items()
+                 if not k.startswith(("transformer.h.1.ln_1", "transformer.h.1.mixer",
+                                      "transformer.h.3.ln_1", "transformer.h.3.mixer"))}
+    rows = distill_layers(teacher, student, [1, 3], data.train, data.val, steps=40, lr=3e-3, batch_size=8, seed=0,
+                          mse_tokens=1024, log=quiet, progress=False)
+    assert [r["block"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["mse_after"] < 0.8 * r["mse_before"], r
+        assert r["fve_after"] > r["fve_before"]
+        assert len(r["train_mse"]) == 40 and r["val_curve"][-1]["mse"] == pytest.approx(r["mse_after"])
+    for k, v in student.state_dict().items():  # only the students were trained
+        if k in untouched:
+            assert torch.equal(v, untouched[k]), k
+
+
+def test_run_distill_writes_results_and_loadable_checkpoints(pretrained, tmp_path):
+    ckpt = pretrained / "pretrain-standard"
+    out = tmp_path / "distill"
+    with pytest.raises(HybridGPTError, match="nothing to distill"):
+        run_distill(ckpt, layers="AA", out_dir=out, log=quiet, progress=False)
+    assert not out.exists()
+
+    kw = dict(layers="AM", out_dir=out, steps=8, batch_size=4, mse_tokens=512, eval_tokens=1024, decode_repeats=1,
+              log=quiet, progress=False)
+    result = run_distill(ckpt, finetune_steps=3, **kw)
+    for name in ("distill.json", "distill.md", "distill-mse.png", "distill-bpb.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "distill.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    md = (out / "distill.md").read_text()
+    assert md.startswith("## ") and "distill-mse.png" in md and "distill-bpb.png" in md
+    assert render_distill_markdown(saved) == md
+
+    arms = result["arms"]
+    assert set(arms) == {"teacher", "distilled", "drop", "distilled_finetuned", "drop_finetuned", "scratch"}
+    assert result["drop_layers"] == "AN" and arms["scratch"]["layers"] == "AM"
+    assert arms["teacher"]["quality_kept"] == 1 and arms["drop"]["quality_kept"] == 0
+    # The fair control: both fine-tunes cost the same, and the distilled arm also paid for its distillation.
+    cost = {k: a["compute"]["tokens"] for k, a in arms.items()}
+    assert cost["distilled_finetuned"] - cost["distilled"] == cost["drop_finetuned"] - cost["drop"] == 3 * 4 * 32
+    assert cost["distilled"] - cost["teacher"] == 8 * 4 * 32 and cost["teacher"] > 0
+    assert set(result["decode"]["tok_s"]) == {"teacher", "distilled", "drop"}
+
+    teacher, tok, _ = load_checkpoint(ckpt)
+    model, _, training = load_checkpoint(out / "distilled")
+    assert model.config.layers == "AM" and training["stage"] == "distill"
+    theirs = teacher.state_dict()
+    for name, p in model.state_dict().items():
+        if not name.startswith(("transformer.h.1.ln_1", "transformer.h.1.mixer")):
+            assert torch.equal(p, theirs[name]), name
+    assert not torch.equal(model.transformer.h[1].ln_1.weight, teacher.transformer.h[1].ln_1.weight)
+    data = TokenData.open(pretrained / "data")  # the saved model is the one that was evaluated
+    assert evaluate_lm(model, data.val, tok.token_byte_lengths(), 1024)["bpb"] == pytest.approx(
+        arms["distilled"]["bpb"], abs=1e-6)
+    for name in ("distilled-finetuned", "drop-finetuned"):
+        assert load_checkpoint(out / name)[0].config.layers == {"distilled-finetuned": "AM"}.get(name, "AN")
+
+    with pytest.raises(HybridGPTError, match="--overwrite"):
+        run_distill(ckpt, finetune_steps=0, **kw)
+    again = run_distill(ckpt, finetune_steps=0, overwrite=True, **kw)
+    assert "distilled_finetuned" not in again["arms"] and not (out / "distilled-finetuned").exists()
+    assert (out / "distilled").is_dir()

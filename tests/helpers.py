@@ -1,0 +1,50 @@
+"""Shared test helpers (fixtures live in conftest.py): tiny models of the smoke preset's width and small data files."""
+
+import torch
+
+from hybrid_gpt.model.gpt import GPT, GPTConfig
+from hybrid_gpt.presets import get_preset
+
+SMOKE = get_preset("smoke")
+
+
+def smoke_config(layers: str = "AAMM", vocab_size: int = 97, **kw) -> GPTConfig:
+    """A model of the smoke preset's width, with any layer pattern."""
+    base = dict(vocab_size=vocab_size, block_size=SMOKE["block_size"], n_embd=SMOKE["n_embd"],
+                n_head=SMOKE["n_head"], layers=layers)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def smoke_model(layers: str = "AAMM", seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(smoke_config(layers, **kw))
+    # Random non-zero biases and LayerNorm parameters, so that no test passes by a zero-initialised accident.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(mean=1.0 if "ln" in name and name.endswith("weight") else 0.0, std=0.1)
+    return model.eval()
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_chat_files(tmp_path):
+    """Small SFT and DPO JSONL files in the ecosystem's formats (fast to train on)."""
+    lines = ["But soft, what light through yonder window breaks?", "It is the east, and Juliet is the sun.",
+             "Good night, good night! Parting is such sweet sorrow.", "What's in a name?", "Ay me!",
+             "O Romeo, Romeo! wherefore art thou Romeo?", "Wilt thou be gone? It is not yet near day."]
+    sft = [{"messages": [{"role": "user", "content": lines[i % 7]},
+                         {"role": "assistant", "content": lines[(i + 1) % 7]}]} for i in range(24)]
+    dpo = [{"prompt": lines[i % 7], "chosen": lines[(i + 1) % 7], "rejected": "Fish and chips, " * (1 + i % 3)}
+           for i in range(24)]
+    return write_jsonl(tmp_path / "sft.jsonl", sft), write_jsonl(tmp_path / "dpo.jsonl", dpo)

@@ -1,0 +1,85 @@
+import io
+import subprocess
+import sys
+
+import pytest
+
+from hybrid_gpt import load
+from hybrid_gpt.cli import main
+from hybrid_gpt.infer.chat import ChatSession, clean_input
+
+
+@pytest.fixture(scope="module")
+def ckpt(pretrained):
+    return pretrained / "pretrain-hybrid"
+
+
+def test_clean_input_drops_control_characters():
+    assert clean_input("\x00he\x07llo\x1b[31m \t🙂\n") == "hello[31m \t🙂"
+    assert clean_input("\x01\x02  ") == ""
+
+
+def test_session_keeps_history_and_resets(ckpt):
+    model, tok = load(ckpt)
+    s = ChatSession(model, tok, max_new_tokens=8, seed=0)
+    first = "".join(s.reply("Who's there?"))
+    assert s.history == [{"role": "user", "content": "Who's there?"}, {"role": "assistant", "content": first}]
+    assert 0 <= s.last.tokens <= 8
+    "".join(s.reply("Nay, answer me."))
+    assert len(s.history) == 4
+    s.reset()
+    assert s.history == []
+
+
+def test_long_history_is_cropped_to_the_context(ckpt):
+    model, tok = load(ckpt)
+    s = ChatSession(model, tok, max_new_tokens=8, seed=0)
+    for _ in range(6):
+        "".join(s.reply("Long live the king! " * 3))
+    assert s.last.prompt_tokens <= model.config.block_size - min(8, model.config.block_size // 2)
+    assert s.last.cropped_turns > 0 or s.last.cut_tokens > 0
+
+
+def test_greedy_replies_are_deterministic(ckpt):
+    model, tok = load(ckpt)
+    replies = ["".join(ChatSession(model, tok, max_new_tokens=12, temperature=0).reply("Speak!")) for _ in range(2)]
+    assert replies[0] == replies[1]
+
+
+def run_chat(monkeypatch, capsys, ckpt, stdin_text, *extra):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin_text))
+    code = main(["chat", str(ckpt), "--max-new-tokens", "6", "--seed", "1", *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_chat_cli_through_stdin_with_odd_inputs(monkeypatch, capsys, ckpt):
+    odd = ["What news from Verona?", "", "   ", "🙂🎭 ünïcödé 漢字", "\x00\x07\x1b[2J ring the bell",
+           "x" * 100_000, "/reset", "after the reset", "/quit", "never read"]
+    code, out, err = run_chat(monkeypatch, capsys, ckpt, "\n".join(odd) + "\n")
+    assert code == 0
+    assert out.count("bot> ") == 5  # one reply per real message, none for empty lines or commands
+    assert err.count("(empty message") == 2 and "(history cleared)" in err
+    assert err.count(" tokens/s") == 5
+    assert "tokens of your message dropped to fit the context" in err  # the 100 KB message
+    assert "Traceback" not in err
+
+
+def test_chat_cli_ends_cleanly_on_eof(monkeypatch, capsys, ckpt):
+    code, out, _ = run_chat(monkeypatch, capsys, ckpt, "Who's there?\n")
+    assert code == 0 and out.count("bot> ") == 1
+
+
+def test_chat_cli_one_shot(monkeypatch, capsys, ckpt):
+    code, out, err = run_chat(monkeypatch, capsys, ckpt, "", "-p", "What news from Verona?")
+    assert code == 0 and "you>" not in out and " tokens/s" in err
+    code, _, err = run_chat(monkeypatch, capsys, ckpt, "", "-p", "\x00 ")
+    assert code == 2 and "empty" in err
+
+
+def test_chat_as_a_real_process(ckpt):
+    proc = subprocess.run([sys.executable, "-m", "hybrid_gpt.cli", "chat", str(ckpt), "--max-new-tokens", "5"],
+                          input="Good morrow!\n\x04\nAnd to you.\n/quit\n", capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("bot> ") == 2 and "(empty message" in proc.stderr and "Traceback" not in proc.stderr

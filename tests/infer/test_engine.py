@@ -1,0 +1,101 @@
+import pytest
+import torch
+from helpers import smoke_model
+
+from hybrid_gpt.infer.engine import KVCache, generate, sample_next
+
+
+@pytest.mark.parametrize("layers", ["AAAA", "AAMM", "MMAA", "AANN", "AMNA"])
+def test_kv_cache_logits_equal_full_recompute(layers):
+    model = smoke_model(layers)
+    T = model.config.block_size
+    idx = torch.randint(0, model.config.vocab_size, (3, T))
+    full = model(idx)
+    cache = KVCache(model, batch_size=3)
+    # A prefill of 10 tokens, a chunk of 5 appended, then one token at a time.
+    pieces = [idx[:, :10], idx[:, 10:15]] + [idx[:, i:i + 1] for i in range(15, T)]
+    outs = []
+    for piece in pieces:
+        outs.append(model(piece, kv_cache=cache))
+        cache.advance(piece.size(1))
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_holds_attention_layers_only():
+    d = smoke_model("AAAA").config.n_embd
+    assert KVCache(smoke_model("AAAA"), 1).nbytes() == 2 * 4 * 32 * d * 4
+    assert KVCache(smoke_model("AAMM"), 1).nbytes() == 2 * 2 * 32 * d * 4
+    assert KVCache(smoke_model("MMMM"), 1).nbytes() == 0
+
+
+@pytest.mark.parametrize("layers", ["AAAA", "AAMM"])
+def test_cached_greedy_generation_equals_uncached(layers):
+    model = smoke_model(layers)
+    idx = torch.randint(0, model.config.vocab_size, (2, 5))
+    n = model.config.block_size - 5  # stays inside the context
+    cached = torch.cat(list(generate(model, idx, n, temperature=0, use_cache=True)), dim=1)
+    naive = torch.cat(list(generate(model, idx, n, temperature=0, use_cache=False)), dim=1)
+    assert torch.equal(cached, naive)
+
+
+def test_generation_past_the_context_keeps_going():
+    model = smoke_model("AAMM")
+    out = list(generate(model, torch.zeros(1, 30, dtype=torch.long), 50, temperature=1.0, seed=0))
+    assert len(out) == 50
+
+
+def test_sampling_is_seeded_and_respects_top_k_top_p():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert sample_next(logits, temperature=0).item() == 1
+    assert sample_next(logits, temperature=1.0, top_k=1).item() == 1
+    assert sample_next(logits, temperature=1.0, top_p=0.01).item() == 1
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    draws = [sample_next(logits.repeat(64, 1), 1.0, top_k=2, generator=g()) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    assert set(draws[0].flatten().tolist()) <= {1, 3}
+
+
+def test_stop_token_ends_generation():
+    model = smoke_model("AM")
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    first = next(generate(model, idx, 1, temperature=0))
+    out = list(generate(model, idx, 20, temperature=0, stop_tokens={int(first)}))
+    assert len(out) == 1
+    # In a batch, a finished row repeats its stop token while the others go on.
+    two = torch.cat([idx, torch.ones(1, 3, dtype=torch.long)])
+    second = next(generate(model, two[1:], 1, temperature=0))
+    if int(second) != int(first):
+        rows = torch.cat(list(generate(model, two, 4, temperature=0, stop_tokens={int(first)})), dim=1)
+        assert rows.shape == (2, 4) and (rows[0] == int(first)).all()
+
+
+@pytest.mark.parametrize("layers", ["AAAA", "AAMM"])
+def test_bfloat16_decode_matches_its_full_forward(layers):
+    """On the CPU at batch > 1 one query's attention is spelled out (model._attend_one), not SDPA."""
+    model = smoke_model(layers).to(torch.bfloat16)
+    T = model.config.block_size
+    idx = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = model(idx).float()
+        cache = KVCache(model, batch_size=2)
+        outs = [model(idx[:, :8], kv_cache=cache)]
+        cache.advance(8)
+        for i in range(8, T):
+            outs.append(model(idx[:, i:i + 1], kv_cache=cache))
+            cache.advance(1)
+    got = torch.cat(outs, dim=1).float()
+    # bf16 keeps 8 bits of mantissa: the two paths round differently, so agree to bf16's precision.
+    torch.testing.assert_close(got, full, rtol=0.05, atol=0.05)
+    assert (got.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+
+
+def test_single_query_attention_equals_sdpa():
+    from hybrid_gpt.model.gpt import _attend_one
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (1, 20, 20))
+    torch.testing.assert_close(_attend_one(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                               rtol=1e-5, atol=1e-6)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb).float()
+    torch.testing.assert_close(_attend_one(qb, kb, vb).float(), expected, rtol=0.02, atol=0.02)

@@ -1,0 +1,84 @@
+"""The import graph: no cycles, and dependencies point one way along the data flow (every import is
+counted, including those inside functions, since a lazy import is still a dependency)."""
+
+import ast
+import pathlib
+
+import hybrid_gpt
+
+PKG = pathlib.Path(hybrid_gpt.__file__).parent
+# Each module's place in the flow; a module may import only from its own rank or an earlier one.
+RANKS = {"errors": 0, "fsutil": 0, "runtime": 0, "presets": 0, "data": 1, "model": 2, "checkpoint": 3,
+         "train": 4, "infer": 5, "analysis": 6, "report": 7, "pipeline": 8, "cli": 9, "__init__": 9, "__main__": 9}
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                raise AssertionError(f"{name}: relative import; the package uses absolute imports")
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            for target in targets:
+                if target and target.split(".")[0] == "hybrid_gpt" and target != "hybrid_gpt":
+                    # `from hybrid_gpt.model import kernels` names a module; otherwise the module itself.
+                    if isinstance(node, ast.ImportFrom):
+                        subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
+                        deps.update(subs or [target])
+                    else:
+                        deps.add(target)
+        deps.discard(name)
+        graph[name] = {d for d in deps if d in modules}
+    return graph
+
+
+def _rank(module: str) -> int:
+    parts = module.split(".")
+    return RANKS[parts[1]] if len(parts) > 1 else RANKS["__init__"]
+
+
+def test_import_graph_has_no_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep):] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_dependencies_point_along_the_flow():
+    graph = _graph()
+    backwards = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                       if m != "hybrid_gpt" and _rank(d) > _rank(m))
+    assert not backwards, "imports against the data flow: " + ", ".join(backwards)
+
+
+def test_the_checker_sees_a_cycle(tmp_path, monkeypatch):
+    """The cycle check can fail: a graph with a cycle is reported."""
+    import test_imports
+
+    monkeypatch.setattr(test_imports, "_graph", lambda: {"a": {"b"}, "b": {"c"}, "c": {"a"}})
+    try:
+        test_import_graph_has_no_cycle()
+    except AssertionError as e:
+        assert "a -> b -> c -> a" in str(e)
+    else:
+        raise AssertionError("cycle not found")

@@ -1,0 +1,76 @@
+import json
+import math
+
+import torch
+from helpers import quiet, tiny_chat_files
+
+from hybrid_gpt import load
+from hybrid_gpt.train.dpo import DPOTask, dpo_loss, run_dpo, sequence_logps
+from hybrid_gpt.train.sft import run_sft
+
+TRL_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected"]
+
+
+def test_sequence_logps_sums_response_tokens_only():
+    logits = torch.randn(2, 5, 7)
+    targets = torch.tensor([[-1, -1, 3, 4, -1], [1, -1, -1, -1, 6]])
+    lp = torch.log_softmax(logits, -1)
+    expected = torch.stack([lp[0, 2, 3] + lp[0, 3, 4], lp[1, 0, 1] + lp[1, 4, 6]])
+    torch.testing.assert_close(sequence_logps(logits, targets), expected)
+
+
+def test_loss_formula_and_metrics():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-10.0, -20.0, -12.0, -18.0))
+    loss, m = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    # chosen reward 0.2, rejected -0.2: loss = -log sigmoid(0.4)
+    assert loss.item() == torch.nn.functional.softplus(torch.tensor(-0.4)).item()
+    assert m["rewards/accuracies"] == 1.0 and abs(m["rewards/margins"] - 0.4) < 1e-6
+
+
+def test_loss_is_ln2_when_policy_equals_reference(pretrained, tmp_path):
+    _, dpo_file = tiny_chat_files(tmp_path)
+    from hybrid_gpt.data.chat_data import load_dpo
+
+    model, tok = load(pretrained / "pretrain-standard")
+    reference, _ = load(pretrained / "pretrain-standard")
+    pairs = load_dpo(dpo_file)
+    task = DPOTask(tok, reference, pairs, pairs, model.config.block_size, beta=0.1, seed=0, rows_global=8)
+    loss, metrics = task.loss(model.train(), task.take(task.rows(0), 0, 8, "cpu"))
+    assert abs(loss.item() - math.log(2)) < 1e-6
+    assert metrics["rewards/margins"] == 0 and metrics["rewards/accuracies"] == 0
+
+
+def test_dpo_decreases_the_loss_on_a_tiny_dataset_with_trl_metric_names(pretrained, tmp_path):
+    sft_file, dpo_file = tiny_chat_files(tmp_path)
+    run_sft(run_dir=pretrained, preset="smoke", model_type="standard", sft_data=str(sft_file), out=tmp_path / "sft",
+            overrides=dict(max_steps=4, progress=False), log=quiet)
+    result = run_dpo(run_dir=pretrained, preset="smoke", init=str(tmp_path / "sft"), out=tmp_path / "dpo",
+                     dpo_data=str(dpo_file), dpo_val_data=str(dpo_file), log=quiet,
+                     overrides=dict(max_steps=30, lr=3e-3, warmup_steps=0, eval_interval=30, progress=False))
+    assert result.step == 30
+    rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert all(k in steps[0] for k in TRL_METRICS)
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-5  # the first batch is scored before any update
+    assert sum(r["loss"] for r in steps[-5:]) / 5 < 0.5
+    final = [r for r in rows if "val_loss" in r][-1]
+    assert final["val_rewards/accuracies"] > 0.9 and final["val_rewards/margins"] > 0
+    config = json.loads((tmp_path / "dpo" / "config.json").read_text())["training"]
+    assert config["stage"] == "dpo" and config["beta"] == 0.1 and config["model_type"] == "standard"
+
+
+def test_dpo_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
+    _, dpo_file = tiny_chat_files(tmp_path)
+    common = dict(run_dir=pretrained, preset="smoke", init=str(pretrained / "pretrain-hybrid"),
+                  dpo_data=str(dpo_file), log=quiet, overrides=dict(max_steps=8, eval_interval=4, progress=False))
+    run_dpo(out=tmp_path / "full", **common)
+    part = run_dpo(out=tmp_path / "part", **{**common, "overrides": {**common["overrides"], "stop_after": 3}})
+    assert part.interrupted and part.step == 3
+    run_dpo(out=tmp_path / "part", resume=True, **common)
+
+    def rows(path):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "tokens_per_sec")}
+                for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(tmp_path / "part") == rows(tmp_path / "full")

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from helpers import quiet, tiny_chat_files
+
+from hybrid_gpt.data.tokenizer import Tokenizer
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.train.finetune import pad_batch
+from hybrid_gpt.train.sft import SFTTask, run_sft
+
+
+def records(ckpt):
+    return [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pad_batch_pads_targets_with_ignore():
+    x, y = pad_batch([([1, 2, 3], [2, 3, -1]), ([4], [5])], pad_id=9, device="cpu")
+    assert x.tolist() == [[1, 2, 3], [4, 9, 9]] and y.tolist() == [[2, 3, -1], [5, -1, -1]]
+
+
+def test_padding_does_not_change_the_loss(pretrained):
+    from hybrid_gpt import load
+
+    model, tok = load(pretrained / "pretrain-hybrid")
+    convs = [[{"role": "user", "content": "Who's there?"}, {"role": "assistant", "content": "Nay, answer me."}],
+             [{"role": "user", "content": "Long live the king!" * 3}, {"role": "assistant", "content": "Bernardo?"}]]
+    task = SFTTask(tok, convs, convs, model.config.block_size, seed=0, rows_global=2)
+    alone = [model(*pad_batch([ex], tok.end_id, "cpu"), loss_reduction="sum")[1] for ex in task.train]
+    together = model(*pad_batch(task.train, tok.end_id, "cpu"), loss_reduction="sum")[1]
+    torch.testing.assert_close(together, sum(alone))
+
+
+def test_sft_trains_on_user_jsonl_and_resumes(pretrained, tmp_path):
+    sft_file, _ = tiny_chat_files(tmp_path)
+    common = dict(run_dir=pretrained, preset="smoke", model_type="hybrid", sft_data=str(sft_file), log=quiet,
+                  overrides=dict(max_steps=8, eval_interval=4, progress=False, lr=3e-3))
+    run_sft(out=tmp_path / "full", **common)
+    rows = records(tmp_path / "full")
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    train = [r["loss"] for r in rows if "loss" in r]
+    assert len(train) == 8 and len(val) == 3 and val[-1] < val[0]  # a baseline at step 0, then steps 4 and 8
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert config["training"]["stage"] == "sft" and config["training"]["init"].endswith("pretrain-hybrid")
+    assert config["training"]["val_examples"] == 1  # 5% of 24, at least one
+    part = run_sft(out=tmp_path / "part", **{**common, "overrides": {**common["overrides"], "stop_after": 3}})
+    assert part.interrupted
+    run_sft(out=tmp_path / "part", resume=True, **common)
+    assert [r["loss"] for r in records(tmp_path / "part") if "loss" in r] == train
+
+
+def test_sft_needs_a_pretrained_checkpoint_and_data(pretrained, tmp_path):
+    with pytest.raises(HybridGPTError, match="run `hybrid-gpt pretrain --layers AANN` first"):
+        run_sft(run_dir=pretrained, preset="smoke", layers="AANN", log=quiet)
+    with pytest.raises(HybridGPTError, match="run `hybrid-gpt prepare-chat` first"):
+        run_sft(run_dir=pretrained, preset="smoke", model_type="hybrid", log=quiet)
+    with pytest.raises(HybridGPTError, match="holds a hybrid model"):
+        run_sft(run_dir=pretrained, preset="smoke", model_type="standard", init=str(pretrained / "pretrain-hybrid"),
+                log=quiet)
+
+
+def test_conversations_without_a_target_in_context_are_refused():
+    tok = Tokenizer.train(["abc def"] * 5, vocab_size=270)
+    # The assistant turn comes first, so cropping to the context drops it and leaves nothing to learn.
+    convs = [[{"role": "assistant", "content": "ok"}, {"role": "user", "content": "x" * 50}]]
+    with pytest.raises(HybridGPTError, match="keeps an assistant token"):
+        SFTTask(tok, [[{"role": "assistant", "content": "ok"}]], convs, 8, 0, 1)
