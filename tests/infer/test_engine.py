@@ -29,13 +29,31 @@ def test_cache_holds_attention_layers_only():
 
 
 @pytest.mark.parametrize("layers", ["AAAA", "AAMM"])
-def test_cached_greedy_generation_equals_uncached(layers):
+def test_cached_greedy_generation_equals_uncached_well_past_the_context(layers):
     model = smoke_model(layers)
-    idx = torch.randint(0, model.config.vocab_size, (2, 5))
-    n = model.config.block_size - 5  # stays inside the context
+    with torch.no_grad():  # larger weights than the init's, so that the tokens depend on the context
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    idx = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    n = 4 * model.config.block_size  # the window restarts several times
     cached = torch.cat(list(generate(model, idx, n, temperature=0, use_cache=True)), dim=1)
     naive = torch.cat(list(generate(model, idx, n, temperature=0, use_cache=False)), dim=1)
     assert torch.equal(cached, naive)
+
+
+def test_generation_gives_the_model_back_in_its_mode():
+    model = smoke_model("AM").train()
+    list(generate(model, torch.zeros(1, 3, dtype=torch.long), 3, temperature=0))
+    assert model.training
+    stream = generate(model, torch.zeros(1, 3, dtype=torch.long), 10, temperature=0)
+    next(stream)
+    assert not model.training  # dropout off while generating
+    stream.close()  # a consumer that stops early
+    assert model.training
+    model.eval()
+    list(generate(model, torch.zeros(1, 3, dtype=torch.long), 3, temperature=0))
+    assert not model.training
 
 
 def test_generation_past_the_context_keeps_going():

@@ -74,15 +74,28 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
              use_cache: bool = True, stop_tokens=None) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B, 1] one step at a time (streaming).
 
-    ``idx`` [B, T] must fit the context. With the cache, once the context is full the cache is
-    re-primed with the last half of the context (an amortised sliding window); without it, every
-    step re-runs the last ``block_size`` tokens. Generation ends once every row has produced one of
-    ``stop_tokens``; a row that has stopped repeats its stop token.
+    ``idx`` [B, T] must fit the context. Past the context the model sees a window that restarts:
+    once the window would exceed ``block_size`` it restarts at the last ``block_size // 2`` tokens
+    (positions from 0 again) and grows from there. The cache is re-primed with exactly that window,
+    which amortises the re-priming over ``block_size // 2`` steps; the uncached path runs the same
+    window every step, so both compute the same function and ``use_cache`` changes speed only.
+    Generation ends once every row has produced one of ``stop_tokens``; a row that has stopped
+    repeats its stop token. The model is put in eval mode and given back in the mode it was in.
     """
-    model.eval()
     block = model.config.block_size
     if idx.size(1) > block:
         raise ValueError(f"prompt of {idx.size(1)} tokens exceeds the context of {block}; crop it first")
+    was_training = model.training
+    model.eval()
+    try:
+        yield from _generate(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop_tokens)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+              top_p: float | None, seed: int | None, use_cache: bool, stop_tokens) -> Iterator[torch.Tensor]:
+    block = model.config.block_size
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -92,13 +105,16 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     finished = torch.zeros_like(done, dtype=torch.long)  # the stop token each finished row produced
     cache = KVCache(model, idx.size(0)) if use_cache else None
     pending = idx  # tokens not yet fed to the cache
+    start = 0  # where the window the model sees begins in seq
     for _ in range(max_new_tokens):
-        if cache is None:
-            logits = model(seq[:, -block:], last_only=True)[:, -1]
-        else:
-            if cache.pos + pending.size(1) > block:
+        if seq.size(1) - start > block:
+            start = seq.size(1) - max(1, block // 2)
+            if cache is not None:
                 cache.reset()
-                pending = seq[:, -(block // 2):]
+                pending = seq[:, start:]
+        if cache is None:
+            logits = model(seq[:, start:], last_only=True)[:, -1]
+        else:
             logits = model(pending, kv_cache=cache, last_only=True)[:, -1]
             cache.advance(pending.size(1))
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
