@@ -31,7 +31,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def available_memory_bytes() -> int | None:
+def host_memory_bytes() -> int | None:
     """Memory the OS can still give us (MemAvailable), or None where that cannot be read."""
     try:
         with open("/proc/meminfo") as f:
@@ -46,12 +46,26 @@ def available_memory_bytes() -> int | None:
         return None
 
 
-def ensure_fits(nbytes: int, what: str) -> None:
-    """Refuse, before allocating anything, a model that could not fit in this machine's memory."""
-    available = available_memory_bytes()
+def available_memory_bytes(device: torch.device | str | None = None) -> int | None:
+    """Memory still free for tensors on ``device`` (the CPU if None): a CUDA GPU's own free memory
+    (which other processes' allocations reduce), else the host's; None where that cannot be read."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except (RuntimeError, AssertionError):  # no usable CUDA here
+            return None
+    return host_memory_bytes()  # the CPU, and MPS, whose memory is the host's
+
+
+def ensure_fits(nbytes: int, what: str, device: torch.device | str | None = None) -> None:
+    """Refuse, before allocating anything, a model that could not fit in the free memory of ``device``
+    (the CPU if None): a GPU's tensors live in its own memory, so host RAM says nothing about them."""
+    available = available_memory_bytes(device)
     if available is not None and nbytes > available:
+        where = f"GPU memory on {device}" if torch.device(device or "cpu").type == "cuda" else "memory"
         raise HybridGPTError(
-            f"{what} would need about {nbytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory "
+            f"{what} would need about {nbytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of {where} "
             "is available; use a smaller model (--n-embd, --n-layer, --vocab-size)"
         )
 
