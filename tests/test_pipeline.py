@@ -56,11 +56,24 @@ def test_pipeline_writes_every_stage_and_the_report(pipeline_run, capsys):
         assert f"({png})" in report
 
 
-def test_pipeline_resumes_by_skipping_complete_stages(pipeline_run, capsys):
+def test_pipeline_resumes_by_skipping_complete_stages(pipeline_run, capsys, monkeypatch):
+    import torch
+
+    from hybrid_gpt import pipeline
+
+    loaded = []  # the device every checkpoint is loaded on: --device's, for evaluation as for bench
+
+    def load_checkpoint(path, device="default"):
+        loaded.append(device)
+        return real(path, device if device != "default" else "cpu")
+
+    real = pipeline.load_checkpoint
+    monkeypatch.setattr(pipeline, "load_checkpoint", load_checkpoint)
     run_dir, argv = pipeline_run
     before = (run_dir / "seed-1" / "dpo-hybrid" / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
-    assert main(argv) == 0
+    assert main(argv + ["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == 12 and "report:" in out
     assert (run_dir / "seed-1" / "dpo-hybrid" / "model.safetensors").stat().st_mtime_ns == before
+    assert len(loaded) == 2 * 2 * 2 + 2 + 4 and set(loaded) == {torch.device("cpu")}

@@ -18,6 +18,7 @@ from hybrid_gpt.checkpoint import load_checkpoint
 from hybrid_gpt.data.tokens import TokenData, ensure_prepared
 from hybrid_gpt.infer.bench import BenchConfig, run_bench
 from hybrid_gpt.presets import DEFAULT_SEED
+from hybrid_gpt.runtime import resolve_device
 from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm
 from hybrid_gpt.train.stage import read_metrics, run_or_skip, seed_dir
 
@@ -48,6 +49,7 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
 
     run_dir = Path(opts.run_dir)
     t_start = time.time()
+    device = resolve_device(opts.device)  # the stages' device: evaluation, bench and samples run there too
     data_dir, chat_dir = run_dir / "data", run_dir / "chat"
     corpus = ensure_prepared(data_dir, opts.preset, log)
     if not (chat_dir / "meta.json").is_file():
@@ -72,7 +74,7 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
             t["dpo"] = run_or_skip(f"dpo {mt} seed {seed}", sd / f"dpo-{mt}", lambda **kw: run_dpo(
                 run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("dpo"), **common, **kw), log)
 
-    log("[pipeline] evaluating")
+    log(f"[pipeline] evaluating on {device}")
     byte_lengths = data.tokenizer.token_byte_lengths()
     per_seed: dict[str, dict] = {mt: {} for mt in MODEL_TYPES}
     curves: dict[str, dict] = {mt: {} for mt in MODEL_TYPES}
@@ -81,7 +83,7 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
         for mt in MODEL_TYPES:
             figures = {}
             for stage in ("pretrain", "dpo"):
-                model, _, _ = load_checkpoint(sd / f"{stage}-{mt}")
+                model, _, _ = load_checkpoint(sd / f"{stage}-{mt}", device)
                 ev = evaluate_lm(model, data.val, byte_lengths, EVAL_TOKENS)
                 figures[f"{stage}_val_loss"], figures[f"{stage}_val_bpb"] = ev["loss"], ev["bpb"]
             for stage in ("pretrain", "sft", "dpo"):
@@ -111,9 +113,6 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
 
     first = seed_dir(run_dir, opts.seeds[0])
     log("[pipeline] benchmarking the aligned models (seed %d)" % opts.seeds[0])
-    from hybrid_gpt.runtime import resolve_device
-
-    device = resolve_device(opts.device)
     models = {mt: load_checkpoint(first / f"dpo-{mt}", device)[0] for mt in MODEL_TYPES}
     bench = run_bench(models, opts.bench, log=log)
 
