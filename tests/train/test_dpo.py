@@ -5,7 +5,10 @@ import torch
 from helpers import quiet, tiny_chat_files
 
 from hybrid_gpt import load
-from hybrid_gpt.train.dpo import DPOTask, dpo_loss, run_dpo, sequence_logps
+from hybrid_gpt.data.template import render
+from hybrid_gpt.data.tokenizer import Tokenizer
+from hybrid_gpt.train import dpo
+from hybrid_gpt.train.dpo import DPOTask, dpo_loss, encode_pair, run_dpo, sequence_logps
 from hybrid_gpt.train.sft import run_sft
 
 TRL_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -39,6 +42,41 @@ def test_loss_is_ln2_when_policy_equals_reference(pretrained, tmp_path):
     loss, metrics = task.loss(model.train(), task.take(task.rows(0), 0, 8, "cpu"))
     assert abs(loss.item() - math.log(2)) < 1e-6
     assert metrics["rewards/margins"] == 0 and metrics["rewards/accuracies"] == 0
+
+
+def test_chosen_and_rejected_keep_the_same_prompt_turns():
+    tok = Tokenizer.train(["abc def ghi"] * 5, vocab_size=270)
+    prompt = [{"role": "user", "content": "abc " * 6}, {"role": "assistant", "content": "def " * 6},
+              {"role": "user", "content": "ghi"}]
+    pair = {"prompt": prompt, "chosen": "abc", "rejected": "def " * 8}
+    block = 24  # the short chosen reply fits with the last two prompt turns, the long rejected one with one
+    assert [render(tok, prompt + [{"role": "assistant", "content": pair[k]}], block + 1).cropped_turns
+            for k in ("chosen", "rejected")] == [1, 2]
+    chosen, rejected = encode_pair(tok, pair, block)
+    shared = render(tok, prompt[-1:], add_generation_prompt=True).ids  # <|bos|> the last user turn <|assistant|>
+    assert chosen[0][:len(shared)] == shared == rejected[0][:len(shared)]
+    assert chosen[1][len(shared) - 1] >= 0 and rejected[1][len(shared) - 1] >= 0  # both replies are targets
+
+
+def test_validation_reference_is_right_for_sizes_that_do_not_divide(pretrained, tmp_path, monkeypatch):
+    _, dpo_file = tiny_chat_files(tmp_path)
+    from hybrid_gpt.data.chat_data import load_dpo
+
+    policy, tok = load(pretrained / "pretrain-hybrid")
+    pairs = load_dpo(dpo_file)
+
+    def task():
+        reference, _ = load(pretrained / "pretrain-standard")
+        return DPOTask(tok, reference, pairs, pairs, policy.config.block_size, beta=0.1, seed=0, rows_global=8)
+
+    monkeypatch.setattr(dpo, "EVAL_PAIRS", 6)
+    monkeypatch.setattr(dpo, "EVAL_BATCH", 4, raising=False)  # 6, then all 24 pairs, in batches of 4
+    cached = task()
+    periodic = cached.evaluate(policy, final=False)
+    assert periodic["pairs"] == 6
+    close = dict(rtol=1e-6, atol=1e-6)  # batches of other padding may round differently
+    torch.testing.assert_close(cached.evaluate(policy, final=True), task().evaluate(policy, final=True), **close)
+    torch.testing.assert_close(cached.evaluate(policy, final=False), periodic, **close)
 
 
 def test_dpo_decreases_the_loss_on_a_tiny_dataset_with_trl_metric_names(pretrained, tmp_path):

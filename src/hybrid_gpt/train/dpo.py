@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybrid_gpt.data.template import training_example
+from hybrid_gpt.data.template import render, training_example
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.presets import stage_values
@@ -28,6 +28,7 @@ from hybrid_gpt.train.stage import Stage, run_stage
 
 EVAL_PAIRS = 512  # held-out pairs scored at each periodic evaluation
 FINAL_EVAL_PAIRS = 4096  # ... and at the final one (all of them, if fewer)
+EVAL_BATCH = 32  # pairs per forward pass when evaluating
 DEFAULT_BETA = 0.1
 
 
@@ -56,9 +57,15 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 
 def encode_pair(tok, p: dict, block_size: int):
-    """(chosen example, rejected example), or None unless both keep a response token."""
-    chosen = training_example(tok, p["prompt"] + [{"role": "assistant", "content": p["chosen"]}], block_size)
-    rejected = training_example(tok, p["prompt"] + [{"role": "assistant", "content": p["rejected"]}], block_size)
+    """(chosen example, rejected example), or None unless both keep a response token.
+
+    The prompt is cropped once for both, as TRL does: the oldest turns are dropped until the longer
+    response fits, so the two examples always share the same prompt turns and differ only in the
+    response (cropped separately, one could keep a turn the other lost). A response too long for any
+    prompt turn leaves both without one."""
+    conversations = [p["prompt"] + [{"role": "assistant", "content": p[k]}] for k in ("chosen", "rejected")]
+    drop = max(render(tok, c, block_size + 1).cropped_turns for c in conversations)
+    chosen, rejected = (training_example(tok, c[drop:], block_size) for c in conversations)
     return (chosen, rejected) if chosen is not None and rejected is not None else None
 
 
@@ -79,7 +86,7 @@ class DPOTask:
         self.val = encode_pairs(tok, val_pairs[:FINAL_EVAL_PAIRS], block_size, "validation")
         self.seed, self.rows_global = seed, rows_global
         self.tokens_per_row = int(np.mean([len(c[0]) + len(r[0]) for c, r in self.val]))
-        self._val_ref: dict[int, torch.Tensor] = {}  # reference log-probs per validation pair, computed once
+        self._val_ref: torch.Tensor | None = None  # reference log-probs [2, k] of the first k validation pairs
 
     def rows(self, step: int):
         return np.random.default_rng([self.seed, step]).integers(0, len(self.train), self.rows_global)
@@ -105,17 +112,18 @@ class DPOTask:
     @torch.no_grad()
     def evaluate(self, model, final: bool, autocast=nullcontext) -> dict:
         pairs = self.val if final else self.val[:EVAL_PAIRS]
-        policy, ref = [], []
+        policy = []
         with evaluating(model) as model:
             device = next(model.parameters()).device
-            for i in range(0, len(pairs), 32):
-                x, y, n = self._batch(pairs[i:i + 32], device)
+            for i in range(0, len(pairs), EVAL_BATCH):
+                x, y, n = self._batch(pairs[i:i + EVAL_BATCH], device)
+                known = 0 if self._val_ref is None else self._val_ref.size(1)
                 with autocast():
                     policy.append(torch.stack(self._logps(model, x, y, n)))
-                    if i not in self._val_ref:
-                        self._val_ref[i] = torch.stack(self._logps(self.reference, x, y, n))
-                ref.append(self._val_ref[i])
-        policy, ref = torch.cat(policy, dim=1), torch.cat(ref, dim=1)
+                    if i + n > known:  # the reference scores each pair once, whatever the evaluations' sizes
+                        new = torch.stack(self._logps(self.reference, x, y, n))[:, known - i:]
+                        self._val_ref = new if self._val_ref is None else torch.cat([self._val_ref, new], dim=1)
+        policy, ref = torch.cat(policy, dim=1), self._val_ref[:, :len(pairs)]
         loss, metrics = dpo_loss(policy[0], policy[1], ref[0], ref[1], self.beta)
         # A 95% interval for the accuracy (normal approximation), so "above 0.5" can be judged.
         acc = metrics["rewards/accuracies"]
