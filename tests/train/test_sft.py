@@ -31,6 +31,52 @@ def test_padding_does_not_change_the_loss(pretrained):
     torch.testing.assert_close(together, sum(alone))
 
 
+def one_step(pretrained, tmp_path, monkeypatch, grad_accum: int):
+    """(the gradient, the loss, the micro-batches (inputs, targets)) of the first step on the same 8 rows,
+    split into ``grad_accum`` micro-batches by the training loop."""
+    from hybrid_gpt import load
+    from hybrid_gpt.data.chat_data import load_sft
+    from hybrid_gpt.train.loop import TrainConfig, train
+
+    model, tok = load(pretrained / "pretrain-hybrid")
+    convs = load_sft(tiny_chat_files(tmp_path)[0])
+    task = SFTTask(tok, convs, convs[:2], model.config.block_size, seed=0, rows_global=8)
+    grads, micros = [], []
+    clip, take = torch.nn.utils.clip_grad_norm_, task.take
+
+    def capture(params, max_norm):
+        params = list(params)
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+        return clip(params, max_norm)
+
+    def record(*args):
+        micro = take(*args)
+        micros.append(micro[:2])
+        return micro
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    monkeypatch.setattr(task, "take", record)
+    cfg = TrainConfig(max_steps=1, batch_size=8 // grad_accum, grad_accum=grad_accum, warmup_steps=0, progress=False)
+    result = train(model, task, cfg, tmp_path / f"accum-{grad_accum}", tok, {"stage": "sft"}, torch.device("cpu"),
+                   log=quiet)
+    return grads[0], result.metrics[0]["loss"], micros
+
+
+def test_gradient_accumulation_does_not_change_the_step(pretrained, tmp_path, monkeypatch):
+    from hybrid_gpt import load
+
+    grad, loss, (whole,) = one_step(pretrained, tmp_path, monkeypatch, 1)
+    for grad_accum in (2, 4):
+        other, other_loss, micros = one_step(pretrained, tmp_path, monkeypatch, grad_accum)
+        # Micro-batches of unequal target counts: a token mean per micro-batch would weight tokens unevenly.
+        assert len(micros) == grad_accum and len({int((y >= 0).sum()) for _, y in micros}) > 1
+        torch.testing.assert_close(other, grad, rtol=1e-5, atol=1e-6)
+        assert abs(other_loss - loss) < 1e-6
+    model, _ = load(pretrained / "pretrain-hybrid")
+    _, mean = model.train()(*whole)  # the step's loss is the mean over all its target tokens
+    assert abs(mean.item() - loss) < 1e-6
+
+
 def test_sft_trains_on_user_jsonl_and_resumes(pretrained, tmp_path):
     sft_file, _ = tiny_chat_files(tmp_path)
     common = dict(run_dir=pretrained, preset="smoke", model_type="hybrid", sft_data=str(sft_file), log=quiet,

@@ -29,6 +29,15 @@ def encode_conversations(tok, conversations: list[list[dict]], block_size: int, 
 
 
 class SFTTask:
+    """The loss of a step is the mean over all its target tokens, however the step is split.
+
+    The loop weights each micro-batch's loss by its share of the step's rows; a token mean per
+    micro-batch would then weight tokens by how the rows fall into micro-batches (a token of a short
+    micro-batch would count more). So ``rows`` counts the step's target tokens and ``loss`` returns
+    the micro-batch's summed token loss scaled so that the loop's row weighting turns it into its
+    share of the step's token mean (under DDP too, whose gradient average the scale anticipates).
+    """
+
     def __init__(self, tok, train_convs, val_convs, block_size: int, seed: int, rows_global: int):
         self.pad_id = tok.end_id
         self.train = LazyExamples(train_convs, lambda c: training_example(tok, c, block_size),
@@ -37,15 +46,22 @@ class SFTTask:
         self.seed, self.rows_global = seed, rows_global
         self.tokens_per_row = int(np.mean([len(x) for x, _ in self.val]))
 
-    def rows(self, step: int):
-        return np.random.default_rng([self.seed, step]).integers(0, len(self.train), self.rows_global)
+    def rows(self, step: int) -> tuple[np.ndarray, int]:
+        """The step's rows (all ranks') and the count of their target tokens."""
+        idx = np.random.default_rng([self.seed, step]).integers(0, len(self.train), self.rows_global)
+        return idx, sum(sum(t >= 0 for t in self.train[i][1]) for i in idx)
 
-    def take(self, idx, lo: int, hi: int, device):
-        return pad_batch([self.train[i] for i in idx[lo:hi]], self.pad_id, device)
+    def take(self, batch, lo: int, hi: int, device):
+        idx, targets = batch
+        x, y = pad_batch([self.train[i] for i in idx[lo:hi]], self.pad_id, device)
+        # The loop multiplies the loss by (hi - lo) / rows per rank and DDP averages over the ranks:
+        # this scale makes the product this micro-batch's summed loss over the step's target count.
+        return x, y, len(idx) / ((hi - lo) * targets)
 
     def loss(self, model, micro):
-        _, loss = model(*micro)
-        return loss, {}
+        x, y, scale = micro
+        _, loss = model(x, y, loss_reduction="sum")
+        return loss * scale, {}
 
     @torch.no_grad()
     def evaluate(self, model, final: bool, autocast=nullcontext) -> dict:
