@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from hybrid_gpt.data.template import render, training_example
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPT
-from hybrid_gpt.presets import stage_values
 from hybrid_gpt.train.evaluate import evaluating
-from hybrid_gpt.train.finetune import LazyExamples, load_stage_data, pad_batch, resolve_init
+from hybrid_gpt.train.finetune import LazyExamples, pad_batch
 from hybrid_gpt.train.loop import TrainResult
-from hybrid_gpt.train.pretrain import train_config
+from hybrid_gpt.train.sft import prepare_finetune
 from hybrid_gpt.train.stage import Stage, run_stage
 
 EVAL_PAIRS = 512  # held-out pairs scored at each periodic evaluation
@@ -140,13 +139,10 @@ def run_dpo(*, run_dir: str | Path, preset: str, model_type: str | None = None, 
     if not beta > 0:
         raise HybridGPTError(f"--beta must be positive, got {beta}")
     run_dir = Path(run_dir)
-    name, init_path, reference, tok, _ = resolve_init("dpo", run_dir, model_type, layers, init)
-    train_pairs, val_pairs, data_info = load_stage_data("dpo", Path(chat_dir or run_dir / "chat"), dpo_data,
-                                                        dpo_val_data)
-    tcfg = train_config(stage_values(preset, "dpo", overrides))
+    name, init_path, reference, tok, train_pairs, val_pairs, tcfg, info = prepare_finetune(
+        "dpo", run_dir, preset, model_type, layers, init, chat_dir, dpo_data, dpo_val_data, overrides)
+    info |= {"reference": "init", "beta": beta, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
     config = reference.config
-    info = {"model_type": name, "preset": preset, "init": str(init_path.resolve()), "reference": "init",
-            "beta": beta, **data_info, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
 
     def make_task(_model, device):
         return DPOTask(tok, reference.to(device), train_pairs, val_pairs, config.block_size, beta, tcfg.seed,

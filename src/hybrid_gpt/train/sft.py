@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from hybrid_gpt.data.template import training_example
+from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.presets import stage_values
 from hybrid_gpt.train.evaluate import evaluating
 from hybrid_gpt.train.finetune import LazyExamples, load_stage_data, pad_batch, resolve_init
-from hybrid_gpt.train.loop import TrainResult
+from hybrid_gpt.train.loop import TrainConfig, TrainResult
 from hybrid_gpt.train.pretrain import train_config
 from hybrid_gpt.train.stage import Stage, run_stage
 
@@ -79,18 +82,38 @@ class SFTTask:
         return {"loss": total / max(count, 1), "tokens": count, "examples": len(examples)}
 
 
+class FineTuneInputs(NamedTuple):
+    name: str  # labels the output directory, <stage>-<name>
+    init_path: Path
+    model: GPT  # the init checkpoint's model
+    tokenizer: Tokenizer
+    train: list  # conversations (SFT) or preference pairs (DPO)
+    val: list
+    tcfg: TrainConfig
+    info: dict  # recorded with the run; the stage adds its own keys
+
+
+def prepare_finetune(stage: str, run_dir: Path, preset: str, model_type: str | None, layers: str | None,
+                     init: str | None, chat_dir: str | None, data: str | None, val_data: str | None,
+                     overrides: dict | None) -> FineTuneInputs:
+    """What SFT and DPO (``stage``) set up alike before their task: the checkpoint to start from, the
+    chat data, the stage's settings and the run's info."""
+    name, init_path, model, tok, _ = resolve_init(stage, run_dir, model_type, layers, init)
+    train, val, data_info = load_stage_data(stage, Path(chat_dir or run_dir / "chat"), data, val_data)
+    info = {"model_type": name, "preset": preset, "init": str(init_path.resolve()), **data_info}
+    return FineTuneInputs(name, init_path, model, tok, train, val, train_config(stage_values(preset, stage, overrides)),
+                          info)
+
+
 def run_sft(*, run_dir: str | Path, preset: str, model_type: str | None = None, layers: str | None = None,
             init: str | None = None, out: str | None = None, sft_data: str | None = None,
             sft_val_data: str | None = None, chat_dir: str | None = None, overrides: dict | None = None,
             device: str = "auto", resume: bool = False, overwrite: bool = False, log=print) -> TrainResult:
     run_dir = Path(run_dir)
-    name, init_path, model, tok, _ = resolve_init("sft", run_dir, model_type, layers, init)
-    train_convs, val_convs, data_info = load_stage_data("sft", Path(chat_dir or run_dir / "chat"), sft_data,
-                                                        sft_val_data)
-    tcfg = train_config(stage_values(preset, "sft", overrides))
+    name, init_path, model, tok, train_convs, val_convs, tcfg, info = prepare_finetune(
+        "sft", run_dir, preset, model_type, layers, init, chat_dir, sft_data, sft_val_data, overrides)
+    info |= {"train_examples": len(train_convs), "val_examples": len(val_convs)}
     config = model.config
-    info = {"model_type": name, "preset": preset, "init": str(init_path.resolve()), **data_info,
-            "train_examples": len(train_convs), "val_examples": len(val_convs)}
 
     def make_task(_model, _device):
         return SFTTask(tok, train_convs, val_convs, config.block_size, tcfg.seed, tcfg.batch_size * tcfg.grad_accum)
