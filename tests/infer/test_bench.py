@@ -164,3 +164,23 @@ def test_bench_compile_failure_is_one_clear_error(monkeypatch):
                                          r"run bench without --compile"):
         run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, peer=False, compile=True),
                   log=lambda *a: None)
+
+
+def test_the_compute_ceiling_is_measured_with_the_models_own_linear_layers(monkeypatch):
+    import torch
+
+    from hybrid_gpt.infer.bench import measure_hardware
+    from hybrid_gpt.model import kernels
+
+    calls = []
+    real = kernels.linear
+
+    def spy(x, weight, *args, **kwargs):
+        calls.append((tuple(x.shape), tuple(weight.shape), kernels._use_onednn(x, x.size(0), weight, None)))
+        return real(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "linear", spy)
+    hw = measure_hardware(torch.device("cpu"), repeats=1, probe=torch.randn(64, 64))
+    # A weight made outside inference mode, so that the oneDNN path (packed, as in generation) can take it.
+    assert calls and set(calls) == {((1024, 1024), (1024, 1024), kernels.onednn_enabled())}
+    assert hw["matmul_flops_per_s"] > 0 and "linear layers" in hw["method"]

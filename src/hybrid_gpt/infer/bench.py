@@ -135,13 +135,18 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def linear_kernels(device: torch.device) -> str:
+    """Which kernels our linear layers run on ``device`` (oneDNN is CPU-only)."""
+    return kernels.backend_name() if device.type == "cpu" else "F.linear"
+
+
 def environment(device: torch.device, dtypes: list[str]) -> dict:
     env = {"device": str(device), "dtype": ",".join(dtypes), "torch": torch.__version__,
            "python": platform.python_version(),
            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
            "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
            # Our CPU linear layers use oneDNN, the peer's use PyTorch's default (MKL): say which ran.
-           "linear_kernels": kernels.backend_name() if device.type == "cpu" else "F.linear"}
+           "linear_kernels": linear_kernels(device)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     try:
@@ -174,7 +179,9 @@ def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[fl
                      probe: torch.Tensor | None = None) -> dict:
     """The machine's own limits, measured here: memory bandwidth as the faster of a large
     matrix-vector product and a plain streaming read (a sum) of the same 256 MiB / 1 GiB, each of
-    which reads every byte once, and matmul throughput from a large square product.
+    which reads every byte once, and matmul throughput from a large square product by the model's own
+    linear layers (kernels.Linear, packed as in generation): the ceiling of the kernels a decode runs,
+    not of torch.matmul's, which on the CPU is a slower library (see model/kernels.py).
 
     The streaming read is usually the faster, so the limit is the memory system's, not one BLAS
     kernel's: a decode that reaches it cannot go faster by a better matrix-vector kernel.
@@ -187,15 +194,18 @@ def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[fl
     reads = [_read_rate(a, device) for _ in range(repeats + 1)][1:] + list(read_rates or [])
     read = statistics.median(reads)
     m = 1024 if device.type == "cpu" else 8192
-    x, y = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
-    flops = 2 * m**3 / _median_time(lambda: x @ y, device, repeats)
+    with torch.inference_mode(False):  # a weight with a version counter, as a model's, so it is packed once
+        layer = kernels.Linear(m, m, bias=False, device=device)
+    x = torch.randn(m, m, device=device)
+    flops = 2 * m**3 / _median_time(lambda: layer(x), device, repeats)
     n = a.size(0)
     return {"memory_bandwidth_bytes_per_s": max(matvec, read), "matvec_bytes_per_s": matvec,
             "streaming_read_bytes_per_s": read, "streaming_read_range_bytes_per_s": [min(reads), max(reads)],
             "streaming_read_samples": len(reads), "matmul_flops_per_s": flops,
             "method": f"the faster of a {n}x{n} float32 matrix-vector product (median of {repeats}) and a sum of "
                       f"the same matrix (median of {len(reads)}, {len(reads) - repeats} of them between the timed "
-                      f"runs; range {min(reads) / 1e9:.1f}-{max(reads) / 1e9:.1f} GB/s); {m}x{m} float32 matmul"}
+                      f"runs; range {min(reads) / 1e9:.1f}-{max(reads) / 1e9:.1f} GB/s); {m}x{m} float32 product "
+                      f"by the model's linear layers ({linear_kernels(device)})"}
 
 
 def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float:
