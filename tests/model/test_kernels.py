@@ -187,3 +187,47 @@ def test_self_test_leaves_the_global_random_state_alone(monkeypatch):
     state = torch.get_rng_state()
     assert kernels.onednn_enabled()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_self_test_checks_bfloat16_apart_from_float32(always_onednn, monkeypatch):
+    """A oneDNN product that is wrong (or missing) in bfloat16 sends bfloat16 layers to F.linear only."""
+    real = kernels._product
+
+    def wrong_in_bfloat16(x, weight, bias):
+        y = real(x, weight, bias)
+        return y * 2 if x.dtype == torch.bfloat16 else y
+
+    monkeypatch.setattr(kernels, "_product", wrong_in_bfloat16)
+    monkeypatch.setattr(kernels, "_available", None)  # force the self-test to run again
+    monkeypatch.setattr(kernels, "_enabled", None)
+    assert kernels.onednn_enabled() and kernels._works() == {torch.float32}
+    assert "bfloat16 on F.linear" in kernels.backend_name()
+    calls = _calls(monkeypatch)
+    torch.manual_seed(0)
+    layer = kernels.Linear(24, 40)
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        layer16, x16 = copy.deepcopy(layer).to(torch.bfloat16), x.to(torch.bfloat16)
+        assert torch.equal(layer16(x16), F.linear(x16, layer16.weight, layer16.bias))
+        assert len(calls) == 1
+
+
+def test_core_model_and_engine_tests_pass_with_onednn_off():
+    """The F.linear fallback must not rot: the model's and the engine's tests again, in a process
+    with HYBRID_GPT_ONEDNN=0, which must really have been off there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = ("import sys, pytest; from hybrid_gpt.model import kernels; "
+              "rc = pytest.main(['-q', '-x', '-p', 'no:cacheprovider', 'tests/model/test_gpt.py', "
+              "'tests/infer/test_engine.py']); "
+              "sys.exit(rc or (3 if kernels.onednn_enabled() or kernels.backend_name() != "
+              "'PyTorch default (F.linear)' else 0))")
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, kernels.ENV_SWITCH: "0"})
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

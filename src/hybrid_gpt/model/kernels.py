@@ -15,7 +15,8 @@ oneDNN multiplies float32 matrices ~2.3x faster than MKL, in full float32 precis
   and the packed copy is reused until the weight changes (its version counter moves).
 
 Everywhere else (CUDA, other dtypes, small products, weights made inside ``torch.inference_mode``,
-``torch.compile``, a PyTorch without oneDNN) it is plain ``F.linear``. ``HYBRID_GPT_ONEDNN=0``
+``torch.compile``, a PyTorch without oneDNN, a dtype whose oneDNN product fails the self-test, e.g.
+bfloat16 on a CPU without AVX-512) it is plain ``F.linear``. ``HYBRID_GPT_ONEDNN=0``
 (read once, at the first product) switches the oneDNN path off, e.g. to measure what it buys;
 ``set_enabled`` does the same in a running process.
 """
@@ -36,7 +37,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 # from a ~512 KiB weight (it streams the weight from memory ~2x faster). Measured on the Zen 5 machine.
 MIN_FLOPS = 4_000_000
 MIN_WEIGHT_BYTES = 512 * 1024
-_available: bool | None = None  # decided once per process by _self_test
+_available: frozenset | None = None  # the dtypes oneDNN computes right here, decided once per process by _self_test
 _enabled: bool | None = None  # decided by onednn_enabled at the first product
 
 
@@ -46,23 +47,33 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _self_test() -> bool:
-    """Whether this PyTorch has the oneDNN ops and they agree with F.linear (plain and packed)."""
+def _agrees(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether oneDNN's products of x and w (plain, transposed in memory, packed) match F.linear's,
+    to float32's precision or, in bfloat16, to bfloat16's (8 bits of mantissa)."""
+    tol = 1e-5 if x.dtype == torch.float32 else 2e-2
     try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(0)  # never the global generator: runs must not shift
-            x, w, b = (torch.randn(*shape, generator=gen) for shape in ((3, 8), (5, 8), (5,)))
-            expected = F.linear(x, w, b)
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-            return all(torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
-                       for y in (_product(x, w, b), _product(x, w.t().contiguous().t(), b), _product(x, packed, b)))
-    except (RuntimeError, AttributeError, TypeError):
+        expected = F.linear(x, w, b).float()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        return all(torch.allclose(y.float(), expected, atol=tol, rtol=tol)
+                   for y in (_product(x, w, b), _product(x, w.t().contiguous().t(), b), _product(x, packed, b)))
+    except (RuntimeError, AttributeError, TypeError):  # an op missing here, or the CPU lacks its instructions
         return False
 
 
-def _works() -> bool:
+def _self_test() -> frozenset:
+    """The dtypes of _DTYPES for which this PyTorch has the oneDNN ops and they agree with F.linear.
+
+    Each is tested apart: oneDNN's bfloat16 products need AVX-512 (or AVX-NE-CONVERT), so on some CPUs
+    bfloat16 fails where float32 works, and float32 layers should keep oneDNN there."""
+    if not torch.backends.mkldnn.is_available():
+        return frozenset()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)  # never the global generator: runs must not shift
+        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((3, 8), (5, 8), (5,)))
+        return frozenset(d for d in _DTYPES if _agrees(x.to(d), w.to(d), b.to(d)))
+
+
+def _works() -> frozenset:
     global _available
     if _available is None:
         _available = _self_test()
@@ -70,14 +81,15 @@ def _works() -> bool:
 
 
 def onednn_enabled() -> bool:
-    """True when linear layers on the CPU use oneDNN (not switched off, and it works here).
+    """True when linear layers on the CPU use oneDNN (not switched off, and it works here, in float32
+    or bfloat16 at least).
 
     Asked on every product, so the answer is worked out once per process: ``HYBRID_GPT_ONEDNN`` is
     read at the first product (reading the environment each time cost ~4% of a batch-1 decode
     step); ``set_enabled`` changes it afterwards."""
     global _enabled
     if _enabled is None:
-        _enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0" and _works()
+        _enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0" and bool(_works())
     return _enabled
 
 
@@ -85,12 +97,15 @@ def set_enabled(enabled: bool | None) -> None:
     """Switch the oneDNN path on or off in this process (on only where it works here); ``None``
     goes back to what ``HYBRID_GPT_ONEDNN`` says. For A/B comparisons and tests."""
     global _enabled
-    _enabled = None if enabled is None else bool(enabled) and _works()
+    _enabled = None if enabled is None else bool(enabled) and bool(_works())
 
 
 def backend_name() -> str:
     """For reports: which kernel library CPU linear layers use in this process."""
-    return "oneDNN" if onednn_enabled() else "PyTorch default (F.linear)"
+    if not onednn_enabled():
+        return "PyTorch default (F.linear)"
+    failed = [str(d).removeprefix("torch.") for d in _DTYPES if d not in _available]
+    return "oneDNN" + (f" ({', '.join(failed)} on F.linear: its oneDNN product failed the self-test)" if failed else "")
 
 
 class PackedWeight:
@@ -154,7 +169,7 @@ def _use_onednn(x: torch.Tensor, rows: int, weight: torch.Tensor, bias: torch.Te
         return False  # too small to pay oneDNN's per-call cost
     # An inference tensor (a weight made inside torch.inference_mode) has no version counter, so a
     # packed copy could go stale unseen; reordering it on every call would cost more than MKL.
-    return not weight.is_inference() and onednn_enabled()
+    return not weight.is_inference() and onednn_enabled() and x.dtype in _available
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
