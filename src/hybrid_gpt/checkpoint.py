@@ -53,7 +53,7 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, training
     if bad:
         raise RunFailure(
             f"the weights of {path} became non-finite by step {training.get('step', '?')} (first in {bad}): training "
-            "diverged, so nothing was saved and the previous checkpoint is kept; check that the learning rate, "
+            "diverged, so nothing was saved (a previous checkpoint stays as it was); check that the learning rate, "
             "weight decay and gradient clip are finite and not too large"
         )
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),

@@ -89,7 +89,7 @@ def atomic_path(final: str | Path):
 
     An OSError on the way (read-only file system, disk full) becomes a :class:`WriteError` naming ``final``.
     """
-    final = Path(final)
+    final = _named(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -134,13 +134,14 @@ def read_bytes(path: str | Path, what: str, limit: int) -> bytes:
         raise HybridGPTError(f"{what} {path} not found") from e
     except OSError as e:
         raise HybridGPTError(f"cannot read {what} {path}: {os_reason(e)}") from e
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
-            raise HybridGPTError(f"{what} {path} is {kind}, not a regular file")
-        if st.st_size > limit:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        os.close(fd)
+        if st.st_size > limit and stat.S_ISREG(st.st_mode):
             raise HybridGPTError(f"{what} {path} is {st.st_size:,} bytes, over the limit of {limit:,}")
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise HybridGPTError(f"{what} {path} is {kind}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(limit + 1)
         except OSError as e:
@@ -170,6 +171,12 @@ def read_json(path: str | Path, what: str, limit: int = JSON_LIMIT):
 
 
 # -- directories ------------------------------------------------------------------------------------
+
+def _named(path: str | Path) -> Path:
+    """``path`` with a last component to name siblings after ("." and ".." become absolute)."""
+    path = Path(path)
+    return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
+
 
 def _old(final: Path) -> Path:
     return final.with_name(final.name + ".old")
@@ -255,7 +262,7 @@ def exclusive_writer(target: str | Path):
     A second process that tries to write the same checkpoint gets a clear error instead of
     interleaving its checkpoints with the first one's. The lock dies with its process.
     """
-    target = Path(target)
+    target = _named(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -297,8 +304,8 @@ def recover_dir(final: str | Path) -> None:
     Every reader and writer of a swapped directory calls this first. It does nothing while another
     process holds the directory's lock: that writer may be between its two renames.
     """
-    final = Path(final)
-    if final.exists() or not _old(final).is_dir():
+    final = _named(final)
+    if final.exists() or final.name == "" or not _old(final).is_dir():
         return
     if not final.parent.is_dir():
         return
@@ -319,7 +326,7 @@ def recover_dir(final: str | Path) -> None:
 def staged_dir(final: str | Path, allowed: Collection[str], what: str):
     """Yield an empty hidden sibling directory to build ``final`` in; on success swap it in whole
     (:func:`replace_dir`), on failure remove it. The caller holds ``final``'s lock (:func:`claimed_dir`)."""
-    final = Path(final)
+    final = _named(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         if tmp.exists() or tmp.is_symlink():
@@ -358,7 +365,7 @@ def claimed_dir(final: str | Path, *, allowed: Collection[str], what: str, overw
     temporaries of killed writers (the lock makes them ours). ``writer=False`` (a DDP rank other than
     0) only checks.
     """
-    final = Path(final)
+    final = _named(final)
     recover_dir(final)
     _check_existing(final, allowed, what, overwrite, resume, exists_hint)
     if not writer:
