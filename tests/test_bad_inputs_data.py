@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_bad_inputs import run_bad  # the CLI's exit status and stderr, as the first catalogue reads them
 
 from hybrid_gpt import fsutil
 from hybrid_gpt.cli import main
@@ -495,14 +496,6 @@ def snapshot(*roots):
     return out
 
 
-def run_cli(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_gives_one_line_and_changes_nothing(case, run_dir, tmp_path, capsys, monkeypatch):
     spec = CASES[case]
@@ -514,7 +507,7 @@ def test_bad_input_gives_one_line_and_changes_nothing(case, run_dir, tmp_path, c
     capsys.readouterr()
     with monkeypatch.context() as m:
         _apply(spec.fault, m, [run_dir, work])
-        code, err = run_cli(argv, capsys)
+        code, err = run_bad(argv, capsys)
     lines = err.strip().splitlines()
     assert code == spec.code, err
     assert len(lines) == 1 and expected in lines[0], err
