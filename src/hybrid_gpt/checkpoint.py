@@ -151,7 +151,19 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], where: Path) -> None:
     model.load_state_dict(state, strict=False)  # strictness checked above; lm_head is tied to wte
 
 
-def load_weights(file: Path) -> dict[str, torch.Tensor]:
+def weights_limit(config: GPTConfig) -> int:
+    """The most bytes a weights file of ``config`` may take: float64 (the widest we accept) plus headers.
+    Checked before reading, so a file padded with a huge extra tensor is never loaded into memory."""
+    return 8 * config.num_params() + (16 << 20)
+
+
+def load_weights(file: Path, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """The tensors in ``file`` (safetensors, or a state dict loaded with ``weights_only=True``);
+    with ``limit``, a larger file is refused before it is read."""
+    size = file.stat().st_size if file.is_file() else 0
+    if limit is not None and size > limit:
+        raise HybridGPTError(f"weights {file} are {size:,} bytes, more than its config.json's model can take "
+                             f"({limit:,}); the file is damaged or belongs to another model")
     try:
         if file.suffix == ".pt":
             state = torch.load(file, map_location="cpu", weights_only=True)
@@ -195,7 +207,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise HybridGPTError(
             f"{root}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}"
         )
-    state = load_weights(weights)
+    state = load_weights(weights, weights_limit(config))
     model = GPT(config)
     load_state(model, state, weights)
     model.to(device).eval()

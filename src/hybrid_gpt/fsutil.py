@@ -366,6 +366,12 @@ def claimed_dir(final: str | Path, *, allowed: Collection[str], what: str, overw
     0) only checks.
     """
     final = _named(final)
+    try:
+        os.lstat(final)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:  # a name too long, a loop of links: the OS refuses the path itself
+        raise HybridGPTError(f"cannot use {clip(final, 120)} as the {what}: {os_reason(e)}") from e
     recover_dir(final)
     _check_existing(final, allowed, what, overwrite, resume, exists_hint)
     if not writer:

@@ -112,14 +112,21 @@ def prepare_chat_data(corpus: Corpus, out_dir: str | Path, seed: int = 1337, log
     return meta
 
 
+def has_chat_data(chat_dir: str | Path) -> bool:
+    """Whether ``chat_dir`` holds complete chat data (meta.json is written last), after recovering a
+    half-finished swap."""
+    chat_dir = Path(chat_dir)
+    recover_dir(chat_dir)
+    return (chat_dir / "meta.json").is_file()
+
+
 def is_chat_prepared(out_dir: str | Path, corpus: Corpus, seed: int) -> bool:
     """Whether ``out_dir`` already holds chat data built from this corpus with this seed (False: nothing there).
 
     Raises if it holds chat data built otherwise: it is never replaced silently.
     """
     out = Path(out_dir)
-    recover_dir(out)
-    if not (out / "meta.json").is_file():
+    if not has_chat_data(out):
         return False
     meta = read_json(out / "meta.json", "chat data meta file")
     if isinstance(meta, dict) and meta.get("corpus_sha256") == corpus.sha256() and meta.get("seed") == seed:

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import torch
 
-from hybrid_gpt.checkpoint import CHECKPOINT_FILES, is_checkpoint, load_state, load_weights, read_config, resolve
+from hybrid_gpt.checkpoint import (
+    CHECKPOINT_FILES,
+    is_checkpoint,
+    load_state,
+    load_weights,
+    read_config,
+    resolve,
+    weights_limit,
+)
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import claimed_dir, clip, read_text, recover_dir
@@ -163,6 +171,9 @@ def _check_resume(stage: Stage) -> tuple[dict, list[dict]]:
             f"--resume with settings that contradict the saved run in {out}: {', '.join(conflicts)}; "
             "repeat the original command with --resume"
         )
+    size, limit = (out / "trainer_state.pt").stat().st_size, weights_limit(stage.config) * 2
+    if size > limit:  # AdamW's two moments: twice the weights, at most
+        raise _damaged(out, f"{size:,} bytes, more than this model's optimizer state can take")
     try:
         state = torch.load(out / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
@@ -203,7 +214,7 @@ def _run_stage(stage: Stage, device: str, resume: bool, log) -> TrainResult:
         model = GPT(stage.config)
         if resume_state is not None:
             weights = resolve(stage.out)[1]
-            load_state(model, load_weights(weights), weights)
+            load_state(model, load_weights(weights, weights_limit(stage.config)), weights)
             _check_optimizer_and_rng(resume_state, stage.out, model, stage.tcfg)
         elif stage.init_state is not None:
             load_state(model, dict(stage.init_state), Path(stage.info.get("init", "the initial weights")))
