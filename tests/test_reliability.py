@@ -233,3 +233,29 @@ def test_init_weights_are_loaded_strictly(smoke_run, tmp_path):
                   make_task=lambda m, d: None, init_state=state)
     with pytest.raises(HybridGPTError, match="weights in the init do not match its config.json: missing"):
         run_stage(stage, device="cpu", log=quiet)
+
+
+def test_prepare_stops_at_ctrl_c_during_bpe_training(tmp_path):
+    """The Rust trainer never returns to Python by itself; Ctrl-C must still end `prepare` at once."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random(0)
+    (tmp_path / "big.txt").write_text("".join(rng.choice("abcdefghijklmnop") for _ in range(10_000_000)))
+    proc = subprocess.Popen([sys.executable, "-m", "hybrid_gpt.cli", "prepare", "--corpus", "big.txt", "--out", "d",
+                             "--vocab-size", "4096"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.readline().startswith("preparing")  # printed just before the corpus is trained on
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert time.time() - t0 < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]  # no half-built data left
