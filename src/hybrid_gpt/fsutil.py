@@ -229,7 +229,7 @@ def replace_dir(tmp_dir: Path, final: Path, allowed: Collection[str] | None = No
 
 
 def _try_lock(target: Path):
-    """The lock file of ``target`` held exclusively, or None when another process holds it."""
+    """(the lock file of ``target``, held exclusively, None) or (None, the pid written by the process that holds it)."""
     import fcntl
 
     lock = target.with_name(f".{target.name}.lock")

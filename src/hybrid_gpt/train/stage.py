@@ -159,7 +159,7 @@ def _check_resume(stage: Stage) -> tuple[dict, list[dict]]:
         raise HybridGPTError(f"nothing to resume at {out}: no checkpoint with trainer_state.pt there")
     saved_config, saved_training = read_config(out)
     if saved_training.get("stage", stage.name) != stage.name:
-        raise HybridGPTError(f"{out} holds a {saved_training['stage']} checkpoint, not {stage.name}")
+        raise HybridGPTError(f"{out} holds a {clip(saved_training['stage'])} checkpoint, not {stage.name}")
     saved_train = saved_training.get("train_config", {})
     ours = asdict(stage.tcfg)
     conflicts = [k for k in TRAIN_KEYS if k not in RESUMABLE_KEYS and k in saved_train and saved_train[k] != ours[k]]
