@@ -7,25 +7,30 @@ A checkpoint is written to a temporary directory and swapped into place whole.
 
 from __future__ import annotations
 
-import os
+import io
+import json
 import pickle
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError, RunFailure
-from hybrid_gpt.fsutil import read_json, recover_dir, replace_dir, write_json, write_text
+from hybrid_gpt.fsutil import clip, read_json, recover_dir, staged_dir, write_bytes, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig
 from hybrid_gpt.runtime import ensure_fits
 
 FORMAT = "hybrid-gpt-checkpoint"
 FORMAT_VERSION = 1
 TIED = "lm_head.weight"  # stored once, as transformer.wte.weight
+# Every name a checkpoint directory may hold: replacing one that holds anything else would delete a user's file.
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt", "tokenizer.json", "trainer_state.pt",
+                    "metrics.jsonl")
+MAX_LAYERS = 1024  # blocks; bounds the work before a config is even validated
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -36,59 +41,129 @@ def is_checkpoint(path: Path) -> bool:
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, training: dict,
                     trainer_state: dict | None = None, files: dict[str, str] | None = None) -> None:
-    """Write a complete checkpoint directory, atomically replacing any previous one at ``path``."""
+    """Write a complete checkpoint directory, atomically replacing any previous one at ``path``.
+
+    Weights that are not all finite are refused (nothing is written): such a checkpoint can never be used,
+    and marking it complete would pass a diverged run off as a finished one.
+    """
     path = Path(path)
     model = getattr(model, "module", model)  # unwrap DDP
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
-                  "training": training}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED}
+    bad = _non_finite(state)
+    if bad:
+        raise RunFailure(
+            f"the weights of {path} became non-finite by step {training.get('step', '?')} (first in {bad}): training "
+            "diverged, so nothing was saved (a previous checkpoint stays as it was); check that the learning rate, "
+            "weight decay and gradient clip are finite and not too large"
+        )
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
+              "training": training}
+    allowed = (*CHECKPOINT_FILES, *(files or {}))
+    with staged_dir(path, allowed, "checkpoint") as tmp:
         write_json(tmp / "config.json", config)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_bytes(tmp / "model.safetensors", save_safetensors(state, metadata={"format": "pt"}))
         write_text(tmp / "tokenizer.json", tokenizer.to_str())
         for name, text in (files or {}).items():
             write_text(tmp / name, text)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
-    except (OSError, SafetensorError, RuntimeError) as e:  # safetensors and torch.save wrap I/O errors
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise RunFailure(f"could not write checkpoint {path}: {reason}; the previous one is intact") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, path)
+            buf = io.BytesIO()  # serialized here, written by us: a full disk then says so instead of a C++ assert
+            torch.save(trainer_state, buf)
+            write_bytes(tmp / "trainer_state.pt", buf.getbuffer())
+
+
+# Fields of the "training" section that code reads, with their types: a config.json of another shape
+# is refused when read, not when some command trips over it.
+TRAINING_TYPES = {"stage": str, "model_type": str, "preset": str, "data_dir": str, "data_tokenizer_sha256": str,
+                  "init": str, "complete": bool, "step": int, "max_steps": int, "tokens_seen": int,
+                  "train_config": dict, "fixed": dict, "last_eval": dict}
+
+
+def _type_name(t: type) -> str:
+    return {str: "a string", bool: "true or false", int: "a whole number", dict: "an object"}[t]
 
 
 def read_config(path: Path) -> tuple[GPTConfig, dict]:
+    """(model config, training info) of a checkpoint directory, validated before anything is allocated."""
+    recover_dir(path)
+    where = f"{path}/config.json"
     raw = read_json(path / "config.json", "checkpoint config")
-    if not isinstance(raw, dict) or "model" not in raw:
-        raise HybridGPTError(f"{path}/config.json is not a hybrid-gpt checkpoint config (no 'model' section)")
-    return GPTConfig.from_dict(raw["model"]), raw.get("training", {})
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise HybridGPTError(f"{where} is not a hybrid-gpt checkpoint config (no 'model' object)")
+    training = raw.get("training", {})
+    if not isinstance(training, dict):
+        raise HybridGPTError(f"{where}: 'training' must be an object, got {type(training).__name__}")
+    for key, t in TRAINING_TYPES.items():
+        value = training.get(key)
+        if value is not None and (not isinstance(value, t) or (t is int and isinstance(value, bool))):
+            raise HybridGPTError(f"{where}: training.{key} must be {_type_name(t)}, got {clip(json.dumps(value))}")
+    layers = raw["model"].get("layers")
+    if isinstance(layers, str) and len(layers) > MAX_LAYERS:
+        raise HybridGPTError(f"{where}: a layer pattern of {len(layers):,} blocks is over the limit of {MAX_LAYERS}")
+    try:
+        config = GPTConfig.from_dict(raw["model"])
+    except (HybridGPTError, TypeError) as e:  # bounded: the error may quote the file's values
+        raise HybridGPTError(f"{where}: {clip(e, 200)}") from e
+    return config, training
+
+
+def _non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or infinity, or None."""
+    return next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
+
+
+def _names(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(clip(k, 80) for k in keys[:5]) + (f" and {len(keys) - 5:,} more" if len(keys) > 5 else "")
 
 
 def _check_tensors(state: dict, model: GPT, where: Path) -> None:
     expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED}
     state.pop(TIED, None)
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+    missing = set(expected) - set(state)
+    extra = set(state) - set(expected)
     shapes = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
     problems = []
     if missing:
-        problems.append(f"missing {missing}")
+        problems.append(f"missing {_names(missing)}")
     if extra:
-        problems.append(f"unexpected {extra}")
+        problems.append(f"unexpected {_names(extra)}")
     if shapes:
         problems.append("mis-shaped " + ", ".join(
-            f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}" for k in shapes))
+            f"{clip(k, 80)} {tuple(state[k].shape)} != {tuple(expected[k])}" for k in shapes[:5]))
     if problems:
         raise HybridGPTError(f"weights in {where} do not match its config.json: " + "; ".join(problems))
+    # Casting an integer, boolean or complex tensor into a float parameter would change its values silently.
+    wrong = sorted(k for k, v in state.items() if not v.is_floating_point())
+    if wrong:
+        raise HybridGPTError(f"weights in {where} must be floating point: {_names(wrong)} "
+                             f"{'is' if len(wrong) == 1 else 'are'} {state[wrong[0]].dtype}")
+    bad = _non_finite(state)
+    if bad:
+        raise HybridGPTError(f"weights in {where} are not finite ({bad} holds NaN or infinity): "
+                             "the run that wrote them diverged")
 
 
-def load_weights(file: Path) -> dict[str, torch.Tensor]:
+def load_state(model: GPT, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Load ``state`` into ``model``: exactly its tensors (the tied lm_head aside), in their shapes,
+    floating point and finite; anything else is a one-line error naming the tensor. Used by every load
+    and by --resume, so a damaged checkpoint never trains on with re-initialised tensors."""
+    _check_tensors(state, model, where)
+    model.load_state_dict(state, strict=False)  # strictness checked above; lm_head is tied to wte
+
+
+def weights_limit(config: GPTConfig) -> int:
+    """The most bytes a weights file of ``config`` may take: float64 (the widest we accept) plus headers.
+    Checked before reading, so a file padded with a huge extra tensor is never loaded into memory."""
+    return 8 * config.num_params() + (16 << 20)
+
+
+def load_weights(file: Path, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """The tensors in ``file`` (safetensors, or a state dict loaded with ``weights_only=True``);
+    with ``limit``, a larger file is refused before it is read."""
+    size = file.stat().st_size if file.is_file() else 0
+    if limit is not None and size > limit:
+        raise HybridGPTError(f"weights {file} are {size:,} bytes, more than its config.json's model can take "
+                             f"({limit:,}); the file is damaged or belongs to another model")
     try:
         if file.suffix == ".pt":
             state = torch.load(file, map_location="cpu", weights_only=True)
@@ -96,7 +171,7 @@ def load_weights(file: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(file), device="cpu")
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise HybridGPTError(f"cannot read weights {file}: it is corrupt or truncated ({reason})") from e
+        raise HybridGPTError(f"cannot read weights {file}: it is corrupt or truncated ({clip(reason, 120)})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HybridGPTError(f"{file} is not a state dict of tensors")
     return state
@@ -132,10 +207,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise HybridGPTError(
             f"{root}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}"
         )
-    state = load_weights(weights)
+    state = load_weights(weights, weights_limit(config))
     model = GPT(config)
-    _check_tensors(state, model, weights)
-    model.load_state_dict(state, strict=False)  # strictness checked above; lm_head is tied to wte
+    load_state(model, state, weights)
     model.to(device).eval()
     return model, tokenizer, training
 

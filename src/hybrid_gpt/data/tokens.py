@@ -15,52 +15,81 @@ import numpy as np
 import torch
 
 from hybrid_gpt.data.corpus import Corpus
-from hybrid_gpt.data.tokenizer import MAX_VOCAB, Tokenizer
+from hybrid_gpt.data.tokenizer import MAX_VOCAB, Tokenizer, check_vocab_size, interruptible
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import atomic_path, read_json, write_json, write_text
+from hybrid_gpt.fsutil import clip, output_dir, read_json, recover_dir, write_bytes, write_json, write_text
 
 META_VERSION = 1
+DATA_FILES = ("meta.json", "tokenizer.json", "train.bin", "val.bin")  # all a data directory may hold
 
 
 def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int, log=print) -> dict:
     """Train the tokenizer on the training split and write tokenizer.json, train.bin, val.bin, meta.json.
 
-    meta.json is written last, so its presence marks a complete data directory.
+    Everything is checked, then built in a temporary directory and swapped in whole: until the new
+    data is complete, the previous data (which trained checkpoints need) stays as it was, and a
+    directory that holds anything else is refused, not replaced.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Until the new meta.json lands, the directory must not pass for complete.
-    (out / "meta.json").unlink(missing_ok=True)
-    t0 = time.time()
-    tok = Tokenizer.train((d.text for d in corpus.train), vocab_size)
-    log(f"trained a {tok.vocab_size}-token byte-level BPE in {time.time() - t0:.1f}s")
-    write_text(out / "tokenizer.json", tok.to_str())
-    meta = {
-        "version": META_VERSION,
-        "source": corpus.source,
-        "corpus_sha256": corpus.sha256(),
-        "tokenizer_sha256": tok.sha256(),
-        "vocab_size": tok.vocab_size,
-        "requested_vocab_size": vocab_size,  # a small corpus can yield fewer merges than asked for
-        "dtype": "uint16",
-        "splits": {},
-    }
-    for split, docs in (("train", corpus.train), ("val", corpus.val)):
-        # Each document starts with <|bos|>, so that no context window silently spans two plays unmarked.
-        ids = []
-        for doc_ids in tok.encode_batch([d.text for d in docs]):
-            ids.append(tok.bos_id)
-            ids.extend(doc_ids)
-        arr = np.asarray(ids, dtype=np.uint16)
-        with atomic_path(out / f"{split}.bin") as tmp:
-            arr.tofile(tmp)
-        meta["splits"][split] = {
-            "documents": [d.name for d in docs],
-            "tokens": int(arr.size),
-            "bytes": int(sum(len(d.text.encode("utf-8")) for d in docs)),
+    check_vocab_size(vocab_size)
+    with output_dir(out, allowed=DATA_FILES, what="prepared data directory", overwrite=True) as tmp:
+        t0 = time.time()
+        tok = Tokenizer.train((d.text for d in corpus.train), vocab_size)
+        log(f"trained a {tok.vocab_size}-token byte-level BPE in {time.time() - t0:.1f}s")
+        write_text(tmp / "tokenizer.json", tok.to_str())
+        meta = {
+            "version": META_VERSION,
+            "source": corpus.source,
+            "corpus_sha256": corpus.sha256(),
+            "tokenizer_sha256": tok.sha256(),
+            "vocab_size": tok.vocab_size,
+            "requested_vocab_size": vocab_size,  # a small corpus can yield fewer merges than asked for
+            "dtype": "uint16",
+            "splits": {},
         }
-        log(f"{split}: {len(docs)} documents, {arr.size:,} tokens, {meta['splits'][split]['bytes']:,} bytes")
-    write_json(out / "meta.json", meta)
+        for split, docs in (("train", corpus.train), ("val", corpus.val)):
+            # Each document starts with <|bos|>, so that no context window silently spans two plays unmarked.
+            encoded = interruptible(tok.encode_batch, [d.text for d in docs])
+            arr = np.concatenate([np.asarray([tok.bos_id, *ids], dtype=np.uint16) for ids in encoded])
+            write_bytes(tmp / f"{split}.bin", memoryview(arr))
+            meta["splits"][split] = {
+                "documents": [d.name for d in docs],
+                "tokens": int(arr.size),
+                "bytes": int(sum(len(d.text.encode("utf-8")) for d in docs)),
+            }
+            log(f"{split}: {len(docs)} documents, {arr.size:,} tokens, {meta['splits'][split]['bytes']:,} bytes")
+        write_json(tmp / "meta.json", meta)
+    return meta
+
+
+def _field(obj, key: str, t: type, where: str):
+    value = obj.get(key)
+    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+        kind = {str: "a string", int: "a whole number", dict: "an object"}[t]
+        raise HybridGPTError(f"{where} is damaged: '{key}' must be {kind}; re-run `hybrid-gpt prepare --force`")
+    return value
+
+
+def read_meta(root: str | Path) -> dict:
+    """meta.json of a prepared data directory, checked for the fields every reader relies on."""
+    root = Path(root)
+    recover_dir(root)
+    where = f"{root}/meta.json"
+    if not (root / "meta.json").is_file():
+        raise HybridGPTError(f"no prepared data in {root}; run `hybrid-gpt prepare` first (or pass --data DIR)")
+    meta = read_json(root / "meta.json", "data meta file")
+    if not isinstance(meta, dict):
+        raise HybridGPTError(f"{where} is damaged: it must be a JSON object; re-run `hybrid-gpt prepare --force`")
+    for key in ("source", "tokenizer_sha256"):
+        _field(meta, key, str, where)
+    vocab = _field(meta, "vocab_size", int, where)
+    if not 0 < vocab <= MAX_VOCAB:
+        raise HybridGPTError(f"{where} is damaged: vocab_size {vocab} does not fit uint16 token files")
+    splits = _field(meta, "splits", dict, where)
+    for split in ("train", "val"):
+        tokens = _field(_field(splits, split, dict, f"{where} splits"), "tokens", int, f"{where} splits.{split}")
+        if tokens < 0:
+            raise HybridGPTError(f"{where} is damaged: splits.{split}.tokens is negative")
     return meta
 
 
@@ -76,22 +105,28 @@ class TokenData:
 
     @classmethod
     def open(cls, root: str | Path) -> "TokenData":
+        """Open and check a prepared data directory: meta.json's shape, the tokenizer it names, and token files
+        of the recorded lengths (at least two tokens each: one to predict from, one to predict) whose
+        ids are all in the vocabulary, so that no later step indexes out of the embedding."""
         root = Path(root)
-        if not (root / "meta.json").is_file():
-            raise HybridGPTError(f"no prepared data in {root}; run `hybrid-gpt prepare` first (or pass --data DIR)")
-        meta = read_json(root / "meta.json", "data meta file")
+        meta = read_meta(root)
         tok = Tokenizer.from_file(root / "tokenizer.json")
-        if meta.get("tokenizer_sha256") != tok.sha256():
+        if meta["tokenizer_sha256"] != tok.sha256() or meta["vocab_size"] != tok.vocab_size:
             raise HybridGPTError(f"{root}/tokenizer.json does not match meta.json; re-run `hybrid-gpt prepare`")
-        if tok.vocab_size > MAX_VOCAB:
-            raise HybridGPTError(f"vocabulary of {tok.vocab_size} does not fit uint16 token files")
         arrays = {}
         for split in ("train", "val"):
             path = root / f"{split}.bin"
             expected = meta["splits"][split]["tokens"]
             if not path.is_file() or path.stat().st_size != 2 * expected:
                 raise HybridGPTError(f"{path} is missing or truncated; re-run `hybrid-gpt prepare`")
+            if expected < 2:
+                raise HybridGPTError(f"{path} holds {expected} token{'s' * (expected != 1)}: at least 2 are needed "
+                                     "(one to predict from, one to predict); prepare a larger corpus")
             arrays[split] = np.memmap(path, dtype=np.uint16, mode="r")
+            top = int(arrays[split].max())
+            if top >= tok.vocab_size:
+                raise HybridGPTError(f"{path} holds token id {top}, outside the vocabulary of {tok.vocab_size}; "
+                                     "it is damaged or from other data: re-run `hybrid-gpt prepare --force`")
         return cls(root=root, meta=meta, tokenizer=tok, train=arrays["train"], val=arrays["val"])
 
     def split(self, name: str) -> np.ndarray:
@@ -122,14 +157,15 @@ def is_prepared(out_dir: str | Path, corpus: Corpus, vocab_size: int) -> bool:
     Raises if it holds other data: checkpoints trained on it need it, so it is never replaced silently.
     """
     out_dir = Path(out_dir)
+    recover_dir(out_dir)
     if not (out_dir / "meta.json").is_file():
         return False
-    meta = read_json(out_dir / "meta.json", "data meta file")
+    meta = read_meta(out_dir)
     same_vocab = meta.get("requested_vocab_size", meta.get("vocab_size")) == vocab_size
     if meta.get("corpus_sha256") == corpus.sha256() and same_vocab:
         return True
     raise HybridGPTError(
-        f"{out_dir} already holds data prepared from {meta.get('source')} with vocabulary {meta.get('vocab_size')}; "
+        f"{out_dir} already holds data prepared from {clip(meta['source'])} with vocabulary {meta['vocab_size']}; "
         "pass --force to replace it, or --run-dir/--out to prepare elsewhere"
     )
 

@@ -7,7 +7,8 @@ A stage is described by a :class:`Stage`; the stage modules only say how to buil
 from __future__ import annotations
 
 import json
-import shutil
+import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -15,10 +16,18 @@ from pathlib import Path
 
 import torch
 
-from hybrid_gpt.checkpoint import is_checkpoint, load_weights, read_config, resolve
+from hybrid_gpt.checkpoint import (
+    CHECKPOINT_FILES,
+    is_checkpoint,
+    load_state,
+    load_weights,
+    read_config,
+    resolve,
+    weights_limit,
+)
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import exclusive_writer, recover_dir
+from hybrid_gpt.fsutil import claimed_dir, clip, read_text, recover_dir
 from hybrid_gpt.model.gpt import GPT, GPTConfig
 from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import distributed_env, ensure_fits, init_distributed, resolve_device, shutdown_distributed
@@ -43,11 +52,105 @@ class Stage:
     fixed: dict = field(default_factory=dict)  # stage settings outside TrainConfig that a resume must keep
 
 
+METRICS_LIMIT = 1 << 30  # bytes of metrics.jsonl: about five million steps
+
+
 def read_metrics(ckpt: Path) -> list[dict]:
+    """The records of ``<ckpt>/metrics.jsonl`` (none if absent); a damaged file is a one-line error."""
     path = ckpt / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(read_text(path, "metrics file", METRICS_LIMIT).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise HybridGPTError(f"{path}:{lineno} is not valid JSON; the metrics file is damaged") from e
+        step = rec.get("step", 0) if isinstance(rec, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise HybridGPTError(f"{path}:{lineno} is not a metrics record (an object with a whole-number step); "
+                                 "the metrics file is damaged")
+        records.append(rec)
+    return records
+
+
+def _damaged(out: Path, what: str) -> HybridGPTError:
+    return HybridGPTError(f"{out}/trainer_state.pt is damaged ({what}); start over with --overwrite")
+
+
+def _check_trainer_state(state, out: Path, saved_step) -> dict:
+    """The fields of a loaded trainer_state.pt that are read before the model exists."""
+    if not isinstance(state, dict):
+        raise _damaged(out, f"a {type(state).__name__}, not a dict")
+    missing = [k for k in ("step", "optimizer", "rng") if k not in state]
+    if missing:
+        raise _damaged(out, f"no {', '.join(missing)}")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise _damaged(out, f"step {clip(step)} is not a whole number >= 0")
+    if saved_step is not None and saved_step != step:
+        raise _damaged(out, f"step {step}, while config.json says {saved_step}")
+    elapsed = state.get("elapsed", 0.0)
+    if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not 0 <= elapsed < float("inf"):
+        raise _damaged(out, "elapsed time is not a finite number")
+    return state
+
+
+def _same_kind(saved, fresh) -> bool:
+    """Whether an optimizer hyperparameter read from a file has the type of the one AdamW would use."""
+    if isinstance(fresh, bool) or fresh is None:
+        return saved is None or isinstance(saved, bool)
+    if isinstance(fresh, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if isinstance(fresh, tuple):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(fresh) and all(
+            _same_kind(s, f) for s, f in zip(saved, fresh))
+    return True
+
+
+def _check_optimizer_and_rng(state: dict, out: Path, model: GPT, tcfg: TrainConfig) -> None:
+    """Check the optimizer state against ``model`` (parameter groups, hyperparameter types, moment shapes)
+    and the random states by a dry run, so the loop never trips over a damaged trainer_state.pt."""
+    opt = state["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list) or \
+            not isinstance(opt.get("state"), dict):
+        raise _damaged(out, "the optimizer state is not an optimizer's state dict")
+    fresh = torch.optim.AdamW(model.optimizer_groups(tcfg.weight_decay), lr=tcfg.lr)
+    groups = fresh.param_groups
+    if len(opt["param_groups"]) != len(groups) or any(
+            not isinstance(saved, dict) or not isinstance(saved.get("params"), list)
+            or len(saved["params"]) != len(ours["params"]) for saved, ours in zip(opt["param_groups"], groups)):
+        raise _damaged(out, "its optimizer parameter groups do not match the model's")
+    for saved, ours in zip(opt["param_groups"], groups):
+        for pid, p in zip(saved["params"], ours["params"]):
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                raise _damaged(out, "its optimizer parameter ids are not whole numbers")
+            moments = opt["state"].get(pid)
+            if moments is None:
+                continue
+            if not isinstance(moments, dict) or "step" not in moments or any(
+                    not isinstance(moments.get(k), torch.Tensor) or not moments[k].is_floating_point()
+                    or moments[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq")):
+                raise _damaged(out, f"the optimizer moments of parameter {pid} do not fit its shape {tuple(p.shape)}")
+    reference = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    try:
+        fresh.load_state_dict(opt)  # fills in settings an older PyTorch did not save
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
+        raise _damaged(out, f"the optimizer state does not load: {clip(e, 120)}") from e
+    for loaded, ref in zip(fresh.param_groups, reference):
+        bad = [k for k in ref if not (k in loaded and _same_kind(loaded[k], ref[k]))]
+        if bad:
+            raise _damaged(out, f"optimizer setting {clip(bad[0])} is missing or of the wrong type")
+    rng = state["rng"]
+    try:
+        torch.Generator().set_state(rng["torch"])
+        random.Random().setstate((3, tuple(rng["python"]), None))
+        if "cuda" in rng and not (isinstance(rng["cuda"], torch.Tensor) and rng["cuda"].dtype == torch.uint8):
+            raise TypeError("the CUDA state is not a byte tensor")
+    except (TypeError, ValueError, KeyError, RuntimeError, OverflowError, IndexError) as e:
+        raise _damaged(out, f"a bad random-number state: {clip(e, 120)}") from e
 
 
 def _check_resume(stage: Stage) -> tuple[dict, list[dict]]:
@@ -56,7 +159,7 @@ def _check_resume(stage: Stage) -> tuple[dict, list[dict]]:
         raise HybridGPTError(f"nothing to resume at {out}: no checkpoint with trainer_state.pt there")
     saved_config, saved_training = read_config(out)
     if saved_training.get("stage", stage.name) != stage.name:
-        raise HybridGPTError(f"{out} holds a {saved_training['stage']} checkpoint, not {stage.name}")
+        raise HybridGPTError(f"{out} holds a {clip(saved_training['stage'])} checkpoint, not {stage.name}")
     saved_train = saved_training.get("train_config", {})
     ours = asdict(stage.tcfg)
     conflicts = [k for k in TRAIN_KEYS if k not in RESUMABLE_KEYS and k in saved_train and saved_train[k] != ours[k]]
@@ -68,45 +171,38 @@ def _check_resume(stage: Stage) -> tuple[dict, list[dict]]:
             f"--resume with settings that contradict the saved run in {out}: {', '.join(conflicts)}; "
             "repeat the original command with --resume"
         )
+    size, limit = (out / "trainer_state.pt").stat().st_size, weights_limit(stage.config) * 2
+    if size > limit:  # AdamW's two moments: twice the weights, at most
+        raise _damaged(out, f"{size:,} bytes, more than this model's optimizer state can take")
     try:
         state = torch.load(out / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
         raise HybridGPTError(
             f"{out}/trainer_state.pt is unreadable ({type(e).__name__}); start over with --overwrite"
         ) from e
-    return state, read_metrics(out)
+    return _check_trainer_state(state, out, saved_training.get("step")), read_metrics(out)
 
 
 def run_stage(stage: Stage, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
               log=print) -> TrainResult:
+    """Run ``stage`` into ``stage.out``: a fresh run refuses an existing directory, ``resume`` continues it,
+    ``overwrite`` replaces it (only if it is a checkpoint: see :func:`hybrid_gpt.fsutil.claimed_dir`)."""
     if resume and overwrite:
         raise HybridGPTError("--resume and --overwrite contradict each other; pass one")
-    _refuse_existing(stage, resume, overwrite)  # before the lock: a refused command leaves no trace
-    if distributed_env()[0] != 0:  # only rank 0 writes checkpoints
-        return _run_stage(stage, device, resume, overwrite, log)
-    with exclusive_writer(stage.out):
-        return _run_stage(stage, device, resume, overwrite, log)
+    with claimed_dir(stage.out, allowed=CHECKPOINT_FILES, what="checkpoint", overwrite=overwrite, resume=resume,
+                     exists_hint="pass --resume to continue it or --overwrite to start over",
+                     writer=distributed_env()[0] == 0):  # only rank 0 writes checkpoints
+        return _run_stage(stage, device, resume, log)
 
 
-def _refuse_existing(stage: Stage, resume: bool, overwrite: bool) -> None:
-    old = stage.out.with_name(stage.out.name + ".old")
-    if (stage.out.exists() or old.exists()) and not resume and not overwrite:
-        raise HybridGPTError(f"{stage.out} already exists; pass --resume to continue it or --overwrite to start over")
-
-
-def _run_stage(stage: Stage, device: str, resume: bool, overwrite: bool, log) -> TrainResult:
-    # Holding the lock, we own every leftover of an earlier writer that was killed mid-save.
-    for stale in stage.out.parent.glob(f".{stage.out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    recover_dir(stage.out)
-    _refuse_existing(stage, resume, overwrite)
+def _run_stage(stage: Stage, device: str, resume: bool, log) -> TrainResult:
     resume_state, prior_metrics = None, None
     if resume:
         resume_state, prior_metrics = _check_resume(stage)
-        if int(resume_state["step"]) >= stage.tcfg.max_steps:
+        if resume_state["step"] >= stage.tcfg.max_steps:
             log(f"{stage.out} is already complete ({resume_state['step']} of {stage.tcfg.max_steps} steps); "
                 "nothing to do")
-            return TrainResult(step=int(resume_state["step"]), interrupted=False, elapsed=0.0, metrics=prior_metrics)
+            return TrainResult(step=resume_state["step"], interrupted=False, elapsed=0.0, metrics=prior_metrics)
 
     # Weights, gradients and AdamW's two moments: 16 bytes per parameter before any activation.
     ensure_fits(16 * stage.config.num_params(), f"training this model ({stage.config.num_params():,} parameters)")
@@ -116,9 +212,12 @@ def _run_stage(stage: Stage, device: str, resume: bool, overwrite: bool, log) ->
     try:
         torch.manual_seed(stage.tcfg.seed)
         model = GPT(stage.config)
-        state = load_weights(resolve(stage.out)[1]) if resume_state is not None else stage.init_state
-        if state is not None:
-            model.load_state_dict(state, strict=False)  # lm_head.weight is tied to transformer.wte.weight
+        if resume_state is not None:
+            weights = resolve(stage.out)[1]
+            load_state(model, load_weights(weights, weights_limit(stage.config)), weights)
+            _check_optimizer_and_rng(resume_state, stage.out, model, stage.tcfg)
+        elif stage.init_state is not None:
+            load_state(model, dict(stage.init_state), Path(stage.info.get("init", "the initial weights")))
         model.to(dev)
         if rank == 0:
             log(f"{stage.name}: model {stage.config.layers} ({stage.info.get('model_type')}), "
@@ -138,6 +237,7 @@ def seed_dir(run_dir: Path, seed: int) -> Path:
 
 
 def is_complete(ckpt: Path) -> bool:
+    recover_dir(ckpt)  # a crash mid-swap leaves only "<ckpt>.old": that is the checkpoint
     if not is_checkpoint(ckpt):
         return False
     _, training = read_config(ckpt)
