@@ -201,7 +201,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Load (model, tokenizer, training info); the config is validated before any tensor is allocated."""
     root, weights = resolve(path)
     config, training = read_config(root)
-    ensure_fits(4 * config.num_params(), f"the model in {root} ({config.num_params():,} fp32 parameters)")
+    what = f"the model in {root} ({config.num_params():,} fp32 parameters)"
+    ensure_fits(4 * config.num_params(), what)  # weights are read into host memory first
+    if torch.device(device).type == "cuda":
+        ensure_fits(4 * config.num_params(), what, device)
     tokenizer = Tokenizer.from_file(root / "tokenizer.json")
     if tokenizer.vocab_size != config.vocab_size:
         raise HybridGPTError(

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from hybrid_gpt.checkpoint import load_checkpoint
-from hybrid_gpt.data.tokens import TokenData, ensure_prepared
+from hybrid_gpt.data.tokens import TokenData, ensure_prepared, read_meta
 from hybrid_gpt.infer.bench import BenchConfig, run_bench
 from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import resolve_device
@@ -41,8 +41,7 @@ class PipelineOptions:
 
 
 def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
-    from hybrid_gpt.data.chat_data import prepare_chat_data
-    from hybrid_gpt.fsutil import read_json
+    from hybrid_gpt.data.chat_data import is_chat_prepared, prepare_chat_data
     from hybrid_gpt.train.dpo import run_dpo
     from hybrid_gpt.train.pretrain import run_pretrain
     from hybrid_gpt.train.sft import run_sft
@@ -52,7 +51,7 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
     device = resolve_device(opts.device)  # the stages' device: evaluation, bench and samples run there too
     data_dir, chat_dir = run_dir / "data", run_dir / "chat"
     corpus = ensure_prepared(data_dir, opts.preset, log)
-    if not (chat_dir / "meta.json").is_file():
+    if not is_chat_prepared(chat_dir, corpus, DEFAULT_SEED):
         log(f"[pipeline] prepare-chat -> {chat_dir}")
         prepare_chat_data(corpus, chat_dir, log=log)
     data = TokenData.open(data_dir)
@@ -123,7 +122,7 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
         "per_seed": {mt: {str(s): f for s, f in v.items()} for mt, v in per_seed.items()},
         "bench": bench, "samples": samples, "curves": curves, "timings": timings,
         "machine": bench["environment"],  # the benchmark's record of the machine, versions and kernels
-        "data": {k: read_json(data_dir / "meta.json", "meta")[k] for k in ("source", "vocab_size", "splits")},
+        "data": {k: read_meta(data_dir)[k] for k in ("source", "vocab_size", "splits")},
         "command": opts.command or " ".join(shlex.quote(a) for a in ["hybrid-gpt", *sys.argv[1:]]),
         "pipeline_seconds": time.time() - t_start,
     }

@@ -27,6 +27,7 @@ from hybrid_gpt.data.template import check_messages
 from hybrid_gpt.data.tokenizer import check_unicode
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import output_dir, read_json, read_text, recover_dir, write_json, write_text
+from hybrid_gpt.presets import DEFAULT_SEED
 
 CHAT_FILES = ("meta.json", "sft_train.jsonl", "sft_val.jsonl", "dpo_train.jsonl", "dpo_val.jsonl")
 JSONL_LIMIT = 256 << 20  # bytes of one SFT/DPO file, read whole: bound it before reading
@@ -93,7 +94,7 @@ def _pool(docs: list[Document]) -> list[tuple[str, str]]:
     return [(d.name, s.text) for d in docs for s in d.speeches if len(s.text) <= MAX_TURN_CHARS]
 
 
-def prepare_chat_data(corpus: Corpus, out_dir: str | Path, seed: int = 1337, log=print) -> dict:
+def prepare_chat_data(corpus: Corpus, out_dir: str | Path, seed: int = DEFAULT_SEED, log=print) -> dict:
     """Write sft_{train,val}.jsonl, dpo_{train,val}.jsonl and meta.json, built in a temporary directory
     and swapped in whole: the previous chat data stays until the new one is complete."""
     out = Path(out_dir)

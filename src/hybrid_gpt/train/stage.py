@@ -205,9 +205,9 @@ def _run_stage(stage: Stage, device: str, resume: bool, log) -> TrainResult:
             return TrainResult(step=resume_state["step"], interrupted=False, elapsed=0.0, metrics=prior_metrics)
 
     # Weights, gradients and AdamW's two moments: 16 bytes per parameter before any activation.
-    ensure_fits(16 * stage.config.num_params(), f"training this model ({stage.config.num_params():,} parameters)")
     rank, local_rank, world = distributed_env()
     dev = resolve_device(device, local_rank)
+    ensure_fits(16 * stage.config.num_params(), f"training this model ({stage.config.num_params():,} parameters)", dev)
     init_distributed(dev)
     try:
         torch.manual_seed(stage.tcfg.seed)
