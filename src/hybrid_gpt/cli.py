@@ -10,14 +10,17 @@ Run it under torchrun for DDP: `torchrun --nproc_per_node 2 -m hybrid_gpt.cli pr
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from dataclasses import dataclass, make_dataclass
 from pathlib import Path
 
+from hybrid_gpt.analysis.ablate import run_ablate
+from hybrid_gpt.analysis.probe import run_probe
 from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.bench import DTYPES, BenchConfig
+from hybrid_gpt.infer.bench import DTYPES, BenchConfig, run_train_bench
 from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
 from hybrid_gpt.options import add_options, one_line, option, values
 from hybrid_gpt.presets import DEFAULT_SEED, PRESETS, default_preset
@@ -33,6 +36,11 @@ MAX_CONTEXT = 2**20
 MAX_TOKENS = 2**40
 MAX_BETA = 100.0  # beta x a log-probability margin must stay finite in float32
 MAX_REPEATS = 10_000
+
+
+def _default(fn, name: str):
+    """The default of parameter ``name`` of library function ``fn``: the flag's default, defined there once."""
+    return inspect.signature(fn).parameters[name].default
 
 
 def _pattern(text: str) -> str | None:
@@ -185,7 +193,8 @@ class BenchOptions:
 class BenchCommand:
     checkpoints: list[str] = option(None, kind="input", positional=True, nargs="+", metavar="CKPT")
     train: bool = option(False, help="also measure training throughput (ours and the peer)")
-    train_batch: int = option(16, lo=1, hi=MAX_ROWS, help="rows per training step")
+    train_batch: int = option(_default(run_train_bench, "batch_size"), lo=1, hi=MAX_ROWS,
+                              help="rows per training step")
     compile: bool = option(False, help="also measure every model torch.compile'd (dynamic shapes) as "
                                        "'<name>+compile'")
     json: bool = option(False, help="print the results as JSON")
@@ -202,12 +211,12 @@ class PipelineCommand:
 
 @dataclass
 class AblateOptions:
-    patterns: list[str] | None = option(None, help="comma-separated variants: PATTERN, PATTERN:H (M hidden width) "
-                                                   "or PATTERN:matched (default: AAAA,AAMM,AANN,MMAA,AA,AAMM:matched)")
-    budget: str | None = option(None, choices=("steps", "time"),
-                                help="equal optimizer steps (the default), or equal wall-clock time (cheaper "
-                                     "patterns get more steps)")
-    seeds: list[int] | None = option(None, kind="seeds", unique=True, help="comma-separated seeds (default: 1,2,3)")
+    patterns: list[str] = option(_default(run_ablate, "patterns"),
+                                 help="comma-separated variants: PATTERN, PATTERN:H (M hidden width) or "
+                                      "PATTERN:matched")
+    budget: str = option(_default(run_ablate, "budget"), choices=("steps", "time"),
+                         help="equal optimizer steps, or equal wall-clock time (cheaper patterns get more steps)")
+    seeds: list[int] = option(_default(run_ablate, "seeds"), kind="seeds", unique=True, help="comma-separated seeds")
     steps: int | None = option(None, lo=1, hi=MAX_STEPS, help="steps per run (default: the preset's; --quick: fewer)")
     quick: bool = option(False, help="a short budget (150 steps on cpu) into <run-dir>/ablate-quick")
     out_dir: str | None = option(None, kind="outdir", flags=("--out",),
@@ -229,7 +238,8 @@ class ImportanceOptions:
 
 @dataclass
 class ProbeOptions:
-    patterns: list[str] | None = option(None, help="default: AAAA,AAMM,AANN,MMAA,AA")
+    patterns: list[str] = option(_default(run_probe, "patterns"), help="comma-separated layer patterns")
+    # Three seeds, as pipeline --full runs it (run_probe's own default is one).
     seeds: list[int] = option(default_factory=lambda: [1, 2, 3], kind="seeds", unique=True,
                               help="comma-separated seeds")
     steps: int | None = option(None, lo=1, hi=MAX_STEPS, help="training steps per pattern (default: the preset's)")
@@ -255,7 +265,7 @@ class DistillOptions:
     batch_size: int | None = option(None, lo=1, hi=MAX_ROWS, help="rows per step (default: the preset's)")
     mlp_hidden: int | None = option(None, lo=1, hi=MAX_WIDTH, help="hidden width of the M blocks (default: n_embd / 4)")
     eval_tokens: int | None = option(None, lo=1, hi=MAX_TOKENS,
-                                     help="validation tokens for bits per byte (default: 131072)")
+                                     help="validation tokens for bits per byte (default: the preset's)")
     data: str | None = option(None, kind="input",
                               help="prepared data directory (default: the one the checkpoint was trained on)")
     out: str | None = option(None, kind="outdir", help="output directory (default: <run-dir>/distill-<layers>)")
@@ -270,66 +280,58 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
-def _stage_parser(sub, name: str, help_text: str, model_title: str, *model, data=()) -> argparse.ArgumentParser:
-    """A training stage: run options, the model, TrainConfig's fields as overrides of the preset, the checkpoint
-    and the data."""
+def _command(sub, name: str, help_text: str, *groups, run: dict | None = None) -> argparse.ArgumentParser:
+    """A subcommand: the run options every command has, then its own. ``groups``: (title or None, dataclass,
+    add_options' keywords); the fields of groups with one title share one section of the help."""
     p = sub.add_parser(name, help=help_text)
-    add_options(p.add_argument_group("run"), RunOptions)
-    g = p.add_argument_group(model_title)
-    for cls in model:
-        add_options(g, cls)
-    add_options(p.add_argument_group("training (overrides the preset)"), TrainConfig, exclude=("seed",),
-                overrides=True)
-    g = p.add_argument_group("checkpoint and data")
-    for cls in (CheckpointOptions, *data):
-        add_options(g, cls)
+    add_options(p.add_argument_group("run"), RunOptions, **(run or {}))
+    sections: dict = {None: p}
+    for title, cls, kw in groups:
+        add_options(sections.setdefault(title, p.add_argument_group(title)), cls, **kw)
     return p
+
+
+def _stage(model_title: str, *model, data) -> tuple:
+    """A training stage's groups: the model, TrainConfig's fields as overrides of the preset, the checkpoint
+    and the data."""
+    return (*[(model_title, cls, {}) for cls in model],
+            ("training (overrides the preset)", TrainConfig, dict(exclude=("seed",), overrides=True)),
+            ("checkpoint and data", CheckpointOptions, {}), ("checkpoint and data", data, {}))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Test the Static Function Hypothesis: GPTs whose deep attention "
                                            "is replaced by a tiny per-token MLP.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
-    def command(name: str, help_text: str, *groups, run: dict | None = None) -> argparse.ArgumentParser:
-        """A command: the run options every command has, then its own (``groups``: (title or None, dataclass,
-        add_options' keywords); one title is one group)."""
-        p = sub.add_parser(name, help=help_text)
-        add_options(p.add_argument_group("run"), RunOptions, **(run or {}))
-        titled: dict = {None: p}
-        for title, cls, kw in groups:
-            add_options(titled.setdefault(title, p.add_argument_group(title)), cls, **kw)
-        return p
-
-    command("prepare", "corpus -> tokenizer -> token files (offline)", (None, PrepareOptions, {}))
-    _stage_parser(sub, "pretrain", "pretrain a model on the prepared token files", "model (overrides the preset)",
-                  ModelChoice, ModelShape, data=(PretrainData,))
-    command("prepare-chat", "SFT conversations and DPO preference pairs from the plays (offline)",
-            (None, PrepareChatOptions, {}))
-    _stage_parser(sub, "sft", "supervised fine-tuning on assistant turns", "model", ModelChoice, FinetuneOptions,
-                  data=(SFTData,))
-    p = _stage_parser(sub, "dpo", "Direct Preference Optimization against the frozen SFT model", "model", ModelChoice,
-                      FinetuneOptions, data=(DPOData,))
-    add_options(p, DPOOptions)
-    command("eval", "validation loss, perplexity and bits per byte of a checkpoint", (None, EvalOptions, {}))
-    command("sample", "generate text from a checkpoint", (None, SampleOptions, dict(only=("checkpoint", "prompt"))),
-            ("sampling", Sampling, dict(defaults={"max_new_tokens": SAMPLE_NEW_TOKENS})),
-            ("sampling", SampleOptions, dict(exclude=("checkpoint", "prompt"))))
-    command("bench", "prefill, cached and naive decode, memory, and a transformers peer, side by side",
-            (None, BenchCommand, {}), ("benchmark", BenchOptions, {}))
-    command("pipeline", "prepare -> pretrain -> SFT -> DPO -> eval -> bench -> report, both models",
-            (None, PipelineCommand, {}), ("benchmark", BenchOptions, {}))
-    command("ablate", "train layer patterns under one budget over seeds: bpb +- CI vs decode speed",
-            (None, AblateOptions, {}))
-    command("importance", "per attention layer: residual similarity and loss when dropped/replaced",
-            (None, ImportanceOptions, {}))
-    command("probe", "token-mixing probe (associative recall) per pattern, and loss by position",
-            (None, ProbeOptions, {}))
-    command("distill", "distill a trained model's deep attention into per-token MLPs, then compare",
-            (None, DistillOptions, {}))
-    command("verdict", "'Does the hypothesis hold?': one table and sentences from the analyses")
-    command("chat", "chat with an aligned checkpoint (interactive, streaming)", (None, ChatOptions, {}),
-            ("sampling", Sampling, {}), run=dict(exclude=("seed",)))
+    _command(sub, "prepare", "corpus -> tokenizer -> token files (offline)", (None, PrepareOptions, {}))
+    _command(sub, "pretrain", "pretrain a model on the prepared token files",
+             *_stage("model (overrides the preset)", ModelChoice, ModelShape, data=PretrainData))
+    _command(sub, "prepare-chat", "SFT conversations and DPO preference pairs from the plays (offline)",
+             (None, PrepareChatOptions, {}))
+    _command(sub, "sft", "supervised fine-tuning on assistant turns",
+             *_stage("model", ModelChoice, FinetuneOptions, data=SFTData))
+    _command(sub, "dpo", "Direct Preference Optimization against the frozen SFT model",
+             *_stage("model", ModelChoice, FinetuneOptions, data=DPOData), (None, DPOOptions, {}))
+    _command(sub, "eval", "validation loss, perplexity and bits per byte of a checkpoint", (None, EvalOptions, {}))
+    _command(sub, "sample", "generate text from a checkpoint",
+             (None, SampleOptions, dict(only=("checkpoint", "prompt"))),
+             ("sampling", Sampling, dict(defaults={"max_new_tokens": SAMPLE_NEW_TOKENS})),
+             ("sampling", SampleOptions, dict(exclude=("checkpoint", "prompt"))))
+    _command(sub, "bench", "prefill, cached and naive decode, memory, and a transformers peer, side by side",
+             (None, BenchCommand, {}), ("benchmark", BenchOptions, {}))
+    _command(sub, "pipeline", "prepare -> pretrain -> SFT -> DPO -> eval -> bench -> report, both models",
+             (None, PipelineCommand, {}), ("benchmark", BenchOptions, {}))
+    _command(sub, "ablate", "train layer patterns under one budget over seeds: bpb +- CI vs decode speed",
+             (None, AblateOptions, {}))
+    _command(sub, "importance", "per attention layer: residual similarity and loss when dropped/replaced",
+             (None, ImportanceOptions, {}))
+    _command(sub, "probe", "token-mixing probe (associative recall) per pattern, and loss by position",
+             (None, ProbeOptions, {}))
+    _command(sub, "distill", "distill a trained model's deep attention into per-token MLPs, then compare",
+             (None, DistillOptions, {}))
+    _command(sub, "verdict", "'Does the hypothesis hold?': one table and sentences from the analyses")
+    _command(sub, "chat", "chat with an aligned checkpoint (interactive, streaming)", (None, ChatOptions, {}),
+             ("sampling", Sampling, {}), run=dict(exclude=("seed",)))
     return parser
 
 
@@ -578,8 +580,6 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from hybrid_gpt.analysis.ablate import run_ablate
-
     preset, run_dir = _run_dir(args)
     result = run_ablate(run_dir=run_dir, preset=preset, device=args.device, **values(args, AblateOptions,
                                                                                       skip_none=True))
@@ -602,8 +602,6 @@ def cmd_importance(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from hybrid_gpt.analysis.probe import run_probe
-
     preset, run_dir = _run_dir(args)
     opts = values(args, ProbeOptions, skip_none=True)
     opts["checkpoints"] = opts.get("checkpoints") or None  # an empty --checkpoints means the default ones

@@ -23,14 +23,14 @@ from hybrid_gpt.errors import HybridGPTError
 
 MAX_SEED = 2**32 - 1  # what every generator we seed (torch, numpy, random) accepts
 MAX_TEXT_CHARS = 1_000_000  # a longer message or prompt is refused rather than tokenised
-MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux; the limit of every other short string (a name, a pattern) too
 MAX_LIST = 1024  # entries in a comma-separated list
 SHOWN_CHARS = 80  # user input echoed in a message is cut to this
 MAX_MESSAGE_CHARS = 600  # and a whole error line to this
 
 # Kinds of value; the field's type gives the kind unless ``kind`` says otherwise.
 KINDS = ("int", "float", "bool", "str", "text", "seed", "ints", "seeds", "strs", "input", "outdir", "outfile")
-
+LISTS = {"ints": "int", "seeds": "seed", "strs": "str"}  # comma-separated, and the kind of each entry
 
 METAVARS = {"int": "N", "seed": "N", "float": "X", "ints": "N,N,...", "seeds": "N,N,...", "strs": "A,B,...",
             "text": "TEXT", "str": "TEXT", "input": "PATH", "outdir": "DIR", "outfile": "FILE"}
@@ -165,13 +165,13 @@ def check_value(value, kind: str, spec: Spec = Spec()):
         return problem or (spec.check(value) if spec.check else None)
     if kind == "bool":
         return None if isinstance(value, bool) else "must be true or false"
-    if kind in ("ints", "seeds", "strs"):
+    if kind in LISTS:
         if not isinstance(value, (list, tuple)) or not value:
             return "must list at least one value"
         if len(value) > MAX_LIST:
             return f"lists {len(value):,} values; the limit is {MAX_LIST:,}"
         for v in value:
-            problem = check_value(v, {"ints": "int", "seeds": "seed", "strs": "str"}[kind], spec)
+            problem = check_value(v, LISTS[kind], spec)
             if problem:
                 return f"has {shown(v)}, which {problem}"
         if spec.unique and len(set(value)) != len(value):
@@ -213,7 +213,7 @@ def _parse(text: str, kind: str):
         except ValueError:  # also Python's limit on the digits of an int
             expected = "a number" if kind == "float" else "a whole number"
             raise argparse.ArgumentTypeError(f"expected {expected}, got {shown(text)}") from None
-    if kind in ("ints", "seeds", "strs"):
+    if kind in LISTS:
         parts = [p.strip() for p in text.split(",") if p.strip()]
         if not parts:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {shown(text)}")
@@ -228,9 +228,7 @@ def _parse(text: str, kind: str):
 
 def parser_for(kind: str, spec: Spec) -> Callable[[str], object]:
     """An argparse ``type``: text -> checked value, or ArgumentTypeError naming the problem and the input."""
-
-    lists = kind in ("ints", "seeds", "strs")
-    own = spec if lists else dataclasses.replace(spec, choices=None)  # argparse checks a single value's choices
+    own = spec if kind in LISTS else dataclasses.replace(spec, choices=None)  # argparse checks a single value's
 
     def parse(text: str):
         value = _parse(text, kind)
@@ -265,26 +263,24 @@ def add_options(parser, cls, *, only: tuple[str, ...] | None = None, exclude: tu
         f, spec, kind = fields[name], spec_of(fields[name]), kind_of[name]
         if name in exclude or not spec.cli:
             continue
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        default = (defaults or {}).get(name, default)
-        default = None if overrides or default is MISSING else default
+        own = f.default_factory() if f.default_factory is not MISSING else f.default
+        default = None if overrides or own is MISSING else (defaults or {}).get(name, own)
         help_text = spec.help or ""
         if spec.show_default and not overrides and _default_text(default) and "default" not in help_text:
             help_text = f"{help_text} (default: {_default_text(default)})".strip()
         kw = dict(help=argparse.SUPPRESS if spec.hidden else (help_text or None))
         flags = spec.flags or (f"--{name.replace('_', '-')}",)
         if kind == "bool":
-            store_false = any(fl.startswith("--no-") for fl in flags)
-            parser.add_argument(*flags, dest=name, action="store_false" if store_false else "store_true",
+            parser.add_argument(*flags, dest=name, action="store_false" if own is True else "store_true",
                                 default=default, **kw)
             continue
         kw.update(type=parser_for(kind, spec))
-        if not spec.positional and (spec.choices is None or kind in ("ints", "seeds", "strs")):
+        if not spec.positional and (spec.choices is None or kind in LISTS):
             kw["metavar"] = METAVARS.get(kind)
         for key in ("metavar", "nargs", "required"):
             if getattr(spec, key) is not None:
                 kw[key] = getattr(spec, key)
-        if spec.choices is not None and kind not in ("ints", "seeds", "strs"):
+        if spec.choices is not None and kind not in LISTS:
             kw["choices"] = spec.choices
         if spec.positional:
             parser.add_argument(name, **kw)
