@@ -2,6 +2,7 @@
 every command. Each must exit 2 (bad input; 1 is for runs that fail after starting), print one line
 on stderr naming the problem and the fix, show no traceback, and leave existing files untouched."""
 
+import argparse
 import shutil
 
 import pytest
@@ -119,6 +120,36 @@ BAD_INPUTS = {
     "pipeline repeated seed": lambda t, r: (["pipeline", "--run-dir", t, "--preset", "smoke", "--seeds", "3,3"],
                                             "repeats a seed"),
     "chat empty one-shot": lambda t, r: (["chat", r / "pretrain-hybrid", "-p", "\x07  "], "empty"),
+    # values each valid alone, invalid together or against the model (checked before anything is allocated)
+    "weight decay x lr": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--weight-decay", "1e300",
+                                        "--out", t / "wd"], "weight_decay 1e+300 x lr"),
+    "rows per step": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--batch-size", "65536",
+                                    "--grad-accum", "65536", "--out", t / "rows"], "rows per step; the limit is"),
+    "bench new tokens beyond the context": lambda t, r: (["bench", r / "pretrain-hybrid", "--new-tokens", "1000",
+                                                          "--no-peer"], "leaves no context to measure"),
+    "pipeline new tokens beyond the context": lambda t, r: (["pipeline", "--run-dir", t, "--preset", "smoke",
+                                                             "--new-tokens", "32"], "leaves no context to measure"),
+    # text: the 1.1M-character message (too long for a real command line, so in-process only)
+    "chat one-shot too long": lambda t, r: (["chat", r / "pretrain-hybrid", "-p", "x" * 1_100_000],
+                                            "is 1,100,000 characters long; the limit is 1,000,000"),
+    # --out onto something that is not a directory, for commands that write one
+    "prepare out is a file": lambda t, r: (["prepare", "--run-dir", t, "--out", _bad_corpus(t, b"x")],
+                                           "exists and is not a directory"),
+    "pretrain out is a file": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--out",
+                                             r / "data" / "meta.json"], "exists and is not a directory"),
+    "prepare-chat out is a file": lambda t, r: (["prepare-chat", "--out", _bad_corpus(t, b"x")],
+                                                "exists and is not a directory"),
+    "out below a file": lambda t, r: (["importance", r / "pretrain-standard", "--out",
+                                       r / "data" / "meta.json" / "sub"], "is not a directory"),
+    "bench out is a directory": lambda t, r: (["bench", r / "pretrain-hybrid", "--no-peer", "--out", t],
+                                              "exists and is not a regular file"),
+    "run dir is a file": lambda t, r: (["verdict", "--run-dir", r / "data" / "meta.json"],
+                                       "exists and is not a directory"),
+    "corpus is a device": lambda t, r: (["prepare", "--run-dir", t, "--corpus", "/dev/zero"],
+                                        "is not a regular file or a directory"),
+    # a library message that would echo a huge value is cut to one short line
+    "huge bad pattern": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--layers", "X" * 1000,
+                                       "--out", t / "p"], "only A (attention)"),
 }
 
 
@@ -137,10 +168,10 @@ def test_bad_input_gives_one_line_and_exit_2(case, run_dir, tmp_path, capsys):
     capsys.readouterr()
     before = _snapshot(run_dir)
     code, err = run_bad(argv, capsys)
-    assert code == 2, err
+    assert code == 2, err[:2000]
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], err
-    assert "Traceback" not in err
+    assert len(lines) == 1 and expected in lines[0], err[:2000]
+    assert "Traceback" not in err and len(err) < 1000  # what it echoes of the input is cut short
     assert _snapshot(run_dir) == before  # nothing already written was touched
 
 
@@ -149,24 +180,120 @@ BAD_FLAGS = [
     (["pretrain", "--max-steps", "0"], "at least 1"),
     (["pretrain", "--batch-size", "-4"], "at least 1"),
     (["pretrain", "--n-embd", "-8"], "at least 1"),
-    (["pretrain", "--lr", "nan"], "positive number"),
+    (["pretrain", "--lr", "nan"], "finite number"),
     (["pretrain", "--dropout", "1.5"], "must be in [0, 1)"),
     (["pretrain", "--model-type", "giant"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
-    (["dpo", "--beta", "-0.1"], "positive number"),
+    (["dpo", "--beta", "-0.1"], "must be in (0, 100]"),
     (["sft", "--sft-data"], "expected one argument"),
     (["pipeline", "--seeds", "1,x"], "comma-separated whole numbers"),
     (["bench"], "the following arguments are required"),
-    (["bench", "ckpt", "--dtypes", "float32,float64"], "unknown precision float64"),
+    (["bench", "ckpt", "--dtypes", "float32,float64"], "'float64', which must be one of float32, bfloat16"),
+]
+
+
+# Every command that takes these flags, with a value out of range: they are checked where options are parsed.
+SEEDED = ["prepare", "pretrain", "prepare-chat", "sft", "dpo", "eval", "sample", "bench", "pipeline", "ablate",
+          "importance", "probe", "distill", "verdict", "chat"]
+BAD_FLAGS += [([cmd, "--seed", seed], "must be in [0, 4294967295]") for cmd in SEEDED
+              for seed in ("-1", "18446744073709551616")]
+BAD_FLAGS += [([cmd, "ckpt", "--temperature", "nan"], "--temperature: must be a finite number")
+              for cmd in ("sample", "chat")]
+BAD_FLAGS += [
+    (["sample", "ckpt", "--temperature", "1e-30"], "must be 0 (greedy) or at least 0.001"),
+    (["pretrain", "--weight-decay", "nan"], "--weight-decay: must be a finite number"),
+    (["pretrain", "--weight-decay", "inf"], "--weight-decay: must be a finite number"),
+    (["sft", "--grad-clip", "nan"], "--grad-clip: must be a finite number"),
+    (["pretrain", "--lr", "inf"], "--lr: must be a finite number"),
+    (["dpo", "--beta", "1e300"], "--beta: must be in (0, 100]"),
+    (["pretrain", "--grad-accum", "1000000000000"], "--grad-accum: must be at most"),
+    (["pretrain", "--batch-size", "100000000"], "--batch-size: must be at most"),
+    (["pretrain", "--max-steps", "10000000000000"], "--max-steps: must be at most"),
+    (["bench", "ckpt", "--new-tokens", "1000000000000"], "--new-tokens: must be at most"),
+    (["sample", "ckpt", "--max-new-tokens", "1000000000000"], "--max-new-tokens: must be at most"),
+    (["sample", "ckpt", "--num-samples", "1000000000"], "--num-samples: must be at most"),
+    (["pretrain", "--n-embd", "10000000000"], "--n-embd: must be at most"),
+    (["bench", "ckpt", "--batch-sizes", "1,100000000"], "--batch-sizes: has 100000000, which must be at most"),
+    (["eval", "ckpt", "--eval-tokens", "9" * 5000], "expected a whole number"),  # beyond Python's int limit
+    (["sample", "ckpt", "--prompt", "\udcff"], "--prompt: is not valid UTF-8 text"),  # the byte 0xff from a shell
+    (["chat", "ckpt", "-p", "\udcff"], "--prompt: is not valid UTF-8 text"),
+    (["chat", "ckpt", "-p", "hi \ud800"], "--prompt: is not valid UTF-8 text"),
+    (["chat", "ckpt", "--system", "\ud800"], "--system: is not valid UTF-8 text"),
+    (["pretrain", "--layers", ""], "--layers: must not be empty"),
+    (["distill", "ckpt", "--layers", " "], "--layers: must not be empty"),
+    (["prepare", "--corpus", ""], "--corpus: must not be empty"),
+    (["pretrain", "--run-dir", ""], "--run-dir: must not be empty"),
+    (["pretrain", "--data", ""], "--data: must not be empty"),
+    (["sft", "--init", ""], "--init: must not be empty"),
+    (["dpo", "--dpo-data", ""], "--dpo-data: must not be empty"),
+    (["sft", "--chat-data", ""], "--chat-data: must not be empty"),
+    (["eval", ""], "checkpoint: must not be empty"),
+    (["bench", "ckpt", "--out", ""], "--out: must not be empty"),
+    (["pretrain", "--device", ""], "--device: must not be empty"),
+    (["pretrain", "--out", "a\x00b"], "--out/--output_path: contains a NUL character"),
+    (["ablate", "--patterns", ","], "expected a comma-separated list"),
+    (["pipeline", "--seeds", "1,1"], "repeats a seed"),
+    (["pretrain", "--preset", "x" * 100_000], "is 100,000 characters long; the limit is 4,096"),
+    (["pretrain", "--preset", "x" * 3000], "invalid choice: 'xxxx"),
+    (["eval", "ckpt", "--data", "d" * 5000], "is 5,000 characters long; the limit is 4,096"),
 ]
 
 
 @pytest.mark.parametrize("argv, expected", BAD_FLAGS)
 def test_bad_flags_give_one_line_and_exit_2(argv, expected, capsys):
     code, err = run_bad(argv, capsys)
-    assert code == 2 and expected in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert code == 2 and expected in err and "Traceback" not in err, err[:2000]
+    assert len(err.strip().splitlines()) == 1 and len(err) < 1000
+
+
+def _flags():
+    """(command, name, kind, action) for every option of every command that takes a value."""
+    from hybrid_gpt.cli import build_parser
+    from hybrid_gpt.options import KINDS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd, p in sub.choices.items():
+        for action in p._actions:
+            kind = getattr(action.type, "__name__", None)
+            if kind in KINDS:
+                yield cmd, (action.option_strings or [action.metavar or action.dest])[0], kind, action
+
+
+# One bad value of each class for every option of its kind, found by walking the parser: not a list of spellings.
+BAD_BY_KIND = {"int": ["-99999999999999999999", "99999999999999999999", "1.5", ""], "seed": ["-1", "2" * 30],
+               "float": ["nan", "inf", "-inf", "1e999", ""], "ints": ["", "1,x", "1," + "9" * 30],
+               "seeds": ["", "-1", "9" * 30], "strs": ["", ","], "text": ["\udcff"],
+               "str": ["", "\ud800"], "input": ["", "\udcff", "a\x00"], "outdir": ["", "\udcff", "a\x00"],
+               "outfile": ["", "\udcff", "a\x00"]}
+BY_CLASS = [(cmd, name, value) for cmd, name, kind, _ in _flags() for value in BAD_BY_KIND[kind]]
+
+
+@pytest.mark.parametrize("command", sorted({cmd for cmd, _, _ in BY_CLASS}))
+def test_every_option_refuses_bad_values_of_its_kind(command, capsys):
+    wrong = []
+    for cmd, name, value in BY_CLASS:
+        if cmd == command:
+            code, err = run_bad([cmd, name, value] if name.startswith("-") else [cmd, value], capsys)
+            if not (code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+                    and f"argument {name}" in err):
+                wrong.append(f"{cmd} {name} {value!r}: {code} {err[:300]}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_count_has_an_upper_bound():
+    """A typo cannot ask for a trillion of anything: every whole-number option is bounded above."""
+    from hybrid_gpt.options import MAX_SEED
+
+    unbounded = []
+    for cmd, flag, kind, action in _flags():
+        if kind in ("int", "ints"):
+            try:
+                action.type(str(MAX_SEED * 10**9))
+            except argparse.ArgumentTypeError:
+                continue
+            unbounded.append(f"{cmd} {flag}")
+    assert not unbounded, unbounded
 
 
 def test_the_catalogue_is_large():
-    assert len(BAD_INPUTS) + len(BAD_FLAGS) >= 40
+    assert len(BAD_INPUTS) + len(BAD_FLAGS) >= 100 and len(BY_CLASS) >= 300

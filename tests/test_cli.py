@@ -98,3 +98,18 @@ def test_training_a_model_too_big_for_memory_is_refused(run_dir, tmp_path, capsy
     code, _, err = run(["pretrain", "--run-dir", run_dir, "--preset", "smoke", "--n-embd", "65536", "--n-head", "1",
                         "--out", tmp_path / "huge"], capsys)
     assert code == 2 and "GiB but only" in err and not (tmp_path / "huge").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["sample", "CKPT", "--prompt", b"\xff"], "--prompt: is not valid UTF-8 text"),
+    (["chat", "CKPT", "-p", b"caf\xe9"], "-p/--prompt: is not valid UTF-8 text"),
+    (["pretrain", "--seed", "18446744073709551616"], "--seed: must be in [0, 4294967295]"),
+    (["pretrain", "--corpus-typo", "x" * 100_000], "unrecognized arguments"),
+])
+def test_a_real_command_line_with_bad_bytes_or_values(run_dir, argv, expected):
+    """Bytes from a shell arrive as lone surrogates; the refusal is one short line, exit 2, before any work."""
+    argv = [str(run_dir / "pretrain-hybrid") if a == "CKPT" else a for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "hybrid_gpt.cli", *argv], capture_output=True, timeout=120)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2 and expected in err, err[:2000]
+    assert err.count("\n") == 1 and len(err) < 1000 and not proc.stdout

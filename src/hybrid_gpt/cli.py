@@ -1,425 +1,353 @@
-"""The `hybrid-gpt` command: thin argparse subcommands over the library.
+"""The `hybrid-gpt` command: argparse subcommands built from option dataclasses, over the library.
 
-Bad input raises HybridGPTError in the library; here it becomes one line on stderr and exit 2
-(RunFailure: exit 1). Run it under torchrun for DDP: `torchrun --nproc_per_node 2 -m hybrid_gpt.cli pretrain`.
+Each option is a dataclass field (see hybrid_gpt.options): its flag, help, default and valid range are
+written once, and argparse checks every value as it parses it, so a number out of range, text that is
+not UTF-8 or an empty path is one line on stderr and exit 2 before any work starts. What only the library
+can check raises HybridGPTError, which becomes one line and exit 2 too (RunFailure: exit 1).
+Run it under torchrun for DDP: `torchrun --nproc_per_node 2 -m hybrid_gpt.cli pretrain`.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
+from dataclasses import dataclass, make_dataclass
 from pathlib import Path
 
+from hybrid_gpt.analysis.ablate import run_ablate
+from hybrid_gpt.analysis.probe import run_probe
+from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.presets import PRESETS, default_preset
+from hybrid_gpt.infer.bench import DTYPES, BenchConfig, run_train_bench
+from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
+from hybrid_gpt.options import add_options, one_line, option, values
+from hybrid_gpt.presets import DEFAULT_SEED, PRESETS, default_preset
+from hybrid_gpt.train.dpo import DEFAULT_BETA
+from hybrid_gpt.train.evaluate import EVAL_TOKENS
+from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig
 
 PROG = "hybrid-gpt"
+# Upper bounds that keep a typo from allocating the machine away; each is far beyond any real use here.
+MAX_LAYERS = 1024
+MAX_WIDTH = 2**17
+MAX_CONTEXT = 2**20
+MAX_TOKENS = 2**40
+MAX_BETA = 100.0  # beta x a log-probability margin must stay finite in float32
+MAX_REPEATS = 10_000
 
+
+def _default(fn, name: str):
+    """The default of parameter ``name`` of library function ``fn``: the flag's default, defined there once."""
+    return inspect.signature(fn).parameters[name].default
+
+
+def _pattern(text: str) -> str | None:
+    return None if len(text) <= MAX_LAYERS else f"has {len(text):,} letters; the limit is {MAX_LAYERS:,}"
+
+
+# ---- the option dataclasses: one per group of flags --------------------------------------------------------
+
+@dataclass
+class RunOptions:
+    """Every command's."""
+
+    preset: str | None = option(None, choices=tuple(PRESETS),
+                                help="model and training sizes (default: seed with a GPU, cpu without)")
+    run_dir: str | None = option(None, kind="outdir", help="where data and checkpoints live (default: runs/<preset>)")
+    device: str = option("auto", metavar="NAME", help="auto, cpu, cuda or mps")
+    seed: int = option(DEFAULT_SEED, kind="seed", help="random seed")
+
+
+@dataclass
+class ModelChoice:
+    model_type: str | None = option(None, flags=("--model-type", "--model_type"), choices=("standard", "hybrid"),
+                                    help="standard: attention in every block; hybrid: attention in the first half, "
+                                         "per-token MLP in the second half")
+    layers: str | None = option(None, check=_pattern, metavar="PATTERN",
+                                help="any layer pattern, one letter per block: A attention, M per-token MLP, "
+                                     "N no mixer (e.g. AAMM)")
+
+
+@dataclass
+class ModelShape:
+    """Overrides of the preset's model (pretraining)."""
+
+    n_layer: int | None = option(None, lo=1, hi=MAX_LAYERS)
+    n_head: int | None = option(None, lo=1, hi=MAX_WIDTH)
+    n_embd: int | None = option(None, lo=1, hi=MAX_WIDTH)
+    block_size: int | None = option(None, lo=1, hi=MAX_CONTEXT, help="context length")
+    mlp_hidden: int | None = option(None, lo=1, hi=MAX_WIDTH, help="hidden size of M mixers (default: n_embd / 4)")
+    dropout: float | None = option(None, lo=0, hi=1, hi_open=True)
+    vocab_size: int | None = option(None, lo=1, hi=MAX_VOCAB, help="must match the prepared tokenizer")
+
+
+@dataclass
+class CheckpointOptions:
+    out: str | None = option(None, kind="outdir", flags=("--out", "--output_path"),
+                             help="checkpoint directory (default: <run-dir>/<stage>-<model-type>)")
+    resume: bool = option(False, help="continue the interrupted run in --out")
+    overwrite: bool = option(False, help="start over, replacing an existing checkpoint")
+
+
+@dataclass
+class PretrainData:
+    data_dir: str | None = option(None, kind="input", flags=("--data",),
+                                  help="prepared data directory (default: <run-dir>/data)")
+
+
+@dataclass
+class FinetuneOptions:
+    init: str | None = option(None, kind="input", help="checkpoint to start from (default: the previous stage's, "
+                                                       "<run-dir>/pretrain-<model-type> for sft, sft-... for dpo)")
+    chat_dir: str | None = option(None, kind="input", flags=("--chat-data",),
+                                  help="directory written by `prepare-chat` (default: <run-dir>/chat)")
+
+
+def _stage_data(stage: str):
+    """--<stage>-data and --<stage>-val-data, named as run_<stage>'s parameters."""
+    return make_dataclass(f"{stage.upper()}Data", [
+        (f"{stage}_data", "str | None", option(None, kind="input", metavar="FILE.jsonl",
+                                               help="your own training data (default: <run-dir>/chat from "
+                                                    "`prepare-chat`)")),
+        (f"{stage}_val_data", "str | None", option(None, kind="input", metavar="FILE.jsonl",
+                                                   help=f"validation data (default: the last 5%% of --{stage}-data)"))])
+
+
+SFTData, DPOData = _stage_data("sft"), _stage_data("dpo")
+
+
+@dataclass
+class DPOOptions:
+    beta: float = option(DEFAULT_BETA, lo=0, lo_open=True, hi=MAX_BETA, help="DPO temperature")
+
+
+@dataclass
+class PrepareOptions:
+    corpus: str | None = option(None, kind="input",
+                                help="a .txt file or a folder of .txt files (default: the embedded Shakespeare)")
+    vocab_size: int | None = option(None, lo=1, hi=MAX_VOCAB, help="BPE vocabulary size (default: the preset's)")
+    out: str | None = option(None, kind="outdir", help="data directory (default: <run-dir>/data)")
+    force: bool = option(False, help="rebuild even if the data directory is complete")
+
+
+@dataclass
+class PrepareChatOptions:
+    out: str | None = option(None, kind="outdir", help="chat data directory (default: <run-dir>/chat)")
+    force: bool = option(False, help="rebuild even if the directory is complete")
+
+
+@dataclass
+class EvalOptions:
+    checkpoint: str = option(None, kind="input", positional=True)
+    data_dir: str | None = option(None, kind="input", flags=("--data",),
+                                  help="prepared data directory (default: the one the checkpoint was trained on)")
+    eval_tokens: int = option(EVAL_TOKENS, lo=1, hi=MAX_TOKENS, help="validation tokens to score, at most the split")
+    json: bool = option(False, help="print JSON")
+
+
+@dataclass
+class SampleOptions:
+    checkpoint: str = option(None, kind="input", positional=True)
+    prompt: str = option("", kind="text", allow_empty=True, show_default=False,
+                         help="text to continue (default: start of a document)")
+    num_samples: int = option(1, lo=1, hi=MAX_REPEATS)
+    no_cache: bool = option(False, help="recompute the whole sequence every token")
+
+
+SAMPLE_NEW_TOKENS = 200  # sample's own default; chat's is Sampling's
+
+
+@dataclass
+class ChatOptions:
+    checkpoint: str = option(None, kind="input", positional=True)
+    prompt: str | None = option(None, kind="text", flags=("-p", "--prompt"), help="one message, one reply, then exit")
+    system: str | None = option(None, kind="text", help="a system message to start the conversation")
+    seed: int | None = option(None, kind="seed", help="random seed (default: a different one each run)")
+
+
+_BENCH = BenchConfig()
+
+
+@dataclass
+class BenchOptions:
+    """The defaults are BenchConfig's, except the batch sizes (the command measures one more)."""
+
+    contexts: list[int] | None = option(None, lo=2, hi=MAX_CONTEXT,
+                                        help="context lengths, e.g. 64,128 (default: up to the model's)")
+    batch_sizes: list[int] = option(default_factory=lambda: [1, 8, 32], lo=1, hi=MAX_ROWS)
+    new_tokens: int = option(_BENCH.new_tokens, lo=2, hi=MAX_NEW_TOKENS,
+                             help="tokens decoded per measurement (decode time is t(N) - t(1))")
+    repeats: int = option(_BENCH.repeats, lo=1, hi=MAX_REPEATS, help="timed repeats (medians are reported)")
+    warmup: int = option(_BENCH.warmup, lo=0, hi=MAX_REPEATS)
+    naive: bool = option(_BENCH.naive, flags=("--no-naive",), help="skip decoding without the KV cache")
+    peer: bool = option(_BENCH.peer, flags=("--no-peer",), help="skip the transformers GPT-2 peer")
+    threads: int | None = option(None, lo=1, hi=4096, help="torch CPU threads (default: torch's choice)")
+    dtypes: list[str] = option(default_factory=lambda: list(_BENCH.dtypes), choices=tuple(DTYPES),
+                               help="weight/KV precisions to measure side by side, e.g. float32,bfloat16; "
+                                    "bench also reports each one's bits per byte")
+
+
+@dataclass
+class BenchCommand:
+    checkpoints: list[str] = option(None, kind="input", positional=True, nargs="+", metavar="CKPT")
+    train: bool = option(False, help="also measure training throughput (ours and the peer)")
+    train_batch: int = option(_default(run_train_bench, "batch_size"), lo=1, hi=MAX_ROWS,
+                              help="rows per training step")
+    compile: bool = option(False, help="also measure every model torch.compile'd (dynamic shapes) as "
+                                       "'<name>+compile'")
+    json: bool = option(False, help="print the results as JSON")
+    out: str | None = option(None, kind="outfile", help="also write the JSON results to this file")
+
+
+@dataclass
+class PipelineCommand:
+    seeds: list[int] | None = option(None, kind="seeds", unique=True, help="comma-separated seeds (default: --seed)")
+    progress: bool = option(False, help="show a progress bar for each training stage")
+    full: bool = option(False, help="also test the hypothesis: ablate --quick, importance, distill AAMM, probe, "
+                                    "and the verdict")
+
+
+@dataclass
+class AblateOptions:
+    patterns: list[str] = option(_default(run_ablate, "patterns"),
+                                 help="comma-separated variants: PATTERN, PATTERN:H (M hidden width) or "
+                                      "PATTERN:matched")
+    budget: str = option(_default(run_ablate, "budget"), choices=("steps", "time"),
+                         help="equal optimizer steps, or equal wall-clock time (cheaper patterns get more steps)")
+    seeds: list[int] = option(_default(run_ablate, "seeds"), kind="seeds", unique=True, help="comma-separated seeds")
+    steps: int | None = option(None, lo=1, hi=MAX_STEPS, help="steps per run (default: the preset's; --quick: fewer)")
+    quick: bool = option(False, help="a short budget (150 steps on cpu) into <run-dir>/ablate-quick")
+    out_dir: str | None = option(None, kind="outdir", flags=("--out",),
+                                 help="output directory (default: <run-dir>/ablate or <run-dir>/ablate-quick)")
+    progress: bool = option(False, help="show a progress bar for each run")
+
+
+@dataclass
+class ImportanceOptions:
+    checkpoint: str = option(None, kind="input", positional=True)
+    max_tokens: int = option(EVAL_TOKENS, lo=1, hi=MAX_TOKENS, help="validation tokens")
+    replace: int | None = option(None, lo=1, hi=MAX_LAYERS,
+                                 help="attention layers the recommended pattern replaces (default: half of them)")
+    data_dir: str | None = option(None, kind="input", flags=("--data",),
+                                  help="prepared data directory (default: the one the checkpoint was trained on)")
+    out_dir: str | None = option(None, kind="outdir", flags=("--out",),
+                                 help="output directory (default: <run-dir>/importance/<checkpoint name>)")
+
+
+@dataclass
+class ProbeOptions:
+    patterns: list[str] = option(_default(run_probe, "patterns"), help="comma-separated layer patterns")
+    # Three seeds, as pipeline --full runs it (run_probe's own default is one).
+    seeds: list[int] = option(default_factory=lambda: [1, 2, 3], kind="seeds", unique=True,
+                              help="comma-separated seeds")
+    steps: int | None = option(None, lo=1, hi=MAX_STEPS, help="training steps per pattern (default: the preset's)")
+    task: str | None = option(None, choices=("recall", "two-hop"), help="probe task (default: the preset's)")
+    checkpoints: list[str] | None = option(None, kind="input", nargs="*", metavar="CKPT",
+                                           help="models for the loss-by-position curves "
+                                                "(default: <run-dir>/pretrain-{standard,hybrid})")
+    out_dir: str | None = option(None, kind="outdir", flags=("--out",),
+                                 help="output directory (default: <run-dir>/probe)")
+    progress: bool = option(False, help="show a progress bar per pattern")
+
+
+@dataclass
+class DistillOptions:
+    checkpoint: str = option(None, kind="input", positional=True, help="the trained standard model (the teacher)")
+    layers: str = option(None, required=True, check=_pattern, metavar="PATTERN",
+                         help="target pattern, e.g. AAMM (A->M distilled, A->N dropped)")
+    steps: int | None = option(None, lo=1, hi=MAX_STEPS, help="distillation steps per layer (default: the preset's)")
+    finetune_steps: int | None = option(None, lo=0, hi=MAX_STEPS,
+                                        help="whole-model fine-tune steps after the swap (0: none)")
+    lr: float | None = option(None, lo=0, lo_open=True, help="distillation learning rate (default: the preset's)")
+    finetune_lr: float | None = option(None, lo=0, lo_open=True, help="fine-tune learning rate (default: the preset's)")
+    batch_size: int | None = option(None, lo=1, hi=MAX_ROWS, help="rows per step (default: the preset's)")
+    mlp_hidden: int | None = option(None, lo=1, hi=MAX_WIDTH, help="hidden width of the M blocks (default: n_embd / 4)")
+    eval_tokens: int | None = option(None, lo=1, hi=MAX_TOKENS,
+                                     help="validation tokens for bits per byte (default: the preset's)")
+    data: str | None = option(None, kind="input",
+                              help="prepared data directory (default: the one the checkpoint was trained on)")
+    out: str | None = option(None, kind="outdir", help="output directory (default: <run-dir>/distill-<layers>)")
+    overwrite: bool = option(False, help="replace an existing output directory")
+    progress: bool = option(True, flags=("--no-progress",), help="no progress bars")
+
+
+# ---- the parser ---------------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, and a pointer to --help
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    def error(self, message):  # one bounded line, exit 2, and a pointer to --help
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
-def _checked(convert, ok, requirement: str):
-    """An argparse type: ``convert`` the text, then require ``ok(value)`` or say ``requirement``."""
-    expected = "a whole number" if convert is int else "a number"
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
-        return value
-
-    return parse
+def _command(sub, name: str, help_text: str, *groups, run: dict | None = None) -> argparse.ArgumentParser:
+    """A subcommand: the run options every command has, then its own. ``groups``: (title or None, dataclass,
+    add_options' keywords); the fields of groups with one title share one section of the help."""
+    p = sub.add_parser(name, help=help_text)
+    add_options(p.add_argument_group("run"), RunOptions, **(run or {}))
+    sections: dict = {None: p}
+    for title, cls, kw in groups:
+        add_options(sections.setdefault(title, p.add_argument_group(title)), cls, **kw)
+    return p
 
 
-_positive_int = _checked(int, lambda v: v >= 1, "must be at least 1")
-_nonneg_int = _checked(int, lambda v: v >= 0, "must not be negative")
-_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "must be a positive number")  # NaN fails too
-_fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive whole numbers, got {text!r}")
-    return values
-
-
-def _dtype_list(text: str) -> list[str]:
-    from hybrid_gpt.infer.bench import DTYPES
-
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in DTYPES]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(
-            f"unknown precision {','.join(bad) or repr(text)}; choose from {', '.join(DTYPES)}")
-    return list(dict.fromkeys(values))
-
-
-def _str_list(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return values
-
-
-def _bench_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--contexts", type=_int_list, help="context lengths, e.g. 64,128 (default: up to the model's)")
-    g.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32], help="default: 1,8,32")
-    g.add_argument("--new-tokens", type=_positive_int, default=24, help="tokens decoded per measurement")
-    g.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats (medians are reported)")
-    g.add_argument("--warmup", type=_nonneg_int, default=1)
-    g.add_argument("--no-naive", action="store_true", help="skip decoding without the KV cache")
-    g.add_argument("--no-peer", action="store_true", help="skip the transformers GPT-2 peer")
-    g.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--dtypes", type=_dtype_list, default=["float32"],
-                   help="weight/KV precisions to measure side by side, e.g. float32,bfloat16 (default: float32); "
-                        "bench also reports each one's bits per byte")
-
-
-def _bench_config(args):
-    import torch
-
-    from hybrid_gpt.infer.bench import BenchConfig
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return BenchConfig(contexts=args.contexts, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
-                       repeats=args.repeats, warmup=args.warmup, naive=not args.no_naive, peer=not args.no_peer,
-                       dtypes=args.dtypes, compile=getattr(args, "compile", False))
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="model and training sizes (default: seed with a GPU, cpu without)")
-    g.add_argument("--run-dir", default=None, help="where data and checkpoints live (default: runs/<preset>)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: 1337)")
-
-
-def _model_type_flags(g) -> None:
-    g.add_argument("--model-type", "--model_type", dest="model_type", choices=["standard", "hybrid"],
-                   help="standard: attention in every block; hybrid: attention in the first half, "
-                        "per-token MLP in the second half")
-    g.add_argument("--layers", help="any layer pattern, one letter per block: A attention, M per-token MLP, "
-                                    "N no mixer (e.g. AAMM)")
-
-
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (overrides the preset)")
-    _model_type_flags(g)
-    g.add_argument("--n-layer", type=_positive_int)
-    g.add_argument("--n-head", type=_positive_int)
-    g.add_argument("--n-embd", type=_positive_int)
-    g.add_argument("--block-size", type=_positive_int, help="context length")
-    g.add_argument("--mlp-hidden", type=_positive_int, help="hidden size of M mixers (default: n_embd / 4)")
-    g.add_argument("--dropout", type=_fraction)
-    g.add_argument("--vocab-size", type=_positive_int, help="must match the prepared tokenizer")
-
-
-def _train_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training (overrides the preset)")
-    g.add_argument("--max-steps", type=_positive_int)
-    g.add_argument("--batch-size", type=_positive_int, help="rows per forward pass")
-    g.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=_positive_float, help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=_fraction)
-    g.add_argument("--warmup-steps", type=_nonneg_int)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--grad-clip", type=float)
-    g.add_argument("--eval-interval", type=_positive_int)
-    g.add_argument("--eval-tokens", type=_positive_int, help="validation tokens per periodic evaluation")
-    g.add_argument("--save-interval", type=_nonneg_int, help="steps between checkpoints (0: at each evaluation)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    g.add_argument("--skip-nonfinite", action="store_true", default=None,
-                   help="skip (and count) a batch whose loss or gradient is not finite, instead of stopping")
-    g.add_argument("--stop-after-steps", dest="stop_after", type=_positive_int, default=None,
-                   help=argparse.SUPPRESS)  # simulate an interruption (tests of --resume)
-    g2 = p.add_argument_group("checkpoint")
-    g2.add_argument("--out", "--output_path", dest="out",
-                    help="checkpoint directory (default: <run-dir>/<stage>-<model-type>)")
-    g2.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    g2.add_argument("--overwrite", action="store_true", help="start over, replacing an existing checkpoint")
-    return g2
-
-
-def _finetune_flags(p: argparse.ArgumentParser, stage: str, previous: str) -> None:
-    g = p.add_argument_group("model")
-    _model_type_flags(g)
-    g.add_argument("--init", help=f"checkpoint to start from (default: <run-dir>/{previous}-<model-type>)")
-    g2 = _train_flags(p)
-    g2.add_argument(f"--{stage}-data", dest="stage_data", metavar="FILE.jsonl",
-                    help="your own training data (default: <run-dir>/chat from `prepare-chat`)")
-    g2.add_argument(f"--{stage}-val-data", dest="stage_val_data", metavar="FILE.jsonl",
-                    help=f"validation data (default: the last 5%% of --{stage}-data)")
-    g2.add_argument("--chat-data", help="directory written by `prepare-chat` (default: <run-dir>/chat)")
+def _stage(model_title: str, *model, data) -> tuple:
+    """A training stage's groups: the model, TrainConfig's fields as overrides of the preset, the checkpoint
+    and the data."""
+    return (*[(model_title, cls, {}) for cls in model],
+            ("training (overrides the preset)", TrainConfig, dict(exclude=("seed",), overrides=True)),
+            ("checkpoint and data", CheckpointOptions, {}), ("checkpoint and data", data, {}))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Test the Static Function Hypothesis: GPTs whose deep attention "
                                            "is replaced by a tiny per-token MLP.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser("prepare", help="corpus -> tokenizer -> token files (offline)")
-    _common(p)
-    p.add_argument("--corpus", help="a .txt file or a folder of .txt files (default: the embedded Shakespeare)")
-    p.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary size (default: the preset's)")
-    p.add_argument("--out", help="data directory (default: <run-dir>/data)")
-    p.add_argument("--force", action="store_true", help="rebuild even if the data directory is complete")
-
-    p = sub.add_parser("pretrain", help="pretrain a model on the prepared token files")
-    _common(p)
-    _model_flags(p)
-    _train_flags(p).add_argument("--data", help="prepared data directory (default: <run-dir>/data)")
-
-    p = sub.add_parser("prepare-chat", help="SFT conversations and DPO preference pairs from the plays (offline)")
-    _common(p)
-    p.add_argument("--out", help="chat data directory (default: <run-dir>/chat)")
-    p.add_argument("--force", action="store_true", help="rebuild even if the directory is complete")
-
-    p = sub.add_parser("sft", help="supervised fine-tuning on assistant turns")
-    _common(p)
-    _finetune_flags(p, "sft", "pretrain")
-
-    p = sub.add_parser("dpo", help="Direct Preference Optimization against the frozen SFT model")
-    _common(p)
-    _finetune_flags(p, "dpo", "sft")
-    p.add_argument("--beta", type=_positive_float, default=0.1, help="DPO temperature (default: 0.1)")
-
-    p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint")
-    _common(p)
-    p.add_argument("checkpoint")
-    p.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
-    p.add_argument("--eval-tokens", type=_positive_int, default=None,
-                   help="validation tokens to score (default: 131072, or the whole split if shorter)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-    p = sub.add_parser("sample", help="generate text from a checkpoint")
-    _common(p)
-    p.add_argument("checkpoint")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    p.add_argument("--top-k", type=_nonneg_int, default=50, help="0 to disable")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=_positive_int, default=1)
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every token")
-
-    p = sub.add_parser("bench", help="prefill, cached and naive decode, memory, and a transformers peer, side by side")
-    _common(p)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
-    _bench_flags(p)
-    p.add_argument("--train", action="store_true", help="also measure training throughput (ours and the peer)")
-    p.add_argument("--train-batch", type=_positive_int, default=16, help="rows per training step (default: 16)")
-    p.add_argument("--compile", action="store_true",
-                   help="also measure every model torch.compile'd (dynamic shapes) as '<name>+compile'")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--out", help="also write the JSON results to this file")
-
-    p = sub.add_parser("pipeline", help="prepare -> pretrain -> SFT -> DPO -> eval -> bench -> report, both models")
-    _common(p)
-    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (default: 1337)")
-    _bench_flags(p)
-    p.add_argument("--progress", action="store_true", help="show a progress bar for each training stage")
-    p.add_argument("--full", action="store_true",
-                   help="also test the hypothesis: ablate --quick, importance, distill AAMM, probe, and the verdict")
-
-    p = sub.add_parser("ablate", help="train layer patterns under one budget over seeds: bpb +- CI vs decode speed")
-    _common(p)
-    p.add_argument("--patterns", type=_str_list, default=None,
-                   help="comma-separated variants: PATTERN, PATTERN:H (M hidden width) or PATTERN:matched "
-                        "(default: AAAA,AAMM,AANN,MMAA,AA,AAMM:matched)")
-    p.add_argument("--budget", choices=["steps", "time"], default="steps",
-                   help="equal optimizer steps, or equal wall-clock time (cheaper patterns get more steps)")
-    p.add_argument("--seeds", type=_int_list, default=[1, 2, 3], help="comma-separated seeds (default: 1,2,3)")
-    p.add_argument("--steps", type=_positive_int, help="steps per run (default: the preset's; --quick: fewer)")
-    p.add_argument("--quick", action="store_true", help="a short budget (150 steps on cpu) into <run-dir>/ablate-quick")
-    p.add_argument("--out", help="output directory (default: <run-dir>/ablate or <run-dir>/ablate-quick)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar for each run")
-
-    p = sub.add_parser("importance", help="per attention layer: residual similarity and loss when dropped/replaced")
-    _common(p)
-    p.add_argument("checkpoint")
-    p.add_argument("--max-tokens", type=_positive_int, default=None, help="validation tokens (default: 131072)")
-    p.add_argument("--replace", type=_positive_int, default=None,
-                   help="attention layers the recommended pattern replaces (default: half of them)")
-    p.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
-    p.add_argument("--out", help="output directory (default: <run-dir>/importance/<checkpoint name>)")
-
-    p = sub.add_parser("probe", help="token-mixing probe (associative recall) per pattern, and loss by position")
-    _common(p)
-    p.add_argument("--patterns", type=_str_list, default=None, help="default: AAAA,AAMM,AANN,MMAA,AA")
-    p.add_argument("--seeds", type=_int_list, default=[1, 2, 3], help="comma-separated seeds (default: 1,2,3)")
-    p.add_argument("--steps", type=_positive_int, help="training steps per pattern (default: the preset's)")
-    p.add_argument("--task", choices=["recall", "two-hop"], help="probe task (default: the preset's)")
-    p.add_argument("--checkpoints", nargs="*", metavar="CKPT",
-                   help="models for the loss-by-position curves (default: <run-dir>/pretrain-{standard,hybrid})")
-    p.add_argument("--out", help="output directory (default: <run-dir>/probe)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar per pattern")
-
-    p = sub.add_parser("distill", help="distill a trained model's deep attention into per-token MLPs, then compare")
-    _common(p)
-    p.add_argument("checkpoint", help="the trained standard model (the teacher)")
-    p.add_argument("--layers", required=True, help="target pattern, e.g. AAMM (A->M distilled, A->N dropped)")
-    p.add_argument("--steps", type=_positive_int, help="distillation steps per layer (default: the preset's)")
-    p.add_argument("--finetune-steps", type=_nonneg_int, help="whole-model fine-tune steps after the swap (0: none)")
-    p.add_argument("--lr", type=_positive_float, help="distillation learning rate (default: the preset's)")
-    p.add_argument("--finetune-lr", type=_positive_float, help="fine-tune learning rate (default: the preset's)")
-    p.add_argument("--batch-size", type=_positive_int, help="rows per step (default: the preset's)")
-    p.add_argument("--mlp-hidden", type=_positive_int, help="hidden width of the M blocks (default: n_embd / 4)")
-    p.add_argument("--eval-tokens", type=_positive_int, help="validation tokens for bits per byte (default: 131072)")
-    p.add_argument("--data", help="prepared data directory (default: the one the checkpoint was trained on)")
-    p.add_argument("--out", help="output directory (default: <run-dir>/distill-<layers>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-    p = sub.add_parser("verdict", help="'Does the hypothesis hold?': one table and sentences from the analyses")
-    _common(p)
-
-    p = sub.add_parser("chat", help="chat with an aligned checkpoint (interactive, streaming)")
-    _common(p)
-    p.add_argument("checkpoint")
-    p.add_argument("-p", "--prompt", help="one message, one reply, then exit")
-    p.add_argument("--system", help="a system message to start the conversation")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    p.add_argument("--top-k", type=_nonneg_int, default=50, help="0 to disable")
-    p.add_argument("--top-p", type=float, default=None)
+    _command(sub, "prepare", "corpus -> tokenizer -> token files (offline)", (None, PrepareOptions, {}))
+    _command(sub, "pretrain", "pretrain a model on the prepared token files",
+             *_stage("model (overrides the preset)", ModelChoice, ModelShape, data=PretrainData))
+    _command(sub, "prepare-chat", "SFT conversations and DPO preference pairs from the plays (offline)",
+             (None, PrepareChatOptions, {}))
+    _command(sub, "sft", "supervised fine-tuning on assistant turns",
+             *_stage("model", ModelChoice, FinetuneOptions, data=SFTData))
+    _command(sub, "dpo", "Direct Preference Optimization against the frozen SFT model",
+             *_stage("model", ModelChoice, FinetuneOptions, data=DPOData), (None, DPOOptions, {}))
+    _command(sub, "eval", "validation loss, perplexity and bits per byte of a checkpoint", (None, EvalOptions, {}))
+    _command(sub, "sample", "generate text from a checkpoint",
+             (None, SampleOptions, dict(only=("checkpoint", "prompt"))),
+             ("sampling", Sampling, dict(defaults={"max_new_tokens": SAMPLE_NEW_TOKENS})),
+             ("sampling", SampleOptions, dict(exclude=("checkpoint", "prompt"))))
+    _command(sub, "bench", "prefill, cached and naive decode, memory, and a transformers peer, side by side",
+             (None, BenchCommand, {}), ("benchmark", BenchOptions, {}))
+    _command(sub, "pipeline", "prepare -> pretrain -> SFT -> DPO -> eval -> bench -> report, both models",
+             (None, PipelineCommand, {}), ("benchmark", BenchOptions, {}))
+    _command(sub, "ablate", "train layer patterns under one budget over seeds: bpb +- CI vs decode speed",
+             (None, AblateOptions, {}))
+    _command(sub, "importance", "per attention layer: residual similarity and loss when dropped/replaced",
+             (None, ImportanceOptions, {}))
+    _command(sub, "probe", "token-mixing probe (associative recall) per pattern, and loss by position",
+             (None, ProbeOptions, {}))
+    _command(sub, "distill", "distill a trained model's deep attention into per-token MLPs, then compare",
+             (None, DistillOptions, {}))
+    _command(sub, "verdict", "'Does the hypothesis hold?': one table and sentences from the analyses")
+    _command(sub, "chat", "chat with an aligned checkpoint (interactive, streaming)", (None, ChatOptions, {}),
+             ("sampling", Sampling, {}), run=dict(exclude=("seed",)))
     return parser
 
+
+# ---- the commands -------------------------------------------------------------------------------------------
 
 def _run_dir(args) -> tuple[str, Path]:
     preset = args.preset or default_preset()
     return preset, Path(args.run_dir) if args.run_dir else Path("runs") / preset
 
 
-def cmd_prepare(args) -> int:
-    from hybrid_gpt.data.corpus import load_shakespeare, load_user_corpus
-    from hybrid_gpt.data.tokens import is_prepared, prepare_data
-    from hybrid_gpt.presets import get_preset
-
-    preset, run_dir = _run_dir(args)
-    out = Path(args.out) if args.out else run_dir / "data"
-    vocab = args.vocab_size or get_preset(preset)["vocab_size"]
-    corpus = load_user_corpus(args.corpus) if args.corpus else load_shakespeare()
-    if not args.force and is_prepared(out, corpus, vocab):
-        print(f"{out} is already prepared for this corpus and vocabulary; nothing to do (--force rebuilds)")
-        return 0
-    print(f"preparing {corpus.source} -> {out}")
-    prepare_data(corpus, out, vocab)
-    print(f"wrote {out}/tokenizer.json, train.bin, val.bin, meta.json")
-    return 0
-
-
-def cmd_pretrain(args) -> int:
-    from hybrid_gpt.train.pretrain import MODEL_KEYS, TRAIN_KEYS, run_pretrain
-
-    preset, run_dir = _run_dir(args)
-    keys = set(MODEL_KEYS) | set(TRAIN_KEYS) | {"vocab_size"}
-    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    result = run_pretrain(run_dir=run_dir, preset=preset, model_type=args.model_type, layers=args.layers,
-                          out=args.out, data_dir=args.data, overrides=overrides, device=args.device,
-                          resume=args.resume, overwrite=args.overwrite)
-    return _report(result)
-
-
-def cmd_eval(args) -> int:
-    from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
-    from hybrid_gpt.runtime import resolve_device
-    from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm
-
-    device = resolve_device(args.device)
-    model, tok, training = load_checkpoint(args.checkpoint, device)
-    ckpt = Path(args.checkpoint)
-    data = checkpoint_data(ckpt if ckpt.is_dir() else ckpt.parent, tok, training, args.data)
-    res = evaluate_lm(model, data.val, tok.token_byte_lengths(), args.eval_tokens or EVAL_TOKENS)
-    res = {"checkpoint": str(ckpt), "layers": model.config.layers, "parameters": model.num_params(), **res}
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(f"{ckpt} ({model.config.layers}, {model.num_params():,} parameters)")
-        print(f"  val loss    {res['loss']:.4f} nats/token")
-        print(f"  perplexity  {res['perplexity']:.2f}")
-        print(f"  bits/byte   {res['bpb']:.4f}")
-        print(f"  over {res['tokens']:,} tokens ({res['bytes']:,} bytes) of {data.meta['source']} validation text")
-    return 0
-
-
-def _check_sampling(args) -> None:
-    if args.temperature < 0:
-        raise HybridGPTError(f"--temperature must not be negative, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise HybridGPTError(f"--top-p must be in (0, 1], got {args.top_p}")
-
-
-def cmd_sample(args) -> int:
-    import torch
-
-    from hybrid_gpt.checkpoint import load_checkpoint
-    from hybrid_gpt.infer.engine import generate
-    from hybrid_gpt.runtime import resolve_device
-
-    _check_sampling(args)
-    device = resolve_device(args.device)
-    model, tok, _ = load_checkpoint(args.checkpoint, device)
-    ids = [tok.bos_id] + tok.encode(args.prompt)
-    block = model.config.block_size
-    if len(ids) > block - 1:
-        print(f"note: the prompt has {len(ids)} tokens; keeping its last {block - 1} to fit the context of {block}",
-              file=sys.stderr)
-        ids = ids[-(block - 1):]
-    seed = args.seed if args.seed is not None else 1337
-    for i in range(args.num_samples):
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
-        stream = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                          top_p=args.top_p, seed=seed + i, use_cache=not args.no_cache)
-        for piece in tok.decode_stream(nxt[0, 0] for nxt in stream):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    return 0
-
-
-def cmd_prepare_chat(args) -> int:
-    from hybrid_gpt.data.chat_data import prepare_chat_data
-    from hybrid_gpt.data.corpus import load_shakespeare
-    from hybrid_gpt.fsutil import read_json
-
-    _, run_dir = _run_dir(args)
-    out = Path(args.out) if args.out else run_dir / "chat"
-    corpus = load_shakespeare()
-    seed = args.seed if args.seed is not None else 1337
-    if (out / "meta.json").is_file() and not args.force:
-        meta = read_json(out / "meta.json", "chat data meta file")
-        if meta.get("corpus_sha256") == corpus.sha256() and meta.get("seed") == seed:
-            print(f"{out} is already prepared; nothing to do (--force rebuilds)")
-            return 0
-        raise HybridGPTError(f"{out} holds chat data built differently; pass --force to replace it")
-    print(f"building chat data from {corpus.source} -> {out}")
-    prepare_chat_data(corpus, out, seed=seed)
-    return 0
-
-
-def _finetune_overrides(args) -> dict:
-    from hybrid_gpt.train.stage import TRAIN_KEYS
-
-    return {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k, None) is not None}
+def _overrides(args, *classes) -> dict:
+    """The flags given (not None) among ``classes``' fields, and the seed: what replaces the preset's values."""
+    out = {"seed": args.seed}
+    for cls in classes:
+        out.update(values(args, cls, skip_none=True))
+    return out
 
 
 def _report(result) -> int:
@@ -438,86 +366,138 @@ def _report(result) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from hybrid_gpt.data.corpus import load_shakespeare, load_user_corpus
+    from hybrid_gpt.data.tokens import is_prepared, prepare_data
+    from hybrid_gpt.presets import get_preset
+
+    preset, run_dir = _run_dir(args)
+    out = Path(args.out) if args.out else run_dir / "data"
+    vocab = args.vocab_size or get_preset(preset)["vocab_size"]
+    corpus = load_user_corpus(args.corpus) if args.corpus is not None else load_shakespeare()
+    if not args.force and is_prepared(out, corpus, vocab):
+        print(f"{out} is already prepared for this corpus and vocabulary; nothing to do (--force rebuilds)")
+        return 0
+    print(f"preparing {corpus.source} -> {out}")
+    prepare_data(corpus, out, vocab)
+    print(f"wrote {out}/tokenizer.json, train.bin, val.bin, meta.json")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from hybrid_gpt.train.pretrain import run_pretrain
+
+    preset, run_dir = _run_dir(args)
+    return _report(run_pretrain(run_dir=run_dir, preset=preset, device=args.device,
+                                overrides=_overrides(args, ModelShape, TrainConfig), **values(args, ModelChoice),
+                                **values(args, CheckpointOptions), **values(args, PretrainData)))
+
+
 def cmd_sft(args) -> int:
     from hybrid_gpt.train.sft import run_sft
 
     preset, run_dir = _run_dir(args)
-    return _report(run_sft(run_dir=run_dir, preset=preset, model_type=args.model_type, layers=args.layers,
-                           init=args.init, out=args.out, sft_data=args.stage_data, sft_val_data=args.stage_val_data,
-                           chat_dir=args.chat_data, overrides=_finetune_overrides(args), device=args.device,
-                           resume=args.resume, overwrite=args.overwrite))
+    return _report(run_sft(run_dir=run_dir, preset=preset, device=args.device, overrides=_overrides(args, TrainConfig),
+                           **values(args, ModelChoice), **values(args, FinetuneOptions),
+                           **values(args, CheckpointOptions), **values(args, SFTData)))
 
 
 def cmd_dpo(args) -> int:
     from hybrid_gpt.train.dpo import run_dpo
 
     preset, run_dir = _run_dir(args)
-    return _report(run_dpo(run_dir=run_dir, preset=preset, model_type=args.model_type, layers=args.layers,
-                           init=args.init, out=args.out, dpo_data=args.stage_data, dpo_val_data=args.stage_val_data,
-                           chat_dir=args.chat_data, beta=args.beta, overrides=_finetune_overrides(args),
-                           device=args.device, resume=args.resume, overwrite=args.overwrite))
+    return _report(run_dpo(run_dir=run_dir, preset=preset, device=args.device, overrides=_overrides(args, TrainConfig),
+                           **values(args, ModelChoice), **values(args, FinetuneOptions),
+                           **values(args, CheckpointOptions), **values(args, DPOData), **values(args, DPOOptions)))
+
+
+def cmd_eval(args) -> int:
+    from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
+    from hybrid_gpt.runtime import resolve_device
+    from hybrid_gpt.train.evaluate import evaluate_lm
+
+    device = resolve_device(args.device)
+    model, tok, training = load_checkpoint(args.checkpoint, device)
+    ckpt = Path(args.checkpoint)
+    data = checkpoint_data(ckpt if ckpt.is_dir() else ckpt.parent, tok, training, args.data_dir)
+    res = evaluate_lm(model, data.val, tok.token_byte_lengths(), args.eval_tokens)
+    res = {"checkpoint": str(ckpt), "layers": model.config.layers, "parameters": model.num_params(), **res}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{ckpt} ({model.config.layers}, {model.num_params():,} parameters)")
+        print(f"  val loss    {res['loss']:.4f} nats/token")
+        print(f"  perplexity  {res['perplexity']:.2f}")
+        print(f"  bits/byte   {res['bpb']:.4f}")
+        print(f"  over {res['tokens']:,} tokens ({res['bytes']:,} bytes) of {data.meta['source']} validation text")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from hybrid_gpt.checkpoint import load_checkpoint
+    from hybrid_gpt.infer.engine import generate
+    from hybrid_gpt.runtime import resolve_device
+
+    sampling = Sampling(**values(args, Sampling)).validate()
+    device = resolve_device(args.device)
+    model, tok, _ = load_checkpoint(args.checkpoint, device)
+    ids = [tok.bos_id] + tok.encode(args.prompt)
+    block = model.config.block_size
+    if len(ids) > block - 1:
+        print(f"note: the prompt has {len(ids)} tokens; keeping its last {block - 1} to fit the context of {block}",
+              file=sys.stderr)
+        ids = ids[-(block - 1):]
+    for i in range(args.num_samples):
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        stream = generate(model, idx, sampling.max_new_tokens, temperature=sampling.temperature,
+                          top_k=sampling.top_k or None, top_p=sampling.top_p, seed=args.seed + i,
+                          use_cache=not args.no_cache)
+        for piece in tok.decode_stream(nxt[0, 0] for nxt in stream):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_prepare_chat(args) -> int:
+    from hybrid_gpt.data.chat_data import prepare_chat_data
+    from hybrid_gpt.data.corpus import load_shakespeare
+    from hybrid_gpt.fsutil import read_json
+
+    _, run_dir = _run_dir(args)
+    out = Path(args.out) if args.out else run_dir / "chat"
+    corpus = load_shakespeare()
+    if (out / "meta.json").is_file() and not args.force:
+        meta = read_json(out / "meta.json", "chat data meta file")
+        if isinstance(meta, dict) and meta.get("corpus_sha256") == corpus.sha256() and meta.get("seed") == args.seed:
+            print(f"{out} is already prepared; nothing to do (--force rebuilds)")
+            return 0
+        raise HybridGPTError(f"{out} holds chat data built differently; pass --force to replace it")
+    print(f"building chat data from {corpus.source} -> {out}")
+    prepare_chat_data(corpus, out, seed=args.seed)
+    return 0
 
 
 def cmd_chat(args) -> int:
     from hybrid_gpt.checkpoint import load_checkpoint
-    from hybrid_gpt.infer.chat import MAX_INPUT_CHARS, ChatSession, clean_input
+    from hybrid_gpt.infer.chat import ChatSession, one_shot, repl
     from hybrid_gpt.runtime import resolve_device
 
-    _check_sampling(args)
+    Sampling(**values(args, Sampling)).validate()  # before the model loads
     model, tok, training = load_checkpoint(args.checkpoint, resolve_device(args.device))
-    session = ChatSession(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
-                          system=clean_input(args.system) if args.system else None)
-
-    def answer(text: str) -> None:
-        if len(text) > MAX_INPUT_CHARS:
-            print(f"(message of {len(text):,} characters refused: the limit is {MAX_INPUT_CHARS:,})",
-                  file=sys.stderr)
-            return
-        try:
-            for piece in session.reply(text):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            print("\n(reply interrupted; it is not kept in the history)", file=sys.stderr)
-            return
-        st = session.last
-        notes = []
-        if st.cropped_turns:
-            notes.append(f"{st.cropped_turns} oldest turns dropped to fit the context of {model.config.block_size}")
-        if st.cut_tokens:
-            notes.append(f"the oldest {st.cut_tokens} tokens of your message dropped to fit the context")
-        print()
-        print(f"[{st.tokens} tokens, {st.tokens_per_sec:.1f} tokens/s" + "".join(f"; {n}" for n in notes) + "]",
-              file=sys.stderr)
-
+    session = ChatSession(model, tok, seed=args.seed, system=args.system, **values(args, Sampling))
     if args.prompt is not None:
-        text = clean_input(args.prompt)
-        if not text:
-            raise HybridGPTError("the --prompt message is empty")
-        answer(text)
+        one_shot(session, args.prompt)
         return 0
-    stage = training.get("stage", "?")
-    print(f"chatting with {args.checkpoint} ({model.config.layers}, {stage}). "
-          "/reset clears the history, /quit or Ctrl-D exits.", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        text = clean_input(line)
-        if not text:
-            print("(empty message: type something, /reset or /quit)", file=sys.stderr)
-            continue
-        if text in ("/quit", "/exit"):
-            return 0
-        if text == "/reset":
-            session.reset()
-            print("(history cleared)", file=sys.stderr)
-            continue
-        sys.stdout.write("bot> ")
-        answer(text)
+    repl(session, banner=f"chatting with {args.checkpoint} ({model.config.layers}, {training.get('stage', '?')}). "
+                         "/reset clears the history, /quit or Ctrl-D exits.")
+    return 0
 
 
 def _validation_tokens(ckpt: Path, tokenizer, training: dict, log):
@@ -530,6 +510,20 @@ def _validation_tokens(ckpt: Path, tokenizer, training: dict, log):
         log(f"quality: skipped ({e})")
         return None
     return data.val, tokenizer.token_byte_lengths()
+
+
+def _bench_config(args, block_size: int) -> BenchConfig:
+    """The benchmark's settings from the flags; HybridGPTError if they leave nothing to measure on models
+    whose context is ``block_size``."""
+    import torch
+
+    if not args.contexts and args.new_tokens >= block_size:
+        raise HybridGPTError(f"--new-tokens {args.new_tokens} leaves no context to measure: the models' context "
+                             f"is {block_size} tokens; pass --new-tokens below {block_size}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = {k: v for k, v in values(args, BenchOptions).items() if k != "threads"}
+    return BenchConfig(**settings, compile=getattr(args, "compile", False))
 
 
 def cmd_bench(args) -> int:
@@ -549,7 +543,7 @@ def cmd_bench(args) -> int:
         models[name] = model
         if val is None and args.dtypes != ["float32"]:
             val = _validation_tokens(Path(path), tokenizer, training, log)
-    cfg = _bench_config(args)
+    cfg = _bench_config(args, min(m.config.block_size for m in models.values()))
     results = run_bench(models, cfg, log=log, val=val)
     if args.train:
         results["train"] = run_train_bench(models, batch_size=args.train_batch, repeats=cfg.repeats,
@@ -567,15 +561,12 @@ def cmd_bench(args) -> int:
 
 def cmd_pipeline(args) -> int:
     from hybrid_gpt.pipeline import PipelineOptions, run_pipeline
-    from hybrid_gpt.presets import DEFAULT_SEED
+    from hybrid_gpt.presets import get_preset
     from hybrid_gpt.report import headline_table
 
     preset, run_dir = _run_dir(args)
-    seeds = args.seeds or [args.seed if args.seed is not None else DEFAULT_SEED]
-    if len(set(seeds)) != len(seeds):
-        raise HybridGPTError(f"--seeds {','.join(map(str, seeds))} repeats a seed")
-    opts = PipelineOptions(run_dir=run_dir, preset=preset, seeds=seeds, device=args.device,
-                           bench=_bench_config(args), progress=args.progress,
+    opts = PipelineOptions(run_dir=run_dir, preset=preset, seeds=args.seeds or [args.seed], device=args.device,
+                           bench=_bench_config(args, get_preset(preset)["block_size"]), progress=args.progress,
                            command="hybrid-gpt " + " ".join(sys.argv[1:]), full=args.full)
     report, results = run_pipeline(opts)
     summary = results["summary"]
@@ -589,14 +580,9 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from hybrid_gpt.analysis.ablate import DEFAULT_VARIANTS, run_ablate
-
     preset, run_dir = _run_dir(args)
-    if len(set(args.seeds)) != len(args.seeds):
-        raise HybridGPTError(f"--seeds {','.join(map(str, args.seeds))} repeats a seed")
-    result = run_ablate(run_dir=run_dir, preset=preset, patterns=args.patterns or DEFAULT_VARIANTS,
-                        budget=args.budget, seeds=args.seeds, steps=args.steps, quick=args.quick, out_dir=args.out,
-                        device=args.device, progress=args.progress)
+    result = run_ablate(run_dir=run_dir, preset=preset, device=args.device, **values(args, AblateOptions,
+                                                                                      skip_none=True))
     print()
     for s in result["sentences"]:
         print(f"- {s}")
@@ -607,10 +593,8 @@ def cmd_ablate(args) -> int:
 def cmd_importance(args) -> int:
     from hybrid_gpt.analysis.importance import run_importance
     from hybrid_gpt.runtime import resolve_device
-    from hybrid_gpt.train.evaluate import EVAL_TOKENS
 
-    result = run_importance(args.checkpoint, out_dir=args.out, max_tokens=args.max_tokens or EVAL_TOKENS,
-                            replace=args.replace, data_dir=args.data, device=str(resolve_device(args.device)))
+    result = run_importance(device=str(resolve_device(args.device)), **values(args, ImportanceOptions))
     rec = result["recommendation"]
     print(f"recommended pattern: {rec['pattern']} (replaces attention layers {rec['replace']}, 1-based)")
     print(f"results: {Path(result['out_dir']) / 'importance.md'}")
@@ -618,15 +602,13 @@ def cmd_importance(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from hybrid_gpt.analysis.probe import DEFAULT_PATTERNS, run_probe
-
     preset, run_dir = _run_dir(args)
-    result = run_probe(run_dir=run_dir, out_dir=args.out, patterns=args.patterns or DEFAULT_PATTERNS, preset=preset,
-                       seeds=args.seeds, steps=args.steps, task=args.task, checkpoints=args.checkpoints or None,
-                       device=args.device, progress=args.progress)
+    opts = values(args, ProbeOptions, skip_none=True)
+    opts["checkpoints"] = opts.get("checkpoints") or None  # an empty --checkpoints means the default ones
+    result = run_probe(run_dir=run_dir, preset=preset, device=args.device, **opts)
     for r in result["patterns"]:
         print(f"{r['pattern']:<8} accuracy {r['accuracy']['mean']:.3f} (chance {result['chance']:.3f})")
-    print(f"results: {Path(args.out or run_dir / 'probe') / 'probe.md'}")
+    print(f"results: {Path(args.out_dir or run_dir / 'probe') / 'probe.md'}")
     return 0
 
 
@@ -638,7 +620,7 @@ def cmd_distill(args) -> int:
     result = run_distill(args.checkpoint, layers=args.layers, out_dir=out, steps=args.steps,
                          finetune_steps=args.finetune_steps, lr=args.lr, finetune_lr=args.finetune_lr,
                          batch_size=args.batch_size, mlp_hidden=args.mlp_hidden, eval_tokens=args.eval_tokens,
-                         data_dir=args.data, seed=args.seed if args.seed is not None else 1337, device=args.device,
+                         data_dir=args.data, seed=args.seed, device=args.device,
                          overwrite=args.overwrite, progress=args.progress)
     print(quality_sentences(result))
     print(f"results: {out / 'distill.md'}")
@@ -668,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except HybridGPTError as e:
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

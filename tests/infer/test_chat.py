@@ -6,7 +6,8 @@ import pytest
 
 from hybrid_gpt import load
 from hybrid_gpt.cli import main
-from hybrid_gpt.infer.chat import ChatSession, clean_input
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.infer.chat import MAX_INPUT_CHARS, ChatSession, clean_input
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,31 @@ def test_chat_as_a_real_process(ckpt):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("bot> ") == 2 and "(empty message" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_session_refuses_bad_settings_and_messages_at_the_library_boundary(ckpt):
+    model, tok = load(ckpt)
+    for bad in ({"temperature": float("nan")}, {"top_p": 2.0}, {"seed": -1}, {"system": "\ud800"}):
+        with pytest.raises(HybridGPTError):
+            ChatSession(model, tok, **bad)
+    s = ChatSession(model, tok, max_new_tokens=2, seed=0)
+    for text in ("\ud800", "caf\udce9", " \x07 ", "x" * (MAX_INPUT_CHARS + 1)):
+        with pytest.raises(HybridGPTError):
+            "".join(s.reply(text))
+    assert s.history == []
+
+
+def test_repl_refuses_a_message_that_is_too_long_and_goes_on(monkeypatch, capsys, ckpt):
+    code, out, err = run_chat(monkeypatch, capsys, ckpt, "x" * (MAX_INPUT_CHARS + 1) + "\nWho's there?\n")
+    assert code == 0 and out.count("bot> ") == 1
+    assert "1,000,001 characters long; the limit is 1,000,000; not sent" in err and len(err) < 2000
+
+
+def test_chat_process_survives_bytes_that_are_not_utf8(ckpt):
+    """Undecodable bytes piped into the REPL are refused line by line; the next message is answered."""
+    proc = subprocess.run([sys.executable, "-m", "hybrid_gpt.cli", "chat", str(ckpt), "--max-new-tokens", "3"],
+                          input=b"\xff\xfe caf\xe9\nGood morrow!\n\xc3\n/quit\n", capture_output=True, timeout=120)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert proc.stdout.count(b"bot> ") == 1 and err.count("is not valid UTF-8 text; not sent") == 2
+    assert "Traceback" not in err

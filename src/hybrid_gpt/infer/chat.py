@@ -1,25 +1,60 @@
-"""A chat session over a checkpoint: history, cropping to the context, streaming replies."""
+"""A chat session over a checkpoint (history, cropping to the context, streaming replies) and the
+interactive loop of `hybrid-gpt chat`."""
 
 from __future__ import annotations
 
+import sys
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from hybrid_gpt.data.template import render
-from hybrid_gpt.data.tokenizer import Tokenizer
+from hybrid_gpt.data.tokenizer import MAX_VOCAB, Tokenizer
+from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.engine import generate
 from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.options import MAX_TEXT_CHARS, check_fields, check_value, option, require
 
-MAX_INPUT_CHARS = 1_000_000  # beyond this a message is refused rather than tokenised
+MAX_INPUT_CHARS = MAX_TEXT_CHARS  # beyond this a message is refused rather than tokenised
+MAX_NEW_TOKENS = 1_000_000
+MIN_TEMPERATURE = 1e-3  # below it logits / temperature overflow float32; 0 means greedy
+
+
+def _temperature(value: float) -> str | None:
+    return None if value == 0 or value >= MIN_TEMPERATURE else f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}"
+
+
+@dataclass
+class Sampling:
+    """How each next token is drawn; the chat and sample commands' flags are built from these fields."""
+
+    max_new_tokens: int = option(128, lo=1, hi=MAX_NEW_TOKENS, help="tokens generated per reply")
+    temperature: float = option(0.8, lo=0, hi=1000, check=_temperature, help="0 for greedy")
+    top_k: int = option(50, lo=0, hi=MAX_VOCAB, help="0 to disable")
+    top_p: float | None = option(None, lo=0, lo_open=True, hi=1, help="nucleus sampling: keep this much mass")
+
+    def validate(self) -> "Sampling":
+        check_fields(self)
+        return self
 
 
 def clean_input(text: str) -> str:
     """Drop control characters (keeping tabs and newlines) and surrounding whitespace."""
     return "".join(ch for ch in text if ch in "\t\n" or unicodedata.category(ch) != "Cc").strip()
+
+
+def check_message(text: str, what: str = "message") -> str:
+    """``text`` cleaned; HybridGPTError if it is empty, not valid UTF-8 text, or longer than MAX_INPUT_CHARS."""
+    if not isinstance(text, str):
+        raise HybridGPTError(f"the {what} must be text")
+    text = clean_input(text)
+    problem = check_value(text, "text")
+    if problem:
+        raise HybridGPTError(f"the {what} {problem}")
+    return text
 
 
 @dataclass
@@ -36,13 +71,15 @@ class ReplyStats:
 
 
 class ChatSession:
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_new_tokens: int = 128, temperature: float = 0.8,
-                 top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
-                 system: str | None = None):
+    """``sampling``: the fields of :class:`Sampling` (max_new_tokens, temperature, top_k, top_p)."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, seed: int | None = None, system: str | None = None,
+                 **sampling):
         self.model, self.tok = model.eval(), tokenizer
-        self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
+        self.sampling = Sampling(**sampling).validate()
+        require("seed", seed, "seed")
         self.seed = seed
-        self.system = system
+        self.system = check_message(system, "system message") if system is not None else None
         self.history: list[dict] = []
         self.last = ReplyStats()
         # Any control token ends a reply: <|end|> normally, or the model starting another turn.
@@ -55,9 +92,13 @@ class ChatSession:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
     def reply(self, text: str) -> Iterator[str]:
-        """Stream the reply to ``text`` as text pieces; the exchange joins the history when it completes."""
+        """Stream the reply to ``text`` as text pieces; the exchange joins the history when it completes.
+
+        HybridGPTError if ``text`` is not a message (see :func:`check_message`)."""
+        text = check_message(text)
+        sp = self.sampling
         block = self.model.config.block_size
-        room = min(self.max_new_tokens, block // 2)  # keep space in the context for the reply
+        room = min(sp.max_new_tokens, block // 2)  # keep space in the context for the reply
         messages = self._messages() + [{"role": "user", "content": text}]
         r = render(self.tok, messages, max_len=block - room, add_generation_prompt=True)
         self.last = ReplyStats(prompt_tokens=len(r.ids), cropped_turns=r.cropped_turns, cut_tokens=r.cut_tokens)
@@ -67,8 +108,8 @@ class ChatSession:
         start = time.perf_counter()
 
         def tokens():
-            for nxt in generate(self.model, idx, self.max_new_tokens, temperature=self.temperature,
-                                top_k=self.top_k, top_p=self.top_p, seed=seed, stop_tokens=self.stop_tokens):
+            for nxt in generate(self.model, idx, sp.max_new_tokens, temperature=sp.temperature, top_k=sp.top_k or None,
+                                top_p=sp.top_p, seed=seed, stop_tokens=self.stop_tokens):
                 token = int(nxt[0, 0])
                 if token in self.stop_tokens:
                     return
@@ -82,3 +123,63 @@ class ChatSession:
             yield piece
         self.last.seconds = time.perf_counter() - start
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
+
+
+def _answer(session: ChatSession, text: str, out, err) -> None:
+    """Stream one reply to ``out`` and its statistics to ``err``; Ctrl-C drops just this reply."""
+    try:
+        for piece in session.reply(text):
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        print("\n(reply interrupted; it is not kept in the history)", file=err)
+        return
+    st = session.last
+    notes = []
+    if st.cropped_turns:
+        notes.append(f"{st.cropped_turns} oldest turns dropped to fit the context of {session.model.config.block_size}")
+    if st.cut_tokens:
+        notes.append(f"the oldest {st.cut_tokens} tokens of your message dropped to fit the context")
+    print(file=out)
+    print(f"[{st.tokens} tokens, {st.tokens_per_sec:.1f} tokens/s" + "".join(f"; {n}" for n in notes) + "]", file=err)
+
+
+def one_shot(session: ChatSession, text: str, out=None, err=None) -> None:
+    """One message, one reply; HybridGPTError if ``text`` is not a message."""
+    _answer(session, check_message(text), out or sys.stdout, err or sys.stderr)
+
+
+def repl(session: ChatSession, banner: str = "", read: Callable[[str], str] = input, out=None, err=None) -> None:
+    """The interactive loop: a line per message, /reset, /quit or end of input; returns when done.
+
+    A line that is empty, too long or not valid UTF-8 text is refused with a note, and the loop goes on:
+    reading from standard input, it is switched to errors="surrogateescape", so that bytes that are not
+    UTF-8 arrive as lone surrogates (refused) instead of raising in the middle of the stream."""
+    out, err = out or sys.stdout, err or sys.stderr
+    if read is input and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # before the first read: it cannot change after one
+    if banner:
+        print(banner, file=err)
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=err)
+            return
+        text = clean_input(line)
+        if not text:
+            print("(empty message: type something, /reset or /quit)", file=err)
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            session.reset()
+            print("(history cleared)", file=err)
+            continue
+        try:
+            text = check_message(text)
+        except HybridGPTError as e:
+            print(f"({e}; not sent)", file=err)
+            continue
+        out.write("bot> ")
+        _answer(session, text, out, err)

@@ -29,6 +29,8 @@ from hybrid_gpt.checkpoint import save_checkpoint
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.options import check_fields, option
+from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import distributed_env
 
 # Validation metrics printed after each evaluation (all of them go to metrics.jsonl).
@@ -39,39 +41,45 @@ def format_eval(ev: dict) -> str:
     return "validation " + ", ".join(f"{k.removeprefix('val_')} {ev[k]:.4f}" for k in SHOWN if k in ev)
 
 
+MAX_STEPS = 10**9
+MAX_ROWS = 2**16  # rows per forward pass
+MAX_GLOBAL_ROWS = 2**20  # rows per optimizer step (batch_size x grad_accum), drawn before any step runs
+
+
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 32  # rows per forward pass (micro-batch)
-    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_interval: int = 250
-    eval_tokens: int = 32768
-    save_interval: int = 0  # 0: save at every evaluation
-    seed: int = 1337
-    compile: bool = False
-    progress: bool = True
-    stop_after: int = 0  # stop (as if interrupted) after this step; for tests of resume
-    eval_at_start: bool = False  # also evaluate before the first step (the baseline a fine-tune starts from)
-    skip_nonfinite: bool = False  # skip a batch whose loss or gradient is not finite, instead of stopping
+    """One training run's settings. Each field's metadata is its help and valid range: the CLI's flags are
+    built from it, and :meth:`validate` holds library callers to the same ranges, naming the field."""
+
+    max_steps: int = option(1000, lo=1, hi=MAX_STEPS, help="optimizer steps")
+    batch_size: int = option(32, lo=1, hi=MAX_ROWS, help="rows per forward pass")
+    grad_accum: int = option(1, lo=1, hi=MAX_GLOBAL_ROWS, help="micro-batches per optimizer step")
+    lr: float = option(3e-3, lo=0, lo_open=True, help="peak learning rate")
+    min_lr_ratio: float = option(0.1, lo=0, hi=1, help="the cosine schedule decays to lr x this")
+    warmup_steps: int = option(100, lo=0, hi=MAX_STEPS, help="steps of linear warmup")
+    weight_decay: float = option(0.1, lo=0, help="AdamW's decoupled weight decay (biases and norms excluded)")
+    grad_clip: float = option(1.0, lo=0, help="clip the gradient norm to this (0: no clipping)")
+    eval_interval: int = option(250, lo=1, hi=MAX_STEPS, help="steps between evaluations")
+    eval_tokens: int = option(32768, lo=1, hi=2**40, help="validation tokens per periodic evaluation")
+    save_interval: int = option(0, lo=0, hi=MAX_STEPS, help="steps between checkpoints (0: at each evaluation)")
+    seed: int = option(DEFAULT_SEED, kind="seed", help="random seed")
+    compile: bool = option(False, help="torch.compile the model")
+    progress: bool = option(True, flags=("--no-progress",), help="no progress bar")
+    # Stop (as if interrupted) after this step; simulates an interruption in tests of --resume.
+    stop_after: int = option(0, lo=0, hi=MAX_STEPS, flags=("--stop-after-steps",), hidden=True)
+    # Also evaluate before the first step (the baseline a fine-tune starts from).
+    eval_at_start: bool = option(False, cli=False)
+    skip_nonfinite: bool = option(False, help="skip (and count) a batch whose loss or gradient is not finite, "
+                                              "instead of stopping")
 
     def validate(self) -> "TrainConfig":
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_tokens"):
-            if getattr(self, name) < 1:
-                raise HybridGPTError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_interval", "stop_after"):
-            if getattr(self, name) < 0:
-                raise HybridGPTError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise HybridGPTError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise HybridGPTError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise HybridGPTError("--weight-decay and --grad-clip must not be negative")
+        check_fields(self)  # types, finite numbers, ranges
+        if self.batch_size * self.grad_accum > MAX_GLOBAL_ROWS:
+            raise HybridGPTError(f"batch_size x grad_accum = {self.batch_size * self.grad_accum:,} rows per step; "
+                                 f"the limit is {MAX_GLOBAL_ROWS:,}")
+        if self.lr * self.weight_decay >= 1:
+            raise HybridGPTError(f"weight_decay {self.weight_decay:g} x lr {self.lr:g} must be below 1: each step "
+                                 "multiplies the weights by 1 - lr x weight_decay")
         return self
 
 
