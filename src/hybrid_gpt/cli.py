@@ -466,19 +466,15 @@ def cmd_sample(args) -> int:
 
 
 def cmd_prepare_chat(args) -> int:
-    from hybrid_gpt.data.chat_data import prepare_chat_data
+    from hybrid_gpt.data.chat_data import is_chat_prepared, prepare_chat_data
     from hybrid_gpt.data.corpus import load_shakespeare
-    from hybrid_gpt.fsutil import read_json
 
     _, run_dir = _run_dir(args)
     out = Path(args.out) if args.out else run_dir / "chat"
     corpus = load_shakespeare()
-    if (out / "meta.json").is_file() and not args.force:
-        meta = read_json(out / "meta.json", "chat data meta file")
-        if isinstance(meta, dict) and meta.get("corpus_sha256") == corpus.sha256() and meta.get("seed") == args.seed:
-            print(f"{out} is already prepared; nothing to do (--force rebuilds)")
-            return 0
-        raise HybridGPTError(f"{out} holds chat data built differently; pass --force to replace it")
+    if not args.force and is_chat_prepared(out, corpus, args.seed):
+        print(f"{out} is already prepared; nothing to do (--force rebuilds)")
+        return 0
     print(f"building chat data from {corpus.source} -> {out}")
     prepare_chat_data(corpus, out, seed=args.seed)
     return 0
