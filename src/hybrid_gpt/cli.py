@@ -24,7 +24,7 @@ from hybrid_gpt.infer.bench import DTYPES, BenchConfig, run_train_bench
 from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
 from hybrid_gpt.options import add_options, one_line, option, values
 from hybrid_gpt.presets import DEFAULT_SEED, PRESETS, default_preset
-from hybrid_gpt.train.dpo import DEFAULT_BETA
+from hybrid_gpt.train.dpo import DEFAULT_BETA, MAX_BETA
 from hybrid_gpt.train.evaluate import EVAL_TOKENS
 from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig
 
@@ -34,7 +34,6 @@ MAX_LAYERS = 1024
 MAX_WIDTH = 2**17
 MAX_CONTEXT = 2**20
 MAX_TOKENS = 2**40
-MAX_BETA = 100.0  # beta x a log-probability margin must stay finite in float32
 MAX_REPEATS = 10_000
 
 

@@ -184,3 +184,9 @@ def test_the_compute_ceiling_is_measured_with_the_models_own_linear_layers(monke
     # A weight made outside inference mode, so that the oneDNN path (packed, as in generation) can take it.
     assert calls and set(calls) == {((1024, 1024), (1024, 1024), kernels.onednn_enabled())}
     assert hw["matmul_flops_per_s"] > 0 and "linear layers" in hw["method"]
+
+
+def test_new_tokens_that_leave_no_context_are_refused():
+    model = smoke_model("AAAA")
+    with pytest.raises(HybridGPTError, match="leaves no context"):
+        run_bench({"standard": model}, BenchConfig(new_tokens=model.config.block_size, repeats=1, peer=False))

@@ -1,12 +1,14 @@
 import json
 import math
 
+import pytest
 import torch
 from helpers import quiet, tiny_chat_files
 
 from hybrid_gpt import load
 from hybrid_gpt.data.template import render
 from hybrid_gpt.data.tokenizer import Tokenizer
+from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.train import dpo
 from hybrid_gpt.train.dpo import DPOTask, dpo_loss, encode_pair, run_dpo, sequence_logps
 from hybrid_gpt.train.sft import run_sft
@@ -112,3 +114,9 @@ def test_dpo_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
                 for line in (path / "metrics.jsonl").read_text().splitlines()]
 
     assert rows(tmp_path / "part") == rows(tmp_path / "full")
+
+
+@pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), 1e300])
+def test_beta_out_of_range_is_refused_before_anything_runs(tmp_path, beta):
+    with pytest.raises(HybridGPTError, match="beta must be in"):
+        run_dpo(run_dir=tmp_path, preset="smoke", model_type="hybrid", beta=beta, log=lambda *a: None)

@@ -297,6 +297,9 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
     if cfg.new_tokens < 2:
         raise HybridGPTError("--new-tokens must be at least 2 (decode time is t(N) - t(1))")
     contexts = cfg.contexts or default_contexts(block, cfg.new_tokens)
+    if not contexts:
+        raise HybridGPTError(f"new_tokens {cfg.new_tokens} leaves no context to measure: "
+                             f"the models' context is {block}")
     for c in contexts:
         if c > block:
             raise HybridGPTError(f"context {c} exceeds the models' maximum of {block}; pass --contexts up to {block}")

@@ -29,6 +29,7 @@ EVAL_PAIRS = 512  # held-out pairs scored at each periodic evaluation
 FINAL_EVAL_PAIRS = 4096  # ... and at the final one (all of them, if fewer)
 EVAL_BATCH = 32  # pairs per forward pass when evaluating
 DEFAULT_BETA = 0.1
+MAX_BETA = 100.0  # beta x a log-probability margin must stay finite in float32
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -136,8 +137,8 @@ def run_dpo(*, run_dir: str | Path, preset: str, model_type: str | None = None, 
             dpo_val_data: str | None = None, chat_dir: str | None = None, beta: float = DEFAULT_BETA,
             overrides: dict | None = None, device: str = "auto", resume: bool = False, overwrite: bool = False,
             log=print) -> TrainResult:
-    if not beta > 0:
-        raise HybridGPTError(f"--beta must be positive, got {beta}")
+    if not 0 < beta <= MAX_BETA:  # also refuses nan
+        raise HybridGPTError(f"beta must be in (0, {MAX_BETA:g}], got {beta}")
     run_dir = Path(run_dir)
     name, init_path, reference, tok, train_pairs, val_pairs, tcfg, info = prepare_finetune(
         "dpo", run_dir, preset, model_type, layers, init, chat_dir, dpo_data, dpo_val_data, overrides)
