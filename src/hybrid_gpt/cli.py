@@ -631,17 +631,16 @@ def cmd_probe(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from hybrid_gpt.analysis.distill import quality_sentences, run_distill
-    from hybrid_gpt.checkpoint import resolve
+    from hybrid_gpt.analysis.distill import DistillConfig, quality_sentences, run_distill
 
-    out = Path(args.out) if args.out else resolve(args.checkpoint)[0].parent / f"distill-{args.layers.strip().upper()}"
-    result = run_distill(args.checkpoint, layers=args.layers, out_dir=out, steps=args.steps,
-                         finetune_steps=args.finetune_steps, lr=args.lr, finetune_lr=args.finetune_lr,
-                         batch_size=args.batch_size, mlp_hidden=args.mlp_hidden, eval_tokens=args.eval_tokens,
-                         data_dir=args.data, seed=args.seed if args.seed is not None else 1337, device=args.device,
-                         overwrite=args.overwrite, progress=args.progress)
+    options = dict(layers=args.layers, out_dir=args.out, steps=args.steps, finetune_steps=args.finetune_steps,
+                   lr=args.lr, finetune_lr=args.finetune_lr, batch_size=args.batch_size, mlp_hidden=args.mlp_hidden,
+                   eval_tokens=args.eval_tokens, data_dir=args.data, seed=args.seed, device=args.device,
+                   overwrite=args.overwrite)
+    result = run_distill(args.checkpoint, DistillConfig(**{k: v for k, v in options.items() if v is not None}),
+                         progress=args.progress)
     print(quality_sentences(result))
-    print(f"results: {out / 'distill.md'}")
+    print(f"results: {Path(result['out_dir']) / 'distill.md'}")
     return 0
 
 
