@@ -169,7 +169,7 @@ def train_probe_model(spec: RecallSpec, pattern: str, preset: str, *, seed: int,
     """A fresh model trained on ``steps`` generated batches; returns it and its mean loss over the last 10% of steps.
 
     The shared training loop, in memory: AdamW, a short warmup then cosine decay to a tenth, clipping at 1.
-    The caller's random state is left as it was.
+    The caller's torch random state is left as it was.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
