@@ -164,3 +164,17 @@ def test_finetune_is_the_shared_loop_continuing_the_teachers_stream(smoke_run, t
     c = smoke_model("AM", vocab_size=data.tokenizer.vocab_size)
     assert finetune(c, data, steps=3, lr=1e-3, batch_size=4, seed=1, first_step=6, progress=False) != losses
     assert list(tmp_path.iterdir()) == []  # in memory
+
+
+def test_the_distill_command_passes_its_options_through(pretrained, tmp_path, capsys):
+    from hybrid_gpt.cli import main
+
+    out = tmp_path / "cli-distill"
+    assert main(["distill", str(pretrained / "pretrain-standard"), "--layers", "am", "--steps", "2",
+                 "--finetune-steps", "0", "--batch-size", "4", "--eval-tokens", "512", "--seed", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "distill.json").read_text())
+    s = saved["settings"]
+    assert (saved["layers"], s["steps"], s["finetune_steps"], s["batch_size"], s["seed"]) == ("AM", 2, 0, 4, 3)
+    assert s["lr"] == 1e-2 and saved["arms"]["teacher"]["eval_tokens"] == 512  # unset: the preset's; set: used
+    assert f"results: {out / 'distill.md'}" in capsys.readouterr().out
