@@ -82,6 +82,8 @@ def test_run_distill_writes_results_and_loadable_checkpoints(pretrained, tmp_pat
     out = tmp_path / "distill"
     with pytest.raises(HybridGPTError, match="nothing to distill"):
         run_distill(ckpt, DistillConfig(layers="AA", out_dir=out), log=quiet, progress=False)
+    with pytest.raises(HybridGPTError, match="nothing to distill"):  # the config's fields as keywords
+        run_distill(ckpt, layers="AA", out_dir=out, log=quiet, progress=False)
     assert not out.exists()
 
     cfg = DistillConfig(layers="am", out_dir=out, steps=8, batch_size=4, mse_tokens=512, eval_tokens=1024,

@@ -321,11 +321,19 @@ def _find_scratch(run_dir: Path, target: str, tokenizer_sha: str) -> tuple[Path 
     return None, "; ".join(notes) or f"no {run_dir}/pretrain-hybrid or pretrain-{target} checkpoint"
 
 
-def run_distill(checkpoint: str | Path, config: DistillConfig, *, log=print, progress: bool = True) -> dict:
+def run_distill(checkpoint: str | Path, config: DistillConfig | None = None, *, log=print, progress: bool = True,
+                **options) -> dict:
     """Distill the teacher's attention in the blocks ``config.layers`` turns from A into M, swap the students
     in, fine-tune (optionally), compare, and write distill.json, distill.md, distill-*.png and checkpoints
     (distilled/, and with a fine-tune distilled-finetuned/ and drop-finetuned/) into the output directory
-    (``config.out_dir``, default ``<checkpoint's parent>/distill-<layers>``). Returns what distill.json holds."""
+    (``config.out_dir``, default ``<checkpoint's parent>/distill-<layers>``). Returns what distill.json holds.
+
+    ``options`` are DistillConfig's fields, for a caller without a config (``layers="AAMM"``).
+    """
+    if config is None:
+        config = DistillConfig(**options)
+    elif options:
+        raise TypeError("run_distill takes a DistillConfig or its fields as keywords, not both")
     t_start = time.time()
     dev = resolve_device(config.device)
     model, tokenizer, training = load_checkpoint(checkpoint, dev)
