@@ -22,6 +22,7 @@ from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.fsutil import clip, read_json, recover_dir, staged_dir, write_bytes, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig
+from hybrid_gpt.options import MAX_LAYERS
 from hybrid_gpt.runtime import ensure_fits
 
 FORMAT = "hybrid-gpt-checkpoint"
@@ -30,7 +31,6 @@ TIED = "lm_head.weight"  # stored once, as transformer.wte.weight
 # Every name a checkpoint directory may hold: replacing one that holds anything else would delete a user's file.
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt", "tokenizer.json", "trainer_state.pt",
                     "metrics.jsonl")
-MAX_LAYERS = 1024  # blocks; bounds the work before a config is even validated
 
 
 def is_checkpoint(path: Path) -> bool:

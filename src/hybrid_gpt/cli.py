@@ -17,33 +17,35 @@ from dataclasses import dataclass, make_dataclass
 from pathlib import Path
 
 from hybrid_gpt.analysis.ablate import run_ablate
+from hybrid_gpt.analysis.distill import DistillConfig
 from hybrid_gpt.analysis.probe import run_probe
 from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.bench import DTYPES, BenchConfig, run_train_bench
 from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
-from hybrid_gpt.options import add_options, one_line, option, values
+from hybrid_gpt.options import (
+    MAX_CONTEXT,
+    MAX_LAYERS,
+    MAX_REPEATS,
+    MAX_TOKENS,
+    MAX_WIDTH,
+    add_options,
+    one_line,
+    option,
+    pattern_problem,
+    values,
+)
 from hybrid_gpt.presets import DEFAULT_SEED, PRESETS, default_preset
 from hybrid_gpt.train.dpo import DEFAULT_BETA, MAX_BETA
 from hybrid_gpt.train.evaluate import EVAL_TOKENS
 from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig
 
 PROG = "hybrid-gpt"
-# Upper bounds that keep a typo from allocating the machine away; each is far beyond any real use here.
-MAX_LAYERS = 1024
-MAX_WIDTH = 2**17
-MAX_CONTEXT = 2**20
-MAX_TOKENS = 2**40
-MAX_REPEATS = 10_000
 
 
 def _default(fn, name: str):
     """The default of parameter ``name`` of library function ``fn``: the flag's default, defined there once."""
     return inspect.signature(fn).parameters[name].default
-
-
-def _pattern(text: str) -> str | None:
-    return None if len(text) <= MAX_LAYERS else f"has {len(text):,} letters; the limit is {MAX_LAYERS:,}"
 
 
 # ---- the option dataclasses: one per group of flags --------------------------------------------------------
@@ -64,7 +66,7 @@ class ModelChoice:
     model_type: str | None = option(None, flags=("--model-type", "--model_type"), choices=("standard", "hybrid"),
                                     help="standard: attention in every block; hybrid: attention in the first half, "
                                          "per-token MLP in the second half")
-    layers: str | None = option(None, check=_pattern, metavar="PATTERN",
+    layers: str | None = option(None, check=pattern_problem, metavar="PATTERN",
                                 help="any layer pattern, one letter per block: A attention, M per-token MLP, "
                                      "N no mixer (e.g. AAMM)")
 
@@ -252,23 +254,8 @@ class ProbeOptions:
 
 
 @dataclass
-class DistillOptions:
+class DistillCommand:
     checkpoint: str = option(None, kind="input", positional=True, help="the trained standard model (the teacher)")
-    layers: str = option(None, required=True, check=_pattern, metavar="PATTERN",
-                         help="target pattern, e.g. AAMM (A->M distilled, A->N dropped)")
-    steps: int | None = option(None, lo=1, hi=MAX_STEPS, help="distillation steps per layer (default: the preset's)")
-    finetune_steps: int | None = option(None, lo=0, hi=MAX_STEPS,
-                                        help="whole-model fine-tune steps after the swap (0: none)")
-    lr: float | None = option(None, lo=0, lo_open=True, help="distillation learning rate (default: the preset's)")
-    finetune_lr: float | None = option(None, lo=0, lo_open=True, help="fine-tune learning rate (default: the preset's)")
-    batch_size: int | None = option(None, lo=1, hi=MAX_ROWS, help="rows per step (default: the preset's)")
-    mlp_hidden: int | None = option(None, lo=1, hi=MAX_WIDTH, help="hidden width of the M blocks (default: n_embd / 4)")
-    eval_tokens: int | None = option(None, lo=1, hi=MAX_TOKENS,
-                                     help="validation tokens for bits per byte (default: the preset's)")
-    data: str | None = option(None, kind="input",
-                              help="prepared data directory (default: the one the checkpoint was trained on)")
-    out: str | None = option(None, kind="outdir", help="output directory (default: <run-dir>/distill-<layers>)")
-    overwrite: bool = option(False, help="replace an existing output directory")
     progress: bool = option(True, flags=("--no-progress",), help="no progress bars")
 
 
@@ -327,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "probe", "token-mixing probe (associative recall) per pattern, and loss by position",
              (None, ProbeOptions, {}))
     _command(sub, "distill", "distill a trained model's deep attention into per-token MLPs, then compare",
-             (None, DistillOptions, {}))
+             (None, DistillCommand, {}), (None, DistillConfig, dict(exclude=("seed", "device"))))
     _command(sub, "verdict", "'Does the hypothesis hold?': one table and sentences from the analyses")
     _command(sub, "chat", "chat with an aligned checkpoint (interactive, streaming)", (None, ChatOptions, {}),
              ("sampling", Sampling, {}), run=dict(exclude=("seed",)))
@@ -608,17 +595,12 @@ def cmd_probe(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from hybrid_gpt.analysis.distill import quality_sentences, run_distill
-    from hybrid_gpt.checkpoint import resolve
+    from hybrid_gpt.analysis.distill import DistillConfig, quality_sentences, run_distill
 
-    out = Path(args.out) if args.out else resolve(args.checkpoint)[0].parent / f"distill-{args.layers.strip().upper()}"
-    result = run_distill(args.checkpoint, layers=args.layers, out_dir=out, steps=args.steps,
-                         finetune_steps=args.finetune_steps, lr=args.lr, finetune_lr=args.finetune_lr,
-                         batch_size=args.batch_size, mlp_hidden=args.mlp_hidden, eval_tokens=args.eval_tokens,
-                         data_dir=args.data, seed=args.seed, device=args.device,
-                         overwrite=args.overwrite, progress=args.progress)
+    cfg = DistillConfig(**values(args, DistillConfig, skip_none=True))
+    result = run_distill(args.checkpoint, cfg, progress=args.progress)
     print(quality_sentences(result))
-    print(f"results: {out / 'distill.md'}")
+    print(f"results: {Path(result['out_dir']) / 'distill.md'}")
     return 0
 
 

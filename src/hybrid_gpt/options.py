@@ -25,6 +25,12 @@ MAX_SEED = 2**32 - 1  # what every generator we seed (torch, numpy, random) acce
 MAX_TEXT_CHARS = 1_000_000  # a longer message or prompt is refused rather than tokenised
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux; the limit of every other short string (a name, a pattern) too
 MAX_LIST = 1024  # entries in a comma-separated list
+# Upper bounds that keep a typo from allocating the machine away; each is far beyond any real use here.
+MAX_LAYERS = 1024  # blocks; also bounds a config.json's pattern before it is validated
+MAX_WIDTH = 2**17
+MAX_CONTEXT = 2**20
+MAX_TOKENS = 2**40
+MAX_REPEATS = 10_000
 SHOWN_CHARS = 80  # user input echoed in a message is cut to this
 MAX_MESSAGE_CHARS = 600  # and a whole error line to this
 
@@ -34,6 +40,12 @@ LISTS = {"ints": "int", "seeds": "seed", "strs": "str"}  # comma-separated, and 
 
 METAVARS = {"int": "N", "seed": "N", "float": "X", "ints": "N,N,...", "seeds": "N,N,...", "strs": "A,B,...",
             "text": "TEXT", "str": "TEXT", "input": "PATH", "outdir": "DIR", "outfile": "FILE"}
+
+
+def pattern_problem(text: str) -> str | None:
+    """A layer pattern's length over MAX_LAYERS, checked before the pattern is parsed (the letters are the
+    model's to check)."""
+    return None if len(text) <= MAX_LAYERS else f"has {len(text):,} letters; the limit is {MAX_LAYERS:,}"
 
 
 def shown(value) -> str:

@@ -62,13 +62,13 @@ def layer_pattern(model_type: str | None, layers: str | None, n_layer: int, expl
     """Return (pattern, name) from --model-type / --layers. The name labels run directories.
 
     --layers sets the depth itself; it conflicts with --n-layer only when both are given and disagree.
+    Its letters are checked where the pattern is used, by GPTConfig.validate (model.gpt.check_layers, the
+    one validator of layer patterns, which this module cannot import: presets come before the model).
     """
     if layers:
         if model_type:
             raise HybridGPTError("pass either --model-type or --layers, not both")
         pattern = layers.strip().upper()
-        if not pattern or set(pattern) - set("AMN"):
-            raise HybridGPTError(f"--layers {layers!r} must use only A (attention), M (per-token MLP), N (none)")
         if explicit_n_layer and len(pattern) != n_layer:
             raise HybridGPTError(f"--layers {layers!r} has {len(pattern)} letters but --n-layer is {n_layer}")
         n = len(pattern)

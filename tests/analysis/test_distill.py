@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -5,11 +6,12 @@ import torch
 from helpers import quiet, smoke_model
 
 from hybrid_gpt.analysis.distill import (
+    DistillConfig,
     distill_layers,
+    finetune,
     plan_layers,
     render_distill_markdown,
     run_distill,
-    teacher_activations,
     transplant,
 )
 from hybrid_gpt.checkpoint import load_checkpoint
@@ -26,8 +28,8 @@ def test_plan_layers_distills_a_to_m_and_drops_n():
 
 @pytest.mark.parametrize("teacher, target, match", [
     ("AAAA", "AAM", "has 3 letters but the teacher's pattern AAAA has 4"),
-    ("AAAA", "AAXM", "must use only A"),
-    ("AAAA", "", "must use only A"),
+    ("AAAA", "AAXM", "has letters 'X'; use only A"),
+    ("AAAA", "", "must be non-empty"),
     ("AAMM", "AAAM", "block 3 has a per-token MLP .M. in the teacher .AAMM. and cannot become attention"),
     ("AANA", "AAMA", "block 3 has no mixer .N. in the teacher"),
     ("AAAA", "AAAA", "nothing to distill"),
@@ -56,23 +58,6 @@ def test_transplant_copies_every_shared_tensor_bit_identically():
     assert torch.equal(again.transformer.h[1].mixer.c_fc.weight, student.transformer.h[1].mixer.c_fc.weight)
 
 
-def test_teacher_activations_match_the_models_own_forward():
-    teacher = smoke_model("AAAA")
-    idx = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    seen = {}
-    hooks = [teacher.transformer.h[i].register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
-             for i in (1, 3)]
-    hooks += [teacher.transformer.h[i].mixer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(-i, o))
-              for i in (1, 3)]
-    teacher(idx)
-    for h in hooks:
-        h.remove()
-    acts = teacher_activations(teacher, idx, [1, 3])
-    for i in (1, 3):
-        assert torch.allclose(acts[i][0], seen[i], atol=1e-6)
-        assert torch.allclose(acts[i][1], seen[-i], atol=1e-6)
-
-
 def test_distillation_lowers_the_held_out_mse_of_every_replaced_layer(smoke_run):
     data = TokenData.open(smoke_run / "data")
     teacher = smoke_model("AAAA", vocab_size=data.tokenizer.vocab_size)
@@ -80,7 +65,7 @@ def test_distillation_lowers_the_held_out_mse_of_every_replaced_layer(smoke_run)
     untouched = {k: v.clone() for k, v in student.state_dict().items()
                  if not k.startswith(("transformer.h.1.ln_1", "transformer.h.1.mixer",
                                       "transformer.h.3.ln_1", "transformer.h.3.mixer"))}
-    rows = distill_layers(teacher, student, [1, 3], data.train, data.val, steps=40, lr=3e-3, batch_size=8, seed=0,
+    rows = distill_layers(teacher, student, [1, 3], data, steps=40, lr=3e-3, batch_size=8, seed=0,
                           mse_tokens=1024, log=quiet, progress=False)
     assert [r["block"] for r in rows] == [2, 4]
     for r in rows:
@@ -96,12 +81,15 @@ def test_run_distill_writes_results_and_loadable_checkpoints(pretrained, tmp_pat
     ckpt = pretrained / "pretrain-standard"
     out = tmp_path / "distill"
     with pytest.raises(HybridGPTError, match="nothing to distill"):
+        run_distill(ckpt, DistillConfig(layers="AA", out_dir=out), log=quiet, progress=False)
+    with pytest.raises(HybridGPTError, match="nothing to distill"):  # the config's fields as keywords
         run_distill(ckpt, layers="AA", out_dir=out, log=quiet, progress=False)
     assert not out.exists()
 
-    kw = dict(layers="AM", out_dir=out, steps=8, batch_size=4, mse_tokens=512, eval_tokens=1024, decode_repeats=1,
-              log=quiet, progress=False)
-    result = run_distill(ckpt, finetune_steps=3, **kw)
+    cfg = DistillConfig(layers="am", out_dir=out, steps=8, batch_size=4, mse_tokens=512, eval_tokens=1024,
+                        decode_repeats=1)
+    kw = dict(log=quiet, progress=False)
+    result = run_distill(ckpt, dataclasses.replace(cfg, finetune_steps=3), **kw)
     for name in ("distill.json", "distill.md", "distill-mse.png", "distill-bpb.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "distill.json").read_text())
@@ -119,6 +107,8 @@ def test_run_distill_writes_results_and_loadable_checkpoints(pretrained, tmp_pat
     assert cost["distilled_finetuned"] - cost["distilled"] == cost["drop_finetuned"] - cost["drop"] == 3 * 4 * 32
     assert cost["distilled"] - cost["teacher"] == 8 * 4 * 32 and cost["teacher"] > 0
     assert set(result["decode"]["tok_s"]) == {"teacher", "distilled", "drop"}
+    assert result["out_dir"] == str(out) and result["layers"] == "AM"
+    assert all(s["n"] == 1 and s["median"] > 0 for s in result["decode"]["tok_s"].values())
 
     teacher, tok, _ = load_checkpoint(ckpt)
     model, _, training = load_checkpoint(out / "distilled")
@@ -135,7 +125,58 @@ def test_run_distill_writes_results_and_loadable_checkpoints(pretrained, tmp_pat
         assert load_checkpoint(out / name)[0].config.layers == {"distilled-finetuned": "AM"}.get(name, "AN")
 
     with pytest.raises(HybridGPTError, match="--overwrite"):
-        run_distill(ckpt, finetune_steps=0, **kw)
-    again = run_distill(ckpt, finetune_steps=0, overwrite=True, **kw)
+        run_distill(ckpt, dataclasses.replace(cfg, finetune_steps=0), **kw)
+    again = run_distill(ckpt, dataclasses.replace(cfg, finetune_steps=0, overwrite=True), **kw)
     assert "distilled_finetuned" not in again["arms"] and not (out / "distilled-finetuned").exists()
     assert (out / "distilled").is_dir()
+
+
+def test_distillation_reads_a_validation_split_shorter_than_one_context(smoke_run):
+    data = TokenData.open(smoke_run / "data")
+    T = 32
+    short = dataclasses.replace(data, val=data.val[:20])
+    teacher = smoke_model("AAAA", vocab_size=data.tokenizer.vocab_size)
+    assert teacher.config.block_size == T
+    rows = distill_layers(teacher, transplant(teacher, "AAAM", seed=0), [3], short, steps=2, lr=1e-3,
+                          batch_size=4, seed=0, mse_tokens=1024, log=quiet, progress=False)
+    assert rows[0]["held_out_tokens"] == 19  # one window of every token that has a successor
+
+
+def test_settings_default_to_the_teachers_preset_and_are_checked():
+    cfg = DistillConfig(layers="AAMM", steps=7).resolved("smoke", log=quiet)
+    assert cfg.steps == 7 and cfg.finetune_steps == 10 and cfg.batch_size == 8  # smoke's, except what was given
+    notes = []
+    assert DistillConfig(layers="AAMM").resolved("giant", log=notes.append).steps == 300 and "cpu" in notes[0]
+    for bad in (dict(steps=0), dict(lr=float("nan")), dict(finetune_steps=-1), dict(mlp_hidden=0),
+                dict(decode_repeats=0)):
+        with pytest.raises(HybridGPTError, match=f"distill {next(iter(bad))} must") as info:
+            DistillConfig(layers="AAMM", **bad).resolved("cpu", log=quiet)
+        assert "--" not in str(info.value)
+
+
+def test_finetune_is_the_shared_loop_continuing_the_teachers_stream(smoke_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = TokenData.open(smoke_run / "data")
+    a = smoke_model("AM", vocab_size=data.tokenizer.vocab_size)
+    b = smoke_model("AM", vocab_size=data.tokenizer.vocab_size)
+    losses = finetune(a, data, steps=3, lr=1e-3, batch_size=4, seed=1, first_step=5, progress=False)
+    assert len(losses) == 3 and losses == finetune(b, data, steps=3, lr=1e-3, batch_size=4, seed=1, first_step=5,
+                                                   progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())) and not a.training
+    c = smoke_model("AM", vocab_size=data.tokenizer.vocab_size)
+    assert finetune(c, data, steps=3, lr=1e-3, batch_size=4, seed=1, first_step=6, progress=False) != losses
+    assert list(tmp_path.iterdir()) == []  # in memory
+
+
+def test_the_distill_command_passes_its_options_through(pretrained, tmp_path, capsys):
+    from hybrid_gpt.cli import main
+
+    out = tmp_path / "cli-distill"
+    assert main(["distill", str(pretrained / "pretrain-standard"), "--layers", "am", "--steps", "2",
+                 "--finetune-steps", "0", "--batch-size", "4", "--eval-tokens", "512", "--seed", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "distill.json").read_text())
+    s = saved["settings"]
+    assert (saved["layers"], s["steps"], s["finetune_steps"], s["batch_size"], s["seed"]) == ("AM", 2, 0, 4, 3)
+    assert s["lr"] == 1e-2 and saved["arms"]["teacher"]["eval_tokens"] == 512  # unset: the preset's; set: used
+    assert f"results: {out / 'distill.md'}" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import torch
 from helpers import smoke_config, smoke_model
 
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.model.gpt import GPT, GPTConfig
+from hybrid_gpt.model.gpt import GPT, GPTConfig, check_layers, mixer_activations, parse_layers
 
 # Every pattern of three blocks, plus the four-block patterns the experiments use.
 PATTERNS = ["".join(p) for p in itertools.product("AMN", repeat=3)] + ["AAAA", "AAMM", "AANN", "MMAA"]
@@ -85,7 +85,8 @@ def test_tied_embeddings_and_loss():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(layers="AAXM"), "letters 'X'"),
     (dict(layers=""), "non-empty"),
-    (dict(n_embd=30, n_head=4), "divisible"),
+    (dict(layers="aamm"), "letters 'am'"),  # the config holds the normal form; parse_layers makes it
+    (dict(n_embd=30, n_head=4), "n_embd 30 must be divisible by n_head 4"),
     (dict(vocab_size=0), "positive"),
     (dict(block_size="64"), "integer"),
     (dict(dropout=1.5), "dropout"),
@@ -137,3 +138,51 @@ def test_checkpoints_from_before_the_mixer_rename_load():
     fresh = smoke_model("AMNA", seed=1)
     fresh.load_state_dict(legacy)  # strict
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_library_errors_name_fields_not_command_line_flags():
+    with pytest.raises(HybridGPTError) as info:
+        smoke_config(n_embd=30, n_head=4).validate()
+    assert "--" not in str(info.value)
+
+
+def test_the_pattern_parser_normalises_and_names_every_bad_letter():
+    assert parse_layers(" aaMm ") == "AAMM" and check_layers("MAN") == "MAN"
+    for text, message in ((" ", "must be non-empty"), ("", "must be non-empty"), (None, "must be non-empty"),
+                          ("AAXQ", "has letters 'QX'"), ("A-M", "has letters '-'")):
+        with pytest.raises(HybridGPTError, match=message) as info:
+            parse_layers(text)
+        assert "use only A (attention), M (per-token MLP) and N (no mixer)" in str(info.value)
+    with pytest.raises(HybridGPTError, match="letters 'a'"):
+        check_layers("aA")  # the validator takes only the normal form
+
+
+def test_mixer_activations_are_each_blocks_input_and_mixer_output():
+    model = smoke_model("AMNA")
+    idx = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    acts = mixer_activations(model, idx, [3, 0, 1])
+    assert sorted(acts) == [0, 1, 3]
+    # The same computation spelled out: embeddings, then each block in turn.
+    h = model.transformer
+    x = h.wte(idx) + h.wpe(torch.arange(16))
+    for i, block in enumerate(h.h):
+        if i in acts:
+            torch.testing.assert_close(acts[i][0], x, rtol=0, atol=0)
+            torch.testing.assert_close(acts[i][1], block.mixer(block.ln_1(x)), rtol=0, atol=0)
+        x = block(x)
+    assert not model.transformer.h[0]._forward_pre_hooks and not model.transformer.h[3].mixer._forward_hooks
+    with pytest.raises(HybridGPTError, match="block 3 .* has no token mixer"):
+        mixer_activations(model, idx, [2])
+
+
+def test_mixer_activations_stop_after_the_last_block_asked_for():
+    model = smoke_model("AAAA")
+    calls = []
+    hook = model.transformer.h[3].register_forward_pre_hook(lambda m, a: calls.append(3))
+    head = model.lm_head.register_forward_pre_hook(lambda m, a: calls.append("head"))
+    mixer_activations(model, torch.zeros(1, 4, dtype=torch.long), [1])
+    assert calls == []  # neither block 4 nor the vocabulary projection ran
+    model(torch.zeros(1, 4, dtype=torch.long))
+    assert calls == [3, "head"]
+    hook.remove()
+    head.remove()

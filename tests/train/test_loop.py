@@ -4,14 +4,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import smoke_model
 
 from hybrid_gpt.data.tokenizer import Tokenizer
-from hybrid_gpt.errors import RunFailure
-from hybrid_gpt.train.loop import TrainConfig, lr_at, train
+from hybrid_gpt.errors import HybridGPTError, RunFailure
+from hybrid_gpt.train.loop import TrainConfig, cosine_lr, train
 from hybrid_gpt.train.pretrain import run_pretrain
 
 QUIET = dict(log=lambda *a: None)
@@ -23,11 +24,83 @@ def losses(ckpt):
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
-    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
-    lrs = [lr_at(s, cfg) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    lrs = [cosine_lr(s, 100, 1.0, warmup_steps=10, min_lr_ratio=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[4] == pytest.approx(0.5)  # linear warmup
+    assert lrs[9] == lrs[10] == 1.0  # the peak: the last warmup step, then the start of the cosine
+    assert cosine_lr(55, 100, 1.0, 10, 0.1) == pytest.approx(0.55)  # half way down the cosine: the mean
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert cosine_lr(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)  # the floor at the end, and after it
+    assert cosine_lr(500, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert cosine_lr(0, 10, 2.0) == 2.0 and cosine_lr(10, 10, 2.0, min_lr_ratio=0.0) == 0.0  # no warmup
+
+
+class CountingTask:
+    """Rows are their step and index; the loss is the model's on them, and each step also reports one draw
+    from the torch generator (the one dropout uses), taken before the forward."""
+
+    tokens_per_row = 4
+
+    def rows(self, step):
+        return (torch.arange(8 * 4).view(8, 4) + step) % 50
+
+    def take(self, batch, lo, hi, device):
+        return batch[lo:hi].to(device)
+
+    def loss(self, model, x):
+        draw = torch.rand(()).item()
+        _, loss = model(x, x)
+        return loss, {"draw": draw}
+
+
+def test_in_memory_training_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = smoke_model("AM", vocab_size=50)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(max_steps=3, batch_size=4, eval_interval=1, save_interval=1, progress=False)
+    result = train(model, CountingTask(), cfg)
+    assert result.step == 3 and not result.interrupted and [m["step"] for m in result.metrics] == [1, 2, 3]
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no lock, no metrics file
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model trained
+    with pytest.raises(HybridGPTError, match="checkpoint directory"):
+        train(model, CountingTask(), cfg, resume_state={"step": 1})
+
+
+RANK_SCRIPT = """
+import json, sys
+import torch
+from hybrid_gpt.model.gpt import GPT, GPTConfig
+from hybrid_gpt.runtime import distributed_env, init_distributed, shutdown_distributed
+from hybrid_gpt.train.loop import TrainConfig, train
+sys.path[:0] = [sys.argv[2], sys.argv[3]]  # tests/train and tests (for its helpers)
+from test_loop import CountingTask
+
+init_distributed(torch.device("cpu"))
+rank = distributed_env()[0]
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=50, block_size=4, n_embd=8, n_head=2, layers="AM", dropout=0.1))
+result = train(model, CountingTask(), TrainConfig(max_steps=2, batch_size=8, progress=False, seed=5))
+shutdown_distributed()
+with open(f"{sys.argv[1]}-{rank}.json", "w") as f:
+    json.dump([m["draw"] for m in result.metrics], f)
+"""
+
+
+def test_each_rank_draws_its_own_dropout_masks(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = Path(__file__).parent
+    paths = [str(here), str(here.parent)]
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single"), *paths], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "ddp"), *paths], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, r0, r1 = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("single-0", "ddp-0", "ddp-1"))
+    assert r0[0] == one[0]  # rank 0 keeps the seed a single process uses
+    assert r1[0] != r0[0]  # rank 1 draws from a generator of its own
 
 
 def test_resume_matches_an_uninterrupted_run(smoke_run, tmp_path):
@@ -74,6 +147,10 @@ def test_ddp_two_processes_match_one(smoke_run, tmp_path):
     assert one[1] == pytest.approx(two[1], abs=1e-4)
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["training"]["world_size"] == 2
+    # Each rank's random state is kept, so that a resume gives each its own generator back.
+    ranks = torch.load(tmp_path / "two" / "trainer_state.pt", weights_only=True)["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    assert "rng_ranks" not in torch.load(tmp_path / "one" / "trainer_state.pt", weights_only=True)
 
 
 def _default_sigint():

@@ -17,7 +17,6 @@ needs its length up front, so the time budget is turned into a step count before
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +24,13 @@ from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.stats import format_ci, judge_pair, mean_ci
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import read_json, write_json, write_text
-from hybrid_gpt.model.gpt import GPT, MIXERS, GPTConfig
+from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
 
 DEFAULT_VARIANTS = ("AAAA", "AAMM", "AANN", "MMAA", "AA", "AAMM:matched")
 QUICK_STEPS = {"smoke": 10, "cpu": 150, "seed": 1000}  # --quick: 3 seeds x 6 variants well inside 20 min on cpu
 BUDGETS = ("steps", "time")
+DECODE_NEW_TOKENS = 24  # tokens decoded per timed run, ending at the full context
 
 
 @dataclass(frozen=True)
@@ -62,21 +62,21 @@ def parse_variants(specs, values: dict, vocab_size: int) -> list[Variant]:
     out, seen = [], set()
     for spec in specs:
         spec = spec.strip()
-        m = re.fullmatch(r"([A-Za-z]+)(?::(\d+|matched))?", spec)
-        if not m or set(m.group(1).upper()) - set(MIXERS):
-            raise HybridGPTError(f"--patterns entry {spec!r} must be a layer pattern of A/M/N, optionally with "
-                                 ":H (M hidden width) or :matched, e.g. AAMM:matched")
-        layers, hidden = m.group(1).upper(), m.group(2)
+        pattern, _, hidden = spec.partition(":")
+        layers = parse_layers(pattern)
+        if ":" in spec and not (hidden.isdigit() or hidden == "matched"):
+            raise HybridGPTError(f"variant {spec!r}: after the layer pattern give :H (M hidden width) or :matched, "
+                                 "e.g. AAMM:matched")
         if hidden and "M" not in layers:
-            raise HybridGPTError(f"--patterns entry {spec!r} sets an M width but has no M block")
+            raise HybridGPTError(f"variant {spec!r} sets an M width but has no M block")
         h = matched_hidden(values, vocab_size, layers) if hidden == "matched" else int(hidden or 0)
         v = Variant(spec, layers, h)
         if v.slug in seen:
-            raise HybridGPTError(f"--patterns repeats {spec!r}")
+            raise HybridGPTError(f"variant {spec!r} repeats an earlier one")
         seen.add(v.slug)
         out.append(v)
     if not out:
-        raise HybridGPTError("--patterns is empty")
+        raise HybridGPTError("no variants given")
     return out
 
 
@@ -186,18 +186,28 @@ def _final_eval(ckpt: Path) -> dict:
 def _decode_speeds(variants, runs, seed: int, device: str, repeats: int, log) -> dict:
     """Cached decode tokens/s (batch 1, full context) of every variant's first-seed model, interleaved."""
     from hybrid_gpt.checkpoint import load_checkpoint
-    from hybrid_gpt.infer.bench import BenchConfig, run_bench
     from hybrid_gpt.runtime import resolve_device
 
     dev = resolve_device(device)
-    models = {v.slug: load_checkpoint(runs[v.slug][seed], dev)[0] for v in variants}
+    speeds = decode_speeds({v.slug: load_checkpoint(runs[v.slug][seed], dev)[0] for v in variants}, repeats, log)
+    return {"context": speeds["context"], "batch": 1, "repeats": repeats, "seed": seed,
+            "tok_s": {k: s["median"] for k, s in speeds["tok_s"].items()}, "environment": speeds["environment"]}
+
+
+def decode_speeds(models: dict[str, GPT], repeats: int, log=print) -> dict:
+    """Cached greedy decode tokens/s of each model at batch 1, ending at the full context, by bench's estimator
+    (interleaved repeats after a warm-up; t(N new tokens) - t(1), so prefill is excluded): {"context",
+    "new_tokens", "batch", "repeats", "tok_s": {name: bench's summary}, "environment"}."""
+    from hybrid_gpt.infer.bench import BenchConfig, run_bench
+
     block = min(m.config.block_size for m in models.values())
-    cfg = BenchConfig(contexts=[block], new_tokens=min(24, block - 1), batch_sizes=[1], repeats=repeats,
-                      naive=False, peer=False)
-    log(f"[ablate] cached decode speed at context {block}, batch 1, {repeats} interleaved repeats")
+    new_tokens = min(DECODE_NEW_TOKENS, block - 1)
+    cfg = BenchConfig(contexts=[block], new_tokens=new_tokens, batch_sizes=[1], repeats=repeats, naive=False,
+                      peer=False)
+    log(f"cached decode speed at context {block}, batch 1, {repeats} interleaved repeats")
     res = run_bench(models, cfg, log=log)
-    return {"context": block, "batch": 1, "repeats": repeats, "seed": seed,
-            "tok_s": {k: m["rows"][0]["decode_tok_s"]["median"] for k, m in res["models"].items()},
+    return {"context": block, "new_tokens": new_tokens, "batch": 1, "repeats": repeats,
+            "tok_s": {k: m["rows"][0]["decode_tok_s"] for k, m in res["models"].items()},
             "environment": res["environment"]}
 
 

@@ -14,27 +14,28 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import shutil
-import statistics
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hybrid_gpt.analysis.ablate import decode_speeds
 from hybrid_gpt.analysis.plots import save_plot, smooth
 from hybrid_gpt.checkpoint import checkpoint_data, is_checkpoint, load_checkpoint, read_config, save_checkpoint
-from hybrid_gpt.data.tokens import batch_offsets, get_batch
-from hybrid_gpt.errors import HybridGPTError, RunFailure
-from hybrid_gpt.fsutil import exclusive_writer, recover_dir, replace_dir, write_json, write_text
-from hybrid_gpt.infer.bench import summary
-from hybrid_gpt.infer.engine import generate
-from hybrid_gpt.model.gpt import GPT, GPTConfig
+from hybrid_gpt.data.tokenizer import Tokenizer
+from hybrid_gpt.data.tokens import TokenData
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.fsutil import output_dir, write_json, write_text
+from hybrid_gpt.model.gpt import GPT, GPTConfig, mixer_activations, parse_layers
+from hybrid_gpt.options import MAX_REPEATS, MAX_TOKENS, MAX_WIDTH, option, pattern_problem
+from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import resolve_device
-from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm
-from hybrid_gpt.train.loop import TrainConfig, lr_at
+from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm, windows
+from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig, train
+from hybrid_gpt.train.pretrain import PretrainTask
 
 # Per preset (read from the teacher's config.json): distillation and fine-tune steps, learning rates,
 # rows per batch, and the held-out tokens for the MSE (mse_tokens) and for bits per byte (eval_tokens).
@@ -46,8 +47,9 @@ DEFAULTS = {
     "seed": dict(steps=1000, finetune_steps=500, lr=3e-3, finetune_lr=1e-4, batch_size=64, mse_tokens=32768,
                  eval_tokens=EVAL_TOKENS),
 }
-DECODE_NEW_TOKENS = 24
 DECODE_REPEATS = 5
+# What a distill output directory may hold: anything else means it is not ours to replace.
+DISTILL_FILES = ("distill.json", "distill.md", "distill-*.png", "distilled", "distilled-finetuned", "drop-finetuned")
 ARMS = {  # result key -> label, in the order of the tables
     "teacher": "teacher",
     "distilled": "distilled",
@@ -62,24 +64,91 @@ QUALITY_KEPT = ("quality kept = (bpb of attention-drop - bpb of the model) / (bp
                 "than deleting those attention layers, above 1 better than the teacher")
 
 
+@dataclass
+class DistillConfig:
+    """Every option of a distillation run, each with its default once. None: the value of the teacher's
+    preset (DEFAULTS; the teacher's own M width for mlp_hidden, <checkpoint's parent>/distill-<layers> for
+    out_dir)."""
+
+    layers: str = option(required=True, check=pattern_problem, metavar="PATTERN",
+                         help="target pattern, e.g. AAMM (A->M distilled, A->N dropped)")
+    out_dir: str | Path | None = option(None, kind="outdir", flags=("--out",),
+                                        help="output directory (default: <checkpoint's parent>/distill-<layers>)")
+    steps: int | None = option(None, lo=1, hi=MAX_STEPS, help="distillation steps per layer (default: the preset's)")
+    finetune_steps: int | None = option(None, lo=0, hi=MAX_STEPS,
+                                        help="whole-model fine-tune steps after the swap (0: none)")
+    lr: float | None = option(None, lo=0, lo_open=True, help="distillation learning rate (default: the preset's)")
+    finetune_lr: float | None = option(None, lo=0, lo_open=True, help="fine-tune learning rate (default: the preset's)")
+    batch_size: int | None = option(None, lo=1, hi=MAX_ROWS, help="rows per step, both phases (default: the preset's)")
+    mse_tokens: int | None = option(None, lo=1, hi=MAX_TOKENS,
+                                    help="held-out tokens for the MSE (default: the preset's)")
+    eval_tokens: int | None = option(None, lo=1, hi=MAX_TOKENS,
+                                     help="held-out tokens for bits per byte (default: the preset's)")
+    mlp_hidden: int | None = option(None, lo=1, hi=MAX_WIDTH,
+                                    help="hidden width of the M blocks (default: the teacher's, else n_embd / 4)")
+    decode_repeats: int = option(DECODE_REPEATS, lo=1, hi=MAX_REPEATS, help="interleaved decode-speed repeats")
+    seed: int = option(DEFAULT_SEED, kind="seed", help="random seed")
+    data_dir: str | Path | None = option(None, kind="input", flags=("--data",),
+                                         help="prepared data directory (default: the one the teacher was trained on)")
+    device: str = option("auto", metavar="NAME", help="auto, cpu, cuda or mps")
+    overwrite: bool = option(False, help="replace an earlier distill output in --out")
+
+    def resolved(self, preset: str | None, log=print) -> "DistillConfig":
+        """This config with every preset default filled in, checked."""
+        if preset not in DEFAULTS:
+            log(f"the teacher records no known preset ({preset!r}); using the cpu preset's distillation defaults")
+        values = {k: v for k, v in DEFAULTS.get(preset, DEFAULTS["cpu"]).items() if getattr(self, k) is None}
+        cfg = replace(self, **values)
+        for name in ("steps", "batch_size", "mse_tokens", "eval_tokens", "decode_repeats"):
+            if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+                raise HybridGPTError(f"distill {name} must be a positive integer, got {getattr(cfg, name)!r}")
+        if not isinstance(cfg.finetune_steps, int) or cfg.finetune_steps < 0:
+            raise HybridGPTError(f"distill finetune_steps must be 0 (skip) or more, got {cfg.finetune_steps!r}")
+        for name in ("lr", "finetune_lr"):
+            value = getattr(cfg, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise HybridGPTError(f"distill {name} must be a positive number, got {value!r}")
+        if cfg.mlp_hidden is not None and (not isinstance(cfg.mlp_hidden, int) or cfg.mlp_hidden < 1):
+            raise HybridGPTError(f"distill mlp_hidden must be a positive integer, got {cfg.mlp_hidden!r}")
+        return cfg
+
+
+@dataclass
+class Teacher:
+    """The trained model distilled from, with what came with it."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    training: dict  # config.json's "training"
+    path: Path  # its checkpoint directory
+    data: TokenData
+
+    @property
+    def preset(self) -> str | None:
+        return self.training.get("preset")
+
+    @property
+    def steps(self) -> int:
+        """Its training steps: later phases continue its data stream from here."""
+        return int(self.training.get("step") or 0)
+
+
 def plan_layers(teacher: str, target: str) -> tuple[str, list[int]]:
     """Check the target pattern against the teacher's; return it normalised and the blocks to distill."""
-    target = (target or "").strip().upper()
-    if not target or set(target) - set(KIND):
-        raise HybridGPTError(f"--layers {target!r} must use only A (attention), M (per-token MLP) and N (no mixer)")
+    target = parse_layers(target)
     if len(target) != len(teacher):
-        raise HybridGPTError(f"--layers {target} has {len(target)} letters but the teacher's pattern {teacher} has "
-                             f"{len(teacher)}; give one letter per block")
+        raise HybridGPTError(f"target pattern {target} has {len(target)} letters but the teacher's pattern {teacher} "
+                             f"has {len(teacher)}; give one letter per block")
     for i, (t, g) in enumerate(zip(teacher, target)):
         if g != t and g != "N" and not (t == "A" and g == "M"):
             raise HybridGPTError(
-                f"--layers {target}: block {i + 1} has {KIND[t]} in the teacher ({teacher}) and cannot become "
-                f"{KIND[g]}; distillation only turns A into M, or drops a mixer with N"
+                f"target pattern {target}: block {i + 1} has {KIND[t]} in the teacher ({teacher}) and cannot "
+                f"become {KIND[g]}; distillation only turns A into M, or drops a mixer with N"
             )
     distilled = [i for i, (t, g) in enumerate(zip(teacher, target)) if t == "A" and g == "M"]
     if not distilled:
-        raise HybridGPTError(f"--layers {target} turns none of the teacher's attention blocks ({teacher}) into M; "
-                             "nothing to distill (put an M where the teacher has an A)")
+        raise HybridGPTError(f"target pattern {target} turns none of the teacher's attention blocks ({teacher}) "
+                             "into M; nothing to distill (put an M where the teacher has an A)")
     return target, distilled
 
 
@@ -96,7 +165,7 @@ def transplant(teacher: GPT, layers: str, mlp_hidden: int = 0, seed: int = 0) ->
     """
     config = GPTConfig(**{**teacher.config.to_dict(), "layers": layers, "mlp_hidden": mlp_hidden}).validate()
     if "M" in teacher.config.layers and config.m_hidden != teacher.config.m_hidden:
-        raise HybridGPTError(f"--mlp-hidden {config.m_hidden} differs from the teacher's M blocks "
+        raise HybridGPTError(f"mlp_hidden {config.m_hidden} differs from the teacher's M blocks "
                              f"({teacher.config.m_hidden}); leave it out to keep theirs")
     with torch.random.fork_rng(devices=[]):  # seed the new mixers without touching the caller's RNG
         torch.manual_seed(seed)
@@ -110,39 +179,16 @@ def transplant(teacher: GPT, layers: str, mlp_hidden: int = 0, seed: int = 0) ->
     return model.to(next(teacher.parameters()).device).eval()
 
 
-@torch.no_grad()
-def teacher_activations(teacher: GPT, idx: torch.Tensor, layers: list[int]) -> dict[int, tuple]:
-    """{block: (residual stream entering it, its mixer output mixer(ln_1(x)))} from the frozen teacher.
-
-    Mirrors GPT.forward in eval mode (no dropout, no cache) but stops after the last block needed.
-    """
-    h = teacher.transformer
-    x = h.wte(idx) + h.wpe(torch.arange(idx.size(1), device=idx.device))
-    out = {}
-    for i, block in enumerate(h.h[: max(layers) + 1]):
-        if i in layers:
-            out[i] = (x, block.mixer(block.ln_1(x)))
-            if i == max(layers):
-                break
-        x = block(x)
-    return out
-
-
 def _student(block):
     return lambda x: block.mixer(block.ln_1(x))
 
 
-def _val_windows(tokens: np.ndarray, block_size: int, max_tokens: int) -> torch.Tensor:
-    """The first ``max_tokens`` of the split, tiled in windows of the context (as evaluate_lm does)."""
-    n = max(1, min(max_tokens, len(tokens) - 1) // block_size)
-    return torch.from_numpy(np.asarray(tokens[: n * block_size], dtype=np.int64).reshape(n, block_size))
-
-
 @torch.no_grad()
-def _held_out(teacher: GPT, windows: torch.Tensor, layers: list[int], batch_size: int) -> dict[int, tuple]:
+def _held_out(teacher: GPT, val_tokens, layers: list[int], max_tokens: int, batch_size: int) -> dict[int, tuple]:
+    """{block: (x, target)} over the windows evaluate_lm reads, ``max_tokens`` of them."""
     device = next(teacher.parameters()).device
-    parts = [teacher_activations(teacher, windows[i:i + batch_size].to(device), layers)
-             for i in range(0, len(windows), batch_size)]
+    parts = [mixer_activations(teacher, chunk[:, :-1].to(device), layers)
+             for chunk in windows(val_tokens, teacher.config.block_size, max_tokens, batch_size)]
     return {i: tuple(torch.cat([p[i][j] for p in parts]) for j in (0, 1)) for i in layers}
 
 
@@ -152,138 +198,98 @@ def _mse(fn, x: torch.Tensor, target: torch.Tensor, chunk: int = 64) -> float:
                for i in range(0, len(x), chunk)) / target.numel()
 
 
-def distill_layers(teacher: GPT, student: GPT, layers: list[int], train_tokens: np.ndarray,
-                   val_tokens: np.ndarray, *, steps: int, lr: float, batch_size: int, seed: int,
-                   mse_tokens: int, first_step: int = 0, log=print, progress: bool = True) -> list[dict]:
+class TeacherStream(PretrainTask):
+    """Next-token prediction on the teacher's training data from step ``first_step`` on, so that each later
+    phase continues its data stream; a task of train.loop.train, not evaluated by the loop (the arms are
+    evaluated together afterwards)."""
+
+    evaluate = None
+
+    def __init__(self, data: TokenData, block_size: int, seed: int, rows: int, first_step: int):
+        super().__init__(data, block_size, seed, rows, eval_tokens=1)
+        self.first_step = first_step
+
+    def rows(self, step: int):
+        return super().rows(self.first_step + step)
+
+
+class Imitation(TeacherStream):
+    """Distillation as a task of train.loop.train: per step, one teacher forward on the batch gives every
+    block's target, and the loss is the sum of each student's MSE to its block's target; evaluation is
+    the held-out MSE of each student ("val_mse_<block>")."""
+
+    def __init__(self, teacher: GPT, layers: list[int], held_out: dict[int, tuple], *args):
+        super().__init__(*args)
+        self.teacher, self.layers, self.held_out = teacher, layers, held_out
+
+    def take(self, offsets, lo: int, hi: int, device):
+        return super().take(offsets, lo, hi, device)[0]  # the inputs; the targets are the teacher's
+
+    def loss(self, model, idx):
+        acts = mixer_activations(self.teacher, idx, self.layers)
+        losses = {i: F.mse_loss(_student(model.transformer.h[i])(x), target) for i, (x, target) in acts.items()}
+        return sum(losses.values()), {f"mse_{i}": loss.item() for i, loss in losses.items()}
+
+    def evaluate(self, model, final: bool, autocast=nullcontext) -> dict:
+        return {f"mse_{i}": _mse(_student(model.transformer.h[i]), *self.held_out[i]) for i in self.layers}
+
+
+def distill_layers(teacher: GPT, student: GPT, layers: list[int], data: TokenData, *, steps: int, lr: float,
+                   batch_size: int, seed: int, mse_tokens: int, first_step: int = 0, log=print,
+                   progress: bool = True) -> list[dict]:
     """Train each of ``student``'s blocks ``layers`` (ln_1 + mixer) on MSE to the teacher's mixer output there.
 
-    One teacher forward per step serves every layer; the summed loss gives each student exactly its own
-    gradient and AdamW is per-parameter, so the layers train independently (hence no global clipping).
-    Batches are windows of the training split drawn at steps ``first_step + s``. Returns per layer the
-    held-out MSE of predicting zero (attention-drop), before and after, the fraction of variance
-    explained, the training curve and the held-out curve.
+    The shared training loop, in memory (AdamW without weight decay, warmup then cosine decay). The summed
+    loss gives each student exactly its own gradient and AdamW is per-parameter, so the layers train
+    independently (hence no clipping, which would couple them). Batches are windows of the training split
+    drawn at steps ``first_step + s``. Returns per layer the held-out MSE of predicting zero
+    (attention-drop), before and after, the fraction of variance explained, the training curve and the
+    held-out curve.
     """
-    from tqdm.auto import tqdm
-
-    T = teacher.config.block_size
-    device = next(teacher.parameters()).device
     teacher.eval()
-    blocks = {i: student.transformer.h[i] for i in layers}
-    val = _held_out(teacher, _val_windows(val_tokens, T, mse_tokens), layers, batch_size)
-
-    def held_out_mse() -> dict[int, float]:
-        return {i: _mse(_student(blocks[i]), *val[i]) for i in layers}
-
+    val = _held_out(teacher, data.val, layers, mse_tokens, batch_size)
     stats = {}
     for i, (_, target) in val.items():
         flat = target.reshape(-1, target.size(-1))
         stats[i] = {"var_target": flat.var(dim=0, unbiased=False).mean().item(), "mse_zero": flat.pow(2).mean().item()}
-    before = held_out_mse()
-    params = [p for b in blocks.values() for m in (b.ln_1, b.mixer) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = TrainConfig(max_steps=steps, lr=lr, warmup_steps=min(50, steps // 10), min_lr_ratio=0.1)
-    eval_every = max(1, steps // 10)
-    train_curve = {i: [] for i in layers}
-    val_curve = {i: [{"step": 0, "mse": before[i]}] for i in layers}
-    for b in blocks.values():
-        b.train()
-    for step in tqdm(range(steps), disable=not progress, unit="step", dynamic_ncols=True, desc="distill"):
-        offsets = batch_offsets(len(train_tokens), T, batch_size, seed, first_step + step)
-        acts = teacher_activations(teacher, get_batch(train_tokens, offsets, T)[0].to(device), layers)
-        losses = {i: F.mse_loss(_student(blocks[i])(x), target) for i, (x, target) in acts.items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, schedule)
-        sum(losses.values()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for i, loss in losses.items():
-            train_curve[i].append(loss.item())
-            if not math.isfinite(train_curve[i][-1]):
-                raise RunFailure(f"distillation of block {i + 1} became non-finite at step {step + 1}; "
-                                 "try a lower --lr")
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            for i, mse in held_out_mse().items():
-                val_curve[i].append({"step": step + 1, "mse": mse})
-    for b in blocks.values():
-        b.eval()
-    after = held_out_mse()
+    task = Imitation(teacher, layers, val, data, teacher.config.block_size, seed, batch_size, first_step)
+    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(50, steps // 10),
+                      min_lr_ratio=0.1, weight_decay=0.0, grad_clip=0.0, eval_interval=max(1, steps // 10),
+                      eval_at_start=True, seed=seed, progress=progress)
+    metrics = train(student, task, cfg, info={"stage": "distill"}).metrics
+    student.eval()
+    evals = [m for m in metrics if "loss" not in m]
     out = []
     for i in layers:
+        val_curve = [{"step": m["step"], "mse": m[f"val_mse_{i}"]} for m in evals]
+        before, after = val_curve[0]["mse"], val_curve[-1]["mse"]
         var = stats[i]["var_target"]
-        row = {"index": i, "block": i + 1, **stats[i], "mse_before": before[i], "mse_after": after[i],
+        row = {"index": i, "block": i + 1, **stats[i], "mse_before": before, "mse_after": after,
                "fve_zero": 1 - stats[i]["mse_zero"] / var if var > 0 else None,
-               "fve_before": 1 - before[i] / var if var > 0 else None,
-               "fve_after": 1 - after[i] / var if var > 0 else None,
+               "fve_before": 1 - before / var if var > 0 else None,
+               "fve_after": 1 - after / var if var > 0 else None,
                "held_out_tokens": int(val[i][1].shape[0] * val[i][1].shape[1]),
-               "train_mse": train_curve[i], "val_curve": val_curve[i]}
-        log(f"block {i + 1}: held-out MSE {before[i]:.5f} -> {after[i]:.5f} (predicting zero: "
+               "train_mse": [m[f"mse_{i}"] for m in metrics if "loss" in m], "val_curve": val_curve}
+        log(f"block {i + 1}: held-out MSE {before:.5f} -> {after:.5f} (predicting zero: "
             f"{stats[i]['mse_zero']:.5f}); variance explained {_pct(row['fve_after'])}")
         out.append(row)
     return out
 
 
-def finetune(model: GPT, train_tokens: np.ndarray, *, steps: int, lr: float, batch_size: int, seed: int,
+def finetune(model: GPT, data: TokenData, *, steps: int, lr: float, batch_size: int, seed: int,
              first_step: int = 0, desc: str = "fine-tune", progress: bool = True) -> list[float]:
-    """A brief whole-model next-token fine-tune (AdamW, warmup + cosine, clipping 1.0); returns the losses.
+    """A brief whole-model next-token fine-tune on the shared training loop, in memory (AdamW without weight
+    decay, warmup then cosine decay, clipping at 1); returns the losses.
 
     Batches depend only on (seed, first_step + step), so two models given the same arguments see the same data.
     """
-    from tqdm.auto import tqdm
-
-    T = model.config.block_size
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = TrainConfig(max_steps=steps, lr=lr, warmup_steps=min(20, steps // 10), min_lr_ratio=0.1)
-    losses = []
-    model.train()
-    for step in tqdm(range(steps), disable=not progress, unit="step", dynamic_ncols=True, desc=desc):
-        x, y = get_batch(train_tokens, batch_offsets(len(train_tokens), T, batch_size, seed, first_step + step), T)
-        _, loss = model(x.to(device), y.to(device))
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not (math.isfinite(loss.item()) and torch.isfinite(grad_norm)):
-            raise RunFailure(f"{desc}: loss or gradient became non-finite at step {step + 1}; "
-                             "try a lower --finetune-lr")
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, schedule)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(20, steps // 10),
+                      min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, eval_interval=steps, seed=seed,
+                      progress=progress)
+    task = TeacherStream(data, model.config.block_size, seed, batch_size, first_step)
+    result = train(model, task, cfg, info={"stage": desc})
     model.eval()
-    return losses
-
-
-def _step_times(model: GPT, prompt: torch.Tensor, new_tokens: int) -> list[float]:
-    """Seconds between consecutive tokens of the engine's cached greedy decoding: one decode step each,
-    prefill excluded (it precedes the first token)."""
-    device = prompt.device
-    stamps = []
-    for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=True):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps, stamps[1:])]
-
-
-def decode_speed(models: dict[str, GPT], *, new_tokens: int = DECODE_NEW_TOKENS, repeats: int = DECODE_REPEATS,
-                 seed: int = 0) -> dict:
-    """Cached greedy decode tokens/s at batch 1: per repeat, one over the median time of a decode step, so
-    that a moment of preemption on a shared machine moves no figure; models interleaved, one warm-up round
-    discarded; the prompt fills the context up to ``new_tokens`` before its end."""
-    first = next(iter(models.values()))
-    device = next(first.parameters()).device
-    block = first.config.block_size
-    new_tokens = max(2, min(new_tokens, block // 2))
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, first.config.vocab_size, (1, block - new_tokens), generator=gen).to(device)
-    samples = {name: [] for name in models}
-    for rep in range(1 + repeats):
-        for name, model in models.items():
-            rate = 1 / max(statistics.median(_step_times(model, prompt, new_tokens)), 1e-9)
-            if rep:
-                samples[name].append(rate)
-    return {"context": block, "new_tokens": new_tokens, "batch": 1, "repeats": repeats,
-            "tok_s": {name: summary(v) for name, v in samples.items()}}
+    return [m["loss"] for m in result.metrics]
 
 
 def _phase(name: str, steps: int | None, tokens_per_step: int | None, flops_per_token: float | None) -> dict:
@@ -323,106 +329,75 @@ def _find_scratch(run_dir: Path, target: str, tokenizer_sha: str) -> tuple[Path 
     return None, "; ".join(notes) or f"no {run_dir}/pretrain-hybrid or pretrain-{target} checkpoint"
 
 
-def _settings(training: dict, overrides: dict, log) -> tuple[str, dict]:
-    preset = training.get("preset")
-    if preset not in DEFAULTS:
-        log(f"the teacher records no known preset ({preset!r}); using the cpu preset's distillation defaults")
-    values = dict(DEFAULTS.get(preset, DEFAULTS["cpu"]))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for name in ("steps", "batch_size", "mse_tokens", "eval_tokens"):
-        if not isinstance(values[name], int) or values[name] < 1:
-            raise HybridGPTError(f"--{name.replace('_', '-')} must be a positive integer, got {values[name]!r}")
-    if not isinstance(values["finetune_steps"], int) or values["finetune_steps"] < 0:
-        raise HybridGPTError(f"--finetune-steps must be 0 (skip) or more, got {values['finetune_steps']!r}")
-    for name in ("lr", "finetune_lr"):
-        if not (isinstance(values[name], (int, float)) and values[name] > 0 and math.isfinite(values[name])):
-            raise HybridGPTError(f"--{name.replace('_', '-')} must be a positive number, got {values[name]!r}")
-    return preset, values
+def run_distill(checkpoint: str | Path, config: DistillConfig | None = None, *, log=print, progress: bool = True,
+                **options) -> dict:
+    """Distill the teacher's attention in the blocks ``config.layers`` turns from A into M, swap the students
+    in, fine-tune (optionally), compare, and write distill.json, distill.md, distill-*.png and checkpoints
+    (distilled/, and with a fine-tune distilled-finetuned/ and drop-finetuned/) into the output directory
+    (``config.out_dir``, default ``<checkpoint's parent>/distill-<layers>``). Returns what distill.json holds.
 
-
-def run_distill(checkpoint: str | Path, *, layers: str, out_dir: str | Path | None = None, steps: int | None = None,
-                finetune_steps: int | None = None, lr: float | None = None, finetune_lr: float | None = None,
-                batch_size: int | None = None, mlp_hidden: int | None = None, mse_tokens: int | None = None,
-                eval_tokens: int | None = None, decode_repeats: int = DECODE_REPEATS, seed: int = 1337,
-                data_dir: str | Path | None = None, device: str = "auto", overwrite: bool = False,
-                log=print, progress: bool = True) -> dict:
-    """Distill the teacher's attention in the blocks ``layers`` turns from A into M, swap the students in,
-    fine-tune (optionally), compare, and write distill.json, distill.md, distill-*.png and checkpoints
-    (distilled/, and with a fine-tune distilled-finetuned/ and drop-finetuned/) into ``out_dir``
-    (default ``<checkpoint's parent>/distill-<layers>``). Returns what distill.json holds."""
+    ``options`` are DistillConfig's fields, for a caller without a config (``layers="AAMM"``).
+    """
+    if config is None:
+        config = DistillConfig(**options)
+    elif options:
+        raise TypeError("run_distill takes a DistillConfig or its fields as keywords, not both")
     t_start = time.time()
-    dev = resolve_device(device)
-    teacher, tokenizer, training = load_checkpoint(checkpoint, dev)
+    dev = resolve_device(config.device)
+    model, tokenizer, training = load_checkpoint(checkpoint, dev)
     ckpt = Path(checkpoint)
     ckpt = ckpt if ckpt.is_dir() else ckpt.parent
-    target, distilled = plan_layers(teacher.config.layers, layers)
-    preset, s = _settings(training, dict(steps=steps, finetune_steps=finetune_steps, lr=lr, finetune_lr=finetune_lr,
-                                         batch_size=batch_size, mse_tokens=mse_tokens, eval_tokens=eval_tokens), log)
-    if mlp_hidden is not None and (not isinstance(mlp_hidden, int) or mlp_hidden < 1):
-        raise HybridGPTError(f"--mlp-hidden must be a positive integer, got {mlp_hidden!r}")
-    out = Path(out_dir) if out_dir else ckpt.parent / f"distill-{target}"
-    recover_dir(out)
-    if out.exists() and not overwrite:
-        raise HybridGPTError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not (out / "distill.json").is_file():  # never replace a run dir or a checkpoint
-        raise HybridGPTError(f"{out} exists and holds no distill.json, so it is not a distill output; "
-                             "choose another output directory")
-    data = checkpoint_data(ckpt, tokenizer, training, data_dir)
-    with exclusive_writer(out):
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run; the lock makes them ours
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
-            result = _distill(teacher, tokenizer, training, ckpt, data, target, distilled, preset, s,
-                              mlp_hidden or teacher.config.mlp_hidden, decode_repeats, seed, dev, tmp, out,
-                              log, progress)
-            result["elapsed_s"] = time.time() - t_start
-            write_json(tmp / "distill.json", result)
-            write_text(tmp / "distill.md", render_distill_markdown(result))
-            replace_dir(tmp, out)  # the whole output appears at once, or the previous one stays
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    target, distilled = plan_layers(model.config.layers, config.layers)
+    cfg = replace(config, layers=target).resolved(training.get("preset"), log)
+    out = Path(cfg.out_dir) if cfg.out_dir else ckpt.parent / f"distill-{target}"
+    teacher = Teacher(model, tokenizer, training, ckpt, checkpoint_data(ckpt, tokenizer, training, cfg.data_dir))
+    # Locked, recovered, and swapped in whole on success; a directory that is not a distill output is refused.
+    with output_dir(out, allowed=DISTILL_FILES, what="distill output", overwrite=cfg.overwrite) as tmp:
+        result = _distill(cfg, teacher, distilled, dev, tmp, out, log, progress)
+        result["elapsed_s"] = time.time() - t_start
+        write_json(tmp / "distill.json", result)
+        write_text(tmp / "distill.md", render_distill_markdown(result))
     log(f"wrote {out}/distill.md, distill.json, distill-mse.png, distill-bpb.png in {result['elapsed_s']:.0f}s")
     return result
 
 
-def _distill(teacher, tokenizer, training, ckpt, data, target, distilled, preset, s, mlp_hidden, decode_repeats,
-             seed, dev, tmp, out, log, progress) -> dict:
-    byte_lengths = tokenizer.token_byte_lengths()
-    T = teacher.config.block_size
-    teacher_steps = int(training.get("step") or 0)  # later phases continue the teacher's data stream from here
-    log(f"distill: teacher {ckpt} ({teacher.config.layers}) -> {target}, blocks "
-        f"{', '.join(str(i + 1) for i in distilled)}; {s['steps']} steps x {s['batch_size']} x {T} tokens")
+def _distill(cfg: DistillConfig, teacher: Teacher, distilled: list[int], dev: torch.device, tmp: Path, out: Path,
+             log, progress: bool) -> dict:
+    """The work of run_distill, with the output written into ``tmp`` (named by its final place ``out``)."""
+    data, T, target = teacher.data, teacher.model.config.block_size, cfg.layers
+    log(f"distill: teacher {teacher.path} ({teacher.model.config.layers}) -> {target}, blocks "
+        f"{', '.join(str(i + 1) for i in distilled)}; {cfg.steps} steps x {cfg.batch_size} x {T} tokens")
 
     t0 = time.time()
-    student = transplant(teacher, target, mlp_hidden, seed)
-    rows = distill_layers(teacher, student, distilled, data.train, data.val, steps=s["steps"], lr=s["lr"],
-                          batch_size=s["batch_size"], seed=seed, mse_tokens=s["mse_tokens"],
-                          first_step=teacher_steps, log=log, progress=progress)
+    mlp_hidden = cfg.mlp_hidden or teacher.model.config.mlp_hidden
+    student = transplant(teacher.model, target, mlp_hidden, cfg.seed)
+    rows = distill_layers(teacher.model, student, distilled, data, steps=cfg.steps, lr=cfg.lr,
+                          batch_size=cfg.batch_size, seed=cfg.seed, mse_tokens=cfg.mse_tokens,
+                          first_step=teacher.steps, log=log, progress=progress)
     distill_s = time.time() - t0
-    drop = transplant(teacher, drop_pattern(target, distilled), teacher.config.mlp_hidden, seed)
-    models = {"teacher": teacher, "distilled": student, "drop": drop}
+    drop = transplant(teacher.model, drop_pattern(target, distilled), teacher.model.config.mlp_hidden, cfg.seed)
+    models = {"teacher": teacher.model, "distilled": student, "drop": drop}
 
     finetune_curves, finetune_s = {}, 0.0
-    if s["finetune_steps"]:
+    if cfg.finetune_steps:
         t0 = time.time()
         for name in ("distilled", "drop"):
             tuned = copy.deepcopy(models[name])
-            finetune_curves[name] = finetune(tuned, data.train, steps=s["finetune_steps"], lr=s["finetune_lr"],
-                                             batch_size=s["batch_size"], seed=seed,
-                                             first_step=teacher_steps + s["steps"], desc=f"fine-tune {name}",
+            finetune_curves[name] = finetune(tuned, data, steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                                             batch_size=cfg.batch_size, seed=cfg.seed,
+                                             first_step=teacher.steps + cfg.steps, desc=f"fine-tune {name}",
                                              progress=progress)
             models[f"{name}_finetuned"] = tuned
         finetune_s = time.time() - t0
-    scratch_path, scratch_note = _find_scratch(ckpt.parent, target, data.meta["tokenizer_sha256"])
+    scratch_path, scratch_note = _find_scratch(teacher.path.parent, target, data.meta["tokenizer_sha256"])
     scratch_training = None
     if scratch_path is not None:
         models["scratch"], _, scratch_training = load_checkpoint(scratch_path, dev)
 
+    byte_lengths = teacher.tokenizer.token_byte_lengths()
     arms = {}
     for name, model in models.items():
-        ev = evaluate_lm(model, data.val, byte_lengths, s["eval_tokens"])
+        ev = evaluate_lm(model, data.val, byte_lengths, cfg.eval_tokens)
         arms[name] = {"label": ARMS[name], "layers": model.config.layers, "parameters": model.num_params(),
                       "kv_bytes_per_token": model.config.kv_bytes_per_token(), "loss": ev["loss"], "bpb": ev["bpb"],
                       "eval_tokens": ev["tokens"], "eval_bytes": ev["bytes"]}
@@ -434,16 +409,16 @@ def _distill(teacher, tokenizer, training, ckpt, data, target, distilled, preset
     # What each arm cost: optimizer steps x tokens per step, with ~6 x parameters FLOPs per trained token;
     # a distillation step runs the frozen teacher forward (2 x its blocks' parameters per token) up to the
     # last replaced block and trains only the small students.
-    tokens_per_step = s["batch_size"] * T
-    teacher_phase = _pretrain_phase(training, teacher.num_params(), "teacher")
-    prefix = sum(p.numel() for p in teacher.transformer.h[: max(distilled) + 1].parameters())
+    tokens_per_step = cfg.batch_size * T
+    teacher_phase = _pretrain_phase(teacher.training, teacher.model.num_params(), "teacher")
+    prefix = sum(p.numel() for p in teacher.model.transformer.h[: max(distilled) + 1].parameters())
     blocks = [student.transformer.h[i] for i in distilled]
     student_params = sum(p.numel() for b in blocks for m in (b.ln_1, b.mixer) for p in m.parameters())
-    distill_phase = _phase("distillation", s["steps"], tokens_per_step, 2 * prefix + 6 * student_params)
+    distill_phase = _phase("distillation", cfg.steps, tokens_per_step, 2 * prefix + 6 * student_params)
     phases = {"teacher": [teacher_phase], "drop": [teacher_phase], "distilled": [teacher_phase, distill_phase]}
     for name in ("distilled", "drop"):
         if f"{name}_finetuned" in models:
-            ft = _phase("fine-tune", s["finetune_steps"], tokens_per_step, 6 * models[name].num_params())
+            ft = _phase("fine-tune", cfg.finetune_steps, tokens_per_step, 6 * models[name].num_params())
             phases[f"{name}_finetuned"] = phases[name] + [ft]
     if scratch_training is not None:
         phases["scratch"] = [_pretrain_phase(scratch_training, models["scratch"].num_params(), "from scratch")]
@@ -451,33 +426,38 @@ def _distill(teacher, tokenizer, training, ckpt, data, target, distilled, preset
         arm["compute"] = _total(phases[name])
 
     log("decode speed (KV cache, batch 1): measuring teacher, distilled, attention-drop")
-    decode = decode_speed({k: models[k] for k in ("teacher", "distilled", "drop")}, repeats=decode_repeats, seed=seed)
+    decode = decode_speeds({k: models[k] for k in ("teacher", "distilled", "drop")}, cfg.decode_repeats, log=log)
     base = decode["tok_s"]["teacher"]["median"]
     decode["speedup_vs_teacher"] = {k: v["median"] / base for k, v in decode["tok_s"].items()}
 
-    info = {"stage": "distill", "model_type": target, "preset": preset, "teacher": str(ckpt.resolve()),
+    info = {"stage": "distill", "model_type": target, "preset": teacher.preset, "teacher": str(teacher.path.resolve()),
             "data_dir": str(Path(data.root).resolve()), "data_tokenizer_sha256": data.meta["tokenizer_sha256"],
-            "data_source": data.meta["source"], "distilled_blocks": [i + 1 for i in distilled], "seed": seed}
+            "data_source": data.meta["source"], "distilled_blocks": [i + 1 for i in distilled], "seed": cfg.seed}
     checkpoints = {}
     for name in ("distilled", "distilled_finetuned", "drop_finetuned"):
         if name in models:
             folder = name.replace("_", "-")
-            extra = {"finetune_steps": s["finetune_steps"], "finetune_lr": s["finetune_lr"]} if "_" in name else {}
-            save_checkpoint(tmp / folder, models[name], tokenizer,
+            extra = {"finetune_steps": cfg.finetune_steps, "finetune_lr": cfg.finetune_lr} if "_" in name else {}
+            save_checkpoint(tmp / folder, models[name], teacher.tokenizer,
                             dict(info, **extra, arm=ARMS[name], compute=arms[name]["compute"],
                                  last_eval={"val_loss": arms[name]["loss"], "val_bpb": arms[name]["bpb"]}))
             checkpoints[name] = str(out / folder)
             arms[name]["checkpoint"] = str(out / folder)
 
+    preset_settings = {k: getattr(cfg, k) for k in DEFAULTS["cpu"]}
     result = {
-        "checkpoint": str(ckpt), "teacher_layers": teacher.config.layers, "layers": target,
+        "checkpoint": str(teacher.path), "teacher_layers": teacher.model.config.layers, "layers": target,
         "drop_layers": models["drop"].config.layers, "distilled_blocks": [i + 1 for i in distilled],
-        "settings": {"preset": preset, **s, "mlp_hidden": student.config.m_hidden, "seed": seed, "block_size": T,
-                     "device": str(dev), "threads": torch.get_num_threads(), "data_dir": str(data.root),
-                     "teacher_steps": teacher_steps, "data_note": "distillation and fine-tune batches continue the "
-                     "teacher's data stream: step s draws the windows of step teacher_steps + s (fine-tune: + steps)"},
+        "out_dir": str(out),
+        "settings": {"preset": teacher.preset, **preset_settings, "mlp_hidden": student.config.m_hidden,
+                     "seed": cfg.seed, "block_size": T, "device": str(dev), "threads": torch.get_num_threads(),
+                     "data_dir": str(data.root), "teacher_steps": teacher.steps,
+                     "data_note": "distillation and fine-tune batches continue the teacher's data stream: step s "
+                     "draws the windows of step teacher_steps + s (fine-tune: + steps)",
+                     "optimizer": "the shared training loop's AdamW (betas 0.9, 0.95), no weight decay; warmup "
+                     "then cosine decay to a tenth; the fine-tune clips gradients at 1"},
         "distillation": {"layers": rows, "elapsed_s": distill_s},
-        "finetune": {"steps": s["finetune_steps"], "lr": s["finetune_lr"], "elapsed_s": finetune_s,
+        "finetune": {"steps": cfg.finetune_steps, "lr": cfg.finetune_lr, "elapsed_s": finetune_s,
                      "loss_curves": finetune_curves},
         "arms": arms, "quality_kept_definition": QUALITY_KEPT,
         "scratch": {"checkpoint": str(scratch_path) if scratch_path else None, "note": scratch_note},
@@ -596,10 +576,11 @@ def render_distill_markdown(result: dict) -> str:
     lines += ["", quality_sentences(result), ""]
 
     lines += ["### Cached decode speed", "",
-              f"Greedy decoding with the KV cache, batch 1, {dec['new_tokens']} new tokens ending at context "
-              f"{dec['context']}, prefill excluded. Each repeat's figure is one over its median decode-step time (the "
-              f"time between two tokens); median (min-max) of {dec['repeats']} interleaved repeats after a warm-up, "
-              f"on {s['device']} with {s['threads']} threads. Fine-tuned models share their architecture's speed.", "",
+              f"Greedy decoding with the KV cache, batch 1, N = {dec['new_tokens']} new tokens ending at context "
+              f"{dec['context']}, measured as `bench` measures it: tokens/s = (N - 1) / (t(N) - t(1)), the time of "
+              "N new tokens minus that of one, so prefill is excluded; median (min-max) of "
+              f"{dec['repeats']} interleaved repeats after a warm-up, on {s['device']} with {s['threads']} threads. "
+              "Fine-tuned models share their architecture's speed.", "",
               "| model | pattern | tokens/s | vs teacher |", "| --- | --- | --- | --- |"]
     for k, v in dec["tok_s"].items():
         lines.append(f"| {ARMS[k]} | {arms[k]['layers']} | {v['median']:,.0f} ({v['min']:,.0f}-{v['max']:,.0f}) | "

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import write_json, write_text
-from hybrid_gpt.model.gpt import GPT
-from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm, evaluating
+from hybrid_gpt.model.gpt import GPT, mixer_activations
+from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm, evaluating, windows
 
 INTERVENTIONS = ("drop", "mean")
 
@@ -68,61 +68,28 @@ def swapped_mixers(model: GPT, replacements: dict[int, nn.Module | None]):
             blocks[i].mixer = module
 
 
-def _windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: int):
-    """Input batches tiling the split exactly as evaluate_lm does, so both see the same tokens."""
-    T = block_size
-    n_windows = min(max_tokens, len(tokens) - 1) // T
-    if n_windows < 1:
-        T, n_windows = len(tokens) - 1, 1
-    for start in range(0, n_windows, batch_size):
-        rows = range(start, min(start + batch_size, n_windows))
-        yield torch.from_numpy(np.stack([tokens[r * T : r * T + T] for r in rows]).astype(np.int64))
-
-
 @torch.no_grad()
 def attention_stats(model: GPT, tokens: np.ndarray, max_tokens: int = EVAL_TOKENS,
                     batch_size: int = 16) -> tuple[list[float | None], list[torch.Tensor | None]]:
     """Per block: mean cos(x, x + mixer(ln_1(x))) over tokens, and the attention's mean output vector.
 
-    Hooks read the residual stream entering each block and the attention's output during the model's
-    own forward, so nothing here re-implements the block. Non-attention blocks give None.
+    Over the windows evaluate_lm reads, from the model's own forward (model.gpt.mixer_activations), so
+    nothing here re-implements the block. Non-attention blocks give None.
     """
-    if len(tokens) < 2:
-        raise HybridGPTError(f"the validation split has {len(tokens)} tokens; at least 2 are needed")
     layers = attention_layers(model)
     cos_sum = {i: 0.0 for i in layers}
     out_sum = {i: None for i in layers}
     count = 0
-    entering = {}
-    handles = []
-
-    def keep_input(i):
-        def hook(block, args):
-            entering[i] = args[0]
-        return hook
-
-    def measure(i):
-        def hook(attn, args, out):
-            before = entering.pop(i).float()
-            out = out.float()
-            cos_sum[i] += F.cosine_similarity(before, before + out, dim=-1).double().sum().item()
-            total = out.double().sum(dim=(0, 1))
-            out_sum[i] = total if out_sum[i] is None else out_sum[i] + total
-        return hook
-
     with evaluating(model) as model:
         device = next(model.parameters()).device
-        try:
-            for i in layers:
-                block = model.transformer.h[i]
-                handles.append(block.register_forward_pre_hook(keep_input(i)))
-                handles.append(block.mixer.register_forward_hook(measure(i)))
-            for x in _windows(tokens, model.config.block_size, max_tokens, batch_size):
-                model(x.to(device))
-                count += x.numel()
-        finally:
-            for h in handles:
-                h.remove()
+        for chunk in windows(tokens, model.config.block_size, max_tokens, batch_size):
+            x = chunk[:, :-1].to(device)
+            for i, (before, out) in mixer_activations(model, x, layers).items():
+                before, out = before.float(), out.float()
+                cos_sum[i] += F.cosine_similarity(before, before + out, dim=-1).double().sum().item()
+                total = out.double().sum(dim=(0, 1))
+                out_sum[i] = total if out_sum[i] is None else out_sum[i] + total
+            count += x.numel()
     dtype = next(model.parameters()).dtype
     similarity = [cos_sum[i] / count if i in cos_sum else None for i in range(model.config.n_layer)]
     means = [(out_sum[i] / count).to(dtype) if i in out_sum else None for i in range(model.config.n_layer)]

@@ -19,7 +19,6 @@ the plateau after 2,000 steps), so there it only measures the plateau.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,10 +32,11 @@ from hybrid_gpt.analysis.stats import format_ci, mean_ci
 from hybrid_gpt.checkpoint import checkpoint_data, is_checkpoint, load_checkpoint, resolve
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import write_json, write_text
-from hybrid_gpt.model.gpt import GPT, GPTConfig
+from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.runtime import resolve_device
-from hybrid_gpt.train.evaluate import evaluating
+from hybrid_gpt.train.evaluate import evaluating, windows
+from hybrid_gpt.train.loop import TrainConfig, train
 
 TASKS = ("recall", "two-hop")
 DEFAULT_PATTERNS = ("AAAA", "AAMM", "AANN", "MMAA", "AA")
@@ -146,40 +146,40 @@ def probe_config(spec: RecallSpec, pattern: str, preset: str) -> GPTConfig:
                      layers=pattern, dropout=0.0).validate()
 
 
-def _lr(step: int, steps: int, lr: float) -> float:
-    """Short linear warmup, then cosine decay to a tenth."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+class RecallTask:
+    """The probe's training data as a task of train.loop.train: generated batches, loss at the answers only."""
+
+    def __init__(self, spec: RecallSpec, seed: int, rows: int):
+        self.spec, self.seed, self.rows_global = spec, seed, rows
+        self.tokens_per_row = spec.seq_len
+
+    def rows(self, step: int):
+        return recall_batch(self.spec, self.rows_global, self.seed, step)
+
+    def take(self, batch, lo: int, hi: int, device):
+        return tuple(t[lo:hi].to(device) for t in batch)
+
+    def loss(self, model, micro):
+        _, loss = model(*micro)
+        return loss, {}
 
 
 def train_probe_model(spec: RecallSpec, pattern: str, preset: str, *, seed: int, steps: int, batch_size: int,
                       lr: float, device="cpu", progress: bool = False) -> tuple[GPT, float]:
-    """A fresh model trained on ``steps`` generated batches; returns it and its mean loss over the last 10% of steps."""
-    from tqdm.auto import tqdm
+    """A fresh model trained on ``steps`` generated batches; returns it and its mean loss over the last 10% of steps.
 
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+    The shared training loop, in memory: AdamW, a short warmup then cosine decay to a tenth, clipping at 1.
+    The caller's torch random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPT(probe_config(spec, pattern, preset)).to(device)
-    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=lr, betas=(0.9, 0.95))
-    model.train()
-    tail = []
-    for step in tqdm(range(steps), disable=not progress, desc=f"probe {pattern} seed {seed}", unit="step",
-                     leave=False, dynamic_ncols=True):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr)
-        x, y = recall_batch(spec, batch_size, seed, step)
-        _, loss = model(x.to(device), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step >= steps - max(1, steps // 10):
-            tail.append(loss.item())
-    if not all(map(math.isfinite, tail)):
-        raise HybridGPTError(f"probe training of {pattern} diverged (non-finite loss); lower the learning rate")
+        model = GPT(probe_config(spec, pattern, preset))
+        cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20),
+                          min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, eval_interval=steps, seed=seed,
+                          progress=progress)
+        result = train(model, RecallTask(spec, seed, batch_size), cfg, device=torch.device(device),
+                       info={"stage": f"probe {pattern} seed {seed}"})
+    tail = [m["loss"] for m in result.metrics][-max(1, steps // 10):]
     return model.eval(), sum(tail) / len(tail)
 
 
@@ -206,21 +206,19 @@ def probe_accuracy(model: GPT, spec: RecallSpec, examples: int, batch_size: int 
 
 @torch.inference_mode()
 def window_losses(model: GPT, val_tokens: np.ndarray, max_tokens: int, batch_size: int = 16) -> torch.Tensor:
-    """Next-token loss [windows, T] over the same non-overlapping windows of the full context as evaluate_lm."""
+    """Next-token loss [windows, T] over the windows evaluate_lm reads (train.evaluate.windows)."""
     T = model.config.block_size
-    n_windows = min(max_tokens, len(val_tokens) - 1) // T
-    if n_windows < 1:
-        raise HybridGPTError(f"loss by position needs at least {T + 1} validation tokens, got {len(val_tokens)}")
+    if min(max_tokens, len(val_tokens) - 1) < T:
+        raise HybridGPTError(f"loss by position needs whole windows of {T} targets: at least {T + 1} validation "
+                             f"tokens and max_tokens {T}; got {len(val_tokens)} tokens and max_tokens {max_tokens}")
     device = next(model.parameters()).device
     rows_out = []
     with evaluating(model) as model:
-        for start in range(0, n_windows, batch_size):
-            rows = range(start, min(start + batch_size, n_windows))
-            chunk = torch.from_numpy(np.stack([val_tokens[r * T: r * T + T + 1] for r in rows]).astype(np.int64))
+        for chunk in windows(val_tokens, T, max_tokens, batch_size):
             x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)
             logits = model(x).float()
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-            rows_out.append(loss.view(len(rows), T).double().cpu())
+            rows_out.append(loss.view(len(chunk), T).double().cpu())
     return torch.cat(rows_out)
 
 
@@ -323,11 +321,9 @@ def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str =
         settings["steps"] = steps
     if task is not None:
         settings["task"] = task
-    patterns = [p.strip().upper() for p in patterns if p.strip()]
+    patterns = [parse_layers(p) for p in patterns if p.strip()]  # a bad letter fails now, before any training
     if not patterns:
         raise HybridGPTError("--patterns is empty; give layer patterns such as AAAA,AAMM")
-    for p in patterns:
-        GPTConfig(layers=p, n_embd=8, n_head=1).validate()  # a clear error for a bad letter before any training
     seeds = list(seeds)
     if not seeds:
         raise HybridGPTError("--seeds is empty; give at least one seed")

@@ -13,6 +13,7 @@ weights map 1:1 onto Hugging Face's GPT2LMHeadModel for the standard model.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -23,6 +24,25 @@ from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.kernels import Linear  # nn.Linear whose CPU products run on oneDNN (see kernels.py)
 
 MIXERS = "AMN"
+_USE_ONLY = "use only A (attention), M (per-token MLP) and N (no mixer)"
+
+
+def check_layers(pattern) -> str:
+    """``pattern`` itself if it is a layer pattern: a non-empty string of the letters in MIXERS (upper case).
+
+    The one validator of layer patterns; a user's spelling goes through :func:`parse_layers` first.
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise HybridGPTError(f"a layer pattern must be non-empty, one letter per block; {_USE_ONLY}")
+    bad = sorted(set(pattern) - set(MIXERS))
+    if bad:
+        raise HybridGPTError(f"layer pattern {pattern!r} has letters {''.join(bad)!r}; {_USE_ONLY}")
+    return pattern
+
+
+def parse_layers(text) -> str:
+    """A layer pattern as a user writes it (" aamm ") in its normal form ("AAMM"), checked by check_layers."""
+    return check_layers(text.strip().upper() if isinstance(text, str) else text)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -57,16 +77,9 @@ class GPTConfig:
                 raise HybridGPTError(f"model config: {name} must be an integer, got {value!r}")
             if value < (0 if name == "mlp_hidden" else 1):
                 raise HybridGPTError(f"model config: {name} must be positive, got {value}")
-        if not isinstance(self.layers, str) or not self.layers:
-            raise HybridGPTError(f"model config: layers must be a non-empty pattern of {'/'.join(MIXERS)}")
-        bad = sorted(set(self.layers) - set(MIXERS))
-        if bad:
-            raise HybridGPTError(
-                f"layer pattern {self.layers!r} has letters {''.join(bad)!r}; use only A (attention), "
-                "M (per-token MLP) and N (no mixer)"
-            )
+        check_layers(self.layers)
         if self.n_embd % self.n_head:
-            raise HybridGPTError(f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
+            raise HybridGPTError(f"model config: n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise HybridGPTError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         return self
@@ -263,3 +276,48 @@ class GPT(nn.Module):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Captured(Exception):
+    """Ends a forward pass once everything asked for is captured: the rest of the model is not computed."""
+
+
+@torch.no_grad()
+def mixer_activations(model: GPT, idx: torch.Tensor, blocks: Iterable[int]) -> dict[int, tuple]:
+    """{block: (x, mixer(ln_1(x)))} for the given blocks (0-based): the residual stream entering each and its
+    token mixer's output (before the block's dropout), from one forward of ``model`` on ``idx``.
+
+    Hooks read them during the model's own forward, so nothing re-implements a block and GPT.forward
+    carries no extra argument; the pass stops after the last block asked for. It runs in the model's
+    current mode: in eval mode the activations are free of dropout.
+    """
+    blocks = sorted(set(blocks))
+    h = model.transformer.h
+    for i in blocks:
+        if not 0 <= i < len(h) or h[i].mixer is None:
+            raise HybridGPTError(f"block {i + 1} of pattern {model.config.layers} has no token mixer to capture")
+    out: dict[int, tuple] = {}
+
+    def entering(i):
+        def hook(block, args):
+            out[i] = args[0]
+        return hook
+
+    def mixed(i):
+        def hook(mixer, args, output):
+            out[i] = (out[i], output)
+            if i == blocks[-1]:
+                raise _Captured
+        return hook
+
+    handles = []
+    try:
+        for i in blocks:
+            handles += [h[i].register_forward_pre_hook(entering(i)), h[i].mixer.register_forward_hook(mixed(i))]
+        model(idx)
+    except _Captured:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out

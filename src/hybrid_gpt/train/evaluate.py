@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 
+from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPT
 
 # The documented default: the first 131,072 predicted tokens of the validation split (or all of it,
@@ -32,31 +34,44 @@ def evaluate_lm(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_to
                 batch_size: int = 16, autocast=nullcontext) -> dict:
     """Mean next-token loss (nats), perplexity and bits per byte.
 
-    Windows of ``block_size`` targets tile the split from its start without overlap, so each token
-    is predicted once; bits per byte divide the summed loss by the UTF-8 bytes of exactly those
-    targets (special tokens count zero bytes), which makes models with different tokenizers comparable.
+    Over the windows of :func:`windows`, so each token is predicted once; bits per byte divide the summed
+    loss by the UTF-8 bytes of exactly those targets (special tokens count zero bytes), which makes models
+    with different tokenizers comparable.
     """
     with evaluating(model) as model:
         return _evaluate_lm(model, tokens, byte_lengths, max_tokens, batch_size, autocast)
 
 
-def _evaluate_lm(model: GPT, tokens, byte_lengths, max_tokens: int, batch_size: int, autocast) -> dict:
-    device = next(model.parameters()).device
-    T = model.config.block_size
-    n_windows = min(max_tokens, len(tokens) - 1) // T
+def windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: int = 16) -> Iterator[torch.Tensor]:
+    """Batches [rows, T + 1] (int64, on the CPU) of the windows every held-out measurement reads.
+
+    Windows of T = ``block_size`` targets tile the split from its start without overlap, up to
+    ``max_tokens`` targets: inputs are ``[:, :-1]`` and targets ``[:, 1:]``, so each token is predicted
+    once. When the split (or ``max_tokens``) is shorter than one context, one shorter window holds them all.
+    """
+    if len(tokens) < 2:
+        raise HybridGPTError(f"the split has {len(tokens)} tokens; at least 2 are needed to predict one")
+    if max_tokens < 1:
+        raise HybridGPTError(f"the number of tokens to evaluate must be at least 1, got {max_tokens}")
+    targets = min(max_tokens, len(tokens) - 1)
+    T = block_size
+    n_windows = targets // T
     if n_windows < 1:
-        T = len(tokens) - 1  # a tiny split: one shorter window
-        n_windows = 1
-    total_loss, total_bytes, count = 0.0, 0, 0
+        T, n_windows = targets, 1
     for start in range(0, n_windows, batch_size):
         rows = range(start, min(start + batch_size, n_windows))
-        chunk = np.stack([tokens[r * T : r * T + T + 1] for r in rows]).astype(np.int64)
-        x = torch.from_numpy(chunk[:, :-1]).to(device)
-        y = torch.from_numpy(chunk[:, 1:]).to(device)
+        yield torch.from_numpy(np.stack([tokens[r * T : r * T + T + 1] for r in rows]).astype(np.int64))
+
+
+def _evaluate_lm(model: GPT, tokens, byte_lengths, max_tokens: int, batch_size: int, autocast) -> dict:
+    device = next(model.parameters()).device
+    total_loss, total_bytes, count = 0.0, 0, 0
+    for chunk in windows(tokens, model.config.block_size, max_tokens, batch_size):
+        x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)
         with autocast():
             _, loss = model(x, y, loss_reduction="sum")
         total_loss += loss.item()
-        total_bytes += int(byte_lengths[chunk[:, 1:]].sum())
+        total_bytes += int(byte_lengths[chunk[:, 1:].numpy()].sum())
         count += y.numel()
     mean = total_loss / count
     return {

@@ -10,7 +10,7 @@ from hybrid_gpt.checkpoint import load_checkpoint
 from hybrid_gpt.data.chat_data import load_dpo, load_sft
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.model.gpt import GPT, parse_layers
 from hybrid_gpt.presets import layer_pattern
 
 PREVIOUS = {"sft": "pretrain", "dpo": "sft"}
@@ -28,7 +28,8 @@ def resolve_init(stage: str, run_dir: Path, model_type: str | None, layers: str 
         raise HybridGPTError("pass either --model-type or --layers, not both")
     name = None
     if layers:
-        name = layer_pattern(None, layers, len(layers.strip()))[1]
+        pattern = parse_layers(layers)
+        name = layer_pattern(None, pattern, len(pattern))[1]
     elif model_type:
         if model_type not in ("standard", "hybrid"):
             raise HybridGPTError(f"unknown --model-type {model_type!r}; choose standard or hybrid")

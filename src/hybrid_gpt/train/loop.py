@@ -1,4 +1,4 @@
-"""One training loop for every stage (pretraining now; SFT and DPO supply their own task).
+"""One training loop for every stage (pretrain, SFT, DPO) and for the analyses' short trainings.
 
 A *task* provides the data and the loss:
 
@@ -6,9 +6,11 @@ A *task* provides the data and the loss:
     task.take(batch, lo, hi) -> the rows lo:hi of it (one micro-batch of this rank)
     task.loss(model, micro) -> (mean loss over the micro-batch rows, {metric: float})
     task.evaluate(model, final, autocast) -> {metric: float}; keys become "val_<key>"
+        (optional: a task without it, or with evaluate = None, is never evaluated)
     task.tokens_per_row -> tokens one row holds (for tokens/s)
 
 The loop owns the optimizer, schedule, accumulation, clipping, DDP, autocast, checkpoints and resume.
+Without an output directory it trains in memory: no checkpoint, nothing written.
 """
 
 from __future__ import annotations
@@ -83,14 +85,15 @@ class TrainConfig:
         return self
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps. A pure function of the step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.lr * ratio
+def cosine_lr(step: int, max_steps: int, lr: float, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``
+    (held after it). A pure function of the step, so a resumed run continues the same schedule."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    ratio = min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr * ratio
 
 
 @dataclass
@@ -150,15 +153,40 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: Tokenizer, info: dict,
-          device: torch.device, resume_state: dict | None = None, prior_metrics: list[dict] | None = None,
-          log=print) -> TrainResult:
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)  # every device's generator too
+    random.seed(seed)
+
+
+def _restore_rng(resume_state: dict, seed: int, rank: int, world: int, step: int, device: torch.device) -> None:
+    """Each rank takes back its own random state; a checkpoint of another world size (or one written before
+    states were kept per rank) has only rank 0's, and the other ranks then draw from a seed of their own."""
+    per_rank = resume_state.get("rng_ranks")
+    if per_rank and len(per_rank) == world:
+        _set_rng_state(per_rank[rank], device)
+        return
+    _set_rng_state(resume_state["rng"], device)
+    if rank:
+        _seed(seed + rank + world * step)
+
+
+def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None, tokenizer: Tokenizer | None = None,
+          info: dict | None = None, device: torch.device | None = None, resume_state: dict | None = None,
+          prior_metrics: list[dict] | None = None, log=print) -> TrainResult:
     """Run ``task`` on ``model`` until ``cfg.max_steps``, saving checkpoints to ``out_dir``.
 
-    ``resume_state`` is a loaded trainer_state.pt; the model must already hold the matching weights.
+    ``out_dir`` None trains in memory: nothing is written and the trained model is the caller's ``model``
+    (the analyses' short trainings). ``resume_state`` is a loaded trainer_state.pt; the model must already
+    hold the matching weights. Each rank seeds its random generators with ``cfg.seed + rank``, so that
+    ranks draw different dropout masks while one process keeps ``cfg.seed``; the data order depends only
+    on the task's rows(step), never on these generators.
     """
     cfg.validate()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is None and resume_state is not None:
+        raise HybridGPTError("a resumed run needs its checkpoint directory")
+    info = dict(info or {})
+    device = device if device is not None else next(model.parameters()).device
     rank, _, world = distributed_env()
     master = rank == 0
     rows_global = cfg.batch_size * cfg.grad_accum
@@ -171,8 +199,7 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
     micro = min(cfg.batch_size, rows_rank)
     chunks = [(lo, min(lo + micro, rows_rank)) for lo in range(0, rows_rank, micro)]
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    _seed(cfg.seed + rank)
     model.to(device)
     raw_model = model
     optimizer = torch.optim.AdamW(raw_model.optimizer_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
@@ -182,7 +209,7 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         step = int(resume_state["step"])
-        _set_rng_state(resume_state["rng"], device)
+        _restore_rng(resume_state, cfg.seed, rank, world, step, device)
         metrics = [m for m in metrics if m.get("step", 0) <= step]
     if cfg.compile:
         model = torch.compile(model)
@@ -191,12 +218,20 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     tokens_per_step = task.tokens_per_row * rows_global
+    evaluate = getattr(task, "evaluate", None)
 
     def snapshot(final: bool) -> None:
+        rng = _rng_state(device)
+        per_rank = None
+        if world > 1:  # every rank's generators, so that a resume gives each its own back
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, rng)
         if not master:
             return
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng,
                  "elapsed": elapsed_before + time.time() - t_start}
+        if per_rank is not None:
+            state["rng_ranks"] = per_rank
         training = dict(info, step=step, max_steps=cfg.max_steps, complete=final and step >= cfg.max_steps,
                         tokens_seen=step * tokens_per_step, train_config=asdict(cfg), world_size=world,
                         skipped_steps=sum(1 for m in metrics if m.get("skipped")))
@@ -206,13 +241,13 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
         save_checkpoint(out_dir, raw_model, tokenizer, training, trainer_state=state,
                         files={"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)})
 
-    def run_eval(final: bool) -> dict:
-        if master:
-            res = task.evaluate(raw_model, final, autocast)
+    def run_eval(final: bool) -> None:
+        if master and evaluate is not None:
+            res = evaluate(raw_model, final, autocast)
             rec = {"step": step, **{f"val_{k}": v for k, v in res.items()}}
             metrics.append(rec)
-            return rec
-        return {}
+            if any(k in rec for k in SHOWN):
+                bar.write(f"step {step}: {format_eval(rec)}")
 
     from tqdm.auto import tqdm
 
@@ -224,13 +259,11 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
     elapsed_before = float(resume_state.get("elapsed", 0.0)) if resume_state else 0.0
     model.train()
     if cfg.eval_at_start and step == 0:
-        ev = run_eval(final=False)
-        if ev:
-            bar.write(f"step 0: {format_eval(ev)}")
+        run_eval(final=False)
     with stop.installed():
         while step < cfg.max_steps:
             t0 = time.time()
-            lr = lr_at(step, cfg)
+            lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = task.rows(step)
@@ -254,10 +287,11 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
             finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
             if not finite and not cfg.skip_nonfinite:
                 bar.close()
-                raise RunFailure(
-                    f"loss or gradient became non-finite at step {step + 1} (loss {loss_value}); "
-                    f"the last good checkpoint in {out_dir} is kept; try a lower --lr, or --skip-nonfinite"
-                )
+                what = f"loss or gradient became non-finite at step {step + 1} (loss {loss_value})"
+                if out_dir is None:
+                    raise RunFailure(f"{info.get('stage', 'training')}: {what}; try a lower learning rate")
+                raise RunFailure(f"{what}; the last good checkpoint in {out_dir} is kept; try a lower --lr, "
+                                 "or --skip-nonfinite")
             if finite:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -274,16 +308,14 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path, tokenizer: To
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_sec']:,.0f}")
             last = step == cfg.max_steps
             if step % cfg.eval_interval == 0 or last:
-                ev = run_eval(final=last)
-                if ev:
-                    bar.write(f"step {step}: {format_eval(ev)}")
+                run_eval(final=last)
             save_every = cfg.save_interval or cfg.eval_interval
             requested = stop.signal is not None or (cfg.stop_after and step >= cfg.stop_after)
             if world > 1:  # every rank must agree to stop, or the others would hang in all_reduce
                 flag = torch.tensor([1.0 if requested else 0.0], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 requested = bool(flag.item())
-            if last or requested or step % save_every == 0:
+            if out_dir is not None and (last or requested or step % save_every == 0):
                 snapshot(final=last)
                 if world > 1:
                     dist.barrier()

@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+import torch
+from helpers import smoke_model
+
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.train.evaluate import evaluate_lm, windows
+
+
+def test_windows_tile_the_split_without_overlap_up_to_the_budget():
+    tokens = np.arange(100, dtype=np.uint16)
+    batches = list(windows(tokens, block_size=8, max_tokens=50, batch_size=4))
+    assert [len(b) for b in batches] == [4, 2]  # 50 // 8 = 6 whole windows, in batches of 4
+    rows = torch.cat(batches)
+    assert rows.dtype == torch.int64 and rows.shape == (6, 9)
+    assert torch.equal(rows[:, :-1].flatten(), torch.arange(48))  # inputs tile 0..47, each once
+    assert torch.equal(rows[:, 1:].flatten(), torch.arange(1, 49))  # targets: the next token of each
+
+
+@pytest.mark.parametrize("n_tokens, max_tokens, expected", [(20, 1000, 19), (100, 5, 5), (2, 1000, 1)])
+def test_a_split_or_budget_shorter_than_one_context_gives_one_shorter_window(n_tokens, max_tokens, expected):
+    tokens = np.arange(n_tokens, dtype=np.uint16)
+    (batch,) = list(windows(tokens, block_size=32, max_tokens=max_tokens))
+    assert batch.shape == (1, expected + 1) and torch.equal(batch[0], torch.arange(expected + 1))
+    model = smoke_model("AM", vocab_size=128)
+    assert model.config.block_size == 32
+    assert evaluate_lm(model, tokens, np.ones(128, dtype=np.int64), max_tokens)["tokens"] == expected
+
+
+def test_too_few_tokens_are_refused():
+    with pytest.raises(HybridGPTError, match="at least 2"):
+        next(windows(np.arange(1, dtype=np.uint16), 32, 100))
+    with pytest.raises(HybridGPTError, match="at least 1"):
+        next(windows(np.arange(10, dtype=np.uint16), 32, 0))
