@@ -67,10 +67,10 @@ def layer_pattern(model_type: str | None, layers: str | None, n_layer: int, expl
     """
     if layers:
         if model_type:
-            raise HybridGPTError("pass either --model-type or --layers, not both")
+            raise HybridGPTError("give either model_type or layers, not both")
         pattern = layers.strip().upper()
         if explicit_n_layer and len(pattern) != n_layer:
-            raise HybridGPTError(f"--layers {layers!r} has {len(pattern)} letters but --n-layer is {n_layer}")
+            raise HybridGPTError(f"layers {layers!r} has {len(pattern)} letters but n_layer is {n_layer}")
         n = len(pattern)
         if pattern == "A" * n:
             return pattern, "standard"
@@ -84,4 +84,4 @@ def layer_pattern(model_type: str | None, layers: str | None, n_layer: int, expl
         if n_layer < 2:
             raise HybridGPTError("a hybrid model needs at least 2 layers (attention first, MLP after)")
         return "A" * (n_layer // 2) + "M" * (n_layer - n_layer // 2), "hybrid"
-    raise HybridGPTError(f"unknown --model-type {model_type!r}; choose standard or hybrid (or pass --layers)")
+    raise HybridGPTError(f"unknown model_type {model_type!r}; choose standard or hybrid (or give a layer pattern)")

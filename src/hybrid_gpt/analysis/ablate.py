@@ -107,10 +107,10 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
     from hybrid_gpt.train.stage import run_or_skip
 
     if budget not in BUDGETS:
-        raise HybridGPTError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+        raise HybridGPTError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
-        raise HybridGPTError("--seeds must list distinct seeds, e.g. 1,2,3")
+        raise HybridGPTError("seeds must be distinct, e.g. 1,2,3")
     run_dir = Path(run_dir)
     values = get_preset(preset)
     steps = steps or (QUICK_STEPS[preset] if quick else values["max_steps"])

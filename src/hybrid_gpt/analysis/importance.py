@@ -141,7 +141,7 @@ def analyse(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens
     attn = _require_attention(model, "the model")
     k = max(1, len(attn) // 2) if replace is None else replace
     if not 1 <= k <= len(attn):
-        raise HybridGPTError(f"--replace {k} must be between 1 and the model's {len(attn)} attention layers")
+        raise HybridGPTError(f"replace {k} must be between 1 and the model's {len(attn)} attention layers")
 
     def evaluate(kind=None, layers=()):
         if kind is None:
@@ -212,7 +212,7 @@ def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, ma
     from hybrid_gpt.runtime import resolve_device
 
     if max_tokens < 1:
-        raise HybridGPTError(f"--max-tokens must be positive, got {max_tokens}")
+        raise HybridGPTError(f"max_tokens must be positive, got {max_tokens}")
     root, _ = resolve(checkpoint)
     out = Path(out_dir) if out_dir is not None else default_out_dir(root)
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:

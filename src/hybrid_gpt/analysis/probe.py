@@ -317,16 +317,16 @@ def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str =
     settings = dict(PROBE_SETTINGS[preset])
     if steps is not None:
         if steps < 1:
-            raise HybridGPTError(f"--steps must be at least 1, got {steps}")
+            raise HybridGPTError(f"steps must be at least 1, got {steps}")
         settings["steps"] = steps
     if task is not None:
         settings["task"] = task
     patterns = [parse_layers(p) for p in patterns if p.strip()]  # a bad letter fails now, before any training
     if not patterns:
-        raise HybridGPTError("--patterns is empty; give layer patterns such as AAAA,AAMM")
+        raise HybridGPTError("patterns is empty; give layer patterns such as AAAA,AAMM")
     seeds = list(seeds)
     if not seeds:
-        raise HybridGPTError("--seeds is empty; give at least one seed")
+        raise HybridGPTError("seeds is empty; give at least one seed")
     spec = RecallSpec(settings["task"], settings["n_pairs"], settings["n_keys"], settings["n_values"],
                       settings["n_queries"]).validate()
     if checkpoints is None:

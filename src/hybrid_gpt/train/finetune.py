@@ -25,14 +25,14 @@ def resolve_init(stage: str, run_dir: Path, model_type: str | None, layers: str 
     else from the init checkpoint, else "standard".
     """
     if model_type and layers:
-        raise HybridGPTError("pass either --model-type or --layers, not both")
+        raise HybridGPTError("give either model_type or layers, not both")
     name = None
     if layers:
         pattern = parse_layers(layers)
         name = layer_pattern(None, pattern, len(pattern))[1]
     elif model_type:
         if model_type not in ("standard", "hybrid"):
-            raise HybridGPTError(f"unknown --model-type {model_type!r}; choose standard or hybrid")
+            raise HybridGPTError(f"unknown model_type {model_type!r}; choose standard or hybrid")
         name = model_type
     prev = PREVIOUS[stage]
     if init is None:

@@ -193,7 +193,7 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None,
     if rows_global % world:
         raise HybridGPTError(
             f"the global batch ({cfg.batch_size} x {cfg.grad_accum} = {rows_global} rows) must divide evenly "
-            f"over {world} processes; change --batch-size or --grad-accum"
+            f"over {world} processes; change batch_size or grad_accum"
         )
     rows_rank = rows_global // world
     micro = min(cfg.batch_size, rows_rank)

@@ -58,7 +58,7 @@ def run_pretrain(*, run_dir: str | Path, preset: str, model_type: str | None = N
     data = TokenData.open(data_dir or data_dir_for(run_dir))
     if "vocab_size" in overrides and overrides["vocab_size"] != data.tokenizer.vocab_size:
         raise HybridGPTError(
-            f"--vocab-size {overrides['vocab_size']} contradicts the prepared data's vocabulary of "
+            f"vocab_size {overrides['vocab_size']} contradicts the prepared data's vocabulary of "
             f"{data.tokenizer.vocab_size}; re-run `hybrid-gpt prepare --vocab-size {overrides['vocab_size']}`"
         )
     config = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=values["block_size"],
