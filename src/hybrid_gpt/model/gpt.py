@@ -47,7 +47,7 @@ def parse_layers(text) -> str:
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """F.dropout, skipped outright when it would do nothing (eval mode or p == 0): a decoded token
-    passes ~9 dropout sites, and calling nn.Dropout modules there cost ~4% of a batch-1 step."""
+    passes several dropout sites, and calling nn.Dropout modules there costs time in every step."""
     return F.dropout(x, p, training=True) if training and p > 0 else x
 
 
@@ -114,9 +114,8 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     """Attention of one query per head over the cache, spelled out, with the softmax in float32.
 
     Used on the CPU at batch > 1, where PyTorch's scaled_dot_product_attention kernel is slow for a
-    single query: in bfloat16 it takes 7x (batch 8) to 13x (batch 32) as long as in float32. Decode
-    steps are 24-35% faster this way in bfloat16 at batch 8-32 and 1-8% in float32; at batch 1 they
-    would be ~5% slower, so batch 1 keeps SDPA (measured on the Zen 5 machine)."""
+    single query, above all in bfloat16; at batch 1 SDPA is the faster of the two, so it keeps it
+    (the measurements are in docs/performance.md)."""
     scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.size(-1)))
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 

@@ -2,9 +2,8 @@
 
 Why: PyTorch's CPU ``F.linear`` calls MKL, which runs its AVX2 code on AMD processors and its
 single-threaded matrix-vector product at batch 1; oneDNN, which ships inside PyTorch too, uses
-AVX-512 where the CPU has it and both threads. On the AMD Zen 5 machine our figures come from,
-oneDNN multiplies float32 matrices ~2.3x faster than MKL, in full float32 precision (relative error
-~1e-6, as MKL's), and at batch 1 its prepacked weights stream from memory ~1.6x faster.
+AVX-512 where the CPU has it and both threads, in full float32 precision (the measurements are in
+docs/performance.md).
 
 ``Linear`` is ``nn.Linear`` with the same parameters and state-dict keys; only the kernel behind
 ``forward`` changes, and only for float32/bfloat16 tensors on the CPU:
@@ -32,9 +31,8 @@ import torch.nn.functional as F
 
 ENV_SWITCH = "HYBRID_GPT_ONEDNN"
 _DTYPES = (torch.float32, torch.bfloat16)
-# A oneDNN call costs ~10 us more than F.linear before any arithmetic, so small products stay on
-# F.linear: oneDNN pays off from ~4 MFLOP (its arithmetic is ~2.3x faster) or, at few rows (decoding),
-# from a ~512 KiB weight (it streams the weight from memory ~2x faster). Measured on the Zen 5 machine.
+# A oneDNN call has a fixed cost of some microseconds over F.linear, so small products stay on F.linear:
+# oneDNN pays off from a few MFLOP or, at few rows (decoding), from a weight too large for the caches.
 MIN_FLOPS = 4_000_000
 MIN_WEIGHT_BYTES = 512 * 1024
 _available: frozenset | None = None  # the dtypes oneDNN computes right here, decided once per process by _self_test
@@ -84,9 +82,9 @@ def onednn_enabled() -> bool:
     """True when linear layers on the CPU use oneDNN (not switched off, and it works here, in float32
     or bfloat16 at least).
 
-    Asked on every product, so the answer is worked out once per process: ``HYBRID_GPT_ONEDNN`` is
-    read at the first product (reading the environment each time cost ~4% of a batch-1 decode
-    step); ``set_enabled`` changes it afterwards."""
+    Asked on every product, so the answer is worked out once per process (reading the environment
+    each time is measurable in a decode step): ``HYBRID_GPT_ONEDNN`` is read at the first product;
+    ``set_enabled`` changes it afterwards."""
     global _enabled
     if _enabled is None:
         _enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0" and bool(_works())
