@@ -278,7 +278,7 @@ CASES = {
     "truncated trainer state": Case(lambda t, r: (_resume(r, _with_file(t, r, "trainer_state.pt", "PK\x03")),
                                                   "trainer_state.pt is unreadable")),
     "corrupt metrics.jsonl": Case(lambda t, r: (_resume(r, _with_file(t, r, "metrics.jsonl", '{"step": 1}\n{oops\n')),
-                                                "metrics.jsonl:2 is not valid JSON")),
+                                                "metrics.jsonl:2: not valid JSON")),
     "metrics.jsonl of lists": Case(lambda t, r: (_resume(r, _with_file(t, r, "metrics.jsonl", "[1, 2]\n")),
                                                  "metrics.jsonl:1 is not a metrics record")),
     "metrics.jsonl text step": Case(lambda t, r: (_resume(r, _with_file(t, r, "metrics.jsonl", '{"step": "1"}\n')),
@@ -315,6 +315,27 @@ CASES = {
         t, r, lambda m: _set(m, "splits", {**m["splits"], "val": {"tokens": "many"}}))], "'tokens' must be")),
     "prepare over a damaged meta.json": Case(lambda t, r: (["prepare", "--out", _with_meta(t, r, lambda m: 3),
                                                             "--preset", "smoke"], "must be a JSON object")),
+    "config with a 5,000-digit number": Case(lambda t, r: (["eval", _with_file(
+        t, r, "config.json", '{"model": ' + "9" * 5000 + "}")], "not valid JSON (Exceeds the limit (4300 digits)")),
+    "metrics.jsonl with a 5,000-digit step": Case(lambda t, r: (_resume(r, _with_file(
+        t, r, "metrics.jsonl", '{"step": ' + "9" * 5000 + "}\n")), "metrics.jsonl:1: not valid JSON")),
+    "sft with a 5,000-digit number": Case(lambda t, r: (_sft(r, "--sft-data", _jsonl(
+        t, '{"messages": ' + "9" * 5000 + "}\n")), "data.jsonl:1: not valid JSON")),
+    "verdict over a corrupt probe.json": Case(lambda t, r: (_verdict(
+        t, "probe/probe.json", '{"patterns": [{"pattern": "AAMM"'), "probe.json: not valid JSON")),
+    "verdict over a probe.json of lists": Case(lambda t, r: (_verdict(
+        t, "probe/probe.json", '{"chance": 0.1, "settings": {"task": "recall"}, "patterns": [[1]]}'),
+        "probe.json is damaged: `verdict` needs chance, settings.task, and patterns")),
+    "verdict over an ablate.json of NaN": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(
+        decode_tok_s=float("nan"))), "ablate.json is damaged")),
+    "verdict over a zero speed": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(decode_tok_s=0)),
+                                                    "ablate.json is damaged")),
+    "verdict over unpaired seeds": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(
+        val_bpb={"mean": 2.0, "values": [2.0, 2.0], "ci95": [2.0, 2.0]}, first_only=True)), "ablate.json is damaged")),
+    "verdict over an importance.json list": Case(lambda t, r: (_verdict(
+        t, "importance/pretrain-standard/importance.json", "[]"), "importance.json is damaged")),
+    "verdict over a distill.json FIFO": Case(lambda t, r: (_verdict(t, "distill-AM/distill.json", None),
+                                                           "is a FIFO, not a regular file")),
     "sft role a list": Case(lambda t, r: (_sft(r, "--sft-data", _jsonl(t, _sft_line(_msg(["user"]), _msg("assistant"))
                                                                        * 3)), "message 0 has role ['user']")),
     "sft role an object": Case(lambda t, r: (_sft(r, "--sft-data", _jsonl(t, _sft_line(
@@ -395,6 +416,22 @@ def _sparse_folder(t):
     for name in ("a.txt", "b.txt"):
         _sparse(d, MAX_CORPUS_BYTES // 2 + 1, name)
     return d
+
+
+def _verdict(t, name, text):
+    """`verdict` over a run directory holding one analysis result, ``name``, with ``text`` in it (None: a FIFO)."""
+    (t / "rd" / name).parent.mkdir(parents=True)
+    os.mkfifo(t / "rd" / name) if text is None else (t / "rd" / name).write_text(text)
+    return ["verdict", "--run-dir", t / "rd"]
+
+
+def _ablation(first_only=False, **change):
+    """ablate.json of AAAA and AAMM, with ``change`` in each variant (in the first only: ``first_only``)."""
+    variant = {"parameters": 1, "kv_bytes_per_token": 1, "decode_tok_s": 10.0,
+               "val_bpb": {"mean": 2.0, "values": [2.0], "ci95": None}}
+    return json.dumps({"decode": {"context": 8}, "variants": [
+        {**variant, "spec": s, **(change if i == 0 or not first_only else {})} for i, s in enumerate(("AAAA", "AAMM"))
+    ]})
 
 
 def _sparse_in(t, r, name):

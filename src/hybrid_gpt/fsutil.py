@@ -159,15 +159,21 @@ def read_text(path: str | Path, what: str, limit: int) -> str:
         raise HybridGPTError(f"{what} {path} is not UTF-8 text (bad byte at offset {e.start})") from e
 
 
-def read_json(path: str | Path, what: str, limit: int = JSON_LIMIT):
-    path = Path(path)
-    text = read_text(path, what, limit)
+def parse_json(text: str, where: str, note: str = ""):
+    """``json.loads(text)``, with each way it fails as one line naming ``where``: bad syntax, integers longer
+    than Python converts (4,300 digits, a ValueError that is not a JSONDecodeError), nesting deeper than the
+    recursion limit."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise HybridGPTError(f"{what} {path} is not valid JSON ({e}); it may be truncated") from e
     except RecursionError as e:
-        raise HybridGPTError(f"{what} {path} is nested too deeply to be one of ours") from e
+        raise HybridGPTError(f"{where}: nested too deeply to be one of ours") from e
+    except ValueError as e:
+        raise HybridGPTError(f"{where}: not valid JSON ({clip(e, 120)})" + (f"; {note}" if note else "")) from e
+
+
+def read_json(path: str | Path, what: str, limit: int = JSON_LIMIT):
+    path = Path(path)
+    return parse_json(read_text(path, what, limit), f"{what} {path}", "it may be truncated")
 
 
 # -- directories ------------------------------------------------------------------------------------
