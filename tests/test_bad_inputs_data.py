@@ -393,6 +393,10 @@ CASES = {
                                                  "--contexts", "8", "--batch-sizes", "1", "--new-tokens", "2",
                                                  "--repeats", "1", "--warmup", "0", "--out", t / "b.json"],
                                                 "read-only file system"), code=1, fault="erofs"),
+    "bench --out onto a user's file": Case(lambda t, r: (_bench_out(r, _jsonl(t, "mine\n", "notes.txt")),
+                                                         "notes.txt exists and is not a bench result")),
+    "bench --out onto a checkpoint's config": Case(lambda t, r: (_bench_out(r, _copy(t, r) / "config.json"),
+                                                                 "config.json exists and is not a bench result")),
     "pretrain without permission": Case(lambda t, r: (_pretrain(r, "--out", t / "new"), "permission denied"),
                                         code=1, fault="eacces"),
     "pretrain onto a full disk": Case(lambda t, r: (_pretrain(r, "--out", t / "new", "--max-steps", "2"),
@@ -416,6 +420,11 @@ def _sparse_folder(t):
     for name in ("a.txt", "b.txt"):
         _sparse(d, MAX_CORPUS_BYTES // 2 + 1, name)
     return d
+
+
+def _bench_out(r, out):
+    return ["bench", r / "pretrain-hybrid", "--no-peer", "--no-naive", "--contexts", "8", "--batch-sizes", "1",
+            "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--out", out]
 
 
 def _verdict(t, name, text):

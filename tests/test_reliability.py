@@ -259,3 +259,18 @@ def test_prepare_stops_at_ctrl_c_during_bpe_training(tmp_path):
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert time.time() - t0 < 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]  # no half-built data left
+
+
+def test_bench_out_replaces_a_previous_result_and_nothing_else(pretrained, tmp_path, capsys):
+    from hybrid_gpt.cli import main
+    from hybrid_gpt.infer.bench import RESULT_KEYS
+
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({k: {} for k in RESULT_KEYS}))  # an earlier run's result: ours to replace
+    argv = ["bench", str(pretrained / "pretrain-hybrid"), "--no-peer", "--no-naive", "--contexts", "8",
+            "--batch-sizes", "1", "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["models"]
+    out.write_text("{}")  # a JSON file that is not a bench result is refused, and kept
+    assert main(argv) == 2 and out.read_text() == "{}"
+    assert "exists and is not a bench result" in capsys.readouterr().err

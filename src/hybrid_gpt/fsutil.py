@@ -211,6 +211,21 @@ def check_replaceable(path: Path, allowed: Collection[str], what: str) -> None:
                              "(move those away, or choose another output path)")
 
 
+def check_replaceable_json(path: str | Path, keys: Collection[str], what: str) -> None:
+    """Refuse to overwrite the file ``path`` unless it is missing or a JSON object holding ``keys``: an output
+    file named on the command line may be a user's file or another artifact (a checkpoint's config.json)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    try:
+        data = read_json(path, what)
+    except HybridGPTError:
+        data = None
+    if not (isinstance(data, dict) and all(k in data for k in keys)):
+        raise HybridGPTError(f"{path} exists and is not a {what}; it is left untouched (remove it, or choose "
+                             "another output path)")
+
+
 def replace_dir(tmp_dir: Path, final: Path, allowed: Collection[str] | None = None, what: str = "") -> None:
     """Swap a fully written directory into place.
 
