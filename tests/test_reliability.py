@@ -274,3 +274,16 @@ def test_bench_out_replaces_a_previous_result_and_nothing_else(pretrained, tmp_p
     out.write_text("{}")  # a JSON file that is not a bench result is refused, and kept
     assert main(argv) == 2 and out.read_text() == "{}"
     assert "exists and is not a bench result" in capsys.readouterr().err
+
+
+def test_a_corpus_file_name_that_is_not_utf8_is_kept_as_escapes(tmp_path):
+    from hybrid_gpt.data.corpus import load_user_corpus
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for raw in (b"a\xff.txt", b"b.txt"):
+        with open(os.path.join(os.fsencode(folder), raw), "w") as f:
+            f.write("WHO:\nhello there, my friend\n\n" * 20)
+    corpus = load_user_corpus(folder)
+    assert [d.name for d in corpus.train + corpus.val] == ["a\\udcff", "b"]
+    assert len(corpus.sha256()) == 64  # hashed (and written to meta.json) without a UnicodeEncodeError
