@@ -334,6 +334,8 @@ CASES = {
         val_bpb={"mean": 2.0, "values": [2.0, 2.0], "ci95": [2.0, 2.0]}, first_only=True)), "ablate.json is damaged")),
     "verdict over an importance.json list": Case(lambda t, r: (_verdict(
         t, "importance/pretrain-standard/importance.json", "[]"), "importance.json is damaged")),
+    "verdict onto a hypothesis.md directory": Case(lambda t, r: (_verdict_onto_dir(t), "hypothesis.md exists and is "
+                                                                                    "not a regular file")),
     "verdict over a distill.json FIFO": Case(lambda t, r: (_verdict(t, "distill-AM/distill.json", None),
                                                            "is a FIFO, not a regular file")),
     "sft role a list": Case(lambda t, r: (_sft(r, "--sft-data", _jsonl(t, _sft_line(_msg(["user"]), _msg("assistant"))
@@ -420,6 +422,13 @@ def _sparse_folder(t):
     for name in ("a.txt", "b.txt"):
         _sparse(d, MAX_CORPUS_BYTES // 2 + 1, name)
     return d
+
+
+def _verdict_onto_dir(t):
+    argv = _verdict(t, "importance/pretrain-standard/importance.json", json.dumps({"recommendation": {
+        "pattern": "AM", "same_as_deep": True, "deep_pattern": "AM"}}))
+    (t / "rd" / "hypothesis.md").mkdir()
+    return argv
 
 
 def _bench_out(r, out):

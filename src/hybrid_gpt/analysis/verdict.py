@@ -245,6 +245,10 @@ def write_verdict(run_dir: str | Path) -> dict:
     """hypothesis.json and hypothesis.md in ``run_dir``: the verdict, then each analysis's own section
     (its plots linked from their subdirectories)."""
     run_dir = Path(run_dir)
+    outputs = run_dir / "hypothesis.json", run_dir / "hypothesis.md"
+    for path in outputs:  # before either is written: one refused after the other was written leaves a mix
+        if os.path.lexists(path) and not path.is_file():
+            raise HybridGPTError(f"{path} exists and is not a regular file; it is left untouched (move it away)")
     found = collect(run_dir)
     result = {"sources": {k: v["path"] for k, v in found.items()}, "table": table(found),
               "sentences": sentences(found)}
@@ -258,6 +262,6 @@ def write_verdict(run_dir: str | Path) -> dict:
             md = read_text(md_file, "analysis report", JSON_LIMIT)
             # The section's plots sit beside its markdown: link them from the run directory.
             sections.append(re.sub(r"\]\(([^)/]+\.png)\)", lambda m: f"]({folder.as_posix()}/{m.group(1)})", md))
-    write_json(run_dir / "hypothesis.json", result)
-    write_text(run_dir / "hypothesis.md", "\n".join(sections))
+    write_json(outputs[0], result)
+    write_text(outputs[1], "\n".join(sections))
     return result
