@@ -287,3 +287,26 @@ def test_a_corpus_file_name_that_is_not_utf8_is_kept_as_escapes(tmp_path):
     corpus = load_user_corpus(folder)
     assert [d.name for d in corpus.train + corpus.val] == ["a\\udcff", "b"]
     assert len(corpus.sha256()) == 64  # hashed (and written to meta.json) without a UnicodeEncodeError
+
+
+def test_chat_reads_piped_lines_in_bounded_pieces(monkeypatch, capsys):
+    import io
+
+    from hybrid_gpt.infer.chat import MAX_INPUT_CHARS, LineTooLong, read_line
+
+    class Endless(io.TextIOBase):  # like /dev/zero: reading it whole would never end
+        def readline(self, size=-1):
+            assert 0 < size <= MAX_INPUT_CHARS + 1, "an unbounded read"
+            self.reads = getattr(self, "reads", 0) + 1
+            return "z" * size if self.reads < 5 else "z\n"
+
+    monkeypatch.setattr("sys.stdin", Endless())
+    with pytest.raises(LineTooLong) as e:
+        read_line("you> ")
+    assert e.value.length == 4 * (MAX_INPUT_CHARS + 1) + 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("x" * (MAX_INPUT_CHARS + 3) + "\nhello\n"))
+    with pytest.raises(LineTooLong):
+        read_line("you> ")
+    assert read_line("you> ") == "hello"
+    with pytest.raises(EOFError):
+        read_line("you> ")
