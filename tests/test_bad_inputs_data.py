@@ -159,6 +159,15 @@ def _first_moment(state, value):
     return state
 
 
+def _moment(state):
+    return next(iter(state["optimizer"]["state"].values()))["exp_avg"]
+
+
+def _set_square(state, value):
+    next(iter(state["optimizer"]["state"].values()))["exp_avg_sq"].fill_(value)
+    return state
+
+
 # -- the command lines ----------------------------------------------------------------------------
 
 def _pretrain(r, *args):
@@ -269,6 +278,10 @@ CASES = {
     "wrong param groups": Case(lambda t, r: (_resume(r, _with_state(t, r, lambda s: _set(
         s, "optimizer", {**s["optimizer"], "param_groups": s["optimizer"]["param_groups"][:1]}))),
         "parameter groups do not match")),
+    "NaN optimizer moments": Case(lambda t, r: (_resume(r, _with_state(t, r, lambda s: _first_moment(
+        s, torch.full_like(_moment(s), float("nan"))))), "optimizer moments of parameter 0 are not finite")),
+    "negative optimizer squares": Case(lambda t, r: (_resume(r, _with_state(t, r, lambda s: _set_square(s, -1.0))),
+                                                     "are not finite (or negative squares)")),
     "optimizer not a state dict": Case(lambda t, r: (_resume(r, _with_state(t, r, lambda s: _set(s, "optimizer", 3))),
                                                      "not an optimizer's state dict")),
     "mis-shaped optimizer moments": Case(lambda t, r: (_resume(r, _with_state(
@@ -292,6 +305,10 @@ CASES = {
         c, "training", {**c["training"], "complete": "yes"}))), "training.complete must be true or false")),
     "config training.train_config a list": Case(lambda t, r: (_resume(r, _with_config(t, r, lambda c: _set(
         c, "training", {**c["training"], "train_config": [1]}))), "training.train_config must be an object")),
+    "config of a later format version": Case(lambda t, r: (["eval", _with_config(t, r, lambda c: _set(
+        c, "format_version", 99))], "reads hybrid-gpt-checkpoint versions 1 to 1")),
+    "config of another format": Case(lambda t, r: (["sample", _with_config(t, r, lambda c: _set(
+        c, "format", ["x"]))], 'is of format ["x"] version 1')),
     "config a list": Case(lambda t, r: (["eval", _with_config(t, r, lambda c: [c])], "no 'model' object")),
     "config model a string": Case(lambda t, r: (["eval", _with_config(t, r, lambda c: _set(c, "model", "AAMM"))],
                                                 "no 'model' object")),

@@ -130,6 +130,10 @@ def _check_optimizer_and_rng(state: dict, out: Path, model: GPT, tcfg: TrainConf
                     not isinstance(moments.get(k), torch.Tensor) or not moments[k].is_floating_point()
                     or moments[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq")):
                 raise _damaged(out, f"the optimizer moments of parameter {pid} do not fit its shape {tuple(p.shape)}")
+            # Else the first step would turn them into NaN weights, and the error would blame the training.
+            if not (torch.isfinite(moments["exp_avg"]).all() and torch.isfinite(moments["exp_avg_sq"]).all()
+                    and (moments["exp_avg_sq"] >= 0).all()):
+                raise _damaged(out, f"the optimizer moments of parameter {pid} are not finite (or negative squares)")
     reference = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     try:
         fresh.load_state_dict(opt)  # fills in settings an older PyTorch did not save
