@@ -381,9 +381,10 @@ CASES = {
                                         "holds 0 tokens: at least 2")),
     # Unbounded inputs.
     "corpus a FIFO": Case(lambda t, r: (["prepare", "--corpus", _fifo(t), "--out", t / "d"], "is a FIFO")),
-    "corpus /dev/zero": Case(lambda t, r: (["prepare", "--corpus", "/dev/zero", "--out", t / "d"], "is a device")),
+    "corpus /dev/zero": Case(lambda t, r: (["prepare", "--corpus", "/dev/zero", "--out", t / "d"],
+                                           "is not a regular file or a directory")),
     "corpus a link to /dev/zero": Case(lambda t, r: (["prepare", "--corpus", _link(t, "/dev/zero"), "--out", t / "d"],
-                                                     "is a device")),
+                                                     "is not a regular file or a directory")),
     "corpus over the size limit": Case(lambda t, r: (["prepare", "--corpus", _sparse(t, MAX_CORPUS_BYTES + 1),
                                                       "--out", t / "d"], "over the limit of 1,073,741,824")),
     "corpus folder over the size limit": Case(lambda t, r: (["prepare", "--corpus", _sparse_folder(t), "--out",
