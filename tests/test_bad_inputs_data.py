@@ -345,6 +345,10 @@ CASES = {
         "probe.json is damaged: `verdict` needs chance, settings.task, and patterns")),
     "verdict over an ablate.json of NaN": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(
         decode_tok_s=float("nan"))), "ablate.json is damaged")),
+    "verdict over a 400-digit speed": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(
+        decode_tok_s=10**400)), "ablate.json is damaged")),
+    "verdict over values that overflow a sum": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(
+        val_bpb={"mean": 1e308, "values": [1e308, 1e308], "ci95": None})), "ablate.json is damaged")),
     "verdict over a zero speed": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(decode_tok_s=0)),
                                                     "ablate.json is damaged")),
     "verdict over unpaired seeds": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(

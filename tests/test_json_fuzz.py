@@ -24,7 +24,8 @@ from test_bad_inputs import run_bad  # the CLI's exit status and stderr, argpars
 
 from hybrid_gpt.analysis.stats import mean_ci
 
-LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.sampled_from([2**64, -2**63 - 1, 10**300]),
+LEAVES = st.one_of(st.none(), st.booleans(), st.integers(),
+                   st.sampled_from([2**64, -2**63 - 1, 10**300, 10**400, 1.7e308, -1e308]),
                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
                    st.sampled_from(["", "\ud800", "a\udfffb", "AM", "user", "assistant", "x" * 300]))
 VALUES = st.recursive(LEAVES, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(

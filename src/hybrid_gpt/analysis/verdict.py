@@ -13,7 +13,6 @@ The criteria are fixed here and printed with the verdict:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -31,8 +30,12 @@ def _read(path: Path) -> dict | None:
     return read_json(path, "analysis result") if os.path.lexists(path) else None
 
 
-def _number(v, positive: bool = False) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+MAX_MAGNITUDE = 1e30  # no measured quantity comes near; the statistics' sums overflow (math.fsum) far beyond it
+
+
+def _number(v, positive: bool = False, whole: bool = False) -> bool:
+    return (isinstance(v, int if whole else (int, float)) and not isinstance(v, bool)
+            and -MAX_MAGNITUDE < v < MAX_MAGNITUDE and (v > 0 or not positive))
 
 
 def _interval_of(v) -> bool:
@@ -49,11 +52,13 @@ def _records(data: dict, key: str) -> list:
 # What the verdict reads of each analysis, and the check that it has that shape: a result file edited, cut or
 # written by another version would otherwise end in a traceback or a verdict on numbers that are not there.
 _SHAPES = {
+    # kv_bytes_per_token is 0 for a pattern without attention; the standard's, which divides, always has some.
     "ablate": ("decode.context, and variants with spec, parameters, val_bpb, decode_tok_s, kv_bytes_per_token",
                lambda d: isinstance(d.get("decode"), dict) and isinstance(d["decode"].get("context"), int)
                and all(isinstance(e, dict) and isinstance(e.get("spec"), str) and isinstance(e.get("parameters"), int)
                        and not isinstance(e["parameters"], bool) and _interval_of(e.get("val_bpb"))
-                       and _number(e.get("decode_tok_s"), True) and _number(e.get("kv_bytes_per_token"), True)
+                       and _number(e.get("decode_tok_s"), True) and _number(e.get("kv_bytes_per_token"), whole=True)
+                       and e["kv_bytes_per_token"] >= 0
                        for e in _records(d, "variants"))
                and len({len(e["val_bpb"]["values"]) for e in d["variants"]}) <= 1),
     "probe": ("chance, settings.task, and patterns with pattern and accuracy",
