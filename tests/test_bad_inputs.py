@@ -3,6 +3,7 @@ every command. Each must exit 2 (bad input; 1 is for runs that fail after starti
 on stderr naming the problem and the fix, show no traceback, and leave existing files untouched."""
 
 import argparse
+import os
 import shutil
 
 import pytest
@@ -147,10 +148,21 @@ BAD_INPUTS = {
                                        "exists and is not a directory"),
     "corpus is a device": lambda t, r: (["prepare", "--run-dir", t, "--corpus", "/dev/zero"],
                                         "is not a regular file or a directory"),
+    # a loop of symbolic links, as an output below it and as an input
+    "out below a link loop": lambda t, r: (["importance", r / "pretrain-standard", "--out", _loop(t) / "x"],
+                                           "--out: is or passes through a loop of symbolic links"),
+    "data through a link loop": lambda t, r: (["eval", r / "pretrain-hybrid", "--data", _loop(t)],
+                                              "--data: is or passes through a loop of symbolic links"),
     # a library message that would echo a huge value is cut to one short line
     "huge bad pattern": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--layers", "X" * 1000,
                                        "--out", t / "p"], "only A (attention)"),
 }
+
+
+def _loop(t):
+    os.symlink(t / "b", t / "a")
+    os.symlink(t / "a", t / "b")
+    return t / "a"
 
 
 def run_bad(argv, capsys):

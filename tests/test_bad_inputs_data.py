@@ -159,6 +159,15 @@ def _first_moment(state, value):
     return state
 
 
+def _moment(state):
+    return next(iter(state["optimizer"]["state"].values()))["exp_avg"]
+
+
+def _set_square(state, value):
+    next(iter(state["optimizer"]["state"].values()))["exp_avg_sq"].fill_(value)
+    return state
+
+
 # -- the command lines ----------------------------------------------------------------------------
 
 def _pretrain(r, *args):
@@ -203,9 +212,9 @@ CASES = {
     "overwrite the current directory": Case(lambda t, r: (_pretrain(r, "--out", _in_cwd(t), "--overwrite"),
                                                           "is not a checkpoint: it holds notes.txt")),
     "resume into a user's folder": Case(lambda t, r: (_resume(r, _notes_dir(t)), "it holds notes.txt")),
-    "output name too long": Case(lambda t, r: (_pretrain(r, "--out", t / ("x" * 300)), "file name too long")),
+    "output name too long": Case(lambda t, r: (_pretrain(r, "--out", t / ("x" * 300)), "File name too long")),
     "overwrite a file": Case(lambda t, r: (_pretrain(r, "--out", _jsonl(t, "mine\n", "notes.txt"), "--overwrite"),
-                                           "is a file, not a checkpoint")),
+                                           "exists and is not a directory")),
     "sft overwrite a user's folder": Case(lambda t, r: (_sft(r, "--out", _notes_dir(t), "--overwrite"),
                                                         "is not a checkpoint: it holds notes.txt")),
     "prepare into a user's folder": Case(lambda t, r: (["prepare", "--out", _notes_dir(t), "--vocab-size", "300"],
@@ -214,7 +223,7 @@ CASES = {
                                                              "--vocab-size", "300"],
                                                             "is not a prepared data directory")),
     "prepare onto a file": Case(lambda t, r: (["prepare", "--out", _jsonl(t, "mine\n", "notes.txt"),
-                                               "--vocab-size", "300"], "is a file, not a prepared data directory")),
+                                               "--vocab-size", "300"], "exists and is not a directory")),
     "prepare-chat --force into a user's folder": Case(lambda t, r: (["prepare-chat", "--out", _notes_dir(t),
                                                                      "--force"],
                                                                     "is not a chat data directory: it holds notes")),
@@ -269,6 +278,10 @@ CASES = {
     "wrong param groups": Case(lambda t, r: (_resume(r, _with_state(t, r, lambda s: _set(
         s, "optimizer", {**s["optimizer"], "param_groups": s["optimizer"]["param_groups"][:1]}))),
         "parameter groups do not match")),
+    "NaN optimizer moments": Case(lambda t, r: (_resume(r, _with_state(t, r, lambda s: _first_moment(
+        s, torch.full_like(_moment(s), float("nan"))))), "optimizer moments of parameter 0 are not finite")),
+    "negative optimizer squares": Case(lambda t, r: (_resume(r, _with_state(t, r, lambda s: _set_square(s, -1.0))),
+                                                     "are not finite (or negative squares)")),
     "optimizer not a state dict": Case(lambda t, r: (_resume(r, _with_state(t, r, lambda s: _set(s, "optimizer", 3))),
                                                      "not an optimizer's state dict")),
     "mis-shaped optimizer moments": Case(lambda t, r: (_resume(r, _with_state(
@@ -278,7 +291,7 @@ CASES = {
     "truncated trainer state": Case(lambda t, r: (_resume(r, _with_file(t, r, "trainer_state.pt", "PK\x03")),
                                                   "trainer_state.pt is unreadable")),
     "corrupt metrics.jsonl": Case(lambda t, r: (_resume(r, _with_file(t, r, "metrics.jsonl", '{"step": 1}\n{oops\n')),
-                                                "metrics.jsonl:2 is not valid JSON")),
+                                                "metrics.jsonl:2: not valid JSON")),
     "metrics.jsonl of lists": Case(lambda t, r: (_resume(r, _with_file(t, r, "metrics.jsonl", "[1, 2]\n")),
                                                  "metrics.jsonl:1 is not a metrics record")),
     "metrics.jsonl text step": Case(lambda t, r: (_resume(r, _with_file(t, r, "metrics.jsonl", '{"step": "1"}\n')),
@@ -292,6 +305,10 @@ CASES = {
         c, "training", {**c["training"], "complete": "yes"}))), "training.complete must be true or false")),
     "config training.train_config a list": Case(lambda t, r: (_resume(r, _with_config(t, r, lambda c: _set(
         c, "training", {**c["training"], "train_config": [1]}))), "training.train_config must be an object")),
+    "config of a later format version": Case(lambda t, r: (["eval", _with_config(t, r, lambda c: _set(
+        c, "format_version", 99))], "reads hybrid-gpt-checkpoint versions 1 to 1")),
+    "config of another format": Case(lambda t, r: (["sample", _with_config(t, r, lambda c: _set(
+        c, "format", ["x"]))], 'is of format ["x"] version 1')),
     "config a list": Case(lambda t, r: (["eval", _with_config(t, r, lambda c: [c])], "no 'model' object")),
     "config model a string": Case(lambda t, r: (["eval", _with_config(t, r, lambda c: _set(c, "model", "AAMM"))],
                                                 "no 'model' object")),
@@ -315,6 +332,33 @@ CASES = {
         t, r, lambda m: _set(m, "splits", {**m["splits"], "val": {"tokens": "many"}}))], "'tokens' must be")),
     "prepare over a damaged meta.json": Case(lambda t, r: (["prepare", "--out", _with_meta(t, r, lambda m: 3),
                                                             "--preset", "smoke"], "must be a JSON object")),
+    "config with a 5,000-digit number": Case(lambda t, r: (["eval", _with_file(
+        t, r, "config.json", '{"model": ' + "9" * 5000 + "}")], "not valid JSON (Exceeds the limit (4300 digits)")),
+    "metrics.jsonl with a 5,000-digit step": Case(lambda t, r: (_resume(r, _with_file(
+        t, r, "metrics.jsonl", '{"step": ' + "9" * 5000 + "}\n")), "metrics.jsonl:1: not valid JSON")),
+    "sft with a 5,000-digit number": Case(lambda t, r: (_sft(r, "--sft-data", _jsonl(
+        t, '{"messages": ' + "9" * 5000 + "}\n")), "data.jsonl:1: not valid JSON")),
+    "verdict over a corrupt probe.json": Case(lambda t, r: (_verdict(
+        t, "probe/probe.json", '{"patterns": [{"pattern": "AAMM"'), "probe.json: not valid JSON")),
+    "verdict over a probe.json of lists": Case(lambda t, r: (_verdict(
+        t, "probe/probe.json", '{"chance": 0.1, "settings": {"task": "recall"}, "patterns": [[1]]}'),
+        "probe.json is damaged: `verdict` needs chance, settings.task, and patterns")),
+    "verdict over an ablate.json of NaN": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(
+        decode_tok_s=float("nan"))), "ablate.json is damaged")),
+    "verdict over a 400-digit speed": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(
+        decode_tok_s=10**400)), "ablate.json is damaged")),
+    "verdict over values that overflow a sum": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(
+        val_bpb={"mean": 1e308, "values": [1e308, 1e308], "ci95": None})), "ablate.json is damaged")),
+    "verdict over a zero speed": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(decode_tok_s=0)),
+                                                    "ablate.json is damaged")),
+    "verdict over unpaired seeds": Case(lambda t, r: (_verdict(t, "ablate/ablate.json", _ablation(
+        val_bpb={"mean": 2.0, "values": [2.0, 2.0], "ci95": [2.0, 2.0]}, first_only=True)), "ablate.json is damaged")),
+    "verdict over an importance.json list": Case(lambda t, r: (_verdict(
+        t, "importance/pretrain-standard/importance.json", "[]"), "importance.json is damaged")),
+    "verdict onto a hypothesis.md directory": Case(lambda t, r: (_verdict_onto_dir(t), "hypothesis.md exists and is "
+                                                                                    "not a regular file")),
+    "verdict over a distill.json FIFO": Case(lambda t, r: (_verdict(t, "distill-AM/distill.json", None),
+                                                           "is a FIFO, not a regular file")),
     "sft role a list": Case(lambda t, r: (_sft(r, "--sft-data", _jsonl(t, _sft_line(_msg(["user"]), _msg("assistant"))
                                                                        * 3)), "message 0 has role ['user']")),
     "sft role an object": Case(lambda t, r: (_sft(r, "--sft-data", _jsonl(t, _sft_line(
@@ -328,7 +372,8 @@ CASES = {
         t, '{"prompt": "a\\udfff", "chosen": "b", "rejected": "c"}\n' * 3)), "holds a lone surrogate")),
     "dpo role an object": Case(lambda t, r: (_dpo(r, "--dpo-data", _jsonl(
         t, json.dumps({"prompt": [_msg({"x": 1})], "chosen": "b", "rejected": "c"}) + "\n")), "has role {'x': 1}")),
-    "sft data a FIFO": Case(lambda t, r: (_sft(r, "--sft-data", _fifo(t, "sft.jsonl")), "is a FIFO")),
+    "sft data a FIFO": Case(lambda t, r: (_sft(r, "--sft-data", _fifo(t, "sft.jsonl")),
+                                             "is not a regular file or a directory")),
     "sft data a directory": Case(lambda t, r: (_sft(r, "--sft-data", t), "is a directory")),
     # Token files.
     "train ids beyond the vocabulary": Case(lambda t, r: (_pretrain(r, "--data", _vocab_id(t, r, "train"), "--out",
@@ -340,10 +385,12 @@ CASES = {
     "empty val.bin": Case(lambda t, r: (["eval", r / "pretrain-hybrid", "--data", _with_tokens(t, r, "val", [])],
                                         "holds 0 tokens: at least 2")),
     # Unbounded inputs.
-    "corpus a FIFO": Case(lambda t, r: (["prepare", "--corpus", _fifo(t), "--out", t / "d"], "is a FIFO")),
-    "corpus /dev/zero": Case(lambda t, r: (["prepare", "--corpus", "/dev/zero", "--out", t / "d"], "is a device")),
+    "corpus a FIFO": Case(lambda t, r: (["prepare", "--corpus", _fifo(t), "--out", t / "d"],
+                                        "is not a regular file or a directory")),
+    "corpus /dev/zero": Case(lambda t, r: (["prepare", "--corpus", "/dev/zero", "--out", t / "d"],
+                                           "is not a regular file or a directory")),
     "corpus a link to /dev/zero": Case(lambda t, r: (["prepare", "--corpus", _link(t, "/dev/zero"), "--out", t / "d"],
-                                                     "is a device")),
+                                                     "is not a regular file or a directory")),
     "corpus over the size limit": Case(lambda t, r: (["prepare", "--corpus", _sparse(t, MAX_CORPUS_BYTES + 1),
                                                       "--out", t / "d"], "over the limit of 1,073,741,824")),
     "corpus folder over the size limit": Case(lambda t, r: (["prepare", "--corpus", _sparse_folder(t), "--out",
@@ -372,6 +419,10 @@ CASES = {
                                                  "--contexts", "8", "--batch-sizes", "1", "--new-tokens", "2",
                                                  "--repeats", "1", "--warmup", "0", "--out", t / "b.json"],
                                                 "read-only file system"), code=1, fault="erofs"),
+    "bench --out onto a user's file": Case(lambda t, r: (_bench_out(r, _jsonl(t, "mine\n", "notes.txt")),
+                                                         "notes.txt exists and is not a bench result")),
+    "bench --out onto a checkpoint's config": Case(lambda t, r: (_bench_out(r, _copy(t, r) / "config.json"),
+                                                                 "config.json exists and is not a bench result")),
     "pretrain without permission": Case(lambda t, r: (_pretrain(r, "--out", t / "new"), "permission denied"),
                                         code=1, fault="eacces"),
     "pretrain onto a full disk": Case(lambda t, r: (_pretrain(r, "--out", t / "new", "--max-steps", "2"),
@@ -395,6 +446,34 @@ def _sparse_folder(t):
     for name in ("a.txt", "b.txt"):
         _sparse(d, MAX_CORPUS_BYTES // 2 + 1, name)
     return d
+
+
+def _verdict_onto_dir(t):
+    argv = _verdict(t, "importance/pretrain-standard/importance.json", json.dumps({"recommendation": {
+        "pattern": "AM", "same_as_deep": True, "deep_pattern": "AM"}}))
+    (t / "rd" / "hypothesis.md").mkdir()
+    return argv
+
+
+def _bench_out(r, out):
+    return ["bench", r / "pretrain-hybrid", "--no-peer", "--no-naive", "--contexts", "8", "--batch-sizes", "1",
+            "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--out", out]
+
+
+def _verdict(t, name, text):
+    """`verdict` over a run directory holding one analysis result, ``name``, with ``text`` in it (None: a FIFO)."""
+    (t / "rd" / name).parent.mkdir(parents=True)
+    os.mkfifo(t / "rd" / name) if text is None else (t / "rd" / name).write_text(text)
+    return ["verdict", "--run-dir", t / "rd"]
+
+
+def _ablation(first_only=False, **change):
+    """ablate.json of AAAA and AAMM, with ``change`` in each variant (in the first only: ``first_only``)."""
+    variant = {"parameters": 1, "kv_bytes_per_token": 1, "decode_tok_s": 10.0,
+               "val_bpb": {"mean": 2.0, "values": [2.0], "ci95": None}}
+    return json.dumps({"decode": {"context": 8}, "variants": [
+        {**variant, "spec": s, **(change if i == 0 or not first_only else {})} for i, s in enumerate(("AAAA", "AAMM"))
+    ]})
 
 
 def _sparse_in(t, r, name):

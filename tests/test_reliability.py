@@ -259,3 +259,54 @@ def test_prepare_stops_at_ctrl_c_during_bpe_training(tmp_path):
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert time.time() - t0 < 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]  # no half-built data left
+
+
+def test_bench_out_replaces_a_previous_result_and_nothing_else(pretrained, tmp_path, capsys):
+    from hybrid_gpt.cli import main
+    from hybrid_gpt.infer.bench import RESULT_KEYS
+
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({k: {} for k in RESULT_KEYS}))  # an earlier run's result: ours to replace
+    argv = ["bench", str(pretrained / "pretrain-hybrid"), "--no-peer", "--no-naive", "--contexts", "8",
+            "--batch-sizes", "1", "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["models"]
+    out.write_text("{}")  # a JSON file that is not a bench result is refused, and kept
+    assert main(argv) == 2 and out.read_text() == "{}"
+    assert "exists and is not a bench result" in capsys.readouterr().err
+
+
+def test_a_corpus_file_name_that_is_not_utf8_is_kept_as_escapes(tmp_path):
+    from hybrid_gpt.data.corpus import load_user_corpus
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for raw in (b"a\xff.txt", b"b.txt"):
+        with open(os.path.join(os.fsencode(folder), raw), "w") as f:
+            f.write("WHO:\nhello there, my friend\n\n" * 20)
+    corpus = load_user_corpus(folder)
+    assert [d.name for d in corpus.train + corpus.val] == ["a\\udcff", "b"]
+    assert len(corpus.sha256()) == 64  # hashed (and written to meta.json) without a UnicodeEncodeError
+
+
+def test_chat_reads_piped_lines_in_bounded_pieces(monkeypatch, capsys):
+    import io
+
+    from hybrid_gpt.infer.chat import MAX_INPUT_CHARS, LineTooLong, read_line
+
+    class Endless(io.TextIOBase):  # like /dev/zero: reading it whole would never end
+        def readline(self, size=-1):
+            assert 0 < size <= MAX_INPUT_CHARS + 1, "an unbounded read"
+            self.reads = getattr(self, "reads", 0) + 1
+            return "z" * size if self.reads < 5 else "z\n"
+
+    monkeypatch.setattr("sys.stdin", Endless())
+    with pytest.raises(LineTooLong) as e:
+        read_line("you> ")
+    assert e.value.length == 4 * (MAX_INPUT_CHARS + 1) + 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("x" * (MAX_INPUT_CHARS + 3) + "\nhello\n"))
+    with pytest.raises(LineTooLong):
+        read_line("you> ")
+    assert read_line("you> ") == "hello"
+    with pytest.raises(EOFError):
+        read_line("you> ")

@@ -89,6 +89,11 @@ def read_config(path: Path) -> tuple[GPTConfig, dict]:
     raw = read_json(path / "config.json", "checkpoint config")
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise HybridGPTError(f"{where} is not a hybrid-gpt checkpoint config (no 'model' object)")
+    # Written by every version so far; a config of another format or of a later version would be misread.
+    fmt, version = raw.get("format", FORMAT), raw.get("format_version", FORMAT_VERSION)
+    if fmt != FORMAT or not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise HybridGPTError(f"{where} is of format {clip(json.dumps(fmt))} version {clip(json.dumps(version))}; this "
+                             f"hybrid-gpt reads {FORMAT} versions 1 to {FORMAT_VERSION}")
     training = raw.get("training", {})
     if not isinstance(training, dict):
         raise HybridGPTError(f"{where}: 'training' must be an object, got {type(training).__name__}")

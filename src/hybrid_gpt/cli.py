@@ -510,10 +510,12 @@ def _bench_config(args, block_size: int) -> BenchConfig:
 
 def cmd_bench(args) -> int:
     from hybrid_gpt.checkpoint import load_checkpoint
-    from hybrid_gpt.fsutil import write_json
-    from hybrid_gpt.infer.bench import format_table, format_train_table, run_bench, run_train_bench
+    from hybrid_gpt.fsutil import check_replaceable_json, write_json
+    from hybrid_gpt.infer.bench import RESULT_KEYS, format_table, format_train_table, run_bench, run_train_bench
     from hybrid_gpt.runtime import resolve_device
 
+    if args.out:  # before minutes of measuring: --out may name a user's file or a checkpoint's config.json
+        check_replaceable_json(args.out, RESULT_KEYS, "bench result")
     device = resolve_device(args.device)
     models, val = {}, None
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print

@@ -159,15 +159,21 @@ def read_text(path: str | Path, what: str, limit: int) -> str:
         raise HybridGPTError(f"{what} {path} is not UTF-8 text (bad byte at offset {e.start})") from e
 
 
-def read_json(path: str | Path, what: str, limit: int = JSON_LIMIT):
-    path = Path(path)
-    text = read_text(path, what, limit)
+def parse_json(text: str, where: str, note: str = ""):
+    """``json.loads(text)``, with each way it fails as one line naming ``where``: bad syntax, integers longer
+    than Python converts (4,300 digits, a ValueError that is not a JSONDecodeError), nesting deeper than the
+    recursion limit."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise HybridGPTError(f"{what} {path} is not valid JSON ({e}); it may be truncated") from e
     except RecursionError as e:
-        raise HybridGPTError(f"{what} {path} is nested too deeply to be one of ours") from e
+        raise HybridGPTError(f"{where}: nested too deeply to be one of ours") from e
+    except ValueError as e:
+        raise HybridGPTError(f"{where}: not valid JSON ({clip(e, 120)})" + (f"; {note}" if note else "")) from e
+
+
+def read_json(path: str | Path, what: str, limit: int = JSON_LIMIT):
+    path = Path(path)
+    return parse_json(read_text(path, what, limit), f"{what} {path}", "it may be truncated")
 
 
 # -- directories ------------------------------------------------------------------------------------
@@ -203,6 +209,21 @@ def check_replaceable(path: Path, allowed: Collection[str], what: str) -> None:
     if foreign:
         raise HybridGPTError(f"{path} is not a {what}: it holds {_listing(foreign)}; it is left untouched "
                              "(move those away, or choose another output path)")
+
+
+def check_replaceable_json(path: str | Path, keys: Collection[str], what: str) -> None:
+    """Refuse to overwrite the file ``path`` unless it is missing or a JSON object holding ``keys``: an output
+    file named on the command line may be a user's file or another artifact (a checkpoint's config.json)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    try:
+        data = read_json(path, what)
+    except HybridGPTError:
+        data = None
+    if not (isinstance(data, dict) and all(k in data for k in keys)):
+        raise HybridGPTError(f"{path} exists and is not a {what}; it is left untouched (remove it, or choose "
+                             "another output path)")
 
 
 def replace_dir(tmp_dir: Path, final: Path, allowed: Collection[str] | None = None, what: str = "") -> None:

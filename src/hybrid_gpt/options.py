@@ -149,6 +149,10 @@ def _text_problem(text: str, kind: str, spec: Spec) -> str | None:
 def _path_problem(path: Path, kind: str) -> str | None:
     """An existing path of the wrong type, caught before any work starts."""
     try:
+        try:
+            path.resolve()
+        except RuntimeError:  # what pathlib raises for a loop of symbolic links, where the caller resolves it
+            return "is or passes through a loop of symbolic links"
         if kind == "input":
             if path.exists() and not (path.is_file() or path.is_dir()):
                 return "is not a regular file or a directory"

@@ -13,13 +13,13 @@ The criteria are fixed here and printed with the verdict:
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from pathlib import Path
 
 from hybrid_gpt.analysis.stats import format_ci, mean_ci
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import write_json, write_text
+from hybrid_gpt.fsutil import JSON_LIMIT, read_json, read_text, write_json, write_text
 
 QUALITY_TOLERANCE = 0.01  # 1% of the standard model's bits per byte
 SPEED_GAIN = 1.25
@@ -27,11 +27,65 @@ STANDARD, HYBRID, DROP = "AAAA", "AAMM", "AANN"
 
 
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, "analysis result") if os.path.lexists(path) else None
+
+
+MAX_MAGNITUDE = 1e30  # no measured quantity comes near; the statistics' sums overflow (math.fsum) far beyond it
+
+
+def _number(v, positive: bool = False, whole: bool = False) -> bool:
+    return (isinstance(v, int if whole else (int, float)) and not isinstance(v, bool)
+            and -MAX_MAGNITUDE < v < MAX_MAGNITUDE and (v > 0 or not positive))
+
+
+def _interval_of(v) -> bool:
+    """A :func:`mean_ci` result: a finite mean, finite values, and no interval or two finite ends."""
+    return (isinstance(v, dict) and _number(v.get("mean")) and isinstance(v.get("values"), list) and v["values"] != []
+            and all(map(_number, v["values"])) and (v.get("ci95") is None or (
+                isinstance(v["ci95"], list) and len(v["ci95"]) == 2 and all(map(_number, v["ci95"])))))
+
+
+def _records(data: dict, key: str) -> list:
+    return data.get(key) if isinstance(data.get(key), list) else [None]
+
+
+# What the verdict reads of each analysis, and the check that it has that shape: a result file edited, cut or
+# written by another version would otherwise end in a traceback or a verdict on numbers that are not there.
+_SHAPES = {
+    # kv_bytes_per_token is 0 for a pattern without attention; the standard's, which divides, always has some.
+    "ablate": ("decode.context, and variants with spec, parameters, val_bpb, decode_tok_s, kv_bytes_per_token",
+               lambda d: isinstance(d.get("decode"), dict) and isinstance(d["decode"].get("context"), int)
+               and all(isinstance(e, dict) and isinstance(e.get("spec"), str) and isinstance(e.get("parameters"), int)
+                       and not isinstance(e["parameters"], bool) and _interval_of(e.get("val_bpb"))
+                       and _number(e.get("decode_tok_s"), True) and _number(e.get("kv_bytes_per_token"), whole=True)
+                       and e["kv_bytes_per_token"] >= 0
+                       for e in _records(d, "variants"))
+               and len({len(e["val_bpb"]["values"]) for e in d["variants"]}) <= 1),
+    "probe": ("chance, settings.task, and patterns with pattern and accuracy",
+              lambda d: _number(d.get("chance")) and isinstance(d.get("settings"), dict)
+              and isinstance(d["settings"].get("task"), str)
+              and all(isinstance(p, dict) and isinstance(p.get("pattern"), str) and _interval_of(p.get("accuracy"))
+                      for p in _records(d, "patterns"))),
+    "importance": ("recommendation with pattern, same_as_deep and deep_pattern",
+                   lambda d: isinstance(r := d.get("recommendation"), dict) and isinstance(r.get("pattern"), str)
+                   and isinstance(r.get("same_as_deep"), bool) and isinstance(r.get("deep_pattern"), str)),
+    "distill": ("arms, each an object whose quality_kept is a number or null",
+                lambda d: isinstance(d.get("arms"), dict) and all(
+                    isinstance(a, dict) and (a.get("quality_kept") is None or _number(a["quality_kept"]))
+                    for a in d["arms"].values())),
+}
+
+
+def _check_shape(name: str, path: Path, data) -> None:
+    fields, fits = _SHAPES[name]
+    if not (isinstance(data, dict) and fits(data)):
+        raise HybridGPTError(f"{path} is damaged: `verdict` needs {fields} (finite numbers); "
+                             f"re-run `hybrid-gpt {name}` to rewrite it")
 
 
 def collect(run_dir: str | Path) -> dict:
-    """The analyses found under ``run_dir`` (full ablation preferred over --quick), with their paths."""
+    """The analyses found under ``run_dir`` (full ablation preferred over --quick), with their paths; a result
+    of another shape than its analysis writes is a one-line error."""
     run_dir = Path(run_dir)
     found = {}
     for name, candidates in {
@@ -43,6 +97,7 @@ def collect(run_dir: str | Path) -> dict:
         for path in candidates:
             data = _read(path)
             if data is not None:
+                _check_shape(name, path, data)
                 found[name] = {"path": str(path.relative_to(run_dir)), "data": data}
                 break
     if not found:
@@ -195,6 +250,10 @@ def write_verdict(run_dir: str | Path) -> dict:
     """hypothesis.json and hypothesis.md in ``run_dir``: the verdict, then each analysis's own section
     (its plots linked from their subdirectories)."""
     run_dir = Path(run_dir)
+    outputs = run_dir / "hypothesis.json", run_dir / "hypothesis.md"
+    for path in outputs:  # before either is written: one refused after the other was written leaves a mix
+        if os.path.lexists(path) and not path.is_file():
+            raise HybridGPTError(f"{path} exists and is not a regular file; it is left untouched (move it away)")
     found = collect(run_dir)
     result = {"sources": {k: v["path"] for k, v in found.items()}, "table": table(found),
               "sentences": sentences(found)}
@@ -202,9 +261,12 @@ def write_verdict(run_dir: str | Path) -> dict:
     for name in ("ablate", "probe", "importance", "distill"):
         if name in found:
             folder = Path(found[name]["path"]).parent
-            md = (run_dir / folder / f"{name}.md").read_text()
+            md_file = run_dir / folder / f"{name}.md"
+            if not os.path.lexists(md_file):  # the numbers above come from the JSON; the section is optional
+                continue
+            md = read_text(md_file, "analysis report", JSON_LIMIT)
             # The section's plots sit beside its markdown: link them from the run directory.
             sections.append(re.sub(r"\]\(([^)/]+\.png)\)", lambda m: f"]({folder.as_posix()}/{m.group(1)})", md))
-    write_json(run_dir / "hypothesis.json", result)
-    write_text(run_dir / "hypothesis.md", "\n".join(sections))
+    write_json(outputs[0], result)
+    write_text(outputs[1], "\n".join(sections))
     return result

@@ -26,7 +26,7 @@ from hybrid_gpt.data.corpus import Corpus, Document
 from hybrid_gpt.data.template import check_messages
 from hybrid_gpt.data.tokenizer import check_unicode
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import output_dir, read_json, read_text, recover_dir, write_json, write_text
+from hybrid_gpt.fsutil import output_dir, parse_json, read_json, read_text, recover_dir, write_json, write_text
 from hybrid_gpt.presets import DEFAULT_SEED
 
 CHAT_FILES = ("meta.json", "sft_train.jsonl", "sft_val.jsonl", "dpo_train.jsonl", "dpo_val.jsonl")
@@ -145,12 +145,7 @@ def _read_jsonl(path: Path):
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HybridGPTError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-        except RecursionError as e:
-            raise HybridGPTError(f"{path}:{lineno}: nested too deeply") from e
+        obj = parse_json(line, f"{path}:{lineno}")
         if not isinstance(obj, dict):
             raise HybridGPTError(f"{path}:{lineno}: each line must be a JSON object")
         check_unicode(json.dumps(obj, ensure_ascii=False), f"{path}:{lineno}")

@@ -185,7 +185,10 @@ def load_user_corpus(path: str | Path, val_fraction: float = 0.1) -> Corpus:
         if "\x00" in text:
             raise HybridGPTError(f"corpus file {f} contains NUL bytes: it looks binary, not text")
         if text.strip():
-            docs.append(Document(name=f.stem, text=text if text.endswith("\n") else text + "\n"))
+            # A file name need not be UTF-8 (its undecodable bytes arrive as lone surrogates): the document's name
+            # is written to meta.json and hashed, so those bytes are kept as escapes.
+            name = f.stem.encode("utf-8", "backslashreplace").decode("utf-8")
+            docs.append(Document(name=name, text=text if text.endswith("\n") else text + "\n"))
     if not docs:
         raise HybridGPTError(f"corpus {path} is empty: it holds no text to train on")
     total = sum(len(d.text) for d in docs)

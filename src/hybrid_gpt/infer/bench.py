@@ -43,6 +43,9 @@ class BenchConfig:
     compile: bool = False
 
 
+# Keys every result of run_bench holds: what marks a file as one that `bench --out` may replace.
+RESULT_KEYS = ("environment", "config", "hardware", "models")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

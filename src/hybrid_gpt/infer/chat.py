@@ -149,14 +149,43 @@ def one_shot(session: ChatSession, text: str, out=None, err=None) -> None:
     _answer(session, check_message(text), out or sys.stdout, err or sys.stderr)
 
 
-def repl(session: ChatSession, banner: str = "", read: Callable[[str], str] = input, out=None, err=None) -> None:
+class LineTooLong(Exception):
+    """A line of input over MAX_INPUT_CHARS, skipped unread: ``length`` is how many characters it had."""
+
+    def __init__(self, length: int):
+        super().__init__(length)
+        self.length = length
+
+
+def read_line(prompt: str) -> str:
+    """:func:`input` at a terminal; from a pipe or a file, one line read at most MAX_INPUT_CHARS + 1 characters
+    at a time and a longer one skipped (:class:`LineTooLong`): a stream without line breaks (/dev/zero) must not
+    grow memory without bound."""
+    if sys.stdin.isatty():
+        return input(prompt)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    line = sys.stdin.readline(MAX_INPUT_CHARS + 1)
+    if not line:
+        raise EOFError
+    length = len(line)
+    while not line.endswith("\n") and length > MAX_INPUT_CHARS:
+        line = sys.stdin.readline(MAX_INPUT_CHARS + 1)
+        if not line or line.endswith("\n"):
+            raise LineTooLong(length + len(line.rstrip("\n")))
+        length += len(line)
+    return line.removesuffix("\n")
+
+
+def repl(session: ChatSession, banner: str = "", read: Callable[[str], str] = read_line, out=None,
+         err=None) -> None:
     """The interactive loop: a line per message, /reset, /quit or end of input; returns when done.
 
     A line that is empty, too long or not valid UTF-8 text is refused with a note, and the loop goes on:
     reading from standard input, it is switched to errors="surrogateescape", so that bytes that are not
     UTF-8 arrive as lone surrogates (refused) instead of raising in the middle of the stream."""
     out, err = out or sys.stdout, err or sys.stderr
-    if read is input and hasattr(sys.stdin, "reconfigure"):
+    if read is read_line and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # before the first read: it cannot change after one
     if banner:
         print(banner, file=err)
@@ -166,6 +195,10 @@ def repl(session: ChatSession, banner: str = "", read: Callable[[str], str] = in
         except (EOFError, KeyboardInterrupt):
             print(file=err)
             return
+        except LineTooLong as e:
+            print(f"(the message is {e.length:,} characters long; the limit is {MAX_INPUT_CHARS:,}; not sent)",
+                  file=err)
+            continue
         text = clean_input(line)
         if not text:
             print("(empty message: type something, /reset or /quit)", file=err)

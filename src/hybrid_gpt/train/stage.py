@@ -6,7 +6,6 @@ A stage is described by a :class:`Stage`; the stage modules only say how to buil
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -27,7 +26,7 @@ from hybrid_gpt.checkpoint import (
 )
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import claimed_dir, clip, read_text, recover_dir
+from hybrid_gpt.fsutil import claimed_dir, clip, parse_json, read_text, recover_dir
 from hybrid_gpt.model.gpt import GPT, GPTConfig
 from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import distributed_env, ensure_fits, init_distributed, resolve_device, shutdown_distributed
@@ -64,10 +63,7 @@ def read_metrics(ckpt: Path) -> list[dict]:
     for lineno, line in enumerate(read_text(path, "metrics file", METRICS_LIMIT).split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise HybridGPTError(f"{path}:{lineno} is not valid JSON; the metrics file is damaged") from e
+        rec = parse_json(line, f"{path}:{lineno}", "the metrics file is damaged")
         step = rec.get("step", 0) if isinstance(rec, dict) else None
         if not isinstance(step, int) or isinstance(step, bool):
             raise HybridGPTError(f"{path}:{lineno} is not a metrics record (an object with a whole-number step); "
@@ -134,6 +130,10 @@ def _check_optimizer_and_rng(state: dict, out: Path, model: GPT, tcfg: TrainConf
                     not isinstance(moments.get(k), torch.Tensor) or not moments[k].is_floating_point()
                     or moments[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq")):
                 raise _damaged(out, f"the optimizer moments of parameter {pid} do not fit its shape {tuple(p.shape)}")
+            # Else the first step would turn them into NaN weights, and the error would blame the training.
+            if not (torch.isfinite(moments["exp_avg"]).all() and torch.isfinite(moments["exp_avg_sq"]).all()
+                    and (moments["exp_avg_sq"] >= 0).all()):
+                raise _damaged(out, f"the optimizer moments of parameter {pid} are not finite (or negative squares)")
     reference = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     try:
         fresh.load_state_dict(opt)  # fills in settings an older PyTorch did not save
