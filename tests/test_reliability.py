@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,3 +311,15 @@ def test_chat_reads_piped_lines_in_bounded_pieces(monkeypatch, capsys):
     assert read_line("you> ") == "hello"
     with pytest.raises(EOFError):
         read_line("you> ")
+
+
+def test_sft_finds_its_init_checkpoint_left_mid_swap(pretrained, tmp_path):
+    """The default --init (the pretrained checkpoint) is recovered from <init>.old before it is looked for."""
+    import shutil
+
+    from hybrid_gpt.train.finetune import resolve_init
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(pretrained / "pretrain-hybrid", run_dir / "pretrain-hybrid.old")
+    name, init, *_ = resolve_init("sft", run_dir, "hybrid", None, None)
+    assert (run_dir / "pretrain-hybrid" / "config.json").is_file() and Path(init).name == "pretrain-hybrid"

@@ -23,7 +23,7 @@ from pathlib import Path
 from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.stats import format_ci, judge_pair, mean_ci
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import read_json, write_json, write_text
+from hybrid_gpt.fsutil import check_replaceable, read_json, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
 
@@ -43,6 +43,9 @@ class Variant:
     def slug(self) -> str:
         return self.layers + (f"-h{self.mlp_hidden}" if self.mlp_hidden else "")
 
+
+# What an ablate output directory holds (its runs are "<pattern>-steps<N>-seed<S>" checkpoints).
+ABLATE_FILES = ("ablate.json", "ablate.md", "ablate-*.png", "calibration-*.json", "*-steps*-seed*")
 
 def _config(values: dict, vocab_size: int, layers: str, mlp_hidden: int = 0) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, block_size=values["block_size"], n_embd=values["n_embd"],
@@ -115,6 +118,7 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
     values = get_preset(preset)
     steps = steps or (QUICK_STEPS[preset] if quick else values["max_steps"])
     out = Path(out_dir) if out_dir else run_dir / ("ablate-quick" if quick else "ablate")
+    check_replaceable(out, ABLATE_FILES, "layer-ablation output")  # its runs are resumed in it; nothing else is touched
     data_dir = run_dir / "data"
     ensure_prepared(data_dir, preset, log, tag="ablate")
     vocab_size = read_json(data_dir / "meta.json", "data meta")["vocab_size"]

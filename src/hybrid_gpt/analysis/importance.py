@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import write_json, write_text
+from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, mixer_activations
 from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm, evaluating, windows
 
@@ -42,6 +42,9 @@ class ConstantMixer(nn.Module):
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         return self.vector.to(x.dtype).expand_as(x)
 
+
+# What an importance output directory holds: it replaces only a directory of these.
+IMPORTANCE_FILES = ("importance.json", "importance.md", "importance-layers.png")
 
 def attention_layers(model: GPT) -> list[int]:
     """Block indices (0-based) whose mixer is attention."""
@@ -217,6 +220,7 @@ def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, ma
     out = Path(out_dir) if out_dir is not None else default_out_dir(root)
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise HybridGPTError(f"the output directory {out} is inside the checkpoint {root}; choose another")
+    check_replaceable(out, IMPORTANCE_FILES, "layer-importance output")  # before the work, not after it
     model, tok, training = load_checkpoint(checkpoint, resolve_device(device))
     _require_attention(model, str(root))
     data = checkpoint_data(root, tok, training, data_dir)
@@ -230,9 +234,10 @@ def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, ma
         **analyse(model, data.val, tok.token_byte_lengths(), max_tokens, replace, log=log),
     }
     result["out_dir"] = str(out)
-    result["plot"] = plot_importance(result, out / "importance-layers.png")
-    write_json(out / "importance.json", result)
-    write_text(out / "importance.md", render_importance_markdown(result))
+    with output_dir(out, allowed=IMPORTANCE_FILES, what="layer-importance output", overwrite=True) as tmp:
+        result["plot"] = plot_importance(result, tmp / "importance-layers.png")
+        write_json(tmp / "importance.json", result)
+        write_text(tmp / "importance.md", render_importance_markdown(result))
     log(f"wrote {out / 'importance.md'}")
     return result
 

@@ -31,7 +31,7 @@ from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.stats import format_ci, mean_ci
 from hybrid_gpt.checkpoint import checkpoint_data, is_checkpoint, load_checkpoint, resolve
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import write_json, write_text
+from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.runtime import resolve_device
@@ -106,6 +106,9 @@ class RecallSpec:
         """Accuracy of guessing among the values present in the sequence, which needs no lookup at all."""
         return 1.0 / self.value_pairs
 
+
+# What a probe output directory holds: it replaces only a directory of these.
+PROBE_FILES = ("probe.json", "probe.md", "probe-*.png")
 
 def _distinct(rng: np.random.Generator, rows: int, population: int, k: int) -> np.ndarray:
     """``rows`` independent draws of ``k`` distinct integers from [0, population)."""
@@ -312,6 +315,7 @@ def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str =
     """
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "probe"
+    check_replaceable(out, PROBE_FILES, "probe output")  # before the work, not after it
     if preset not in PROBE_SETTINGS:
         raise HybridGPTError(f"unknown preset {preset!r}; choose one of {', '.join(PROBE_SETTINGS)}")
     settings = dict(PROBE_SETTINGS[preset])
@@ -370,12 +374,12 @@ def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str =
         "position_loss": positions,
         "plots": {},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    result["plots"]["accuracy"] = plot_accuracy(result, out)
-    if positions and positions["models"]:
-        result["plots"]["position_loss"] = plot_position_loss(result, out)
-    write_json(out / "probe.json", result)
-    write_text(out / "probe.md", render_probe_markdown(result))
+    with output_dir(out, allowed=PROBE_FILES, what="probe output", overwrite=True) as tmp:
+        result["plots"]["accuracy"] = plot_accuracy(result, tmp)
+        if positions and positions["models"]:
+            result["plots"]["position_loss"] = plot_position_loss(result, tmp)
+        write_json(tmp / "probe.json", result)
+        write_text(tmp / "probe.md", render_probe_markdown(result))
     log(f"probe: wrote {out / 'probe.md'}")
     return result
 

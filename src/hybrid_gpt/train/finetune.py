@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 
 from hybrid_gpt.checkpoint import load_checkpoint
-from hybrid_gpt.data.chat_data import load_dpo, load_sft
+from hybrid_gpt.data.chat_data import has_chat_data, load_dpo, load_sft
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.fsutil import recover_dir
 from hybrid_gpt.model.gpt import GPT, parse_layers
 from hybrid_gpt.presets import layer_pattern
 
@@ -37,6 +38,7 @@ def resolve_init(stage: str, run_dir: Path, model_type: str | None, layers: str 
     prev = PREVIOUS[stage]
     if init is None:
         init = run_dir / f"{prev}-{name or 'standard'}"
+        recover_dir(Path(init))  # a crash mid-swap leaves it as <init>.old
         if not Path(init).exists():
             flag = f"--layers {layers}" if layers else f"--model-type {name or 'standard'}"
             raise HybridGPTError(
@@ -70,7 +72,7 @@ def load_stage_data(kind: str, chat_dir: Path, data: str | None, val_data: str |
         return train, val, {"data": str(Path(data).resolve()), "val_data": val_data and str(Path(val_data).resolve())}
     if val_data:
         raise HybridGPTError(f"--{kind}-val-data needs --{kind}-data too")
-    if not (chat_dir / "meta.json").is_file():
+    if not has_chat_data(chat_dir):  # recovers a half-finished swap first
         raise HybridGPTError(f"no chat data in {chat_dir}; run `hybrid-gpt prepare-chat` first, "
                              f"or pass --{kind}-data FILE.jsonl")
     train = loader(chat_dir / f"{kind}_train.jsonl")
