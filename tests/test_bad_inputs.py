@@ -85,7 +85,7 @@ BAD_INPUTS = {
                                         "--out", t / "fresh"], "nothing to resume"),
     "no prepared data": lambda t, r: (["pretrain", "--run-dir", t, "--preset", "smoke"], "hybrid-gpt prepare"),
     "cuda without gpu": lambda t, r: (["eval", r / "pretrain-hybrid", "--device", "cuda"], "no CUDA GPU"),
-    "unknown device": lambda t, r: (["eval", r / "pretrain-hybrid", "--device", "tpu"], "unknown --device"),
+    "unknown device": lambda t, r: (["eval", r / "pretrain-hybrid", "--device", "tpu"], "unknown device"),
     "heads do not divide": lambda t, r: (["pretrain", "--run-dir", r, "--preset", "smoke", "--n-head", "3",
                                           "--out", t / "y"], "divisible"),
     "bad temperature": lambda t, r: (["sample", r / "pretrain-hybrid", "--temperature", "-1"], "temperature"),

@@ -14,7 +14,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name not in DEVICES and not name.startswith("cuda:"):
-        raise HybridGPTError(f"unknown --device {name!r}; choose one of {', '.join(DEVICES)}")
+        raise HybridGPTError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -24,10 +24,10 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
             name = "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise HybridGPTError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
+            raise HybridGPTError("device cuda was requested but no CUDA GPU is available; use cpu")
         return torch.device(name if ":" in name else f"cuda:{local_rank}")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise HybridGPTError("--device mps was requested but MPS is not available; use --device cpu")
+        raise HybridGPTError("device mps was requested but MPS is not available; use cpu")
     return torch.device(name)
 
 

@@ -46,9 +46,9 @@ def test_save_and_load_round_trip(tok, tmp_path):
 
 
 def test_bad_vocab_size_and_bad_file(tmp_path):
-    with pytest.raises(HybridGPTError, match="vocab-size"):
+    with pytest.raises(HybridGPTError, match="vocab_size must be between"):
         Tokenizer.train(TEXTS, vocab_size=100)
-    with pytest.raises(HybridGPTError, match="vocab-size"):
+    with pytest.raises(HybridGPTError, match="vocab_size must be between"):
         Tokenizer.train(TEXTS, vocab_size=70000)
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")

@@ -145,7 +145,7 @@ def test_bench_measures_compiled_entries_beside_eager():
 
 
 def test_bench_compile_needs_a_warmup():
-    with pytest.raises(HybridGPTError, match="--warmup"):
+    with pytest.raises(HybridGPTError, match="needs warmup 1"):
         run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, warmup=0, peer=False,
                                                          compile=True), log=print)
 

@@ -73,7 +73,7 @@ def interruptible(fn, *args):
 
 def check_vocab_size(vocab_size: int) -> None:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
-        raise HybridGPTError(f"--vocab-size must be between {MIN_VOCAB} and {MAX_VOCAB}, got {clip(vocab_size)}")
+        raise HybridGPTError(f"vocab_size must be between {MIN_VOCAB} and {MAX_VOCAB}, got {clip(vocab_size)}")
 
 
 def check_unicode(text: str, what: str) -> None:

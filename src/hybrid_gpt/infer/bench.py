@@ -59,7 +59,7 @@ def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
 
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
-        raise HybridGPTError(f"unknown --dtypes {','.join(bad) or '(none)'}; choose from {', '.join(DTYPES)}")
+        raise HybridGPTError(f"unknown dtypes {','.join(bad) or '(none)'}; choose from {', '.join(DTYPES)}")
     out = {}
     # Copies made inside inference mode would hold inference tensors, which have no version counter;
     # kernels.Linear then cannot keep a packed weight for them and falls back to F.linear.
@@ -298,23 +298,23 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
     device = next(first.parameters()).device
     block = min(m.config.block_size for m in models.values())
     if cfg.new_tokens < 2:
-        raise HybridGPTError("--new-tokens must be at least 2 (decode time is t(N) - t(1))")
+        raise HybridGPTError("new_tokens must be at least 2 (decode time is t(N) - t(1))")
     contexts = cfg.contexts or default_contexts(block, cfg.new_tokens)
     if not contexts:
         raise HybridGPTError(f"new_tokens {cfg.new_tokens} leaves no context to measure: "
                              f"the models' context is {block}")
     for c in contexts:
         if c > block:
-            raise HybridGPTError(f"context {c} exceeds the models' maximum of {block}; pass --contexts up to {block}")
+            raise HybridGPTError(f"context {c} exceeds the models' maximum of {block}; give contexts up to {block}")
         if c <= cfg.new_tokens:
-            raise HybridGPTError(f"context {c} must exceed --new-tokens {cfg.new_tokens}")
+            raise HybridGPTError(f"context {c} must exceed new_tokens {cfg.new_tokens}")
     vocab = min(m.config.vocab_size for m in models.values())
     gen = torch.Generator().manual_seed(cfg.seed)
     peers = _make_peers(models, vocab, block, gen, device, log) if cfg.peer else {}
     compiled_diffs = {}
     if cfg.compile:
         if cfg.warmup < 1:
-            raise HybridGPTError("--compile needs --warmup 1 or more: the first runs of each shape compile")
+            raise HybridGPTError("compile needs warmup 1 or more: the first runs of each shape compile")
         trial = torch.randint(0, vocab, (2, min(block, 32)), generator=gen).to(device)
         compiled, compiled_diffs = with_compiled(models, trial, log)
         models = models | compiled

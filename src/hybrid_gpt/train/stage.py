@@ -188,7 +188,7 @@ def run_stage(stage: Stage, *, device: str = "auto", resume: bool = False, overw
     """Run ``stage`` into ``stage.out``: a fresh run refuses an existing directory, ``resume`` continues it,
     ``overwrite`` replaces it (only if it is a checkpoint: see :func:`hybrid_gpt.fsutil.claimed_dir`)."""
     if resume and overwrite:
-        raise HybridGPTError("--resume and --overwrite contradict each other; pass one")
+        raise HybridGPTError("resume and overwrite contradict each other; choose one")
     with claimed_dir(stage.out, allowed=CHECKPOINT_FILES, what="checkpoint", overwrite=overwrite, resume=resume,
                      exists_hint="pass --resume to continue it or --overwrite to start over",
                      writer=distributed_env()[0] == 0):  # only rank 0 writes checkpoints
