@@ -240,8 +240,7 @@ class ImportanceOptions:
 @dataclass
 class ProbeOptions:
     patterns: list[str] = option(_default(run_probe, "patterns"), help="comma-separated layer patterns")
-    # Three seeds, as pipeline --full runs it (run_probe's own default is one).
-    seeds: list[int] = option(default_factory=lambda: [1, 2, 3], kind="seeds", unique=True,
+    seeds: list[int] = option(default_factory=lambda: list(_default(run_probe, "seeds")), kind="seeds", unique=True,
                               help="comma-separated seeds")
     steps: int | None = option(None, lo=1, hi=MAX_STEPS, help="training steps per pattern (default: the preset's)")
     task: str | None = option(None, choices=("recall", "two-hop"), help="probe task (default: the preset's)")

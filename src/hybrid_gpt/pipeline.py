@@ -159,7 +159,7 @@ def run_hypothesis_tests(run_dir: Path, preset: str, device: str = "auto", progr
         run_distill(teacher, layers=hybrid, device=device, progress=progress, log=log)
     if not (run_dir / "probe" / "probe.json").is_file():
         log("[pipeline] hypothesis tests: probe")
-        run_probe(run_dir=run_dir, preset=preset, seeds=(1, 2, 3), device=device, progress=progress, log=log)
+        run_probe(run_dir=run_dir, preset=preset, device=device, progress=progress, log=log)
     return write_verdict(run_dir)
 
 

@@ -95,7 +95,7 @@ def test_position_loss_has_one_entry_per_position_and_averages_to_evaluate_lm():
 def test_run_probe_writes_json_markdown_and_plots(pretrained, tmp_path):
     out = tmp_path / "probe"
     result = run_probe(run_dir=pretrained, out_dir=out, patterns=("AA", "MM"), preset="smoke", steps=10,
-                       log=quiet, progress=False)
+                       seeds=(1,), log=quiet, progress=False)
     for name in ("probe.json", "probe.md", "probe-accuracy.png", "probe-position-loss.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "probe.json").read_text())

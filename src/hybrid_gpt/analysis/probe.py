@@ -305,7 +305,7 @@ def position_losses(checkpoints: dict[str, Path], max_tokens: int, device="cpu",
     return {"max_tokens": max_tokens, "models": models, "baseline": base, "gaps": gaps}
 
 
-def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str = "cpu", seeds=(1,),
+def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str = "cpu", seeds=(1, 2, 3),
               steps: int | None = None, task: str | None = None, checkpoints=None, device="cpu", log=print,
               progress: bool = True) -> dict:
     """Train every pattern on the recall probe, measure loss by position of the checkpoints, write
