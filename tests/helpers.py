@@ -48,3 +48,14 @@ def tiny_chat_files(tmp_path):
     dpo = [{"prompt": lines[i % 7], "chosen": lines[(i + 1) % 7], "rejected": "Fish and chips, " * (1 + i % 3)}
            for i in range(24)]
     return write_jsonl(tmp_path / "sft.jsonl", sft), write_jsonl(tmp_path / "dpo.jsonl", dpo)
+
+
+def run_bad(argv, capsys):
+    """Exit status and stderr of one CLI call; argparse's own errors arrive as SystemExit."""
+    from hybrid_gpt.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err

@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+from helpers import run_bad
 from safetensors.torch import load_file, save_file
 
 from hybrid_gpt.cli import main
@@ -163,15 +164,6 @@ def _loop(t):
     os.symlink(t / "b", t / "a")
     os.symlink(t / "a", t / "b")
     return t / "a"
-
-
-def run_bad(argv, capsys):
-    """Exit status and stderr of one CLI call; argparse's own errors arrive as SystemExit."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

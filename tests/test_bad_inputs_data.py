@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from helpers import run_bad
 from safetensors.torch import load_file, save_file
-from test_bad_inputs import run_bad  # the CLI's exit status and stderr, as the first catalogue reads them
 
 from hybrid_gpt import fsutil
 from hybrid_gpt.cli import main

@@ -12,10 +12,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import run_bad
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybrid_gpt.cli import build_parser, main
+from hybrid_gpt.cli import build_parser
 from hybrid_gpt.options import KINDS
 
 # Flags that change the process for the rest of the session, or take minutes when valid.
@@ -139,12 +140,9 @@ def test_cli_with_random_flag_values(command, arena, monkeypatch, capsys):
     @given(argv=invocations(inputs, command))
     def run(argv):
         try:
-            code = main(argv)
-        except SystemExit as e:  # argparse's own errors
-            code = e.code
+            code, err = run_bad(argv, capsys)
         finally:
             torch.set_num_threads(threads)
-        _, err = capsys.readouterr()
         assert code in (0, 1, 2, 130), (argv, code, err[-2000:])
         assert "Traceback" not in err, (argv, err[-2000:])
         if code:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_bad
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bad_inputs import run_bad  # the CLI's exit status and stderr, argparse's errors included
 
 from hybrid_gpt.analysis.stats import mean_ci
 

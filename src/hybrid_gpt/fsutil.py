@@ -135,12 +135,13 @@ def read_bytes(path: str | Path, what: str, limit: int) -> bytes:
     except OSError as e:
         raise HybridGPTError(f"cannot read {what} {path}: {os_reason(e)}") from e
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        if st.st_size > limit and stat.S_ISREG(st.st_mode):
-            raise HybridGPTError(f"{what} {path} is {st.st_size:,} bytes, over the limit of {limit:,}")
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
         raise HybridGPTError(f"{what} {path} is {kind}, not a regular file")
+    if st.st_size > limit:
+        os.close(fd)
+        raise HybridGPTError(f"{what} {path} is {st.st_size:,} bytes, over the limit of {limit:,}")
     with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(limit + 1)

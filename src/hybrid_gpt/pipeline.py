@@ -117,12 +117,13 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
 
     log("[pipeline] samples and chat replies")
     samples = _samples(first, device)
+    meta = read_meta(data_dir)
     results = {
         "preset": opts.preset, "seeds": opts.seeds, "run_dir": str(run_dir),
         "per_seed": {mt: {str(s): f for s, f in v.items()} for mt, v in per_seed.items()},
         "bench": bench, "samples": samples, "curves": curves, "timings": timings,
         "machine": bench["environment"],  # the benchmark's record of the machine, versions and kernels
-        "data": {k: read_meta(data_dir)[k] for k in ("source", "vocab_size", "splits")},
+        "data": {k: meta[k] for k in ("source", "vocab_size", "splits")},
         "command": opts.command or " ".join(shlex.quote(a) for a in ["hybrid-gpt", *sys.argv[1:]]),
         "pipeline_seconds": time.time() - t_start,
     }

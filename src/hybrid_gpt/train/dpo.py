@@ -151,6 +151,6 @@ def run_dpo(*, run_dir: str | Path, preset: str, model_type: str | None = None, 
 
     stage = Stage(name="dpo", out=Path(out) if out else run_dir / f"dpo-{name}", config=config, tokenizer=tok,
                   tcfg=tcfg, info=info, make_task=make_task,
-                  init_state={k: v.clone() for k, v in reference.state_dict().items()},
+                  init_state=reference.state_dict(),  # copied into the new model before the task moves it
                   fixed={"init": str(init_path.resolve()), "beta": beta})
     return run_stage(stage, device=device, resume=resume, overwrite=overwrite, log=log)

@@ -31,7 +31,7 @@ from hybrid_gpt.checkpoint import save_checkpoint
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.model.gpt import GPT
-from hybrid_gpt.options import check_fields, option
+from hybrid_gpt.options import MAX_TOKENS, check_fields, option
 from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import distributed_env
 
@@ -62,7 +62,7 @@ class TrainConfig:
     weight_decay: float = option(0.1, lo=0, help="AdamW's decoupled weight decay (biases and norms excluded)")
     grad_clip: float = option(1.0, lo=0, help="clip the gradient norm to this (0: no clipping)")
     eval_interval: int = option(250, lo=1, hi=MAX_STEPS, help="steps between evaluations")
-    eval_tokens: int = option(32768, lo=1, hi=2**40, help="validation tokens per periodic evaluation")
+    eval_tokens: int = option(32768, lo=1, hi=MAX_TOKENS, help="validation tokens per periodic evaluation")
     save_interval: int = option(0, lo=0, hi=MAX_STEPS, help="steps between checkpoints (0: at each evaluation)")
     seed: int = option(DEFAULT_SEED, kind="seed", help="random seed")
     compile: bool = option(False, help="torch.compile the model")
