@@ -145,6 +145,8 @@ class EvalOptions:
     data_dir: str | None = option(None, kind="input", flags=("--data",),
                                   help="prepared data directory (default: the one the checkpoint was trained on)")
     eval_tokens: int = option(EVAL_TOKENS, lo=1, hi=MAX_TOKENS, help="validation tokens to score, at most the split")
+    context: int | None = option(None, lo=1, hi=MAX_CONTEXT,
+                                 help="tokens per evaluation window (default: the model's full context)")
     json: bool = option(False, help="print JSON")
 
 
@@ -229,6 +231,8 @@ class AblateOptions:
 class ImportanceOptions:
     checkpoint: str = option(None, kind="input", positional=True)
     max_tokens: int = option(EVAL_TOKENS, lo=1, hi=MAX_TOKENS, help="validation tokens")
+    context: int | None = option(None, lo=1, hi=MAX_CONTEXT,
+                                 help="tokens per evaluation window (default: the model's full context)")
     replace: int | None = option(None, lo=1, hi=MAX_LAYERS,
                                  help="attention layers the recommended pattern replaces (default: half of them)")
     data_dir: str | None = option(None, kind="input", flags=("--data",),
@@ -399,14 +403,16 @@ def cmd_dpo(args) -> int:
 def cmd_eval(args) -> int:
     from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
     from hybrid_gpt.runtime import resolve_device
-    from hybrid_gpt.train.evaluate import evaluate_lm
+    from hybrid_gpt.train.evaluate import evaluate_lm, window_length
 
     device = resolve_device(args.device)
     model, tok, training = load_checkpoint(args.checkpoint, device)
     ckpt = Path(args.checkpoint)
     data = checkpoint_data(ckpt if ckpt.is_dir() else ckpt.parent, tok, training, args.data_dir)
-    res = evaluate_lm(model, data.val, tok.token_byte_lengths(), args.eval_tokens)
-    res = {"checkpoint": str(ckpt), "layers": model.config.layers, "parameters": model.num_params(), **res}
+    context = window_length(model, args.context)
+    res = evaluate_lm(model, data.val, tok.token_byte_lengths(), args.eval_tokens, context=context)
+    res = {"checkpoint": str(ckpt), "layers": model.config.layers, "parameters": model.num_params(),
+           "context": context, **res}
     if args.json:
         print(json.dumps(res))
     else:
@@ -414,7 +420,8 @@ def cmd_eval(args) -> int:
         print(f"  val loss    {res['loss']:.4f} nats/token")
         print(f"  perplexity  {res['perplexity']:.2f}")
         print(f"  bits/byte   {res['bpb']:.4f}")
-        print(f"  over {res['tokens']:,} tokens ({res['bytes']:,} bytes) of {data.meta['source']} validation text")
+        print(f"  over {res['tokens']:,} tokens ({res['bytes']:,} bytes) of {data.meta['source']} validation text, "
+              f"in windows of {context:,} tokens")
     return 0
 
 

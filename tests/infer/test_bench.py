@@ -190,3 +190,25 @@ def test_new_tokens_that_leave_no_context_are_refused():
     model = smoke_model("AAAA")
     with pytest.raises(HybridGPTError, match="leaves no context"):
         run_bench({"standard": model}, BenchConfig(new_tokens=model.config.block_size, repeats=1, peer=False))
+
+
+def test_the_decode_estimator_steps_the_greedy_tokens_generation_gives():
+    """The estimator's loop (prefill, rewind, cached greedy steps) is generation's computation: same tokens."""
+    import torch
+
+    from hybrid_gpt.infer.bench import _OursDecoder
+    from hybrid_gpt.infer.engine import generate
+
+    model = smoke_model("AM")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    n = 6
+    with torch.inference_mode():
+        dec = _OursDecoder(model, 2, 24)
+        dec.prefill(tokens)
+        dec.rewind(24 - n)
+        token, stepped = tokens[:, 24 - n:24 - n + 1], []
+        for _ in range(n):
+            token = dec.step(token)
+            stepped.append(token)
+        expected = list(generate(model, tokens[:, :24 - n + 1], n, temperature=0))
+    assert all(torch.equal(a, b) for a, b in zip(stepped, expected))

@@ -4,7 +4,7 @@ import torch
 from helpers import smoke_model
 
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.train.evaluate import evaluate_lm, windows
+from hybrid_gpt.train.evaluate import LOGITS_BUDGET, batch_rows, evaluate_lm, window_length, windows
 
 
 def test_windows_tile_the_split_without_overlap_up_to_the_budget():
@@ -32,3 +32,28 @@ def test_too_few_tokens_are_refused():
         next(windows(np.arange(1, dtype=np.uint16), 32, 100))
     with pytest.raises(HybridGPTError, match="at least 1"):
         next(windows(np.arange(10, dtype=np.uint16), 32, 0))
+
+
+def test_a_shorter_context_scores_windows_of_that_length_and_a_longer_one_is_refused():
+    model = smoke_model("AA")  # context 32
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, 200).astype(np.uint16)
+    lengths = np.ones(model.config.vocab_size, dtype=np.int64)
+    assert window_length(model, None) == 32 and window_length(model, 8) == 8
+    res = evaluate_lm(model, tokens, lengths, 64, context=8)
+    # By hand: the first 8 windows of 8 targets each.
+    with torch.no_grad():
+        x = torch.from_numpy(tokens[:65].astype(np.int64))
+        losses = [model(x[None, i:i + 8], x[None, i + 1:i + 9])[1].item() for i in range(0, 64, 8)]
+    assert res["tokens"] == 64 and abs(res["loss"] - sum(losses) / 8) < 1e-5
+    for bad in (0, 33, True):
+        with pytest.raises(HybridGPTError, match="evaluation context"):
+            evaluate_lm(model, tokens, lengths, 64, context=bad)
+
+
+def test_batches_of_long_windows_over_a_large_vocabulary_have_fewer_rows():
+    model = smoke_model("AA")
+    assert batch_rows(model, 32, 16) == 16  # the smoke and cpu presets keep their batches
+    model.config.vocab_size = LOGITS_BUDGET // (32 * 3)
+    assert batch_rows(model, 32, 16) == 3
+    model.config.vocab_size = LOGITS_BUDGET
+    assert batch_rows(model, 32, 16) == 1

@@ -27,7 +27,7 @@ from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, mixer_activations
-from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm, evaluating, windows
+from hybrid_gpt.train.evaluate import EVAL_TOKENS, batch_rows, evaluate_lm, evaluating, window_length, windows
 
 INTERVENTIONS = ("drop", "mean")
 
@@ -72,8 +72,8 @@ def swapped_mixers(model: GPT, replacements: dict[int, nn.Module | None]):
 
 
 @torch.no_grad()
-def attention_stats(model: GPT, tokens: np.ndarray, max_tokens: int = EVAL_TOKENS,
-                    batch_size: int = 16) -> tuple[list[float | None], list[torch.Tensor | None]]:
+def attention_stats(model: GPT, tokens: np.ndarray, max_tokens: int = EVAL_TOKENS, batch_size: int = 16,
+                    context: int | None = None) -> tuple[list[float | None], list[torch.Tensor | None]]:
     """Per block: mean cos(x, x + mixer(ln_1(x))) over tokens, and the attention's mean output vector.
 
     Over the windows evaluate_lm reads, from the model's own forward (model.gpt.mixer_activations), so
@@ -85,7 +85,8 @@ def attention_stats(model: GPT, tokens: np.ndarray, max_tokens: int = EVAL_TOKEN
     count = 0
     with evaluating(model) as model:
         device = next(model.parameters()).device
-        for chunk in windows(tokens, model.config.block_size, max_tokens, batch_size):
+        T = window_length(model, context)
+        for chunk in windows(tokens, T, max_tokens, batch_rows(model, T, batch_size)):
             x = chunk[:, :-1].to(device)
             for i, (before, out) in mixer_activations(model, x, layers).items():
                 before, out = before.float(), out.float()
@@ -138,7 +139,7 @@ def _pattern(layers: str, replace: list[int]) -> str:
 
 
 def analyse(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens: int = EVAL_TOKENS,
-            replace: int | None = None, log=print) -> dict:
+            replace: int | None = None, log=print, context: int | None = None) -> dict:
     """Similarity, intervention losses, rankings and the recommended pattern for one model (layers 1-based)."""
     pattern = model.config.layers
     attn = _require_attention(model, "the model")
@@ -148,12 +149,12 @@ def analyse(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens
 
     def evaluate(kind=None, layers=()):
         if kind is None:
-            return evaluate_lm(model, tokens, byte_lengths, max_tokens)
+            return evaluate_lm(model, tokens, byte_lengths, max_tokens, context=context)
         with swapped_mixers(model, _replacements(kind, list(layers), means)):
-            return evaluate_lm(model, tokens, byte_lengths, max_tokens)
+            return evaluate_lm(model, tokens, byte_lengths, max_tokens, context=context)
 
     log(f"measuring the residual stream around {len(attn)} attention layers of {pattern}")
-    similarity, means = attention_stats(model, tokens, max_tokens)
+    similarity, means = attention_stats(model, tokens, max_tokens, context=context)
     intact = evaluate()
     log(f"intact: loss {intact['loss']:.4f}, {intact['bpb']:.4f} bits/byte over {intact['tokens']:,} tokens")
     per_layer = []
@@ -209,7 +210,7 @@ def default_out_dir(checkpoint_root: Path) -> Path:
 
 def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, max_tokens: int = EVAL_TOKENS,
                    replace: int | None = None, data_dir: str | Path | None = None, device: str = "cpu",
-                   log=print) -> dict:
+                   log=print, context: int | None = None) -> dict:
     """Analyse one checkpoint; write importance.json, importance.md and importance-layers.png; return the dict."""
     from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint, resolve
     from hybrid_gpt.runtime import resolve_device
@@ -223,15 +224,17 @@ def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, ma
     check_replaceable(out, IMPORTANCE_FILES, "layer-importance output")  # before the work, not after it
     model, tok, training = load_checkpoint(checkpoint, resolve_device(device))
     _require_attention(model, str(root))
+    window_length(model, context)  # before the work
     data = checkpoint_data(root, tok, training, data_dir)
 
     result = {
         "checkpoint": str(root),
         "model": model.config.to_dict(),
-        "settings": {"max_tokens": max_tokens, "replace": replace, "device": str(next(model.parameters()).device)},
+        "settings": {"max_tokens": max_tokens, "replace": replace, "context": window_length(model, context),
+                     "device": str(next(model.parameters()).device)},
         "data": {"dir": str(Path(data.root).resolve()), "source": data.meta["source"],
                  "documents": data.meta["splits"]["val"]["documents"]},
-        **analyse(model, data.val, tok.token_byte_lengths(), max_tokens, replace, log=log),
+        **analyse(model, data.val, tok.token_byte_lengths(), max_tokens, replace, log=log, context=context),
     }
     result["out_dir"] = str(out)
     with output_dir(out, allowed=IMPORTANCE_FILES, what="layer-importance output", overwrite=True) as tmp:
@@ -283,7 +286,9 @@ def render_importance_markdown(result: dict) -> str:
     lines = [
         f"## Layer importance: {name} ({result['layers']})",
         "",
-        f"Over {intact['tokens']:,} validation tokens ({intact['bytes']:,} bytes) of {result['data']['source']}, "
+        f"Over {intact['tokens']:,} validation tokens ({intact['bytes']:,} bytes) of {result['data']['source']}"
+        + (f" in windows of {context:,} tokens" if (context := result.get("settings", {}).get("context")) else "")
+        + ", "
         f"the intact model's loss is {intact['loss']:.4f} nats/token ({intact['bpb']:.4f} bits per byte). "
         "Each attention layer in turn is dropped (its block acts as `N`) or replaced by its mean output "
         "vector over these same tokens, at inference and without retraining. Similarity is the mean cosine "

@@ -3,7 +3,9 @@ peer baseline (Hugging Face GPT-2 with the standard model's weights), measured s
 
 Every figure is a median over repeats with its min and max; the models are measured interleaved
 (model A, model B, model A, ...) after a warm-up, so that a noisy shared machine affects them alike.
-Decode time excludes prefill: it is t(N new tokens) - t(1 new token), for ours and the peer alike.
+Prefill is one forward over the whole context that fills a KV cache and returns the last position's
+logits (what generation does before its first token). Decode is N cached greedy steps from that primed
+cache, rewound to context - N: prefill excluded by construction, for ours and the peer alike.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from hybrid_gpt.errors import HybridGPTError, RunFailure
-from hybrid_gpt.infer.engine import generate
+from hybrid_gpt.infer.engine import KVCache, generate
 from hybrid_gpt.model import kernels
 from hybrid_gpt.model.gpt import GPT
 
@@ -224,27 +226,80 @@ def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float:
     return batch / seconds
 
 
-def _ours_generate(model: GPT, prompt: torch.Tensor, n: int, use_cache: bool) -> None:
-    for _ in generate(model, prompt, n, temperature=0, use_cache=use_cache):
-        pass
+class _OursDecoder:
+    """Our model's side of the estimator: a prefill that primes a KV cache, then cached greedy steps."""
+
+    def __init__(self, model: GPT, batch: int, context: int):
+        self.model, self.cache = model, KVCache(model, batch, max_len=context)
+
+    def prefill(self, tokens: torch.Tensor) -> None:
+        self.cache.reset()
+        self.model(tokens, kv_cache=self.cache, last_only=True)
+        self.cache.advance(tokens.size(1))
+
+    def rewind(self, length: int) -> None:
+        self.cache.pos = length  # the keys past it are overwritten by the next steps
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        logits = self.model(token, kv_cache=self.cache, last_only=True)
+        self.cache.advance(1)
+        return logits[:, -1].argmax(-1, keepdim=True)
 
 
-def _peer_generate(hf, prompt: torch.Tensor, n: int) -> None:
-    hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                pad_token_id=0, attention_mask=torch.ones_like(prompt))
+class _PeerDecoder:
+    """The same for a transformers model: its own cache, cropped back between repeats."""
+
+    def __init__(self, hf):
+        import inspect
+
+        from transformers import DynamicCache
+
+        self.hf, self.cache = hf, None
+        self.cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+        # transformers 5 crops by the number of tokens to remove (negative), 4 by the length to keep.
+        self.crop_removes = "tokens_to_remove" in inspect.signature(DynamicCache.crop).parameters
+
+    def prefill(self, tokens: torch.Tensor) -> None:
+        out = self.hf(tokens, use_cache=True, logits_to_keep=1)
+        self.cache = out.get("cache", out.get("past_key_values"))
+
+    def rewind(self, length: int) -> None:
+        have = self.cache.get_seq_length()
+        self.cache.crop(-(have - length) if self.crop_removes else length)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        out = self.hf(token, use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-def decode_rate(gen: Callable[[int], None], batch: int, n: int, device) -> float:
-    """New tokens per second, prefill excluded: (n - 1) * batch / (t(n) - t(1)).
+def decode_rate(decoder, tokens: torch.Tensor, n: int, device) -> float:
+    """New tokens per second of ``n`` cached greedy steps at batch ``tokens.size(0)``, prefill excluded.
 
-    On a busy machine t(1) can come out longer than t(n); such a pair says nothing, so it is measured
-    again (three tries) and otherwise reported as NaN, which the summary leaves out."""
-    for _ in range(3):
-        t_n = _time(lambda: gen(n), device)
-        t_1 = _time(lambda: gen(1), device)
-        if t_n > t_1:
-            return (n - 1) * batch / (t_n - t_1)
-    return float("nan")
+    ``decoder`` has been primed by ``prefill(tokens)`` (``tokens`` [B, context]); it is rewound to
+    ``context - n`` and steps ``n`` times from there, feeding back its own greedy token, so every repeat
+    decodes the same positions at the same cost without a second prefill (which at long contexts costs
+    minutes). Ours and the peer run the same loop: model call, argmax, next call."""
+    length = tokens.size(1) - n
+
+    def steps():
+        decoder.rewind(length)
+        token = tokens[:, length:length + 1]
+        for _ in range(n):
+            token = decoder.step(token)
+
+    return n * tokens.size(0) / _time(steps, device)
+
+
+def naive_rate(model: GPT, tokens: torch.Tensor, n: int, device) -> float:
+    """New tokens per second without a cache: each of the last ``n`` tokens of ``tokens`` computed by
+    re-running the whole sequence before it."""
+    length = tokens.size(1) - n
+
+    def steps():
+        for i in range(n):
+            model(tokens[:, : length + i + 1], last_only=True)
+
+    return n * tokens.size(0) / _time(steps, device)
 
 
 def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log) -> dict[str, dict]:
@@ -329,26 +384,19 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
 
     for c in contexts:
         for b in cfg.batch_sizes:
-            prompt_full = torch.randint(0, vocab, (b, c), generator=gen).to(device)
-            prompt = prompt_full[:, : c - cfg.new_tokens]
+            prompt = torch.randint(0, vocab, (b, c), generator=gen).to(device)
             n = cfg.new_tokens
             runners = {}
-            for name, model in models.items():
-                model.eval()
+            decoders = {name: _OursDecoder(model.eval(), b, c) for name, model in models.items()}
+            decoders |= {name: _PeerDecoder(peer["model"]) for name, peer in peers.items()}
+            for name, dec in decoders.items():
+                # The prefill is timed, and it primes the cache the decode steps then read.
                 runners[name] = {
-                    "prefill_ms": lambda m=model: 1000 * _time(lambda: m(prompt_full), device),
-                    "decode_tok_s": lambda m=model: decode_rate(lambda k: _ours_generate(m, prompt, k, True),
-                                                                 b, n, device),
+                    "prefill_ms": lambda d=dec: 1000 * _time(lambda: d.prefill(prompt), device),
+                    "decode_tok_s": lambda d=dec: decode_rate(d, prompt, n, device),
                 }
-                if cfg.naive:
-                    runners[name]["naive_decode_tok_s"] = lambda m=model: decode_rate(
-                        lambda k: _ours_generate(m, prompt, k, False), b, n, device)
-            for name, peer in peers.items():
-                runners[name] = {
-                    "prefill_ms": lambda hf=peer["model"]: 1000 * _time(lambda: hf(prompt_full), device),
-                    "decode_tok_s": lambda hf=peer["model"]: decode_rate(lambda k: _peer_generate(hf, prompt, k),
-                                                                          b, n, device),
-                }
+                if cfg.naive and name in models:
+                    runners[name]["naive_decode_tok_s"] = lambda m=models[name]: naive_rate(m, prompt, n, device)
             for rep in range(cfg.warmup + cfg.repeats):
                 for name, figures in runners.items():  # interleaved: every model once per repeat
                     for fig, fn in figures.items():

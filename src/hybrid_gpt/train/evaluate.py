@@ -15,6 +15,25 @@ from hybrid_gpt.model.gpt import GPT
 # The documented default: the first 131,072 predicted tokens of the validation split (or all of it,
 # if shorter), in non-overlapping windows of the model's full context.
 EVAL_TOKENS = 131072
+# Float32 logits one evaluation batch may hold: a batch of long windows over a large vocabulary has fewer rows.
+LOGITS_BUDGET = 2**28
+
+
+def window_length(model: GPT, context: int | None) -> int:
+    """The window every held-out measurement of ``model`` reads: ``context`` tokens, or its full context
+    when None; a window longer than the model's context is a one-line error."""
+    block = model.config.block_size
+    if context is None:
+        return block
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= block:
+        raise HybridGPTError(f"the evaluation context must be between 1 and the model's context of {block}, "
+                             f"got {context!r}")
+    return context
+
+
+def batch_rows(model: GPT, context: int, batch_size: int) -> int:
+    """``batch_size`` windows per batch, fewer when their logits would pass LOGITS_BUDGET (1 GiB)."""
+    return max(1, min(batch_size, LOGITS_BUDGET // (context * model.config.vocab_size)))
 
 
 @contextmanager
@@ -31,15 +50,16 @@ def evaluating(model):
 
 @torch.no_grad()
 def evaluate_lm(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens: int = EVAL_TOKENS,
-                batch_size: int = 16, autocast=nullcontext) -> dict:
+                batch_size: int = 16, autocast=nullcontext, context: int | None = None) -> dict:
     """Mean next-token loss (nats), perplexity and bits per byte.
 
-    Over the windows of :func:`windows`, so each token is predicted once; bits per byte divide the summed
+    Over the windows of :func:`windows` (``context`` tokens long, the model's full context when None), so
+    each token is predicted once; bits per byte divide the summed
     loss by the UTF-8 bytes of exactly those targets (special tokens count zero bytes), which makes models
     with different tokenizers comparable.
     """
     with evaluating(model) as model:
-        return _evaluate_lm(model, tokens, byte_lengths, max_tokens, batch_size, autocast)
+        return _evaluate_lm(model, tokens, byte_lengths, max_tokens, batch_size, autocast, context)
 
 
 def windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: int = 16) -> Iterator[torch.Tensor]:
@@ -63,10 +83,12 @@ def windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: in
         yield torch.from_numpy(np.stack([tokens[r * T : r * T + T + 1] for r in rows]).astype(np.int64))
 
 
-def _evaluate_lm(model: GPT, tokens, byte_lengths, max_tokens: int, batch_size: int, autocast) -> dict:
+def _evaluate_lm(model: GPT, tokens, byte_lengths, max_tokens: int, batch_size: int, autocast,
+                 context: int | None) -> dict:
     device = next(model.parameters()).device
     total_loss, total_bytes, count = 0.0, 0, 0
-    for chunk in windows(tokens, model.config.block_size, max_tokens, batch_size):
+    T = window_length(model, context)
+    for chunk in windows(tokens, T, max_tokens, batch_rows(model, T, batch_size)):
         x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)
         with autocast():
             _, loss = model(x, y, loss_reduction="sum")
