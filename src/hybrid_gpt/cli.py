@@ -181,11 +181,11 @@ class BenchOptions:
                                         help="context lengths, e.g. 64,128 (default: up to the model's)")
     batch_sizes: list[int] = option(default_factory=lambda: [1, 8, 32], lo=1, hi=MAX_ROWS)
     new_tokens: int = option(_BENCH.new_tokens, lo=2, hi=MAX_NEW_TOKENS,
-                             help="tokens decoded per measurement (decode time is t(N) - t(1))")
+                             help="cached decode steps timed per measurement, after the prefill")
     repeats: int = option(_BENCH.repeats, lo=1, hi=MAX_REPEATS, help="timed repeats (medians are reported)")
     warmup: int = option(_BENCH.warmup, lo=0, hi=MAX_REPEATS)
     naive: bool = option(_BENCH.naive, flags=("--no-naive",), help="skip decoding without the KV cache")
-    peer: bool = option(_BENCH.peer, flags=("--no-peer",), help="skip the transformers GPT-2 peer")
+    peer: bool = option(_BENCH.peer, flags=("--no-peer",), help="skip the transformers peer (same weights)")
     threads: int | None = option(None, lo=1, hi=4096, help="torch CPU threads (default: torch's choice)")
     dtypes: list[str] = option(default_factory=lambda: list(_BENCH.dtypes), choices=tuple(DTYPES),
                                help="weight/KV precisions to measure side by side, e.g. float32,bfloat16; "

@@ -353,7 +353,7 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
     device = next(first.parameters()).device
     block = min(m.config.block_size for m in models.values())
     if cfg.new_tokens < 2:
-        raise HybridGPTError("new_tokens must be at least 2 (decode time is t(N) - t(1))")
+        raise HybridGPTError("new_tokens must be at least 2")
     contexts = cfg.contexts or default_contexts(block, cfg.new_tokens)
     if not contexts:
         raise HybridGPTError(f"new_tokens {cfg.new_tokens} leaves no context to measure: "
