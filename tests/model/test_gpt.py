@@ -10,6 +10,7 @@ from hybrid_gpt.model.gpt import GPT, GPTConfig, check_layers, mixer_activations
 
 # Every pattern of three blocks, plus the four-block patterns the experiments use.
 PATTERNS = ["".join(p) for p in itertools.product("AMN", repeat=3)] + ["AAAA", "AAMM", "AANN", "MMAA"]
+LLAMA = dict(norm="rmsnorm", positions="rope", ffn="swiglu", bias=False)  # GPTConfig.llama's family fields
 
 
 @pytest.mark.parametrize("layers", PATTERNS)
@@ -158,14 +159,16 @@ def test_the_pattern_parser_normalises_and_names_every_bad_letter():
         check_layers("aA")  # the validator takes only the normal form
 
 
-def test_mixer_activations_are_each_blocks_input_and_mixer_output():
-    model = smoke_model("AMNA")
+@pytest.mark.parametrize("kw", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_mixer_activations_are_each_blocks_input_and_mixer_output(kw):
+    model = smoke_model("AMNA", **kw)
     idx = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     acts = mixer_activations(model, idx, [3, 0, 1])
     assert sorted(acts) == [0, 1, 3]
-    # The same computation spelled out: embeddings, then each block in turn.
+    # The same computation spelled out: embeddings, then each block in turn (an attention block applies
+    # rotary positions itself, so its mixer is a function of its input alone in both families).
     h = model.transformer
-    x = h.wte(idx) + h.wpe(torch.arange(16))
+    x = h.wte(idx) + (h.wpe(torch.arange(16)) if "wpe" in h else 0)
     for i, block in enumerate(h.h):
         if i in acts:
             torch.testing.assert_close(acts[i][0], x, rtol=0, atol=0)
@@ -191,7 +194,6 @@ def test_mixer_activations_stop_after_the_last_block_asked_for():
 
 # ---- The Llama family: the same class, configured ----
 
-LLAMA = dict(norm="rmsnorm", positions="rope", ffn="swiglu", bias=False)  # GPTConfig.llama's family fields
 # (config kwargs, what the test calls it): plain multi-head, grouped-query with partial RoPE, multi-query,
 # Llama with biases and untied embeddings, and a GPT-2 with grouped-query attention ("custom").
 SHAPES = [
@@ -249,9 +251,8 @@ def test_fused_attention_equals_a_per_head_reference(kw, name):
     model = smoke_model("AA", **kw)
     config = model.config
     x = torch.randn(2, 11, config.n_embd, generator=torch.Generator().manual_seed(0))
-    rope = model.rotary(0, 11) if model.rotary is not None else None
     for block in model.transformer.h:
-        got = block.mixer(x, None, rope)
+        got = block.mixer(x)
         torch.testing.assert_close(got.double(), _attention_reference(block.mixer, x, config), rtol=1e-5, atol=1e-5)
 
 
@@ -345,6 +346,7 @@ def test_bfloat16_keeps_the_rope_tables_in_float32():
         full = model(idx)
         half = model.to(torch.bfloat16)
         assert half.rotary.cos.dtype == torch.float32 and half.transformer.wte.weight.dtype == torch.bfloat16
+        assert all(b.mixer.rotary is half.rotary for b in half.transformer.h[:2])  # one table, shared
         out = half(idx)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), full, rtol=0.05, atol=0.05)
