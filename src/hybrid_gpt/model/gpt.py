@@ -194,9 +194,9 @@ class GPTConfig:
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of one query per head over the cache, spelled out, with the softmax in float32.
 
-    Used on the CPU at batch > 1, where PyTorch's scaled_dot_product_attention kernel is slow for a
-    single query, above all in bfloat16; at batch 1 SDPA is the faster of the two, so it keeps it
-    (the measurements are in docs/performance.md). With grouped-query attention (fewer key/value
+    Used on the CPU at batch > 1 and in bfloat16 at any batch, where PyTorch's scaled_dot_product_attention
+    kernel is slow for a single query (in bfloat16 2-17x, growing with the context); float32 at batch 1
+    keeps SDPA, the faster there (the measurements are in docs/performance.md). With grouped-query attention (fewer key/value
     heads than query heads) the queries of each group are stacked against their shared key/value head."""
     B, H, _, D = q.shape
     groups = H // k.size(1)
@@ -317,7 +317,7 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=self.gqa)
-        elif T == 1 and B > 1 and q.is_cpu and p == 0.0:
+        elif T == 1 and q.is_cpu and p == 0.0 and (B > 1 or q.dtype != torch.float32):
             y = _attend_one(q, k, v)
         elif T == 1:  # one new token attends to everything cached: no mask needed
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=self.gqa)
