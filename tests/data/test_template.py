@@ -201,7 +201,7 @@ def test_chatml_cropping_never_leaves_an_empty_target():
 def test_a_context_too_short_for_the_template_is_refused():
     from data.chatml import chatml_tokenizer
 
-    with pytest.raises(HybridGPTError, match=r"too short for a conversation in the chatml template \(at least \d+\)"):
+    with pytest.raises(HybridGPTError, match=r"too short for a conversation \(the chatml chat template needs at least"):
         render(chatml_tokenizer(), CHATML_CONVS[0], max_len=10)
 
 
@@ -214,6 +214,30 @@ def test_template_from_jinja_recognises_smollm2s_template():
 
     assert template_from_jinja(SMOLLM2_JINJA) == chatml_template(SMOLLM2_SYSTEM)
     assert template_from_jinja(PLAIN_JINJA) == chatml_template()
+
+
+QWEN_LIKE = """{%- if messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- else %}
+    {{- '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or
+           (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+
+def test_template_from_jinja_goes_by_what_a_template_renders_not_its_wording():
+    """A Qwen-style template, worded otherwise (whitespace control, attribute access, tool branches), is ChatML."""
+    from hybrid_gpt.data.template import chatml_template, template_from_jinja
+
+    assert template_from_jinja(QWEN_LIKE) == chatml_template("You are Qwen, a helpful assistant.")
 
 
 @pytest.mark.parametrize("jinja", [

@@ -218,3 +218,15 @@ def test_byte_lengths_count_added_tokens_by_their_text():
     assert hf.token_to_id("naïve café") in tok.encode("a naïve café")
     assert all(lengths[i] == 0 for i in tok.special.values()) and len(tok.special) == 4
     assert not lengths.flags.writeable
+
+
+def test_a_sampled_prompt_starts_with_the_templates_bos_if_it_has_one(tok):
+    from data.chatml import chatml_hf, chatml_tokenizer
+
+    bos = tok.special["<|bos|>"]
+    assert tok.prompt_ids("ROMEO:") == [bos] + tok.encode("ROMEO:") and tok.prompt_ids("") == [bos]
+    chatml = chatml_tokenizer()
+    assert chatml.prompt_ids("ROMEO:") == chatml.encode("ROMEO:") and chatml.prompt_ids("") == [0]  # <|endoftext|>
+    raw = Tokenizer(chatml_hf()).to_str().replace("<|endoftext|>", "<|unused|>")  # no template, no <|endoftext|>
+    with pytest.raises(HybridGPTError, match="an empty prompt needs a token to start from"):
+        Tokenizer.from_str(raw).prompt_ids("")
