@@ -25,7 +25,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from hybrid_gpt.data.template import HYBRID_TEMPLATE, SPECIAL_TOKENS, ChatTemplate
+from hybrid_gpt.data.template import HYBRID_TEMPLATE, ROLES, SPECIAL_TOKENS, ChatTemplate
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip, read_text
 
@@ -108,8 +108,8 @@ class Tokenizer:
 
     def _check_template(self, template: ChatTemplate) -> None:
         """The template's structural tokens must be special tokens of this tokenizer."""
-        needed = [(f"its turns ({template.turn(r)!r})", template.turn(r)) for r in ("system", "user", "assistant")]
-        needed.append((f"turn_end ({template.turn_end!r})", template.turn_end))
+        needed = [(f"its turns ({clip(repr(template.turn(r)))})", template.turn(r)) for r in ROLES]
+        needed.append((f"turn_end ({clip(repr(template.turn_end))})", template.turn_end))
         for what, text in needed:
             if not isinstance(self.split_special(text)[0], int):
                 raise HybridGPTError(f"the tokenizer lacks the special token that opens {what} in the chat template "
