@@ -171,7 +171,7 @@ def _samples(sd: Path, device) -> dict:
     out = {}
     for mt in MODEL_TYPES:
         model, tok, _ = load_checkpoint(sd / f"pretrain-{mt}", device)
-        idx = torch.tensor([[tok.bos_id] + tok.encode(SAMPLE_PROMPT)], device=device)
+        idx = torch.tensor([tok.prompt_ids(SAMPLE_PROMPT)], device=device)
         ids = [int(t) for t in generate(model, idx, 60, temperature=0)]
         greedy = SAMPLE_PROMPT + tok.decode(ids)
         model, tok, _ = load_checkpoint(sd / f"dpo-{mt}", device)
