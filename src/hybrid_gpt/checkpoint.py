@@ -48,7 +48,7 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, training
     """
     path = Path(path)
     model = getattr(model, "module", model)  # unwrap DDP
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in _own_tensors(model.state_dict(), model).items()}
     bad = _non_finite(state)
     if bad:
         raise RunFailure(
@@ -121,9 +121,17 @@ def _names(keys) -> str:
     return ", ".join(clip(k, 80) for k in keys[:5]) + (f" and {len(keys) - 5:,} more" if len(keys) > 5 else "")
 
 
+def _own_tensors(state: dict, model: GPT) -> dict:
+    """``state`` without lm_head.weight when the model ties it to wte (one tensor, stored once); an untied
+    lm_head is a tensor of its own and stays."""
+    tied = model.config.tie_embeddings
+    return {k: v for k, v in state.items() if not (tied and k == TIED)}
+
+
 def _check_tensors(state: dict, model: GPT, where: Path) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED}
-    state.pop(TIED, None)
+    expected = {k: v.shape for k, v in _own_tensors(model.state_dict(), model).items()}
+    if model.config.tie_embeddings:
+        state.pop(TIED, None)
     missing = set(expected) - set(state)
     extra = set(state) - set(expected)
     shapes = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
@@ -149,15 +157,16 @@ def _check_tensors(state: dict, model: GPT, where: Path) -> None:
 
 
 def load_state(model: GPT, state: dict[str, torch.Tensor], where: Path) -> None:
-    """Load ``state`` into ``model``: exactly its tensors (the tied lm_head aside), in their shapes,
+    """Load ``state`` into ``model``: exactly its tensors (a tied lm_head aside), in their shapes,
     floating point and finite; anything else is a one-line error naming the tensor. Used by every load
     and by --resume, so a damaged checkpoint never trains on with re-initialised tensors."""
     _check_tensors(state, model, where)
-    model.load_state_dict(state, strict=False)  # strictness checked above; lm_head is tied to wte
+    model.load_state_dict(state, strict=False)  # strictness checked above; a tied lm_head is wte
 
 
 def weights_limit(config: GPTConfig) -> int:
-    """The most bytes a weights file of ``config`` may take: float64 (the widest we accept) plus headers.
+    """The most bytes a weights file of ``config`` may take: float64 (the widest we accept) plus headers
+    (num_params counts an untied lm_head, which the file then holds).
     Checked before reading, so a file padded with a huge extra tensor is never loaded into memory."""
     return 8 * config.num_params() + (16 << 20)
 

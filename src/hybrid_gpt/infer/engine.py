@@ -14,8 +14,9 @@ from hybrid_gpt.model.gpt import GPT
 
 
 class KVCache:
-    """Static per-layer key/value buffers for attention layers only: one [2, B, H, max_len, head_dim]
-    tensor per layer, keys at index 0 and values at 1, so that one copy writes both.
+    """Static per-layer key/value buffers for attention layers only: one [2, B, kv_heads, max_len, head_dim]
+    tensor per layer, keys at index 0 and values at 1, so that one copy writes both. With grouped-query
+    attention it holds the key/value heads only (kv_heads < n_head), which is GQA's saving.
 
     Written in place (no per-token concatenation); ``pos`` counts the tokens already cached.
     """
@@ -24,14 +25,15 @@ class KVCache:
         cfg = model.config
         param = next(model.parameters())
         self.max_len = max_len or cfg.block_size
-        shape = (2, batch_size, cfg.n_head, self.max_len, cfg.n_embd // cfg.n_head)
+        shape = (2, batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
         dtype, device = dtype or param.dtype, device or param.device
         self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.attention_layers)]
         self.pos = 0
 
     def update(self, index: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache ``kv`` ([2, B, H, T, head_dim]: new keys and values) after the ``pos`` cached tokens
-        of attention layer ``index``; return that layer's keys and values so far, [B, H, pos + T, head_dim] each."""
+        """Cache ``kv`` ([2, B, kv_heads, T, head_dim]: new keys and values) after the ``pos`` cached tokens
+        of attention layer ``index``; return that layer's keys and values so far, [B, kv_heads, pos + T, head_dim]
+        each (keys with RoPE applied at their positions, where the model uses it)."""
         end = self.pos + kv.size(-2)
         buf = self.kv[index]
         buf[:, :, :, self.pos:end] = kv
@@ -76,8 +78,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
 
     ``idx`` [B, T] must fit the context. Past the context the model sees a window that restarts:
     once the window would exceed ``block_size`` it restarts at the last ``block_size // 2`` tokens
-    (positions from 0 again) and grows from there. The cache is re-primed with exactly that window,
-    which amortises the re-priming over ``block_size // 2`` steps; the uncached path runs the same
+    (positions from 0 again, learned or rotary alike) and grows from there. The cache is re-primed with
+    exactly that window, which amortises the re-priming over ``block_size // 2`` steps; the uncached path runs the same
     window every step, so both compute the same function and ``use_cache`` changes speed only.
     Generation ends once every row has produced one of ``stop_tokens``; a row that has stopped
     repeats its stop token. The model is put in eval mode and given back in the mode it was in.

@@ -1,13 +1,18 @@
-"""The GPT: GPT-2 architecture whose token mixer is chosen per block by a layer pattern.
+"""The GPT: a decoder-only transformer whose token mixer is chosen per block by a layer pattern.
 
-    A  causal multi-head self-attention (the usual GPT-2 block)
-    M  a static per-token MLP in place of attention: LayerNorm -> Linear(d, h) -> GELU -> Linear(h, d)
+    A  causal multi-head self-attention (the usual block)
+    M  a static per-token MLP in place of attention: norm -> Linear(d, h) -> activation -> Linear(h, d)
     N  no token mixer at all (the block keeps only its feed-forward MLP): the zero-parameter control
 
 "AAAA" is the standard model and "AAMM" the original experiment's hybrid. Only the attention
 sub-layer changes; every block keeps its feed-forward MLP. M and N blocks never look at other
-positions, so they need no KV cache. Names follow GPT-2's (except `mixer`, GPT-2's `attn`) so that
-weights map 1:1 onto Hugging Face's GPT2LMHeadModel for the standard model.
+positions, so they need no KV cache.
+
+Two families are one class, told apart by configuration (GPTConfig): GPT-2 (the defaults: LayerNorm,
+learned positions, tanh-GELU MLP, biases, tied embeddings) and Llama (RMSNorm, rotary positions,
+SwiGLU MLP, grouped-query attention, no biases, optionally untied embeddings), so that every analysis
+runs on both. Names follow GPT-2's (except `mixer`, GPT-2's `attn`) in both families, so that weights
+map 1:1 onto Hugging Face's GPT2LMHeadModel for the standard model.
 """
 
 from __future__ import annotations
@@ -51,8 +56,20 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p, training=True) if training and p > 0 else x
 
 
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+FFNS = ("gelu", "swiglu")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class GPTConfig:
+    """A model's shape. The family fields (from ``norm`` on) default to GPT-2's, so a config.json written
+    before they existed loads as the model it was; :meth:`llama` gives the Llama family's."""
+
     vocab_size: int = 4096
     block_size: int = 256  # maximum context length
     n_embd: int = 384
@@ -60,6 +77,21 @@ class GPTConfig:
     layers: str = "AAAA"  # one letter per block, from MIXERS
     mlp_hidden: int = 0  # hidden width of an M mixer; 0 means n_embd // 4 ("tiny")
     dropout: float = 0.0
+    norm: str = "layernorm"  # from NORMS
+    norm_eps: float = 1e-5
+    positions: str = "learned"  # from POSITIONS: a learned table (wpe) or rotary embeddings on q and k
+    rope_theta: float = 10000.0
+    rotary_dims: int = 0  # RoPE on the first rotary_dims dims of each head; 0 means all of them
+    ffn: str = "gelu"  # from FFNS: the feed-forward MLP's (and M mixer's) activation
+    ffn_hidden: int = 0  # hidden width of the feed-forward MLP; 0 means 4 * n_embd
+    n_kv_head: int = 0  # key/value heads (grouped-query attention when fewer than n_head); 0 means n_head
+    bias: bool = True  # biases of the attention and feed-forward linears (M mixers always have them)
+    tie_embeddings: bool = True  # lm_head shares wte's weight
+
+    @classmethod
+    def llama(cls, **kw) -> "GPTConfig":
+        """A config of the Llama family: RMSNorm (eps 1e-5), RoPE, SwiGLU, no biases; ``kw`` sets the rest."""
+        return cls(**{"norm": "rmsnorm", "positions": "rope", "ffn": "swiglu", "bias": False, **kw})
 
     @property
     def n_layer(self) -> int:
@@ -69,19 +101,62 @@ class GPTConfig:
     def m_hidden(self) -> int:
         return self.mlp_hidden or max(1, self.n_embd // 4)
 
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_width(self) -> int:
+        return self.ffn_hidden or 4 * self.n_embd
+
+    @property
+    def rope_dims(self) -> int:
+        """The dims of each head that RoPE rotates (with rotary positions)."""
+        return self.rotary_dims or self.head_dim
+
+    @property
+    def family(self) -> str:
+        """"llama" (rmsnorm, rope, swiglu), "gpt2" (every family field but norm_eps at its default), else "custom"."""
+        if (self.norm, self.positions, self.ffn) == ("rmsnorm", "rope", "swiglu"):
+            return "llama"
+        if ((self.norm, self.positions, self.ffn, self.ffn_hidden, self.n_kv_head, self.bias, self.tie_embeddings)
+                == ("layernorm", "learned", "gelu", 0, 0, True, True)):
+            return "gpt2"
+        return "custom"
+
     def validate(self) -> "GPTConfig":
         ints = {"vocab_size": self.vocab_size, "block_size": self.block_size, "n_embd": self.n_embd,
-                "n_head": self.n_head, "mlp_hidden": self.mlp_hidden}
+                "n_head": self.n_head, "mlp_hidden": self.mlp_hidden, "rotary_dims": self.rotary_dims,
+                "ffn_hidden": self.ffn_hidden, "n_kv_head": self.n_kv_head}
         for name, value in ints.items():
             if not isinstance(value, int) or isinstance(value, bool):
                 raise HybridGPTError(f"model config: {name} must be an integer, got {value!r}")
-            if value < (0 if name == "mlp_hidden" else 1):
+            if value < (0 if name in ("mlp_hidden", "rotary_dims", "ffn_hidden", "n_kv_head") else 1):
                 raise HybridGPTError(f"model config: {name} must be positive, got {value}")
         check_layers(self.layers)
         if self.n_embd % self.n_head:
             raise HybridGPTError(f"model config: n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise HybridGPTError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        for name, value, choices in (("norm", self.norm, NORMS), ("positions", self.positions, POSITIONS),
+                                     ("ffn", self.ffn, FFNS)):
+            if not isinstance(value, str) or value not in choices:
+                raise HybridGPTError(f"model config: {name} must be one of {', '.join(choices)}, got {value!r}")
+        for name, value in (("norm_eps", self.norm_eps), ("rope_theta", self.rope_theta)):
+            if not _number(value) or value <= 0:
+                raise HybridGPTError(f"model config: {name} must be a positive number, got {value!r}")
+        for name, value in (("bias", self.bias), ("tie_embeddings", self.tie_embeddings)):
+            if not isinstance(value, bool):
+                raise HybridGPTError(f"model config: {name} must be true or false, got {value!r}")
+        if self.n_head % self.kv_heads:
+            raise HybridGPTError(f"model config: n_head {self.n_head} must be divisible by n_kv_head {self.n_kv_head}")
+        if self.positions == "rope" and (self.rope_dims % 2 or self.rope_dims > self.head_dim):
+            raise HybridGPTError(f"model config: rotary_dims {self.rope_dims} must be even and at most the head dim "
+                                 f"{self.head_dim}")
         return self
 
     def to_dict(self) -> dict:
@@ -99,15 +174,21 @@ class GPTConfig:
 
     def num_params(self) -> int:
         """Parameters of the model this config describes (tied embeddings counted once)."""
-        d, v, h = self.n_embd, self.vocab_size, self.m_hidden
-        ln = 2 * d
-        per_mixer = {"A": ln + 3 * d * d + 3 * d + d * d + d, "M": ln + d * h + h + h * d + d, "N": 0}
-        ffn = ln + 4 * d * d + 4 * d + 4 * d * d + d
-        return v * d + self.block_size * d + sum(per_mixer[c] + ffn for c in self.layers) + ln
+        d, v, h, f = self.n_embd, self.vocab_size, self.m_hidden, self.ffn_width
+        gates = 2 if self.ffn == "swiglu" else 1  # SwiGLU's c_fc holds the gate and the up projection
+        ln = 2 * d if self.norm == "layernorm" else d
+        qkv = (self.n_head + 2 * self.kv_heads) * self.head_dim
+        attn = qkv * d + d * d + self.bias * (qkv + d)
+        per_mixer = {"A": ln + attn, "M": ln + gates * h * d + gates * h + h * d + d, "N": 0}
+        ffn = ln + gates * f * d + f * d + self.bias * (gates * f + d)
+        embeddings = v * d * (1 if self.tie_embeddings else 2) + (self.block_size * d if self.positions == "learned"
+                                                                   else 0)
+        return embeddings + sum(per_mixer[c] + ffn for c in self.layers) + ln
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
         """KV-cache bytes each token of context costs: keys and values of the attention blocks only."""
-        return 2 * self.layers.count("A") * self.n_embd * torch.empty((), dtype=dtype).element_size()
+        per_layer = 2 * self.kv_heads * self.head_dim
+        return per_layer * self.layers.count("A") * torch.empty((), dtype=dtype).element_size()
 
 
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -115,64 +196,166 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
     Used on the CPU at batch > 1, where PyTorch's scaled_dot_product_attention kernel is slow for a
     single query, above all in bfloat16; at batch 1 SDPA is the faster of the two, so it keeps it
-    (the measurements are in docs/performance.md)."""
+    (the measurements are in docs/performance.md). With grouped-query attention (fewer key/value
+    heads than query heads) the queries of each group are stacked against their shared key/value head."""
+    B, H, _, D = q.shape
+    groups = H // k.size(1)
+    if groups > 1:  # query head h reads key/value head h // groups, as SDPA's enable_gqa
+        q = q.reshape(B, k.size(1), groups, D)
     scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.size(-1)))
-    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+    y = torch.softmax(scores, dim=-1).to(v.dtype) @ v
+    return y.view(B, H, 1, D) if groups > 1 else y
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, cache_index: int):
+class RMSNorm(nn.Module):
+    """Root-mean-square norm as Hugging Face's LlamaRMSNorm computes it (in float32, the gain applied after
+    casting back), so that imported Llama weights give the same numbers."""
+
+    def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.n_head = config.n_head
-        self.cache_index = cache_index  # which slot of a KV cache this layer owns
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
-        self.c_proj = Linear(config.n_embd, config.n_embd)
-        self.dropout = config.dropout
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
-    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        B, T, C = x.shape
-        # One view and one permute give q, k, v as [B, heads, T, head_dim] each, and k, v side by side
-        # ([2, B, heads, T, head_dim]) as the cache stores them, so that one copy caches both.
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        start = 0
-        if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.cache_index, qkv[1:])
-        p = self.dropout if self.training else 0.0
-        if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        elif T == 1 and B > 1 and q.is_cpu and p == 0.0:
-            y = _attend_one(q, k, v)
-        elif T == 1:  # one new token attends to everything cached: no mask needed
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        else:  # a chunk appended to a cache: query i sees keys up to start + i
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # a view, without a copy, when T == 1
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
-class TokenMLP(nn.Module):
-    """The static per-token mixer: the same small function applied at every position independently."""
+def _norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+class Rotary(nn.Module):
+    """RoPE's cos and sin tables, [block_size, rope_dims] each, in Hugging Face Llama's convention
+    (non-interleaved: each table is cat(freqs, freqs), paired with :func:`rotate_half`).
+
+    One per model, shared by its attention blocks. The tables stay float32 when the model is cast
+    (a bfloat16 angle table would misplace far positions) and are cast to the activations' dtype at use;
+    they are rebuilt, not stored: they are kept out of the state dict."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, config.m_hidden)
+        self.dims, self.theta, self.length = config.rope_dims, config.rope_theta, config.block_size
+        cos, sin = self._tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dims, 2, dtype=torch.int64).float() / self.dims))
+        freqs = torch.outer(torch.arange(self.length, dtype=torch.float32), inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos(), angles.sin()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # moves (and may cast) the tables; the cast is undone here
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = (t.to(self.cos.device) for t in self._tables())
+        return self
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of positions start..start+length-1, [length, rope_dims] each."""
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` [..., T, head_dim] at the positions of ``cos``/``sin`` [T, rope_dims]: the first
+    rope_dims dims of each head are rotated, the rest pass through."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    dims = cos.size(-1)
+    if dims == x.size(-1):
+        return x * cos + rotate_half(x) * sin
+    rot, keep = x[..., :dims], x[..., dims:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with one fused q, k, v projection (rows: n_head query heads, then kv_heads key
+    heads, then kv_heads value heads); grouped-query when kv_heads < n_head; RoPE on q and k when given."""
+
+    def __init__(self, config: GPTConfig, cache_index: int):
+        super().__init__()
+        self.n_head, self.kv_heads, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.gqa = self.kv_heads != self.n_head
+        self.cache_index = cache_index  # which slot of a KV cache this layer owns
+        self.c_attn = Linear(config.n_embd, (self.n_head + 2 * self.kv_heads) * self.head_dim, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, kv_cache=None, rope=None) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.c_attn(x)
+        if not self.gqa:
+            # One view and one permute give q, k, v as [B, heads, T, head_dim] each, and k, v side by side
+            # ([2, B, heads, T, head_dim]) as the cache stores them, so that one copy caches both.
+            qkv = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            kv = qkv[1:]
+        else:
+            qkv = qkv.view(B, T, self.n_head + 2 * self.kv_heads, self.head_dim)
+            q = qkv[:, :, :self.n_head].transpose(1, 2)
+            kv = qkv[:, :, self.n_head:].view(B, T, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            k, v = kv.unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            kv = torch.stack((k, v))
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.cache_index, kv)
+        p = self.dropout if self.training else 0.0
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=self.gqa)
+        elif T == 1 and B > 1 and q.is_cpu and p == 0.0:
+            y = _attend_one(q, k, v)
+        elif T == 1:  # one new token attends to everything cached: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=self.gqa)
+        else:  # a chunk appended to a cache: query i sees keys up to start + i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=self.gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # a view, without a copy, when T == 1
+
+
+def _activate(ffn: str, h: torch.Tensor) -> torch.Tensor:
+    """The feed-forward activation: tanh-GELU, or SwiGLU on a fused projection (gate half, then up half)."""
+    if ffn == "gelu":
+        return F.gelu(h, approximate="tanh")
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class TokenMLP(nn.Module):
+    """The static per-token mixer: the same small function applied at every position independently,
+    with the family's activation (its c_fc fused gate and up for SwiGLU) and always with biases."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ffn = config.ffn
+        self.c_fc = Linear(config.n_embd, (2 if config.ffn == "swiglu" else 1) * config.m_hidden)
         self.c_proj = Linear(config.m_hidden, config.n_embd)
 
-    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor, kv_cache=None, rope=None) -> torch.Tensor:
+        return self.c_proj(_activate(self.ffn, self.c_fc(x)))
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.ffn = config.ffn
+        width = config.ffn_width
+        self.c_fc = Linear(config.n_embd, (2 if config.ffn == "swiglu" else 1) * width, bias=config.bias)
+        self.c_proj = Linear(width, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
+        return dropout(self.c_proj(_activate(self.ffn, self.c_fc(x))), self.dropout, self.training)
 
 
 def _rename_legacy_mixer(state_dict, prefix, *args, **kwargs):
@@ -181,7 +364,8 @@ def _rename_legacy_mixer(state_dict, prefix, *args, **kwargs):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + mixer(ln_1(x))`` (skipped for N), then ``x + mlp(ln_2(x))``.
+    """Pre-norm residual block: ``x + mixer(ln_1(x))`` (skipped for N), then ``x + mlp(ln_2(x))``;
+    ln_1 and ln_2 are the family's norm (LayerNorm or RMSNorm).
 
     The token mixer is called ``mixer`` whatever its kind; GPT-2's name for it (``attn``) appears only
     in ``peer.py``. Checkpoints written before the rename (keys ``...attn...``) still load.
@@ -192,18 +376,19 @@ class Block(nn.Module):
         self.kind = kind
         self._register_load_state_dict_pre_hook(_rename_legacy_mixer)
         if kind == "A":
-            self.ln_1, self.mixer = nn.LayerNorm(config.n_embd), CausalSelfAttention(config, cache_index)
+            self.ln_1, self.mixer = _norm(config), CausalSelfAttention(config, cache_index)
         elif kind == "M":
-            self.ln_1, self.mixer = nn.LayerNorm(config.n_embd), TokenMLP(config)
+            self.ln_1, self.mixer = _norm(config), TokenMLP(config)
         else:  # "N": no mixer and no parameters for it
             self.ln_1, self.mixer = None, None
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = _norm(config)
         self.mlp = MLP(config)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None, rope=None) -> torch.Tensor:
+        """``rope``: (cos, sin) of the positions of ``x`` (rotary positions only), from GPT.rotary."""
         if self.mixer is not None:
-            x = x + dropout(self.mixer(self.ln_1(x), kv_cache), self.dropout, self.training)
+            x = x + dropout(self.mixer(self.ln_1(x), kv_cache, rope), self.dropout, self.training)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -212,14 +397,16 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config.validate()
         attn_slots = [config.layers[:i].count("A") for i in range(config.n_layer)]
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList(Block(config, kind, slot) for kind, slot in zip(config.layers, attn_slots)),
-            ln_f=nn.LayerNorm(config.n_embd),
-        ))
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positions == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules["h"] = nn.ModuleList(Block(config, kind, slot) for kind, slot in zip(config.layers, attn_slots))
+        modules["ln_f"] = _norm(config)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.rotary = Rotary(config) if config.positions == "rope" else None
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual projection's variance shrinks with depth.
         for name, p in self.named_parameters():
@@ -256,11 +443,16 @@ class GPT(nn.Module):
             raise HybridGPTError(
                 f"sequence of {start + T} tokens exceeds the model's context of {self.config.block_size}"
             )
-        # Slicing the position table is the lookup of positions start..start+T-1, with less per-call work.
-        x = self.transformer.wte(idx) + self.transformer.wpe.weight[start:start + T]
+        rope = None
+        if self.rotary is None:
+            # Slicing the position table is the lookup of positions start..start+T-1, with less per-call work.
+            x = self.transformer.wte(idx) + self.transformer.wpe.weight[start:start + T]
+        else:
+            x = self.transformer.wte(idx)
+            rope = self.rotary(start, T)
         x = dropout(x, self.config.dropout, self.training)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            x = block(x, kv_cache, rope)
         if last_only and targets is None:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
@@ -271,7 +463,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Weight decay on matrices and embeddings only, never on biases or LayerNorm gains."""
+        """Weight decay on matrices and embeddings only, never on biases or norm gains."""
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
