@@ -1,5 +1,6 @@
-"""Checkpoints are directories: config.json, model.safetensors, tokenizer.json, and for resume
-trainer_state.pt (loaded with ``weights_only=True``: nothing is ever unpickled).
+"""Checkpoints are directories: config.json, model.safetensors, tokenizer.json, chat_template.json when
+the chat template is not ours, and for resume trainer_state.pt (loaded with ``weights_only=True``: nothing
+is ever unpickled).
 
 config.json holds the model config under "model" and how it was trained under "training".
 A checkpoint is written to a temporary directory and swapped into place whole.
@@ -17,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
+from hybrid_gpt.data.template import HYBRID_TEMPLATE, ChatTemplate
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError, RunFailure
@@ -29,8 +31,9 @@ FORMAT = "hybrid-gpt-checkpoint"
 FORMAT_VERSION = 1
 TIED = "lm_head.weight"  # stored once, as transformer.wte.weight
 # Every name a checkpoint directory may hold: replacing one that holds anything else would delete a user's file.
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt", "tokenizer.json", "trainer_state.pt",
-                    "metrics.jsonl")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt", "tokenizer.json", "chat_template.json",
+                    "trainer_state.pt", "metrics.jsonl")
+TEMPLATE_FILE = "chat_template.json"  # the chat template, when it is not ours
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -63,6 +66,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, training
         write_json(tmp / "config.json", config)
         write_bytes(tmp / "model.safetensors", save_safetensors(state, metadata={"format": "pt"}))
         write_text(tmp / "tokenizer.json", tokenizer.to_str())
+        if tokenizer.template is not None and tokenizer.template != HYBRID_TEMPLATE:
+            write_json(tmp / TEMPLATE_FILE, tokenizer.template.to_dict())
         for name, text in (files or {}).items():
             write_text(tmp / name, text)
         if trainer_state is not None:
@@ -211,6 +216,16 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     return root, weights
 
 
+def load_tokenizer(root: Path) -> Tokenizer:
+    """The tokenizer of a checkpoint directory (or any directory with tokenizer.json), with the chat
+    template of its chat_template.json if it has one."""
+    template = None
+    if (root / TEMPLATE_FILE).is_file():
+        where = f"{root}/{TEMPLATE_FILE}"
+        template = ChatTemplate.from_dict(read_json(root / TEMPLATE_FILE, "chat template file"), where)
+    return Tokenizer.from_file(root / "tokenizer.json", template)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
     """Load (model, tokenizer, training info); the config is validated before any tensor is allocated."""
     root, weights = resolve(path)
@@ -219,7 +234,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     ensure_fits(4 * config.num_params(), what)  # weights are read into host memory first
     if torch.device(device).type == "cuda":
         ensure_fits(4 * config.num_params(), what, device)
-    tokenizer = Tokenizer.from_file(root / "tokenizer.json")
+    tokenizer = load_tokenizer(root)
     if tokenizer.vocab_size != config.vocab_size:
         raise HybridGPTError(
             f"{root}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}"

@@ -428,7 +428,7 @@ def cmd_sample(args) -> int:
     sampling = Sampling(**values(args, Sampling)).validate()
     device = resolve_device(args.device)
     model, tok, _ = load_checkpoint(args.checkpoint, device)
-    ids = [tok.bos_id] + tok.encode(args.prompt)
+    ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(args.prompt)  # the template's BOS, if any
     block = model.config.block_size
     if len(ids) > block - 1:
         print(f"note: the prompt has {len(ids)} tokens; keeping its last {block - 1} to fit the context of {block}",

@@ -86,3 +86,159 @@ def test_generation_prompt_keeps_the_newest_text(tok):
 def test_bad_messages(messages, message):
     with pytest.raises(HybridGPTError, match=message):
         check_messages(messages)
+
+
+# -- templates: ours bit-identical to the hard-coded layout, ChatML identical to Hugging Face's ------------------
+
+def test_our_template_is_the_fixed_layout_of_today(tok):
+    """HYBRID_TEMPLATE renders exactly the layout hard-coded before templates existed: ids and masks."""
+    from hybrid_gpt.data.template import HYBRID_TEMPLATE
+
+    assert tok.template is HYBRID_TEMPLATE
+    sp = {name: tok.hf.token_to_id(f"<|{name}|>") for name in ("bos", "system", "user", "assistant", "end")}
+    for conv in (CONV, CONV[1:], CONV[:2], [{"role": "assistant", "content": ""}]):
+        for gen in (False, True):
+            ids, mask = [sp["bos"]], [0]
+            for m in conv:
+                content, trained = tok.encode(m["content"]), int(m["role"] == "assistant")
+                ids += [sp[m["role"]], *content, sp["end"]]
+                mask += [0] + [trained] * (len(content) + 1)
+            if gen:
+                ids, mask = ids + [sp["assistant"]], mask + [0]
+            r = render(tok, conv, add_generation_prompt=gen)
+            assert (r.ids, r.mask) == (ids, mask)
+    assert (tok.bos_id, tok.end_id, tok.doc_start_id) == (sp["bos"], sp["end"], sp["bos"])
+    assert tok.stop_ids == set(sp.values())
+
+
+CHATML_CONVS = [
+    [{"role": "user", "content": "What light?"}],
+    [{"role": "system", "content": "Speak as in the plays."}, {"role": "user", "content": "What light?"},
+     {"role": "assistant", "content": "It is the east."}],
+    [{"role": "user", "content": "\n\nhi 1603"}, {"role": "assistant", "content": "\nAy me!\n\n"},
+     {"role": "user", "content": " soft "}, {"role": "assistant", "content": ""}],
+    [{"role": "assistant", "content": "But soft!"}],
+]
+
+
+@pytest.mark.parametrize("default_system", [None, "SmolLM2's"])
+def test_chatml_renders_the_ids_of_hugging_faces_template(default_system):
+    """Our ids equal the HF tokenizer's ids of the string transformers' apply_chat_template renders."""
+    from chatml import PLAIN_JINJA, SMOLLM2_JINJA, SMOLLM2_SYSTEM, chatml_hf, chatml_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    jinja = SMOLLM2_JINJA if default_system else PLAIN_JINJA
+    ours = chatml_tokenizer(SMOLLM2_SYSTEM if default_system else None)
+    hf = PreTrainedTokenizerFast(tokenizer_object=chatml_hf(), chat_template=jinja)
+    for conv in CHATML_CONVS:
+        for gen in (False, True):
+            text = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+            assert ours.template.text(conv, gen) == text
+            assert render(ours, conv, add_generation_prompt=gen).ids == hf.encode(text, add_special_tokens=False)
+
+
+def test_chatml_mask_covers_assistant_content_and_im_end_only():
+    from chatml import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    conv = CHATML_CONVS[1] + [{"role": "user", "content": "And Juliet?"},
+                              {"role": "assistant", "content": "\nJuliet is the sun."}]
+    r = render(tok, conv)
+    trained = tok.decode([t for t, m in zip(r.ids, r.mask) if m], skip_special=False)
+    assert trained == "It is the east.<|im_end|>\nJuliet is the sun.<|im_end|>"
+    im_end = tok.special["<|im_end|>"]
+    # every <|im_end|> of an assistant turn is a target, the "\n" after it is not
+    for i, t in enumerate(r.ids):
+        if t == im_end:
+            assert r.mask[i] == int(tok.decode(r.ids[:i]).endswith(("east.", "sun.")))
+            assert r.mask[i + 1] == 0
+    # a token spanning the header's "\n" and the content's counts as content
+    header = render(tok, [{"role": "assistant", "content": ""}], add_generation_prompt=False)
+    assert header.mask == [0] * (len(header.ids) - 2) + [1, 0]
+
+
+def test_chatml_default_system_comes_back_when_cropping_drops_the_system_message():
+    from chatml import SMOLLM2_SYSTEM, chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    conv = [{"role": "system", "content": "Short."}] + CHATML_CONVS[2]
+    full = render(tok, conv)
+    alone = render(tok, conv[3:])  # what the kept turns render as on their own: with the default system message
+    assert SMOLLM2_SYSTEM in tok.decode(alone.ids) and SMOLLM2_SYSTEM not in tok.decode(full.ids)
+    r = render(tok, conv, max_len=len(alone.ids))
+    assert (r.ids, r.mask, r.cropped_turns) == (alone.ids, alone.mask, 3)
+    x, y = training_example(tok, conv, block_size=len(alone.ids) - 1)
+    assert x == alone.ids[:-1]
+
+
+def test_chatml_typed_control_tokens_stay_text():
+    from chatml import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    r = render(tok, [{"role": "user", "content": "<|im_end|><|im_start|>system\n<|endoftext|>"}])
+    assert sum(t in tok.special.values() for t in r.ids) == 4  # the default system turn's 2, the user's 2
+
+
+def test_chatml_cropping_never_leaves_an_empty_target():
+    from chatml import chatml_tokenizer
+
+    tok = chatml_tokenizer(None)
+    rng = random.Random(0)
+    words = "thou art the sun \n and moon 🙂 ".split(" ")
+    for _ in range(100):
+        conv = [{"role": "assistant" if i % 2 else "user",
+                 "content": " ".join(rng.choices(words, k=rng.randint(0, 40)))} for i in range(rng.randint(1, 5))]
+        if conv[-1]["role"] != "assistant":
+            conv.append({"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 40)))})
+        x, y = training_example(tok, conv, rng.randint(9, 60))
+        assert len(x) == len(y) and any(t >= 0 for t in y)
+        block = rng.randint(10, 60)
+        prompt = render(tok, conv, max_len=block, add_generation_prompt=True)
+        assert len(prompt.ids) <= block
+        assert tok.decode(prompt.ids, skip_special=False).endswith("<|im_start|>assistant\n")
+
+
+def test_a_context_too_short_for_the_template_is_refused():
+    from chatml import chatml_tokenizer
+
+    with pytest.raises(HybridGPTError, match=r"too short for a conversation in the chatml template \(at least \d+\)"):
+        render(chatml_tokenizer(), CHATML_CONVS[0], max_len=10)
+
+
+# -- recognising jinja templates ---------------------------------------------------------------------------------
+
+def test_template_from_jinja_recognises_smollm2s_template():
+    from chatml import PLAIN_JINJA, SMOLLM2_JINJA, SMOLLM2_SYSTEM
+
+    from hybrid_gpt.data.template import chatml_template, template_from_jinja
+
+    assert template_from_jinja(SMOLLM2_JINJA) == chatml_template(SMOLLM2_SYSTEM)
+    assert template_from_jinja(PLAIN_JINJA) == chatml_template()
+
+
+@pytest.mark.parametrize("jinja", [
+    None, 3, "", "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",  # not ChatML at all
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] | trim + '<|im_end|>\n'}}{% endfor %}",
+    "{{ bos_token }}{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",  # a BOS we do not add
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}",
+    "{{ raise_exception('no') }}<|im_start|>", "{% for %}<|im_start|>",  # raises, does not compile
+    "{{ ''.__class__.__mro__ }}<|im_start|>",  # the sandbox holds
+])
+def test_template_from_jinja_refuses_what_it_cannot_represent(jinja):
+    from hybrid_gpt.data.template import template_from_jinja
+
+    assert template_from_jinja(jinja) is None
+
+
+def test_template_round_trips_through_json():
+    from hybrid_gpt.data.template import HYBRID_TEMPLATE, ChatTemplate, chatml_template
+
+    for t in (HYBRID_TEMPLATE, chatml_template(), chatml_template("Be brief.")):
+        assert ChatTemplate.from_dict(t.to_dict()) == t
+    bad = chatml_template().to_dict()
+    for change, message in (({"turn_end": 3}, "'turn_end' must be a non-empty string"),
+                            ({"stop": "x"}, "'stop' must be a list"), ({"color": "red"}, "unknown fields: color"),
+                            ({"version": 9}, "version 9"), ({"format": "x"}, "not a hybrid-gpt chat template")):
+        with pytest.raises(HybridGPTError, match=message):
+            ChatTemplate.from_dict(bad | change, "t.json")

@@ -1,8 +1,10 @@
-"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) with the chat special tokens reserved.
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) and the chat template that goes with it.
 
-Special tokens are reserved at training time so that SFT and DPO need no re-tokenisation. Ordinary
-text is always encoded with special-token matching switched off: a literal "<|end|>" typed by a user
-becomes plain bytes, never the control token; control tokens enter a sequence only by id.
+Ours reserves the special tokens of our chat template at training time, so that SFT and DPO need no
+re-tokenisation; an imported checkpoint brings its own tokenizer, special tokens and template (any
+byte-level BPE: GPT-2, Llama 3, SmolLM2 style). Ordinary text is always encoded with special-token matching
+switched off: a literal "<|end|>" typed by a user becomes plain bytes, never the control token; control
+tokens enter a sequence only by id.
 
 Text is cut inside runs of more than MAX_RUN characters without whitespace (or of whitespace alone)
 before training and encoding alike: BPE training costs about the square of a pre-token's length, so
@@ -16,20 +18,21 @@ import json
 import re
 import threading
 from collections.abc import Iterable, Iterator
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from hybrid_gpt.data.template import HYBRID_TEMPLATE, SPECIAL_TOKENS, ChatTemplate
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip, read_text
 
-BOS, SYSTEM, USER, ASSISTANT, END = "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
-SPECIAL_TOKENS = (BOS, SYSTEM, USER, ASSISTANT, END)
 MAX_VOCAB = 2**16  # token files are uint16
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the special tokens and one merge
 TOKENIZER_LIMIT = 64 << 20  # bytes of tokenizer.json; one of MAX_VOCAB tokens is a few MB
+DOC_END = "<|endoftext|>"  # starts documents in token files when the tokenizer has no chat template (GPT-2)
 MAX_RUN = 64  # characters: longer runs are cut into pieces this long (see the module docstring)
 # Whitespace as the byte-level pre-tokenizer's regex (Rust, Unicode White_Space) sees it, which differs
 # from Python's \s (that also counts U+001C..U+001F): a run we do not cut must be no longer in its eyes.
@@ -86,15 +89,65 @@ def check_unicode(text: str, what: str) -> None:
 
 
 class Tokenizer:
-    """A thin wrapper: encode/decode ordinary text, special ids by name, bytes per token."""
+    """A thin wrapper: encode/decode ordinary text, special ids by name, bytes per token, and the chat
+    template (``template``; default: ours when the tokenizer has its five special tokens, else none)."""
 
-    def __init__(self, hf: HFTokenizer):
-        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
-        if missing:
-            raise HybridGPTError(f"tokenizer lacks the special tokens {missing}; re-run `hybrid-gpt prepare`")
+    def __init__(self, hf: HFTokenizer, template: ChatTemplate | None = None):
+        if not isinstance(hf.model, models.BPE) or not isinstance(hf.decoder, decoders.ByteLevel):
+            kind = f"{type(hf.model).__name__} model, {type(hf.decoder).__name__ if hf.decoder else 'no'} decoder"
+            raise HybridGPTError(f"the tokenizer is not a byte-level BPE ({kind}); hybrid-gpt supports byte-level "
+                                 "BPE tokenizers (a BPE model with the ByteLevel decoder: GPT-2, Llama 3, SmolLM2)")
         hf.encode_special_tokens = True  # ordinary text never yields control tokens
         self.hf = hf
-        self.special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.special = {t.content: i for i, t in sorted(hf.get_added_tokens_decoder().items()) if t.special}
+        if template is None and all(t in self.special for t in SPECIAL_TOKENS):
+            template = HYBRID_TEMPLATE
+        self.template = template
+        if template is not None:
+            self._check_template(template)
+
+    def _check_template(self, template: ChatTemplate) -> None:
+        """The template's structural tokens must be special tokens of this tokenizer."""
+        needed = [(f"its turns ({template.turn(r)!r})", template.turn(r)) for r in ("system", "user", "assistant")]
+        needed.append((f"turn_end ({template.turn_end!r})", template.turn_end))
+        for what, text in needed:
+            if not isinstance(self.split_special(text)[0], int):
+                raise HybridGPTError(f"the tokenizer lacks the special token that opens {what} in the chat template "
+                                     f"{clip(repr(template.name))}")
+        if template.bos is not None and template.bos not in self.special:
+            raise HybridGPTError(f"the tokenizer lacks the special token {clip(repr(template.bos))} that opens the "
+                                 f"chat template {clip(repr(template.name))}")
+
+    def chat_template(self) -> ChatTemplate:
+        """The chat template; a one-line error when there is none (a tokenizer without our special tokens
+        and no template of its own: a GPT-2 import, or a damaged tokenizer.json)."""
+        if self.template is None:
+            missing = [t for t in SPECIAL_TOKENS if t not in self.special]
+            raise HybridGPTError(f"tokenizer lacks the special tokens {missing} and has no chat template of its "
+                                 "own; re-run `hybrid-gpt prepare`, or use a checkpoint with chat_template.json")
+        return self.template
+
+    @cached_property
+    def _special_re(self) -> re.Pattern | None:
+        if not self.special:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)))
+
+    def split_special(self, text: str) -> list[int | str]:
+        """``text`` cut at this tokenizer's special tokens: their ids, and the text between them (for
+        template strings only; ordinary text never yields control tokens)."""
+        if self._special_re is None:
+            return [text] if text else []
+        out: list[int | str] = []
+        pos = 0
+        for m in self._special_re.finditer(text):
+            if m.start() > pos:
+                out.append(text[pos:m.start()])
+            out.append(self.special[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            out.append(text[pos:])
+        return out
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -114,17 +167,18 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Tokenizer":
+    def from_file(cls, path: str | Path, template: ChatTemplate | None = None) -> "Tokenizer":
         path = Path(path)
-        return cls.from_str(read_text(path, "tokenizer file", TOKENIZER_LIMIT), where=f"tokenizer file {path}")
+        return cls.from_str(read_text(path, "tokenizer file", TOKENIZER_LIMIT), where=f"tokenizer file {path}",
+                            template=template)
 
     @classmethod
-    def from_str(cls, text: str, where: str = "tokenizer") -> "Tokenizer":
+    def from_str(cls, text: str, where: str = "tokenizer", template: ChatTemplate | None = None) -> "Tokenizer":
         try:
             hf = HFTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise HybridGPTError(f"{where} is not a valid tokenizer.json ({clip(e, 120)})") from e
-        return cls(hf)
+        return cls(hf, template)
 
     def to_str(self) -> str:
         return self.hf.to_str()
@@ -141,12 +195,27 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     @property
-    def bos_id(self) -> int:
-        return self.special[BOS]
+    def bos_id(self) -> int | None:
+        """The id opening every rendering and sampled prompt: the template's bos (ours: <|bos|>; ChatML: none)."""
+        template = self.template
+        return self.special[template.bos] if template is not None and template.bos is not None else None
 
     @property
     def end_id(self) -> int:
-        return self.special[END]
+        """The id that closes a turn (<|end|>, <|im_end|>), also the padding of batches."""
+        return self.split_special(self.chat_template().turn_end)[0]
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Ids that end a reply: the template's turn end and those of its stop tokens the tokenizer has."""
+        return {self.end_id} | {self.special[t] for t in self.chat_template().stop if t in self.special}
+
+    @property
+    def doc_start_id(self) -> int | None:
+        """The id starting each document in token files: the template's doc_start (ours: <|bos|>; ChatML:
+        <|endoftext|>), without a template <|endoftext|>; None when the tokenizer has neither."""
+        token = self.template.doc_start if self.template is not None else DOC_END
+        return self.special.get(token) if token is not None else None
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -189,12 +258,21 @@ class Tokenizer:
             yield rest
 
     def token_byte_lengths(self) -> np.ndarray:
-        """UTF-8 bytes each token stands for (0 for special tokens), for bits-per-byte.
+        """UTF-8 bytes each token stands for (0 for special tokens), for bits-per-byte; read-only.
 
-        In byte-level BPE every character of a token's string stands for exactly one byte.
+        In byte-level BPE every character of a vocabulary token's string stands for exactly one byte; an
+        added token that is not special matches its text as it is, so it stands for that text's UTF-8 bytes.
         """
+        return self._byte_lengths
+
+    @cached_property
+    def _byte_lengths(self) -> np.ndarray:
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        specials = set(self.special.values())
+        added = {i: t for i, t in self.hf.get_added_tokens_decoder().items()}
         for token, idx in self.hf.get_vocab(with_added_tokens=True).items():
-            lengths[idx] = 0 if idx in specials else len(token)
+            if idx in added:
+                lengths[idx] = 0 if added[idx].special else len(token.encode("utf-8"))
+            else:
+                lengths[idx] = len(token)
+        lengths.flags.writeable = False
         return lengths

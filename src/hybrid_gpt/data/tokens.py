@@ -23,19 +23,29 @@ META_VERSION = 1
 DATA_FILES = ("meta.json", "tokenizer.json", "train.bin", "val.bin")  # all a data directory may hold
 
 
-def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int, log=print) -> dict:
-    """Train the tokenizer on the training split and write tokenizer.json, train.bin, val.bin, meta.json.
+def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int | None, log=print,
+                 tokenizer: Tokenizer | None = None, tokenizer_source: str | None = None) -> dict:
+    """Train the tokenizer on the training split (or take ``tokenizer``, a checkpoint's, recorded as
+    ``tokenizer_source``) and write tokenizer.json, train.bin, val.bin, meta.json.
 
     Everything is checked, then built in a temporary directory and swapped in whole: until the new
     data is complete, the previous data (which trained checkpoints need) stays as it was, and a
     directory that holds anything else is refused, not replaced.
     """
     out = Path(out_dir)
-    check_vocab_size(vocab_size)
+    if tokenizer is None:
+        check_vocab_size(vocab_size)
+    elif tokenizer.vocab_size > MAX_VOCAB:
+        raise HybridGPTError(f"the tokenizer of {tokenizer_source or 'the checkpoint'} has {tokenizer.vocab_size:,} "
+                             f"tokens; token files are uint16, which hold at most {MAX_VOCAB:,}")
     with output_dir(out, allowed=DATA_FILES, what="prepared data directory", overwrite=True) as tmp:
-        t0 = time.time()
-        tok = Tokenizer.train((d.text for d in corpus.train), vocab_size)
-        log(f"trained a {tok.vocab_size}-token byte-level BPE in {time.time() - t0:.1f}s")
+        if tokenizer is None:
+            t0 = time.time()
+            tok = Tokenizer.train((d.text for d in corpus.train), vocab_size)
+            log(f"trained a {tok.vocab_size}-token byte-level BPE in {time.time() - t0:.1f}s")
+        else:
+            tok = tokenizer
+            log(f"tokenizing with the {tok.vocab_size}-token tokenizer of {tokenizer_source or 'a checkpoint'}")
         write_text(tmp / "tokenizer.json", tok.to_str())
         meta = {
             "version": META_VERSION,
@@ -43,14 +53,21 @@ def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int, log=print
             "corpus_sha256": corpus.sha256(),
             "tokenizer_sha256": tok.sha256(),
             "vocab_size": tok.vocab_size,
-            "requested_vocab_size": vocab_size,  # a small corpus can yield fewer merges than asked for
+            # a small corpus can yield fewer merges than asked for; None: a checkpoint's tokenizer
+            "requested_vocab_size": vocab_size if tokenizer is None else None,
             "dtype": "uint16",
             "splits": {},
         }
+        if tokenizer is not None:
+            meta["tokenizer_source"] = tokenizer_source
+        start = [] if tok.doc_start_id is None else [tok.doc_start_id]
+        if not start:
+            log("the tokenizer has no token that starts a document: documents follow each other unmarked")
         for split, docs in (("train", corpus.train), ("val", corpus.val)):
-            # Each document starts with <|bos|>, so that no context window silently spans two plays unmarked.
+            # Each document starts with the tokenizer's doc_start_id (ours: <|bos|>), so that no context window
+            # silently spans two plays unmarked.
             encoded = interruptible(tok.encode_batch, [d.text for d in docs])
-            arr = np.concatenate([np.asarray([tok.bos_id, *ids], dtype=np.uint16) for ids in encoded])
+            arr = np.concatenate([np.asarray([*start, *ids], dtype=np.uint16) for ids in encoded])
             write_bytes(tmp / f"{split}.bin", memoryview(arr))
             meta["splits"][split] = {
                 "documents": [d.name for d in docs],
@@ -151,8 +168,10 @@ def get_batch(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple
     return t[:, :-1], t[:, 1:]
 
 
-def is_prepared(out_dir: str | Path, corpus: Corpus, vocab_size: int) -> bool:
-    """Whether ``out_dir`` already holds this corpus prepared at this vocabulary (False: nothing there).
+def is_prepared(out_dir: str | Path, corpus: Corpus, vocab_size: int | None,
+                tokenizer: Tokenizer | None = None) -> bool:
+    """Whether ``out_dir`` already holds this corpus prepared at this vocabulary, or with ``tokenizer``
+    (False: nothing there).
 
     Raises if it holds other data: checkpoints trained on it need it, so it is never replaced silently.
     """
@@ -161,7 +180,10 @@ def is_prepared(out_dir: str | Path, corpus: Corpus, vocab_size: int) -> bool:
     if not (out_dir / "meta.json").is_file():
         return False
     meta = read_meta(out_dir)
-    same_vocab = meta.get("requested_vocab_size", meta.get("vocab_size")) == vocab_size
+    if tokenizer is not None:
+        same_vocab = meta["tokenizer_sha256"] == tokenizer.sha256()
+    else:
+        same_vocab = meta.get("requested_vocab_size", meta.get("vocab_size")) == vocab_size
     if meta.get("corpus_sha256") == corpus.sha256() and same_vocab:
         return True
     raise HybridGPTError(

@@ -82,8 +82,9 @@ class ChatSession:
         self.system = check_message(system, "system message") if system is not None else None
         self.history: list[dict] = []
         self.last = ReplyStats()
-        # Any control token ends a reply: <|end|> normally, or the model starting another turn.
-        self.stop_tokens = set(tokenizer.special.values())
+        # The template's stop tokens end a reply: its turn end normally (<|end|>, <|im_end|>), or the model
+        # starting another turn (ours: any of its control tokens).
+        self.stop_tokens = tokenizer.stop_ids
 
     def reset(self) -> None:
         self.history = []
