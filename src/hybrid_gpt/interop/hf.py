@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_gpt.checkpoint import load_weights, weights_limit
+from hybrid_gpt.checkpoint import FORMAT, load_weights, weights_limit
 from hybrid_gpt.data.tokenizer import TOKENIZER_LIMIT
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip, read_json, read_text
@@ -264,7 +264,10 @@ def read_hf_dir(root: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str, st
     where = f"{root}/config.json"
     if not (root / "config.json").is_file():
         raise HybridGPTError(f"{root} is not a Hugging Face model directory (no config.json)")
-    cfg = config_from_hf(read_json(root / "config.json", "model config"), where)
+    raw = read_json(root / "config.json", "model config")
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        raise HybridGPTError(f"{root} is a hybrid-gpt checkpoint already; use it as it is")
+    cfg = config_from_hf(raw, where)
     tokenizer = root / "tokenizer.json"
     if not tokenizer.is_file():
         raise HybridGPTError(f"{root} has no tokenizer.json (a fast tokenizer), which the import needs")
