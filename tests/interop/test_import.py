@@ -210,9 +210,11 @@ def test_cli_imports_into_runs_name_base_by_default(bpe, tmp_path, monkeypatch, 
     assert out[-1].startswith("imported ") and "-> runs/TinyLlama/base: llama, 2 layers" in out[-1]
     assert (tmp_path / "runs" / "TinyLlama" / "base" / "model.safetensors").is_file()
     gguf_file = write_gguf(tiny_llama(), bpe, tmp_path / "tiny-q8.gguf")
-    assert main(["import", str(gguf_file), "--run-dir", "elsewhere", "--dtype", "bfloat16"]) == 0
-    assert "bfloat16" in capsys.readouterr().out
-    assert (tmp_path / "elsewhere" / "base" / "config.json").is_file()
+    assert main(["import", str(gguf_file), "--out", "elsewhere", "--dtype", "bfloat16"]) == 0
+    assert "-> elsewhere: llama" in capsys.readouterr().out
+    assert (tmp_path / "elsewhere" / "config.json").is_file()
+    assert main(["import", str(gguf_file)]) == 0
+    assert (tmp_path / "runs" / "tiny-q8" / "base" / "config.json").is_file()
 
 
 def test_cli_errors_are_one_line(bpe, tmp_path, capsys):
@@ -222,3 +224,15 @@ def test_cli_errors_are_one_line(bpe, tmp_path, capsys):
                            (["import", "smollm2", "--dtype", "float16"], "invalid choice: 'float16'")):
         code, err = run_bad(argv, capsys)
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_model_too_large_for_memory_is_refused_before_its_weights_are_read(bpe, tmp_path, monkeypatch):
+    import hybrid_gpt.runtime
+
+    source = save_hf(tiny_llama(), bpe, tmp_path / "src")
+    monkeypatch.setattr(hybrid_gpt.runtime, "available_memory_bytes", lambda device=None: 1000)
+    with pytest.raises(HybridGPTError, match="importing .*src .* would need about"):
+        import_model(str(source), tmp_path / "out")
+    gguf_file = write_gguf(tiny_llama(), bpe, tmp_path / "tiny.gguf")
+    with pytest.raises(HybridGPTError, match="importing .*tiny.gguf .* would need about"):
+        import_model(str(gguf_file), tmp_path / "out")

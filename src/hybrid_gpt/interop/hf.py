@@ -20,6 +20,7 @@ from hybrid_gpt.data.tokenizer import TOKENIZER_LIMIT
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip, read_json, read_text
 from hybrid_gpt.model.gpt import GPTConfig
+from hybrid_gpt.runtime import ensure_fits
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}
 CLASSES = {family: name for name, family in ARCHITECTURES.items()}
@@ -216,6 +217,12 @@ def config_from_hf(d: dict, where: str) -> GPTConfig:
                      tie_embeddings=f("tie_word_embeddings", bool, True), dropout=0.0).validate()
 
 
+def ensure_import_fits(cfg: GPTConfig, where: str) -> None:
+    """Refuse, before the weights are read, a model whose import would not fit in memory: its float32 weights
+    are held twice at the peak (as read, and in our model)."""
+    ensure_fits(8 * cfg.num_params(), f"importing {where} ({cfg.num_params():,} parameters)")
+
+
 # -- a HF model directory -----------------------------------------------------------------------------------------
 
 def _weight_files(root: Path) -> list[Path]:
@@ -272,6 +279,7 @@ def read_hf_dir(root: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str, st
     if not tokenizer.is_file():
         raise HybridGPTError(f"{root} has no tokenizer.json (a fast tokenizer), which the import needs")
     files = _weight_files(root)
+    ensure_import_fits(cfg, str(root))
     limit = weights_limit(cfg)
     state: dict[str, torch.Tensor] = {}
     for file in files:
