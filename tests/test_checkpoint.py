@@ -126,3 +126,24 @@ def test_a_model_too_big_for_memory_is_refused_before_allocation(ckpt):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HybridGPTError, match=r"would need about [\d.]+ GiB but only"):
         load(path)
+
+
+LLAMA = dict(norm="rmsnorm", positions="rope", ffn="swiglu", bias=False)  # GPTConfig.llama's family fields
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama_family_round_trip_stores_lm_head_only_when_untied(tmp_path, tok, tie):
+    model = smoke_model("AAMN", vocab_size=tok.vocab_size, **LLAMA, n_head=4, n_kv_head=2, tie_embeddings=tie)
+    save_checkpoint(tmp_path / "c", model, tok, {"stage": "test"})
+    stored = load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert ("lm_head.weight" in stored) is not tie and "transformer.wpe.weight" not in stored
+    loaded, _, _ = load_checkpoint(tmp_path / "c")
+    assert loaded.config == model.config and loaded.config.family == "llama"
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) is tie
+    idx = torch.randint(0, tok.vocab_size, (2, 16))
+    torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
+    if not tie:  # an untied head is a tensor of its own: without it the checkpoint is incomplete
+        del stored["lm_head.weight"]
+        save_file(stored, str(tmp_path / "c" / "model.safetensors"))
+        with pytest.raises(HybridGPTError, match="missing lm_head.weight"):
+            load(tmp_path / "c")

@@ -4,16 +4,24 @@ from helpers import smoke_model
 
 from hybrid_gpt.infer.engine import KVCache, generate, sample_next
 
+LLAMA = dict(norm="rmsnorm", positions="rope", ffn="swiglu", bias=False)  # GPTConfig.llama's family fields
+GQA = dict(LLAMA, n_head=4, n_kv_head=2, rotary_dims=4)  # grouped-query attention, RoPE on half of each head
+# (pattern, config, batch): GPT-2's patterns, then the Llama family with grouped-query (and multi-query)
+# attention, partial RoPE and an untied head; batch 3 decodes through _attend_one, batch 1 through SDPA.
+CACHE_CASES = [(layers, {}, 3) for layers in ["AAAA", "AAMM", "MMAA", "AANN", "AMNA"]] + [
+    (layers, kw, batch) for layers, kw in [("AAMM", GQA), ("AMNA", dict(LLAMA, n_head=4, n_kv_head=1)),
+                                           ("ANAA", dict(LLAMA, tie_embeddings=False))] for batch in (1, 3)]
 
-@pytest.mark.parametrize("layers", ["AAAA", "AAMM", "MMAA", "AANN", "AMNA"])
-def test_kv_cache_logits_equal_full_recompute(layers):
-    model = smoke_model(layers)
+
+@pytest.mark.parametrize("layers, kw, batch", CACHE_CASES)
+def test_kv_cache_logits_equal_full_recompute(layers, kw, batch):
+    model = smoke_model(layers, **kw)
     T = model.config.block_size
-    idx = torch.randint(0, model.config.vocab_size, (3, T))
+    idx = torch.randint(0, model.config.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
     full = model(idx)
-    cache = KVCache(model, batch_size=3)
-    # A prefill of 10 tokens, a chunk of 5 appended, then one token at a time.
-    pieces = [idx[:, :10], idx[:, 10:15]] + [idx[:, i:i + 1] for i in range(15, T)]
+    cache = KVCache(model, batch_size=batch)
+    # A prefill of 10 tokens, a chunk of 5 appended, one token at a time, then a last chunk.
+    pieces = [idx[:, :10], idx[:, 10:15]] + [idx[:, i:i + 1] for i in range(15, 25)] + [idx[:, 25:]]
     outs = []
     for piece in pieces:
         outs.append(model(piece, kv_cache=cache))
@@ -87,10 +95,10 @@ def test_stop_token_ends_generation():
         assert rows.shape == (2, 4) and (rows[0] == int(first)).all()
 
 
-@pytest.mark.parametrize("layers", ["AAAA", "AAMM"])
-def test_bfloat16_decode_matches_its_full_forward(layers):
+@pytest.mark.parametrize("layers, kw", [("AAAA", {}), ("AAMM", {}), ("AAMM", GQA)])
+def test_bfloat16_decode_matches_its_full_forward(layers, kw):
     """On the CPU at batch > 1 one query's attention is spelled out (model._attend_one), not SDPA."""
-    model = smoke_model(layers).to(torch.bfloat16)
+    model = smoke_model(layers, **kw).to(torch.bfloat16)
     T = model.config.block_size
     idx = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -117,3 +125,55 @@ def test_single_query_attention_equals_sdpa():
     qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
     expected = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb).float()
     torch.testing.assert_close(_attend_one(qb, kb, vb).float(), expected, rtol=0.02, atol=0.02)
+
+
+def test_cache_holds_key_value_heads_only():
+    model = smoke_model("AAMA", **LLAMA, n_head=4, n_kv_head=1)
+    cache = KVCache(model, 2)
+    assert [tuple(t.shape) for t in cache.kv] == [(2, 2, 1, 32, 8)] * 3
+    assert cache.nbytes() == 2 * 2 * 3 * 1 * 32 * 8 * 4 == model.config.kv_bytes_per_token() * 2 * 32
+
+
+def test_llama_decode_at_long_context_equals_recompute():
+    """An 8192-token context (SmolLM2's): cached decoding at positions past 4096 and up to the last
+    one equals recomputing the whole sequence, and the far end of the RoPE table holds its angles."""
+    model = smoke_model("AA", vocab_size=64, block_size=8192, n_embd=16, n_head=2, **LLAMA, n_kv_head=1)
+    with torch.no_grad():  # sharp attention, so that a position off by any amount shows in the logits
+        for block in model.transformer.h:
+            block.mixer.c_attn.weight.mul_(30)
+    idx = torch.randint(0, 64, (1, 8192), generator=torch.Generator().manual_seed(0))
+    ends = [4090, *range(4091, 4101), 8180, *range(8181, 8193)]  # a prefill, steps, a chunk, steps to the end
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model, 1)
+        outs = []
+        for start, end in zip([0] + ends, ends):
+            outs.append(model(idx[:, start:end], kv_cache=cache, last_only=True))
+            cache.advance(end - start)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full[:, [e - 1 for e in ends]], rtol=1e-4, atol=1e-4)
+    angles = 8191 * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    torch.testing.assert_close(model.rotary.cos[8191].double(), angles.cos().repeat(2), rtol=0, atol=2e-3)
+
+
+def test_llama_cached_greedy_generation_equals_uncached_past_the_context():
+    """Past the context the window restarts, and rotary positions restart from 0 with it, cached or not."""
+    model = smoke_model("AAMM", **GQA)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    idx = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    n = 3 * model.config.block_size
+    cached = torch.cat(list(generate(model, idx, n, temperature=0, use_cache=True)), dim=1)
+    naive = torch.cat(list(generate(model, idx, n, temperature=0, use_cache=False)), dim=1)
+    assert torch.equal(cached, naive)
+
+
+def test_single_query_attention_with_grouped_heads_equals_sdpa():
+    from hybrid_gpt.model.gpt import _attend_one
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 6, 1, 8, generator=g), torch.randn(3, 2, 20, 8, generator=g), \
+        torch.randn(3, 2, 20, 8, generator=g)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(_attend_one(q, k, v), expected, rtol=1e-5, atol=1e-6)

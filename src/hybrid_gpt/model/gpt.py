@@ -232,9 +232,11 @@ class Rotary(nn.Module):
     """RoPE's cos and sin tables, [block_size, rope_dims] each, in Hugging Face Llama's convention
     (non-interleaved: each table is cat(freqs, freqs), paired with :func:`rotate_half`).
 
-    One per model, shared by its attention blocks. The tables stay float32 when the model is cast
-    (a bfloat16 angle table would misplace far positions) and are cast to the activations' dtype at use;
-    they are rebuilt, not stored: they are kept out of the state dict."""
+    One per model (``GPT.rotary``), the same module in each of its attention blocks, so that an attention
+    block is a mixer of ``(x, kv_cache)`` alone, as the others are. The tables follow from the config, so
+    they stay out of the state dict (non-persistent buffers); they stay float32 when the model is cast (a
+    bfloat16 table would misplace far positions; a cast rebuilds them) and are cast to the activations'
+    dtype at use, as Hugging Face's Llama does."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -278,10 +280,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with one fused q, k, v projection (rows: n_head query heads, then kv_heads key
-    heads, then kv_heads value heads); grouped-query when kv_heads < n_head; RoPE on q and k when given."""
+    heads, then kv_heads value heads); grouped-query when kv_heads < n_head; with a ``rotary`` table, RoPE on
+    q and k at their absolute positions (after the cache's ``pos`` tokens)."""
 
-    def __init__(self, config: GPTConfig, cache_index: int):
+    def __init__(self, config: GPTConfig, cache_index: int, rotary: Rotary | None = None):
         super().__init__()
+        self.rotary = rotary
         self.n_head, self.kv_heads, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.gqa = self.kv_heads != self.n_head
         self.cache_index = cache_index  # which slot of a KV cache this layer owns
@@ -289,8 +293,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, kv_cache=None, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         B, T, C = x.shape
+        start = kv_cache.pos if kv_cache is not None else 0
         qkv = self.c_attn(x)
         if not self.gqa:
             # One view and one permute give q, k, v as [B, heads, T, head_dim] each, and k, v side by side
@@ -303,12 +308,11 @@ class CausalSelfAttention(nn.Module):
             q = qkv[:, :, :self.n_head].transpose(1, 2)
             kv = qkv[:, :, self.n_head:].view(B, T, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             k, v = kv.unbind(0)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.rotary is not None:
+            cos, sin = self.rotary(start, T)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kv = torch.stack((k, v))
-        start = 0
         if kv_cache is not None:
-            start = kv_cache.pos
             k, v = kv_cache.update(self.cache_index, kv)
         p = self.dropout if self.training else 0.0
         if start == 0:
@@ -341,7 +345,7 @@ class TokenMLP(nn.Module):
         self.c_fc = Linear(config.n_embd, (2 if config.ffn == "swiglu" else 1) * config.m_hidden)
         self.c_proj = Linear(config.m_hidden, config.n_embd)
 
-    def forward(self, x: torch.Tensor, kv_cache=None, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         return self.c_proj(_activate(self.ffn, self.c_fc(x)))
 
 
@@ -371,12 +375,12 @@ class Block(nn.Module):
     in ``peer.py``. Checkpoints written before the rename (keys ``...attn...``) still load.
     """
 
-    def __init__(self, config: GPTConfig, kind: str, cache_index: int):
+    def __init__(self, config: GPTConfig, kind: str, cache_index: int, rotary: Rotary | None = None):
         super().__init__()
         self.kind = kind
         self._register_load_state_dict_pre_hook(_rename_legacy_mixer)
         if kind == "A":
-            self.ln_1, self.mixer = _norm(config), CausalSelfAttention(config, cache_index)
+            self.ln_1, self.mixer = _norm(config), CausalSelfAttention(config, cache_index, rotary)
         elif kind == "M":
             self.ln_1, self.mixer = _norm(config), TokenMLP(config)
         else:  # "N": no mixer and no parameters for it
@@ -385,10 +389,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, kv_cache=None, rope=None) -> torch.Tensor:
-        """``rope``: (cos, sin) of the positions of ``x`` (rotary positions only), from GPT.rotary."""
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         if self.mixer is not None:
-            x = x + dropout(self.mixer(self.ln_1(x), kv_cache, rope), self.dropout, self.training)
+            x = x + dropout(self.mixer(self.ln_1(x), kv_cache), self.dropout, self.training)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -397,16 +400,18 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config.validate()
         attn_slots = [config.layers[:i].count("A") for i in range(config.n_layer)]
+        rotary = Rotary(config) if config.positions == "rope" else None  # no parameters: init draws unchanged
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.positions == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        modules["h"] = nn.ModuleList(Block(config, kind, slot) for kind, slot in zip(config.layers, attn_slots))
+        modules["h"] = nn.ModuleList(Block(config, kind, slot, rotary)
+                                     for kind, slot in zip(config.layers, attn_slots))
         modules["ln_f"] = _norm(config)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self.rotary = Rotary(config) if config.positions == "rope" else None
+        self.rotary = rotary
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual projection's variance shrinks with depth.
         for name, p in self.named_parameters():
@@ -443,16 +448,14 @@ class GPT(nn.Module):
             raise HybridGPTError(
                 f"sequence of {start + T} tokens exceeds the model's context of {self.config.block_size}"
             )
-        rope = None
         if self.rotary is None:
             # Slicing the position table is the lookup of positions start..start+T-1, with less per-call work.
             x = self.transformer.wte(idx) + self.transformer.wpe.weight[start:start + T]
-        else:
+        else:  # rotary positions act inside attention
             x = self.transformer.wte(idx)
-            rope = self.rotary(start, T)
         x = dropout(x, self.config.dropout, self.training)
         for block in self.transformer.h:
-            x = block(x, kv_cache, rope)
+            x = block(x, kv_cache)
         if last_only and targets is None:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
