@@ -147,3 +147,36 @@ def test_llama_family_round_trip_stores_lm_head_only_when_untied(tmp_path, tok, 
         save_file(stored, str(tmp_path / "c" / "model.safetensors"))
         with pytest.raises(HybridGPTError, match="missing lm_head.weight"):
             load(tmp_path / "c")
+
+
+# -- chat templates travel with the checkpoint --------------------------------------------------------------------
+
+def test_a_template_that_is_not_ours_is_stored_as_chat_template_json(tmp_path, tok):
+    from data.chatml import SMOLLM2_SYSTEM, chatml_checkpoint
+
+    from hybrid_gpt.data.template import chatml_template
+
+    path = tmp_path / "imported"
+    chatml_checkpoint(path)
+    assert json.loads((path / "chat_template.json").read_text())["default_system"] == SMOLLM2_SYSTEM
+    assert load(path)[1].template == chatml_template(SMOLLM2_SYSTEM)
+    # replaced by a checkpoint with our template: the file is gone, and ours is used again
+    save_checkpoint(path, smoke_model("AM", vocab_size=tok.vocab_size), tok, {"stage": "test"})
+    assert not (path / "chat_template.json").exists() and load(path)[1].template == tok.template
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "chat template file .*chat_template.json"),
+    ('{"format": "hybrid-gpt-chat-template", "version": 1, "name": "x", "turn_start": "", "turn_end": "e"}',
+     "chat_template.json: 'turn_start' must be a non-empty string"),
+    ('{"format": "hybrid-gpt-chat-template", "version": 1, "name": "x", "turn_start": "<|im_start|>", "turn_end": "e"}',
+     r"lacks the special token that opens turn_end \('e'\)"),
+])
+def test_a_damaged_chat_template_is_a_one_line_error(tmp_path, text, message):
+    from data.chatml import chatml_checkpoint
+
+    path = tmp_path / "imported"
+    chatml_checkpoint(path)
+    (path / "chat_template.json").write_text(text)
+    with pytest.raises(HybridGPTError, match=message):
+        load(path)

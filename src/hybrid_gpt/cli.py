@@ -130,6 +130,10 @@ class PrepareOptions:
     corpus: str | None = option(None, kind="input",
                                 help="a .txt file or a folder of .txt files (default: the embedded Shakespeare)")
     vocab_size: int | None = option(None, lo=1, hi=MAX_VOCAB, help="BPE vocabulary size (default: the preset's)")
+    tokenizer: str | None = option(None, kind="input", metavar="CKPT",
+                                   help="tokenize with this checkpoint's tokenizer (its tokenizer.json and "
+                                        "chat_template.json) instead of training one, so that `eval` of the "
+                                        "checkpoint reports bits per byte on this corpus")
     out: str | None = option(None, kind="outdir", help="data directory (default: <run-dir>/data)")
     force: bool = option(False, help="rebuild even if the data directory is complete")
 
@@ -372,13 +376,23 @@ def cmd_prepare(args) -> int:
 
     preset, run_dir = _run_dir(args)
     out = Path(args.out) if args.out else run_dir / "data"
-    vocab = args.vocab_size or get_preset(preset)["vocab_size"]
+    tok = source = None
+    if args.tokenizer is not None:
+        from hybrid_gpt.checkpoint import load_tokenizer
+
+        if args.vocab_size:
+            raise HybridGPTError("give --vocab-size or --tokenizer, not both: a checkpoint's tokenizer has its own")
+        path = Path(args.tokenizer)
+        tok = load_tokenizer(path.parent if path.is_file() else path)  # a checkpoint, or its tokenizer.json
+        source = str(path.resolve())
+    vocab = None if tok else args.vocab_size or get_preset(preset)["vocab_size"]
     corpus = load_user_corpus(args.corpus) if args.corpus is not None else load_shakespeare()
-    if not args.force and is_prepared(out, corpus, vocab):
-        print(f"{out} is already prepared for this corpus and vocabulary; nothing to do (--force rebuilds)")
+    if not args.force and is_prepared(out, corpus, vocab, tok):
+        print(f"{out} is already prepared for this corpus and {'tokenizer' if tok else 'vocabulary'}; nothing to do "
+              "(--force rebuilds)")
         return 0
     print(f"preparing {corpus.source} -> {out}")
-    prepare_data(corpus, out, vocab)
+    prepare_data(corpus, out, vocab, tokenizer=tok, tokenizer_source=source)
     print(f"wrote {out}/tokenizer.json, train.bin, val.bin, meta.json")
     return 0
 
@@ -442,7 +456,7 @@ def cmd_sample(args) -> int:
     sampling = Sampling(**values(args, Sampling)).validate()
     device = resolve_device(args.device)
     model, tok, _ = load_checkpoint(args.checkpoint, device)
-    ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(args.prompt)  # the template's BOS, if any
+    ids = tok.prompt_ids(args.prompt)  # the template's BOS, if it has one
     block = model.config.block_size
     if len(ids) > block - 1:
         print(f"note: the prompt has {len(ids)} tokens; keeping its last {block - 1} to fit the context of {block}",

@@ -35,3 +35,15 @@ def chatml_hf(vocab_size: int = 400) -> HFTokenizer:
 
 def chatml_tokenizer(default_system: str | None = SMOLLM2_SYSTEM) -> Tokenizer:
     return Tokenizer(chatml_hf(), chatml_template(default_system))
+
+
+def chatml_checkpoint(path, layers: str = "AM", default_system: str | None = SMOLLM2_SYSTEM, **config) -> Tokenizer:
+    """A smoke-sized checkpoint (``config`` overrides) at ``path`` with the ChatML tokenizer (chat_template.json
+    beside it); its tokenizer."""
+    from helpers import smoke_model
+
+    from hybrid_gpt.checkpoint import save_checkpoint
+
+    tok = chatml_tokenizer(default_system)
+    save_checkpoint(path, smoke_model(layers, vocab_size=tok.vocab_size, **config), tok, {"stage": "import"})
+    return tok

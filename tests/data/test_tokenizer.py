@@ -140,3 +140,93 @@ def test_lone_surrogates_are_refused(tok):
 def test_vocab_size_is_checked_before_training():
     with pytest.raises(HybridGPTError, match="between 262 and 65536, got 70000"):
         Tokenizer.train(iter(()), 70000)
+
+
+# -- tokenizers that bring their own special tokens and template ------------------------------------------------
+
+def test_a_chatml_tokenizer_brings_its_special_tokens_and_template():
+    from data.chatml import CHATML_SPECIALS, chatml_tokenizer
+
+    from hybrid_gpt.data.template import chatml_template
+
+    tok = chatml_tokenizer(None)
+    assert tok.special == {t: i for i, t in enumerate(CHATML_SPECIALS)} and tok.template == chatml_template()
+    assert (tok.bos_id, tok.end_id, tok.doc_start_id) == (None, 2, 0)
+    assert tok.stop_ids == {0, 1, 2}
+    ids = tok.encode("<|im_end|><|endoftext|><repo_name>")
+    assert not set(ids) & set(tok.special.values()) and tok.decode(ids) == "<|im_end|><|endoftext|><repo_name>"
+
+
+def test_without_our_tokens_or_a_template_there_is_no_chat():
+    """A GPT-2 style tokenizer: its text works, <|endoftext|> starts documents, chat is a one-line error."""
+    from data.chatml import chatml_hf
+
+    from hybrid_gpt.data.template import render
+
+    tok = Tokenizer(chatml_hf())
+    assert tok.template is None and tok.bos_id is None and tok.doc_start_id == 0
+    assert tok.decode(tok.encode("But soft!")) == "But soft!"
+    with pytest.raises(HybridGPTError, match=r"tokenizer lacks the special tokens \['<\|bos\|>'.*no chat template"):
+        render(tok, [{"role": "user", "content": "hi"}])
+    with pytest.raises(HybridGPTError, match="lacks the special tokens"):
+        tok.stop_ids
+
+
+def test_a_template_whose_tokens_the_tokenizer_lacks_is_refused(tok):
+    from data.chatml import chatml_hf
+
+    from hybrid_gpt.data.template import HYBRID_TEMPLATE, chatml_template
+
+    with pytest.raises(HybridGPTError, match=r"lacks the special token that opens its turns \('<\|system\|>'\)"):
+        Tokenizer(chatml_hf(), HYBRID_TEMPLATE)
+    with pytest.raises(HybridGPTError, match="lacks the special token that opens its turns"):
+        Tokenizer.from_str(tok.to_str(), template=chatml_template())
+
+
+def test_a_tokenizer_that_is_not_byte_level_bpe_is_refused(tok):
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    wordpiece = HFTokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    with pytest.raises(HybridGPTError, match=r"not a byte-level BPE \(WordPiece model, no decoder\); hybrid-gpt "
+                                             "supports byte-level BPE tokenizers"):
+        Tokenizer(wordpiece)
+    sentencepiece_like = HFTokenizer.from_str(tok.to_str())
+    sentencepiece_like.decoder = decoders.Metaspace()
+    with pytest.raises(HybridGPTError, match=r"\(BPE model, Metaspace decoder\)"):
+        Tokenizer(sentencepiece_like)
+    raw = json.loads(tok.to_str())
+    raw["decoder"] = None
+    with pytest.raises(HybridGPTError, match="not a byte-level BPE"):
+        Tokenizer.from_str(json.dumps(raw))
+
+
+def test_byte_lengths_count_added_tokens_by_their_text():
+    """Special added tokens stand for no bytes; one that is not special matches its text, so counts its bytes."""
+    from data.chatml import chatml_hf
+    from tokenizers import AddedToken
+
+    hf = chatml_hf()
+    hf.add_tokens([AddedToken("naïve café", special=False)])
+    tok = Tokenizer(hf)
+    lengths = tok.token_byte_lengths()
+    for text in ["a naïve café 🙂 here", "<|im_start|>user\n1603", "ROMEO:\nAy me!\n\n"]:
+        ids = tok.encode(text)
+        assert lengths[ids].sum() == len(text.encode("utf-8"))
+    assert hf.token_to_id("naïve café") in tok.encode("a naïve café")
+    assert all(lengths[i] == 0 for i in tok.special.values()) and len(tok.special) == 4
+    assert not lengths.flags.writeable
+
+
+def test_a_sampled_prompt_starts_with_the_templates_bos_if_it_has_one(tok):
+    from data.chatml import chatml_hf, chatml_tokenizer
+
+    bos = tok.special["<|bos|>"]
+    assert tok.prompt_ids("ROMEO:") == [bos] + tok.encode("ROMEO:") and tok.prompt_ids("") == [bos]
+    chatml = chatml_tokenizer()
+    assert chatml.prompt_ids("ROMEO:") == chatml.encode("ROMEO:") and chatml.prompt_ids("") == [0]  # <|endoftext|>
+    raw = Tokenizer(chatml_hf()).to_str().replace("<|endoftext|>", "<|unused|>")  # no template, no <|endoftext|>
+    with pytest.raises(HybridGPTError, match="an empty prompt needs a token to start from"):
+        Tokenizer.from_str(raw).prompt_ids("")

@@ -52,3 +52,58 @@ def test_get_batch_shifts_targets_by_one():
 def test_too_little_data_for_the_context():
     with pytest.raises(HybridGPTError, match="too few"):
         batch_offsets(20, 32, 4, seed=0, step=0)
+
+
+def test_prepare_with_a_checkpoints_tokenizer_round_trips_through_eval(tmp_path, capsys):
+    """`prepare --tokenizer CKPT` tokenizes a corpus with the checkpoint's tokenizer (documents start with its
+    <|endoftext|>), so `eval CKPT --data` accepts the data and reports bits per byte for that tokenizer."""
+    from data.chatml import chatml_checkpoint
+
+    from hybrid_gpt.checkpoint import checkpoint_data
+    from hybrid_gpt.cli import main
+
+    ckpt = tmp_path / "imported"
+    tok = chatml_checkpoint(ckpt)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = {"a": "ROMEO:\nBut soft, what light through yonder window breaks?\n" * 30, "b": "JULIET:\nAy me! 1603\n"}
+    for name, text in texts.items():
+        (corpus / f"{name}.txt").write_text(text)
+    data = tmp_path / "data"
+    argv = ["prepare", "--corpus", corpus, "--tokenizer", ckpt, "--out", data]
+    assert main([str(a) for a in argv]) == 0
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["tokenizer_source"] == str(ckpt.resolve()) and meta["requested_vocab_size"] is None
+    assert meta["vocab_size"] == tok.vocab_size and meta["tokenizer_sha256"] == tok.sha256()
+    opened = TokenData.open(data)
+    assert list(opened.val[:1]) == [tok.special["<|endoftext|>"]] and list(opened.train).count(0) == 1
+    assert tok.decode(opened.val) == texts["b"]
+    assert int(tok.token_byte_lengths()[opened.val].sum()) == meta["splits"]["val"]["bytes"]
+    assert checkpoint_data(ckpt, tok, {}, data).root == data
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), "--data", str(data), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["bytes"] == meta["splits"]["val"]["bytes"] and res["bpb"] > 0
+    # the same again is already there; another tokenizer, or a vocabulary besides, is refused
+    assert main([str(a) for a in argv]) == 0 and "already prepared" in capsys.readouterr().out
+    assert main([str(a) for a in argv[:-2] + ["--out", tmp_path / "other", "--vocab-size", "300"]]) == 2
+    assert "--vocab-size or --tokenizer, not both" in capsys.readouterr().err
+    assert main([str(a) for a in ["prepare", "--corpus", corpus, "--out", data, "--vocab-size", "300"]]) == 2
+    assert "pass --force to replace it" in capsys.readouterr().err
+
+
+def test_prepare_refuses_a_tokenizer_too_large_for_token_files(tmp_path):
+    from unittest import mock
+
+    from data.chatml import chatml_tokenizer
+
+    from hybrid_gpt.data.corpus import Corpus, Document
+    from hybrid_gpt.data.tokens import prepare_data
+
+    tok = chatml_tokenizer()
+    doc = Document(name="a", text="Ay me!\n")
+    with mock.patch.object(type(tok), "vocab_size", 70_000), pytest.raises(
+            HybridGPTError, match="has 70,000 tokens; token files are uint16, which hold at most 65,536"):
+        prepare_data(Corpus(source="x", train=[doc], val=[doc]), tmp_path / "data", None, tokenizer=tok,
+                     tokenizer_source="big")
+    assert not (tmp_path / "data").exists()

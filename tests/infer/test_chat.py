@@ -112,3 +112,54 @@ def test_chat_process_survives_bytes_that_are_not_utf8(ckpt):
     assert proc.returncode == 0, err
     assert proc.stdout.count(b"bot> ") == 1 and err.count("is not valid UTF-8 text; not sent") == 2
     assert "Traceback" not in err
+
+
+# -- a checkpoint with its own template ---------------------------------------------------------------------------
+
+def scripted(script: list[int], calls: list):
+    """A stand-in for engine.generate that records its prompt and stop tokens and yields ``script``."""
+    import torch
+
+    def generate(model, idx, max_new_tokens, stop_tokens=None, **kw):
+        calls.append((idx[0].tolist(), stop_tokens))
+        for t in script[:max_new_tokens]:
+            yield torch.tensor([[t]])
+            if stop_tokens and t in stop_tokens:
+                return
+    return generate
+
+
+def test_chatml_chat_stops_at_im_end(monkeypatch, capsys, tmp_path):
+    """The prompt is the checkpoint's ChatML rendering (its default system message, the generation prompt),
+    and the reply ends at <|im_end|>, in the session and in `chat -p`."""
+    from data.chatml import chatml_checkpoint
+
+    from hybrid_gpt.data.template import render
+
+    tok = chatml_checkpoint(tmp_path / "imported", block_size=128)
+    reply = tok.encode("Ay me!")
+    calls = []
+    monkeypatch.setattr("hybrid_gpt.infer.chat.generate", scripted(reply + [2] + tok.encode(" more"), calls))
+    model, tok = load(tmp_path / "imported")
+    s = ChatSession(model, tok, max_new_tokens=20, seed=0)
+    assert "".join(s.reply("What light?")) == "Ay me!" and s.last.tokens == len(reply)
+    prompt, stop = calls[0]
+    assert prompt == render(tok, [{"role": "user", "content": "What light?"}], add_generation_prompt=True).ids
+    assert tok.decode(prompt, skip_special=False).startswith("<|im_start|>system\nYou are a helpful")
+    assert stop == {tok.special[t] for t in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")}
+    code, out, err = run_chat(monkeypatch, capsys, tmp_path / "imported", "", "-p", "What light?")
+    assert code == 0 and out == "Ay me!\n" and f"[{len(reply)} tokens" in err
+
+
+def test_sample_starts_with_the_templates_bos_if_it_has_one(monkeypatch, capsys, tmp_path, ckpt):
+    from data.chatml import chatml_checkpoint
+
+    chatml_checkpoint(tmp_path / "imported")
+    for path in (ckpt, tmp_path / "imported"):
+        model, tok = load(path)
+        calls = []
+        monkeypatch.setattr("hybrid_gpt.infer.engine.generate", scripted(tok.encode(" soft"), calls))
+        assert main(["sample", str(path), "--prompt", "ROMEO:", "--max-new-tokens", "3"]) == 0
+        assert capsys.readouterr().out == "ROMEO: soft\n"
+        start = [tok.special["<|bos|>"]] if path == ckpt else []  # ours opens with <|bos|>, ChatML with nothing
+        assert calls[0][0] == start + tok.encode("ROMEO:")

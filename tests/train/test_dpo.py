@@ -60,6 +60,23 @@ def test_chosen_and_rejected_keep_the_same_prompt_turns():
     assert chosen[1][len(shared) - 1] >= 0 and rejected[1][len(shared) - 1] >= 0  # both replies are targets
 
 
+def test_chatml_pairs_share_the_prompt_and_learn_the_reply_and_im_end():
+    """With ChatML and a default system message: cropping to the same prompt turns, the default system message
+    opening both, and the targets each reply's content and its <|im_end|>."""
+    from data.chatml import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    prompt = [{"role": "system", "content": "Speak as in the plays."}, {"role": "user", "content": "What light?"}]
+    pair = {"prompt": prompt, "chosen": "It is the east.", "rejected": "Fish and chips, " * 4}
+    whole = render(tok, prompt + [{"role": "assistant", "content": pair["rejected"]}]).ids
+    chosen, rejected = encode_pair(tok, pair, len(whole) - 2)  # the rejected reply fits only without the system turn
+    shared = render(tok, prompt[1:], add_generation_prompt=True).ids
+    assert tok.decode(shared, skip_special=False).startswith("<|im_start|>system\nYou are a helpful AI assistant")
+    for (x, y), reply in ((chosen, pair["chosen"]), (rejected, pair["rejected"])):
+        assert x[:len(shared)] == shared
+        assert tok.decode([t for t in y if t >= 0], skip_special=False) == reply + "<|im_end|>"
+
+
 def test_validation_reference_is_right_for_sizes_that_do_not_divide(pretrained, tmp_path, monkeypatch):
     _, dpo_file = tiny_chat_files(tmp_path)
     from hybrid_gpt.data.chat_data import load_dpo

@@ -111,3 +111,26 @@ def test_conversations_without_a_target_in_context_are_refused():
     convs = [[{"role": "assistant", "content": "ok"}, {"role": "user", "content": "x" * 50}]]
     with pytest.raises(HybridGPTError, match="keeps an assistant token"):
         SFTTask(tok, [[{"role": "assistant", "content": "ok"}]], convs, 8, 0, 1)
+
+
+def test_chatml_examples_learn_assistant_content_and_im_end(tmp_path):
+    """SFT on a checkpoint with the ChatML template: targets are each assistant turn's content and its <|im_end|>,
+    batches are padded with <|im_end|>, and the fine-tuned checkpoint keeps the template."""
+    from data.chatml import chatml_checkpoint
+
+    from hybrid_gpt import load
+    from hybrid_gpt.data.chat_data import load_sft
+
+    tok = chatml_checkpoint(tmp_path / "imported")
+    sft_file, _ = tiny_chat_files(tmp_path)
+    convs = load_sft(sft_file)
+    task = SFTTask(tok, convs, convs[:2], 256, seed=0, rows_global=2)
+    assert task.pad_id == tok.special["<|im_end|>"]
+    for conv, (x, y) in zip(convs[:2], task.val):
+        assert tok.decode(x, skip_special=False).startswith("<|im_start|>system\nYou are a helpful AI assistant")
+        assert tok.decode([t for t in y if t >= 0], skip_special=False) == conv[-1]["content"] + "<|im_end|>"
+    run_sft(run_dir=tmp_path, preset="smoke", init=str(tmp_path / "imported"), sft_data=str(sft_file),
+            out=tmp_path / "sft", log=quiet, overrides=dict(max_steps=2, eval_interval=2, progress=False))
+    assert (tmp_path / "sft" / "chat_template.json").read_text() == (
+        tmp_path / "imported" / "chat_template.json").read_text()
+    assert load(tmp_path / "sft")[1].template == tok.template

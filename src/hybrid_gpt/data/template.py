@@ -93,18 +93,23 @@ class ChatTemplate:
         if extra:
             raise HybridGPTError(f"{where} has unknown fields: {clip(', '.join(extra))}")
         values = {}
-        for key in sorted(names):
-            value = raw.get(key)
-            optional = key in ("bos", "doc_start", "default_system") or (key in ("turn_sep", "stop") and key not in raw)
-            if value is None and optional:
-                continue
-            if key == "stop":
-                if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-                    raise HybridGPTError(f"{where}: 'stop' must be a list of token strings")
-                value = tuple(value)
-            elif not isinstance(value, str) or (not value and key not in ("turn_sep", "default_system")):
-                raise HybridGPTError(f"{where}: {key!r} must be a {'' if key == 'turn_sep' else 'non-empty '}string")
-            values[key] = value
+        for key in ("name", "turn_start", "turn_end"):  # required
+            if not isinstance(raw.get(key), str) or not raw[key]:
+                raise HybridGPTError(f"{where}: {key!r} must be a non-empty string")
+            values[key] = raw[key]
+        for key in ("bos", "doc_start", "default_system"):  # null when absent; a token is never empty
+            if raw.get(key) is not None:
+                if not isinstance(raw[key], str) or (not raw[key] and key != "default_system"):
+                    kind = "string" if key == "default_system" else "non-empty string"
+                    raise HybridGPTError(f"{where}: {key!r} must be null or a {kind}")
+                values[key] = raw[key]
+        values["turn_sep"] = raw.get("turn_sep", "")
+        if not isinstance(values["turn_sep"], str):
+            raise HybridGPTError(f"{where}: 'turn_sep' must be a string")
+        stop = raw.get("stop", [])
+        if not isinstance(stop, list) or not all(isinstance(t, str) and t for t in stop):
+            raise HybridGPTError(f"{where}: 'stop' must be a list of token strings")
+        values["stop"] = tuple(stop)
         return cls(**values)
 
 
@@ -267,8 +272,8 @@ def render(tok, messages: list[dict], max_len: int | None = None, add_generation
     if max_len is not None:
         least = len(bos[0]) + len(default[0]) + len(prompt[0]) + 1
         if max_len < least:
-            raise HybridGPTError(f"a context of {max_len} tokens is too short for a conversation"
-                                 + (f" in the {template.name} template (at least {least})" if least > 3 else ""))
+            raise HybridGPTError(f"a context of {max_len} tokens is too short for a conversation (the "
+                                 f"{clip(template.name)} chat template needs at least {least})")
         while len(turns) - dropped > 1 and (len(head(dropped)[0]) + sum(len(t[0]) for t in turns[dropped:])
                                             + len(tail[0])) > max_len:
             dropped += 1

@@ -217,6 +217,15 @@ class Tokenizer:
         token = self.template.doc_start if self.template is not None else DOC_END
         return self.special.get(token) if token is not None else None
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """The ids a sampled continuation of ``text`` starts from: the template's bos, if it has one (ours:
+        <|bos|>; ChatML: none), then the text's; an empty text without a bos starts at doc_start_id."""
+        ids = ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
+        if not ids and self.doc_start_id is None:
+            raise HybridGPTError("an empty prompt needs a token to start from, and this tokenizer has none (no BOS, "
+                                 "no document start); give a prompt")
+        return ids or [self.doc_start_id]
+
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 

@@ -42,7 +42,7 @@ class SFTTask:
     """
 
     def __init__(self, tok, train_convs, val_convs, block_size: int, seed: int, rows_global: int):
-        self.pad_id = tok.end_id
+        self.pad_id = tok.end_id  # the template's turn end (<|end|>, <|im_end|>); padding is never a target
         self.train = LazyExamples(train_convs, lambda c: training_example(tok, c, block_size),
                                   "training conversation")
         self.val = encode_conversations(tok, val_convs[:FINAL_EVAL_EXAMPLES], block_size, "validation")
