@@ -1,19 +1,11 @@
 """Fixtures of the import tests (their helpers are in hf_models.py)."""
 
 import pytest
-from hf_models import SPECIALS, VOCAB, smollm_pre_tokenizer
+from data.chatml import chatml_hf
+from hf_models import VOCAB
 
 
 @pytest.fixture(scope="session")
-def bpe(corpus):
-    """A byte-level BPE tokenizer of VOCAB tokens (`tokenizers`), ChatML's control tokens first."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = smollm_pre_tokenizer()
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([corpus.split_text("val")[:100_000]], trainer)
-    assert tok.get_vocab_size() == VOCAB
-    return tok
+def bpe():
+    """A byte-level BPE tokenizer (`tokenizers`) of VOCAB tokens, ChatML's control tokens first."""
+    return chatml_hf(VOCAB)

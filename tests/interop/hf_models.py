@@ -1,26 +1,13 @@
-"""Helpers of the import tests: a small byte-level BPE tokenizer with ChatML's control tokens (SmolLM2's
-pre-tokenizer), and tiny random Hugging Face models written by save_pretrained, as a downloaded model
-directory holds them. Nothing here needs the network or a large file."""
+"""Helpers of the import tests: tiny random Hugging Face models written by save_pretrained, as a downloaded
+model directory holds them, and as GGUF files in llama.cpp's layout, with data.chatml's tokenizer and SmolLM2's
+chat template. Nothing here needs the network or a large file."""
 
 import json
 
 import torch
+from data.chatml import CHATML_SPECIALS, SMOLLM2_JINJA
 
-VOCAB = 320
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, as in SmolLM2
-# SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt), as its GGUF file holds it.
-CHATML_JINJA = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def smollm_pre_tokenizer():
-    from tokenizers import pre_tokenizers
-
-    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+VOCAB = 320  # of data.chatml's tokenizer: ChatML's control tokens first (ids 0..3, as in SmolLM2)
 
 
 def randomise(model, seed: int, std: float = 0.15):
@@ -64,9 +51,9 @@ def save_hf(model, bpe, path, template: str | None = "jinja"):
     (path / "tokenizer.json").write_text(bpe.to_str())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>"}
     if template == "jinja":
-        (path / "chat_template.jinja").write_text(CHATML_JINJA)
+        (path / "chat_template.jinja").write_text(SMOLLM2_JINJA)
     elif template == "config":
-        config["chat_template"] = CHATML_JINJA
+        config["chat_template"] = SMOLLM2_JINJA
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
@@ -117,7 +104,7 @@ def gguf_name(hf_name: str) -> str:
 
 
 def write_gguf(hf, bpe, path, *, arch: str | None = None, pre: str = "smollm", tokenizer_model: str = "gpt2",
-               template: str | None = CHATML_JINJA, qtype: str = "Q8_0", tensors: dict | None = None, meta=None):
+               template: str | None = SMOLLM2_JINJA, qtype: str = "Q8_0", tensors: dict | None = None, meta=None):
     """``hf`` (a tiny LlamaForCausalLM or GPT2LMHeadModel) as a GGUF file in llama.cpp's layout: matrices
     quantised to ``qtype``, vectors F32, Llama's q/k rows permuted, GPT-2's Conv1D weights transposed and its
     output.weight a copy of token_embd; the tokenizer's vocabulary, merges, control tokens and pre-tokenizer
@@ -148,7 +135,7 @@ def write_gguf(hf, bpe, path, *, arch: str | None = None, pre: str = "smollm", t
     writer.add_tokenizer_model(tokenizer_model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    writer.add_token_types([3 if t in CHATML_SPECIALS else 1 for t in tokens])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)

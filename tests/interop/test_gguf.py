@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hf_models import SPECIALS, VOCAB, llama_cpp_permute, tiny_gpt2, tiny_llama, write_gguf
+from data.chatml import CHATML_SPECIALS
+from hf_models import VOCAB, llama_cpp_permute, tiny_gpt2, tiny_llama, write_gguf
 
 from hybrid_gpt.checkpoint import load_state
 from hybrid_gpt.errors import HybridGPTError
@@ -78,7 +79,7 @@ def test_tokenizer_is_rebuilt_from_the_vocabulary_and_merges(bpe, tmp_path, pre)
         assert rebuilt.encode(s, add_special_tokens=False).ids == source.encode(s, add_special_tokens=False).ids
         assert rebuilt.decode(rebuilt.encode(s).ids, skip_special_tokens=False) == s
     added = {t["content"]: t["special"] for t in json.loads(text)["added_tokens"]}
-    assert added == {t: True for t in SPECIALS}
+    assert added == {t: True for t in CHATML_SPECIALS}
 
 
 def _q8_1_bytes(n: int) -> tuple[np.ndarray, object]:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from data.chatml import SMOLLM2_SYSTEM
 from hf_models import (
     VOCAB,
     greedy_hf,
@@ -23,7 +24,6 @@ from hybrid_gpt.infer.engine import KVCache, generate
 from hybrid_gpt.interop.importer import import_model
 
 pytest.importorskip("transformers")
-SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def _check_same_model(model, hf, n_tokens: int = 64):
@@ -49,7 +49,7 @@ def test_hf_llama_directory_imports_as_a_checkpoint(bpe, tmp_path, tied, templat
     text = "To be, or not to be 2024"
     assert tok.encode(text) == bpe.encode(text, add_special_tokens=False).ids
     if template:
-        assert tok.template == chatml_template(SMOL_SYSTEM)
+        assert tok.template == chatml_template(SMOLLM2_SYSTEM)
     else:
         assert tok.template is None and not (tmp_path / "out" / "chat_template.json").exists()
 
@@ -82,7 +82,7 @@ def test_gguf_imports_as_a_checkpoint(bpe, tmp_path):
     import_model(str(path), tmp_path / "out")
     model, tok, _ = load_checkpoint(tmp_path / "out")
     _check_same_model(model, hf)
-    assert tok.template == chatml_template(SMOL_SYSTEM)
+    assert tok.template == chatml_template(SMOLLM2_SYSTEM)
     assert tok.stop_ids == {0, 1, 2} and tok.doc_start_id == 0
 
 
