@@ -188,8 +188,13 @@ def read_gguf(path: Path, log: Callable[[str], None] = lambda _: None
                 raise HybridGPTError(f"{where} lacks the tensor {name}")
             t = {"token_embd.weight": embd, "output.weight": output}.get(name)
             t = _dequantize(gguf, tensors[name], where) if t is None else t
-            if arch == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
-                t = unpermute(t, cfg.n_head if name.split(".")[-2] == "attn_q" else cfg.kv_heads)
+            kind = name.split(".")[-2]
+            if arch == "llama" and kind in ("attn_q", "attn_k"):
+                heads = cfg.n_head if kind == "attn_q" else cfg.kv_heads
+                if t.dim() == 0 or t.shape[0] != heads * cfg.head_dim:
+                    raise HybridGPTError(f"{where}: tensor {name} has shape {tuple(t.shape)}, not {heads} heads of "
+                                         f"{cfg.head_dim} rows")
+                t = unpermute(t, heads)
             if rule.conv1d:  # llama.cpp stores GPT-2's Conv1D weights transposed, as our Linear: HF's layout back
                 t = t.t()
             state[hf_name] = t

@@ -109,11 +109,12 @@ def from_hf_state(state: Mapping[str, torch.Tensor], cfg: GPTConfig, where: str)
             continue
         parts = [state[n] for n in r.theirs]
         if r.rows:
-            bad = [(n, tuple(p.shape)) for n, p, rows in zip(r.theirs, parts, r.rows) if p.dim() == 0 or
+            bad = [(n, tuple(p.shape), rows) for n, p, rows in zip(r.theirs, parts, r.rows) if p.dim() == 0 or
                    p.shape[0] != rows or p.shape[1:] != parts[0].shape[1:]]
             if bad:
-                raise HybridGPTError(f"{where}: {bad[0][0]} has shape {bad[0][1]}, which its config.json does "
-                                     "not give it")
+                name, shape, rows = bad[0]
+                raise HybridGPTError(f"{where}: {name} has shape {shape}, not the {rows} rows (and the columns of "
+                                     f"{r.theirs[0]}) of the model's configuration")
             t = torch.cat(parts)
         else:
             t = parts[0].t() if r.conv1d and parts[0].dim() == 2 else parts[0]
