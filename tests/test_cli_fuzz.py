@@ -39,13 +39,16 @@ FLAGS = _flags()
 @pytest.fixture(scope="module")
 def arena(pretrained, tmp_path_factory):
     """(inputs, work): a copy of a pretrained run the commands read, and the directory they run in."""
+    from data.chatml import chatml_hf
     from helpers import tiny_chat_files
+    from interop.hf_models import VOCAB, tiny_llama, write_gguf
 
     base = tmp_path_factory.mktemp("cli-fuzz")
     inputs, work = base / "in", base / "work"
     shutil.copytree(pretrained, inputs)
     tiny_chat_files(inputs)
     (inputs / "corpus.txt").write_text("".join(f"WHO {i % 5}:\nline {i} of a small play\n\n" for i in range(200)))
+    write_gguf(tiny_llama(), chatml_hf(VOCAB), inputs / "tiny.gguf")
     work.mkdir()
     return inputs, work
 
@@ -65,6 +68,7 @@ def _bases(inputs) -> dict[str, list[str]]:
         "bench": [ckpt, "--contexts", "16", "--new-tokens", "4", "--repeats", "1", "--warmup", "0",
                   "--batch-sizes", "1", "--no-peer", "--no-naive"],
         "importance": [str(inputs / "pretrain-standard"), "--max-tokens", "64", "--out", "imp"],
+        "import": [str(inputs / "tiny.gguf"), "--out", "imp"],
         "verdict": ["--run-dir", "verdict"],
         "pipeline": ["--preset", "smoke"], "ablate": ["--preset", "smoke"], "probe": ["--preset", "smoke"],
         "distill": [ckpt, "--layers", "AM"], "dpo": ["--preset", "smoke"], "prepare-chat": [],

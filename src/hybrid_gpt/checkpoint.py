@@ -231,9 +231,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     root, weights = resolve(path)
     config, training = read_config(root)
     what = f"the model in {root} ({config.num_params():,} fp32 parameters)"
-    ensure_fits(4 * config.num_params(), what)  # weights are read into host memory first
+    hint = "free memory, or use a smaller model"
+    ensure_fits(4 * config.num_params(), what, hint=hint)  # weights are read into host memory first
     if torch.device(device).type == "cuda":
-        ensure_fits(4 * config.num_params(), what, device)
+        ensure_fits(4 * config.num_params(), what, device, hint=hint)
     tokenizer = load_tokenizer(root)
     if tokenizer.vocab_size != config.vocab_size:
         raise HybridGPTError(

@@ -58,7 +58,8 @@ def available_memory_bytes(device: torch.device | str | None = None) -> int | No
     return host_memory_bytes()  # the CPU, and MPS, whose memory is the host's
 
 
-def ensure_fits(nbytes: int, what: str, device: torch.device | str | None = None) -> None:
+def ensure_fits(nbytes: int, what: str, device: torch.device | str | None = None,
+                hint: str = "use a smaller model (--n-embd, --n-layer, --vocab-size)") -> None:
     """Refuse, before allocating anything, a model that could not fit in the free memory of ``device``
     (the CPU if None): a GPU's tensors live in its own memory, so host RAM says nothing about them."""
     available = available_memory_bytes(device)
@@ -66,7 +67,7 @@ def ensure_fits(nbytes: int, what: str, device: torch.device | str | None = None
         where = f"GPU memory on {device}" if torch.device(device or "cpu").type == "cuda" else "memory"
         raise HybridGPTError(
             f"{what} would need about {nbytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of {where} "
-            "is available; use a smaller model (--n-embd, --n-layer, --vocab-size)"
+            f"is available; {hint}"
         )
 
 

@@ -1,5 +1,6 @@
 """The benchmark: prefill latency, decode throughput with and without the KV cache, memory, and a
-peer baseline (Hugging Face GPT-2 with the standard model's weights), measured side by side.
+peer baseline (Hugging Face's model of the same family with the standard model's weights), measured
+side by side.
 
 Every figure is a median over repeats with its min and max; the models are measured interleaved
 (model A, model B, model A, ...) after a warm-up, so that a noisy shared machine affects them alike.
@@ -303,7 +304,8 @@ def naive_rate(model: GPT, tokens: torch.Tensor, n: int, device) -> float:
 
 
 def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log) -> dict[str, dict]:
-    """One transformers GPT2LMHeadModel per standard (all-attention) entry, in that entry's precision."""
+    """One transformers model of the entry's family (GPT2LMHeadModel, LlamaForCausalLM) with its weights, per
+    standard (all-attention) entry, in that entry's precision."""
     standard = [n for n, m in models.items() if set(m.config.layers) == {"A"}]
     if not standard:
         log("peer: skipped (no standard, all-attention model among the checkpoints)")
@@ -313,7 +315,7 @@ def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log
     except ImportError:
         log("peer: skipped (transformers is not installed: `uv sync --extra peer`)")
         return {}
-    from hybrid_gpt.infer.peer import max_logit_difference, to_hf_gpt2
+    from hybrid_gpt.infer.peer import max_logit_difference, to_hf
 
     peers, seen = {}, set()
     probe = torch.randint(0, vocab, (2, min(block, 64)), generator=gen).to(device)
@@ -322,10 +324,12 @@ def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log
         if dtype in seen:  # one peer per precision: of the first standard model in it
             continue
         seen.add(dtype)
-        hf = to_hf_gpt2(models[of])
+        hf = to_hf(models[of])
         diff = max_logit_difference(models[of], hf, probe)
-        peers[entry_name("peer", dtype)] = {"of": of, "dtype": dtype, "model": hf, "max_abs_logit_diff": diff}
-        log(f"peer: transformers GPT2LMHeadModel with {of}'s weights ({dtype}), max |logit difference| {diff:.2e}")
+        impl = f"transformers {type(hf).__name__}"
+        peers[entry_name("peer", dtype)] = {"of": of, "dtype": dtype, "model": hf, "max_abs_logit_diff": diff,
+                                            "implementation": impl}
+        log(f"peer: {impl} with {of}'s weights ({dtype}), max |logit difference| {diff:.2e}")
     return peers
 
 
@@ -435,7 +439,7 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
             rows = [{"context": c, "batch": b, **{fig: summary(samples[(name, c, b, fig)])
                                                   for fig in ("prefill_ms", "decode_tok_s")}}
                     for c in contexts for b in cfg.batch_sizes]
-            results["peers"][name] = {"implementation": "transformers GPT2LMHeadModel", "weights_of": peer["of"],
+            results["peers"][name] = {"implementation": peer["implementation"], "weights_of": peer["of"],
                                       "dtype": peer["dtype"], "max_abs_logit_diff": peer["max_abs_logit_diff"],
                                       "rows": rows}
         # "peer" is the float32 peer (or the only one): what the report and the ratios compare against.

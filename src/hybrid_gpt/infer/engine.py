@@ -105,7 +105,8 @@ def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: f
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
     stops = torch.tensor(sorted(stop_tokens or []), dtype=torch.long, device=idx.device)
     finished = torch.zeros_like(done, dtype=torch.long)  # the stop token each finished row produced
-    cache = KVCache(model, idx.size(0)) if use_cache else None
+    # As long as generation needs, never longer than the context (a long context's full cache is large).
+    cache = KVCache(model, idx.size(0), max_len=min(block, idx.size(1) + max_new_tokens)) if use_cache else None
     pending = idx  # tokens not yet fed to the cache
     start = 0  # where the window the model sees begins in seq
     for _ in range(max_new_tokens):

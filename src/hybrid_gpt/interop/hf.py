@@ -221,7 +221,8 @@ def config_from_hf(d: dict, where: str) -> GPTConfig:
 def ensure_import_fits(cfg: GPTConfig, where: str) -> None:
     """Refuse, before the weights are read, a model whose import would not fit in memory: its float32 weights
     are held twice at the peak (as read, and in our model)."""
-    ensure_fits(8 * cfg.num_params(), f"importing {where} ({cfg.num_params():,} parameters)")
+    ensure_fits(8 * cfg.num_params(), f"importing {where} ({cfg.num_params():,} parameters)",
+                hint="import a smaller model, or free memory")
 
 
 # -- a HF model directory -----------------------------------------------------------------------------------------
