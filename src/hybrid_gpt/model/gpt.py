@@ -196,8 +196,9 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
     Used on the CPU at batch > 1 and in bfloat16 at any batch, where PyTorch's scaled_dot_product_attention
     kernel is slow for a single query (in bfloat16 2-17x, growing with the context); float32 at batch 1
-    keeps SDPA, the faster there (the measurements are in docs/performance.md). With grouped-query attention (fewer key/value
-    heads than query heads) the queries of each group are stacked against their shared key/value head."""
+    keeps SDPA, the faster there (the measurements are in docs/performance.md). With grouped-query
+    attention (fewer key/value heads than query heads) the queries of each group are stacked against their
+    shared key/value head."""
     B, H, _, D = q.shape
     groups = H // k.size(1)
     if groups > 1:  # query head h reads key/value head h // groups, as SDPA's enable_gqa
