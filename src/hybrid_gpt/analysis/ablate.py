@@ -200,7 +200,7 @@ def _decode_speeds(variants, runs, seed: int, device: str, repeats: int, log) ->
 
 def decode_speeds(models: dict[str, GPT], repeats: int, log=print) -> dict:
     """Cached greedy decode tokens/s of each model at batch 1, ending at the full context, by bench's estimator
-    (interleaved repeats after a warm-up; t(N new tokens) - t(1), so prefill is excluded): {"context",
+    (interleaved repeats after a warm-up; N cached steps from a primed cache, so prefill is excluded): {"context",
     "new_tokens", "batch", "repeats", "tok_s": {name: bench's summary}, "environment"}."""
     from hybrid_gpt.infer.bench import BenchConfig, run_bench
 

@@ -577,8 +577,8 @@ def render_distill_markdown(result: dict) -> str:
 
     lines += ["### Cached decode speed", "",
               f"Greedy decoding with the KV cache, batch 1, N = {dec['new_tokens']} new tokens ending at context "
-              f"{dec['context']}, measured as `bench` measures it: tokens/s = (N - 1) / (t(N) - t(1)), the time of "
-              "N new tokens minus that of one, so prefill is excluded; median (min-max) of "
+              f"{dec['context']}, measured as `bench` measures it: N cached greedy steps from a primed cache, so "
+              "prefill is excluded; median (min-max) of "
               f"{dec['repeats']} interleaved repeats after a warm-up, on {s['device']} with {s['threads']} threads. "
               "Fine-tuned models share their architecture's speed.", "",
               "| model | pattern | tokens/s | vs teacher |", "| --- | --- | --- | --- |"]
