@@ -16,6 +16,10 @@ def smoke_config(layers: str = "AAMM", vocab_size: int = 97, **kw) -> GPTConfig:
     return GPTConfig(**base)
 
 
+# GPTConfig.llama's family fields, for tiny Llama-family models: smoke_model("AM", **LLAMA).
+LLAMA = dict(norm="rmsnorm", positions="rope", ffn="swiglu", bias=False)
+
+
 def smoke_model(layers: str = "AAMM", seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
     model = GPT(smoke_config(layers, **kw))

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import smoke_model
+from helpers import LLAMA, smoke_model
 from safetensors.torch import load_file, save_file
 
 from hybrid_gpt import load
@@ -128,7 +128,6 @@ def test_a_model_too_big_for_memory_is_refused_before_allocation(ckpt):
         load(path)
 
 
-LLAMA = dict(norm="rmsnorm", positions="rope", ffn="swiglu", bias=False)  # GPTConfig.llama's family fields
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -1,10 +1,9 @@
 import pytest
 import torch
-from helpers import smoke_model
+from helpers import LLAMA, smoke_model
 
 from hybrid_gpt.infer.engine import KVCache, generate, sample_next
 
-LLAMA = dict(norm="rmsnorm", positions="rope", ffn="swiglu", bias=False)  # GPTConfig.llama's family fields
 GQA = dict(LLAMA, n_head=4, n_kv_head=2, rotary_dims=4)  # grouped-query attention, RoPE on half of each head
 # (pattern, config, batch): GPT-2's patterns, then the Llama family with grouped-query (and multi-query)
 # attention, partial RoPE and an untied head; batch 3 decodes through _attend_one, batch 1 through SDPA.

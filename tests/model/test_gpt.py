@@ -3,14 +3,13 @@ import math
 
 import pytest
 import torch
-from helpers import smoke_config, smoke_model
+from helpers import LLAMA, smoke_config, smoke_model
 
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPT, GPTConfig, check_layers, mixer_activations, parse_layers
 
 # Every pattern of three blocks, plus the four-block patterns the experiments use.
 PATTERNS = ["".join(p) for p in itertools.product("AMN", repeat=3)] + ["AAAA", "AAMM", "AANN", "MMAA"]
-LLAMA = dict(norm="rmsnorm", positions="rope", ffn="swiglu", bias=False)  # GPTConfig.llama's family fields
 
 
 @pytest.mark.parametrize("layers", PATTERNS)
