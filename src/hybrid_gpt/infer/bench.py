@@ -262,7 +262,7 @@ class _PeerDecoder:
 
     def prefill(self, tokens: torch.Tensor) -> None:
         out = self.hf(tokens, use_cache=True, logits_to_keep=1)
-        self.cache = out.get("cache", out.get("past_key_values"))
+        self.cache = out["cache"] if "cache" in out else out["past_key_values"]  # transformers 5 / 4
 
     def rewind(self, length: int) -> None:
         have = self.cache.get_seq_length()
