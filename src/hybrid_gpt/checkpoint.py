@@ -18,8 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
-from hybrid_gpt.data.template import HYBRID_TEMPLATE, ChatTemplate
-from hybrid_gpt.data.tokenizer import Tokenizer
+from hybrid_gpt.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer, save_tokenizer
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.fsutil import clip, read_json, recover_dir, staged_dir, write_bytes, write_json, write_text
@@ -31,15 +30,30 @@ FORMAT = "hybrid-gpt-checkpoint"
 FORMAT_VERSION = 1
 TIED = "lm_head.weight"  # stored once, as transformer.wte.weight
 # Every name a checkpoint directory may hold: replacing one that holds anything else would delete a user's file.
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt", "tokenizer.json", "chat_template.json",
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt", *TOKENIZER_FILES,
                     "trainer_state.pt", "metrics.jsonl")
-TEMPLATE_FILE = "chat_template.json"  # the chat template, when it is not ours
 
 
 def is_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() and (
         (path / "model.safetensors").is_file() or (path / "model.pt").is_file()
     )
+
+
+def refuse_foreign(path: str | Path) -> None:
+    """Refuse a directory whose config.json is some other program's (a Hugging Face model directory holds
+    config.json, model.safetensors and tokenizer.json too, so names alone do not tell it from ours):
+    replacing it would delete that model. A config.json that does not parse is left to the usual checks."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return
+    try:
+        raw = read_json(file, "config")
+    except HybridGPTError:
+        return
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise HybridGPTError(f"{path} holds a config.json that is not a hybrid-gpt checkpoint's (another model's?); "
+                             "it is left untouched (choose another output path)")
 
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, training: dict,
@@ -62,12 +76,11 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, training
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
               "training": training}
     allowed = (*CHECKPOINT_FILES, *(files or {}))
+    refuse_foreign(path)
     with staged_dir(path, allowed, "checkpoint") as tmp:
         write_json(tmp / "config.json", config)
         write_bytes(tmp / "model.safetensors", save_safetensors(state, metadata={"format": "pt"}))
-        write_text(tmp / "tokenizer.json", tokenizer.to_str())
-        if tokenizer.template is not None and tokenizer.template != HYBRID_TEMPLATE:
-            write_json(tmp / TEMPLATE_FILE, tokenizer.template.to_dict())
+        save_tokenizer(tokenizer, tmp)
         for name, text in (files or {}).items():
             write_text(tmp / name, text)
         if trainer_state is not None:
@@ -214,16 +227,6 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     if not (root / "config.json").is_file() or not weights.is_file():
         raise HybridGPTError(f"{path} is not a checkpoint: it needs config.json and model.safetensors")
     return root, weights
-
-
-def load_tokenizer(root: Path) -> Tokenizer:
-    """The tokenizer of a checkpoint directory (or any directory with tokenizer.json), with the chat
-    template of its chat_template.json if it has one."""
-    template = None
-    if (root / TEMPLATE_FILE).is_file():
-        where = f"{root}/{TEMPLATE_FILE}"
-        template = ChatTemplate.from_dict(read_json(root / TEMPLATE_FILE, "chat template file"), where)
-    return Tokenizer.from_file(root / "tokenizer.json", template)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:

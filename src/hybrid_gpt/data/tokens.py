@@ -15,12 +15,20 @@ import numpy as np
 import torch
 
 from hybrid_gpt.data.corpus import Corpus
-from hybrid_gpt.data.tokenizer import MAX_VOCAB, Tokenizer, check_vocab_size, interruptible
+from hybrid_gpt.data.tokenizer import (
+    MAX_VOCAB,
+    TOKENIZER_FILES,
+    Tokenizer,
+    check_vocab_size,
+    interruptible,
+    load_tokenizer,
+    save_tokenizer,
+)
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import clip, output_dir, read_json, recover_dir, write_bytes, write_json, write_text
+from hybrid_gpt.fsutil import clip, output_dir, read_json, recover_dir, write_bytes, write_json
 
 META_VERSION = 1
-DATA_FILES = ("meta.json", "tokenizer.json", "train.bin", "val.bin")  # all a data directory may hold
+DATA_FILES = ("meta.json", *TOKENIZER_FILES, "train.bin", "val.bin")  # all a data directory may hold
 
 
 def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int | None, log=print,
@@ -46,7 +54,7 @@ def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int | None, lo
         else:
             tok = tokenizer
             log(f"tokenizing with the {tok.vocab_size}-token tokenizer of {tokenizer_source or 'a checkpoint'}")
-        write_text(tmp / "tokenizer.json", tok.to_str())
+        save_tokenizer(tok, tmp)
         meta = {
             "version": META_VERSION,
             "source": corpus.source,
@@ -127,7 +135,7 @@ class TokenData:
         ids are all in the vocabulary, so that no later step indexes out of the embedding."""
         root = Path(root)
         meta = read_meta(root)
-        tok = Tokenizer.from_file(root / "tokenizer.json")
+        tok = load_tokenizer(root)
         if meta["tokenizer_sha256"] != tok.sha256() or meta["vocab_size"] != tok.vocab_size:
             raise HybridGPTError(f"{root}/tokenizer.json does not match meta.json; re-run `hybrid-gpt prepare`")
         arrays = {}

@@ -25,6 +25,7 @@ from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.infer.engine import KVCache, generate
 from hybrid_gpt.model import kernels
 from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.runtime import DTYPES, ensure_fits
 
 
 @dataclass
@@ -48,9 +49,6 @@ class BenchConfig:
 
 # Keys every result of run_bench holds: what marks a file as one that `bench --out` may replace.
 RESULT_KEYS = ("environment", "config", "hardware", "models")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def entry_name(name: str, dtype: str) -> str:
     return name if dtype == "float32" else f"{name}@{dtype}"
@@ -324,7 +322,11 @@ def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log
         if dtype in seen:  # one peer per precision: of the first standard model in it
             continue
         seen.add(dtype)
-        hf = to_hf(models[of])
+        try:
+            hf = to_hf(models[of])
+        except HybridGPTError as e:  # a family transformers has no model of: measure ours alone
+            log(f"peer: skipped for {of} ({e})")
+            continue
         diff = max_logit_difference(models[of], hf, probe)
         impl = f"transformers {type(hf).__name__}"
         peers[entry_name("peer", dtype)] = {"of": of, "dtype": dtype, "model": hf, "max_abs_logit_diff": diff,
@@ -391,6 +393,11 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
             prompt = torch.randint(0, vocab, (b, c), generator=gen).to(device)
             n = cfg.new_tokens
             runners = {}
+            # Every entry's cache (and each peer's, as large as its model's) lives through the repeats.
+            caches = [models[p["of"]] for p in peers.values()] + list(models.values())
+            ensure_fits(sum(m.config.kv_bytes_per_token(next(m.parameters()).dtype) for m in caches) * c * b,
+                        f"the KV caches of {len(caches)} models at context {c:,}, batch {b}", device,
+                        hint="measure fewer or smaller --contexts and --batch-sizes")
             decoders = {name: _OursDecoder(model.eval(), b, c) for name, model in models.items()}
             decoders |= {name: _PeerDecoder(peer["model"]) for name, peer in peers.items()}
             for name, dec in decoders.items():
@@ -621,10 +628,10 @@ def run_train_bench(models: dict[str, GPT], batch_size: int = 16, repeats: int =
     standard = [n for n, m in models.items() if set(m.config.layers) == {"A"}]
     if peer and standard:
         try:
-            from hybrid_gpt.infer.peer import to_hf_gpt2
+            from hybrid_gpt.infer.peer import to_hf
 
-            hf = to_hf_gpt2(copy.deepcopy(models[standard[0]]))
-            T = hf.config.n_positions
+            hf = to_hf(copy.deepcopy(models[standard[0]]))
+            T = models[standard[0]].config.block_size
             x = torch.randint(0, hf.config.vocab_size, (batch_size, T), generator=gen).to(device)
             steppers["peer"] = make_step(hf, lambda: hf(x, labels=x).loss)  # HF shifts labels itself
             tokens["peer"] = batch_size * T

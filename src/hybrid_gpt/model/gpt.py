@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.kernels import Linear  # nn.Linear whose CPU products run on oneDNN (see kernels.py)
+from hybrid_gpt.options import MAX_CONTEXT
 
 MIXERS = "AMN"
 _USE_ONLY = "use only A (attention), M (per-token MLP) and N (no mixer)"
@@ -137,6 +138,8 @@ class GPTConfig:
                 raise HybridGPTError(f"model config: {name} must be an integer, got {value!r}")
             if value < (0 if name in ("mlp_hidden", "rotary_dims", "ffn_hidden", "n_kv_head") else 1):
                 raise HybridGPTError(f"model config: {name} must be positive, got {value}")
+        if self.block_size > MAX_CONTEXT:  # RoPE tables and caches are sized by it: refuse before allocating
+            raise HybridGPTError(f"model config: block_size {self.block_size:,} is over the limit of {MAX_CONTEXT:,}")
         check_layers(self.layers)
         if self.n_embd % self.n_head:
             raise HybridGPTError(f"model config: n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
@@ -195,8 +198,8 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     """Attention of one query per head over the cache, spelled out, with the softmax in float32.
 
     Used on the CPU at batch > 1 and in bfloat16 at any batch, where PyTorch's scaled_dot_product_attention
-    kernel is slow for a single query (in bfloat16 2-17x, growing with the context); float32 at batch 1
-    keeps SDPA, the faster there (the measurements are in docs/performance.md). With grouped-query
+    kernel is the slower for a single query; float32 at batch 1 keeps SDPA, the faster there (the
+    measurements are in docs/performance.md). With grouped-query
     attention (fewer key/value heads than query heads) the queries of each group are stacked against their
     shared key/value head."""
     B, H, _, D = q.shape
@@ -373,7 +376,7 @@ class Block(nn.Module):
     ln_1 and ln_2 are the family's norm (LayerNorm or RMSNorm).
 
     The token mixer is called ``mixer`` whatever its kind; GPT-2's name for it (``attn``) appears only
-    in ``peer.py``. Checkpoints written before the rename (keys ``...attn...``) still load.
+    in ``interop/hf.py``. Checkpoints written before the rename (keys ``...attn...``) still load.
     """
 
     def __init__(self, config: GPTConfig, kind: str, cache_index: int, rotary: Rotary | None = None):

@@ -24,6 +24,10 @@ def window_length(model: GPT, context: int | None) -> int:
     when None; a window longer than the model's context is a one-line error."""
     block = model.config.block_size
     if context is None:
+        if block * model.config.vocab_size > 4 * LOGITS_BUDGET:
+            gib = 4 * block * model.config.vocab_size / 2**30
+            raise HybridGPTError(f"one window of the model's full context ({block:,} tokens) needs {gib:.1f} GiB of "
+                                 "logits; pass --context with a shorter window")
         return block
     if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= block:
         raise HybridGPTError(f"the evaluation context must be between 1 and the model's context of {block}, "
