@@ -59,3 +59,22 @@ def test_smollm2_matches_transformers(tmp_path):
                          eos_token_id=None, attention_mask=torch.ones_like(idx))[:, idx.size(1):]
     assert torch.equal(ours, theirs)
     assert tok.decode(ours[0].tolist()).strip()  # a reply in words
+
+
+def test_smollm2_cached_decoding_equals_recomputation_beyond_4096_tokens(tmp_path):
+    """RoPE at cache offsets past 4096 on the real model: 4 cached steps after a 4,100-token prefill give the
+    logits one full forward of all 4,104 tokens gives at those positions."""
+    from hybrid_gpt.infer.engine import KVCache
+
+    import_model("smollm2", tmp_path / "smollm2")
+    model, tok, _ = load_checkpoint(tmp_path / "smollm2")
+    ids = torch.randint(0, tok.vocab_size, (1, 4104), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(model, 1, max_len=4104)
+    with torch.no_grad():
+        full = model(ids)[0, 4099:]
+        steps = [model(ids[:, :4100], kv_cache=cache, last_only=True)[0, -1]]
+        cache.advance(4100)
+        for t in range(4100, 4103):
+            steps.append(model(ids[:, t:t + 1], kv_cache=cache)[0, -1])
+            cache.advance(1)
+    assert (torch.stack(steps) - full[:4]).abs().max().item() <= 1e-3
