@@ -76,8 +76,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, training
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
               "training": training}
     allowed = (*CHECKPOINT_FILES, *(files or {}))
-    refuse_foreign(path)
     with staged_dir(path, allowed, "checkpoint") as tmp:
+        refuse_foreign(path)  # after staged_dir's own checks: a directory of other names says so first
         write_json(tmp / "config.json", config)
         write_bytes(tmp / "model.safetensors", save_safetensors(state, metadata={"format": "pt"}))
         save_tokenizer(tokenizer, tmp)

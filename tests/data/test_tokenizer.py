@@ -117,12 +117,21 @@ def test_training_can_be_interrupted():
     from hybrid_gpt.data.tokenizer import interruptible
 
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    t0 = time.time()
-    with pytest.raises(KeyboardInterrupt):
-        interruptible(time.sleep, 20)
-    assert time.time() - t0 < 10
-    timer.join()
+
+    def busy():  # the timer starts once the worker runs, so the signal cannot land before interruptible waits
+        timer.start()
+        time.sleep(20)
+
+    # Python's own Ctrl-C handler, even when the suite runs in a background job that inherits SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        t0 = time.time()
+        with pytest.raises(KeyboardInterrupt):
+            interruptible(busy)
+        assert time.time() - t0 < 10
+        timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_worker_error_reaches_the_caller():

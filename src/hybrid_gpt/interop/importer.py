@@ -76,9 +76,8 @@ def import_model(source: str, out: str | Path, dtype: str = "float32", overwrite
         src, dest = Path(source).resolve(), Path(out).resolve()
         if dest == src or dest in src.parents:
             raise HybridGPTError(f"the output {out} would replace the source {source}; choose another --out")
-    refuse_foreign(out)
     with claimed_dir(out, writer=False, **claim):  # refused now, not after reading the weights
-        pass
+        refuse_foreign(out)
     cfg, state, tokenizer_json, jinja = read_source(source, log)
     template = template_from_jinja(jinja) if jinja else None
     if jinja and template is None:

@@ -190,10 +190,10 @@ def run_stage(stage: Stage, *, device: str = "auto", resume: bool = False, overw
     ``overwrite`` replaces it (only if it is a checkpoint: see :func:`hybrid_gpt.fsutil.claimed_dir`)."""
     if resume and overwrite:
         raise HybridGPTError("resume and overwrite contradict each other; choose one")
-    refuse_foreign(stage.out)
     with claimed_dir(stage.out, allowed=CHECKPOINT_FILES, what="checkpoint", overwrite=overwrite, resume=resume,
                      exists_hint="pass --resume to continue it or --overwrite to start over",
                      writer=distributed_env()[0] == 0):  # only rank 0 writes checkpoints
+        refuse_foreign(stage.out)
         return _run_stage(stage, device, resume, log)
 
 
