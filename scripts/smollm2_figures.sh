@@ -22,10 +22,5 @@ step eval uv run hybrid-gpt eval $RUN/base --data $RUN/data --context 2048 --jso
 step importance uv run hybrid-gpt importance $RUN/base --data $RUN/data --context 1024 --max-tokens 4096 \
   --out $OUT/importance
 step prepare-chat uv run hybrid-gpt prepare-chat --run-dir $RUN
-step sft uv run hybrid-gpt sft --run-dir $RUN --init $RUN/base --out $RUN/sft --max-steps 20 --batch-size 4 \
-  --lr 1e-5 --warmup-steps 2 --eval-interval 10 --eval-tokens 2048 --no-progress
-step chat-sft uv run hybrid-gpt chat $RUN/sft -p "Who is Hamlet?" --temperature 0
-step dpo uv run hybrid-gpt dpo --run-dir $RUN --init $RUN/sft --out $RUN/dpo --max-steps 10 --batch-size 2 \
-  --lr 1e-6 --warmup-steps 2 --eval-interval 5 --eval-tokens 1024 --no-progress
-step chat-dpo uv run hybrid-gpt chat $RUN/dpo -p "Who is Hamlet?" --temperature 0
+bash scripts/smollm2_finetune.sh
 echo done | tee -a "$OUT/times.txt"
