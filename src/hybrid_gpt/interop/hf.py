@@ -149,13 +149,19 @@ def hf_config(cfg: GPTConfig) -> dict:
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
-def _field(d: dict, key: str, kind: type, where: str, default=None):
-    """``d[key]`` (else ``default``) if it is of ``kind`` (an int counts as a float, a bool as nothing else)."""
-    value = d.get(key, default)
+def of_kind(value, kind: type):
+    """``value`` as ``kind`` (an int counts as a float, a bool as nothing but a bool), or None if it is not one:
+    the one type rule of imported metadata, config.json's and GGUF's alike."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise HybridGPTError(f"{where}: {key} must be {KIND_NAMES[kind]}, got {clip(repr(value))}")
+    return value if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) else None
+
+
+def _field(d: dict, key: str, kind: type, where: str, default=None):
+    """``d[key]`` (else ``default``) if it is of ``kind`` (see :func:`of_kind`)."""
+    value = of_kind(d.get(key, default), kind)
+    if value is None:
+        raise HybridGPTError(f"{where}: {key} must be {KIND_NAMES[kind]}, got {clip(repr(d.get(key, default)))}")
     return value
 
 
