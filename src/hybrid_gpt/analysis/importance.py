@@ -27,7 +27,7 @@ from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, mixer_activations
-from hybrid_gpt.train.evaluate import EVAL_TOKENS, batch_rows, evaluate_lm, evaluating, window_length, windows
+from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm, evaluating, model_windows, window_length
 
 INTERVENTIONS = ("drop", "mean")
 
@@ -85,8 +85,7 @@ def attention_stats(model: GPT, tokens: np.ndarray, max_tokens: int = EVAL_TOKEN
     count = 0
     with evaluating(model) as model:
         device = next(model.parameters()).device
-        T = window_length(model, context)
-        for chunk in windows(tokens, T, max_tokens, batch_rows(model, T, batch_size)):
+        for chunk in model_windows(model, tokens, max_tokens, batch_size, context):
             x = chunk[:, :-1].to(device)
             for i, (before, out) in mixer_activations(model, x, layers).items():
                 before, out = before.float(), out.float()
@@ -224,13 +223,13 @@ def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, ma
     check_replaceable(out, IMPORTANCE_FILES, "layer-importance output")  # before the work, not after it
     model, tok, training = load_checkpoint(checkpoint, resolve_device(device))
     _require_attention(model, str(root))
-    window_length(model, context)  # before the work
+    context = window_length(model, context)  # checked before the work
     data = checkpoint_data(root, tok, training, data_dir)
 
     result = {
         "checkpoint": str(root),
         "model": model.config.to_dict(),
-        "settings": {"max_tokens": max_tokens, "replace": replace, "context": window_length(model, context),
+        "settings": {"max_tokens": max_tokens, "replace": replace, "context": context,
                      "device": str(next(model.parameters()).device)},
         "data": {"dir": str(Path(data.root).resolve()), "source": data.meta["source"],
                  "documents": data.meta["splits"]["val"]["documents"]},

@@ -87,12 +87,19 @@ def windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: in
         yield torch.from_numpy(np.stack([tokens[r * T : r * T + T + 1] for r in rows]).astype(np.int64))
 
 
+def model_windows(model: GPT, tokens: np.ndarray, max_tokens: int, batch_size: int = 16,
+                  context: int | None = None) -> Iterator[torch.Tensor]:
+    """:func:`windows` of ``model``'s evaluation window (:func:`window_length`), in batches whose logits fit
+    (:func:`batch_rows`): what evaluate_lm reads, and what measurements of the same tokens read."""
+    T = window_length(model, context)
+    return windows(tokens, T, max_tokens, batch_rows(model, T, batch_size))
+
+
 def _evaluate_lm(model: GPT, tokens, byte_lengths, max_tokens: int, batch_size: int, autocast,
                  context: int | None) -> dict:
     device = next(model.parameters()).device
     total_loss, total_bytes, count = 0.0, 0, 0
-    T = window_length(model, context)
-    for chunk in windows(tokens, T, max_tokens, batch_rows(model, T, batch_size)):
+    for chunk in model_windows(model, tokens, max_tokens, batch_size, context):
         x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)
         with autocast():
             _, loss = model(x, y, loss_reduction="sum")
