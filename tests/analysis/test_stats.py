@@ -15,3 +15,41 @@ def test_judgement_sentences():
     assert "measurably worse" in judge_difference("bpb", [2.30, 2.31, 2.29], [2.40, 2.41, 2.40], "bpb", True)
     assert "measurably better" in judge_difference("bpb", [2.30, 2.31, 2.29], [2.20, 2.21, 2.20], "bpb", True)
     assert "single seed" in judge_difference("bpb", [2.3], [2.31], "bpb", True)
+
+
+def test_ratio_ci_on_constructed_timings():
+    import math
+
+    import pytest
+
+    from hybrid_gpt.analysis.stats import format_ratio, ratio_ci
+
+    # other is exactly twice as fast in every round, while the machine drifts 3x between rounds: no spread at all
+    r = ratio_ci([1.0, 2.0, 3.0], [0.5, 1.0, 1.5])
+    assert r["ratio"] == pytest.approx(2.0) and r["ci95"] == pytest.approx([2.0, 2.0])
+    # log-ratios 0, log 2, log 4: mean log 2, t(2) * sd / sqrt 3 on the log scale
+    r = ratio_ci([1.0, 2.0, 4.0], [1.0, 1.0, 1.0])
+    half = 4.303 * math.log(2) / math.sqrt(3)
+    assert r["ratio"] == pytest.approx(2.0)
+    assert r["ci95"] == pytest.approx([2 * math.exp(-half), 2 * math.exp(half)])
+    # the interval of b/a is the reciprocal of a/b's
+    back = ratio_ci([1.0, 1.0, 1.0], [1.0, 2.0, 4.0])
+    assert back["ci95"] == pytest.approx([1 / r["ci95"][1], 1 / r["ci95"][0]])
+    assert ratio_ci([2.0], [1.0])["ci95"] is None
+    assert format_ratio(ratio_ci([1.0, 1.0], [0.5, 0.5])) == "2.00x [2.00, 2.00]"
+    with pytest.raises(ValueError):
+        ratio_ci([1.0, 2.0], [1.0])
+
+
+def test_seeds_needed_for_a_tolerance():
+    import math
+    import statistics
+
+    from hybrid_gpt.analysis.stats import seeds_needed, t_quantile
+
+    values = [0.01, 0.03, -0.02]
+    sd = statistics.stdev(values)
+    n = seeds_needed(values, 0.023)
+    assert t_quantile(n - 1) * sd / math.sqrt(n) <= 0.023 < t_quantile(n - 2) * sd / math.sqrt(n - 1)
+    assert seeds_needed([0.5, 0.5], 0.01) == 2  # no spread: two seeds suffice
+    assert seeds_needed([0.01], 0.01) is None

@@ -31,6 +31,7 @@ DEFAULT_VARIANTS = ("AAAA", "AAMM", "AANN", "MMAA", "AA", "AAMM:matched")
 QUICK_STEPS = {"smoke": 10, "cpu": 150, "seed": 1000}  # --quick: 3 seeds x 6 variants well inside 20 min on cpu
 BUDGETS = ("steps", "time")
 DECODE_NEW_TOKENS = 24  # tokens decoded per timed run, ending at the full context
+CURVE_POINTS = 8  # validation evaluations per run (plus the final one): the learning curves' points
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
         for v in variants:
             n = steps_of[v.slug]
             ckpt = out / f"{v.slug}-steps{n}-seed{seed}"
-            overrides = dict(seed=seed, max_steps=n, eval_interval=n, progress=progress,
+            overrides = dict(seed=seed, max_steps=n, eval_interval=max(1, n // CURVE_POINTS), progress=progress,
                              warmup_steps=min(values["warmup_steps"], max(1, n // 10)),
                              mlp_hidden=v.mlp_hidden or None)
             run_or_skip(f"ablate {v.spec} seed {seed} ({n} steps)", ckpt, lambda ckpt=ckpt, overrides=overrides,

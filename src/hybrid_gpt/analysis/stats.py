@@ -1,12 +1,15 @@
-"""Means and 95% confidence intervals over seeds (Student's t), and the sentence that judges noise."""
+"""Means and 95% confidence intervals over seeds (Student's t), paired speed ratios, the seeds a tolerance needs,
+and the sentence that judges noise."""
 
 from __future__ import annotations
 
 import math
 import statistics
 
-# Two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom; 1.96 beyond.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom; 1.96 beyond.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 def t_quantile(dof: int) -> float:
@@ -21,6 +24,44 @@ def mean_ci(values: list[float]) -> dict:
         return {"mean": mean, "ci95": None, "n": n, "values": values}
     half = t_quantile(n - 1) * statistics.stdev(values) / math.sqrt(n)
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": n, "values": values}
+
+
+def ratio_ci(base_times: list[float], other_times: list[float]) -> dict:
+    """How many times as fast ``other`` is as ``base`` from paired repeats (repeat i of each timed in the same round):
+    {"ratio", "ci95": [lo, hi] or None, "n", "log_ratios"}. The interval is a t-interval on the per-repeat
+    log-ratio log(base_i / other_i), mapped back by exp: pairing cancels the machine's drift between rounds,
+    and the log makes the interval of b/a the reciprocal of a/b's."""
+    if len(base_times) != len(other_times) or not base_times:
+        raise ValueError("ratio_ci needs the same number (>= 1) of paired times for both")
+    if min(base_times) <= 0 or min(other_times) <= 0:
+        raise ValueError("ratio_ci needs positive times")
+    logs = [math.log(b / o) for b, o in zip(base_times, other_times)]
+    s = mean_ci(logs)
+    ci = [math.exp(s["ci95"][0]), math.exp(s["ci95"][1])] if s["ci95"] else None
+    return {"ratio": math.exp(s["mean"]), "ci95": ci, "n": s["n"], "log_ratios": logs}
+
+
+def format_ratio(r: dict | None, digits: int = 2) -> str:
+    """``1.23x [1.10, 1.37]`` for a :func:`ratio_ci` result (the ratio alone without an interval; "-" for none)."""
+    if not r or r.get("ratio") is None:
+        return "-"
+    text = f"{r['ratio']:.{digits}f}x"
+    if r.get("ci95"):
+        text += f" [{r['ci95'][0]:.{digits}f}, {r['ci95'][1]:.{digits}f}]"
+    return text
+
+
+def seeds_needed(values: list[float], half_width: float, most: int = 1000) -> int | None:
+    """The fewest seeds whose 95% interval of the mean would be at most ``half_width`` wide on each side, if the
+    spread between seeds stays that of ``values`` (their sample standard deviation); None from fewer than 2
+    values, or when even ``most`` seeds would not do."""
+    if len(values) < 2 or half_width <= 0:
+        return None
+    sd = statistics.stdev(values)
+    for n in range(2, most + 1):
+        if t_quantile(n - 1) * sd / math.sqrt(n) <= half_width:
+            return n
+    return None
 
 
 def format_ci(s: dict | None, digits: int = 4, signed: bool = False) -> str:
