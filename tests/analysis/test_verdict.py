@@ -5,7 +5,7 @@ import pytest
 from helpers import quiet
 
 from hybrid_gpt.analysis.stats import mean_ci
-from hybrid_gpt.analysis.verdict import render_verdict_markdown, sentences, table, write_verdict
+from hybrid_gpt.analysis.verdict import per_context, render_verdict_markdown, sentences, table, write_verdict
 from hybrid_gpt.errors import HybridGPTError
 
 
@@ -16,25 +16,97 @@ def _ablate(bpb: dict, tok_s: dict) -> dict:
                       "val_bpb": mean_ci(v), "decode_tok_s": tok_s[k]} for k, v in bpb.items()]}}
 
 
+def _speed(points: dict, weights: bool = True, repeats: int = 5, params: int = 1000) -> list:
+    """A long-context bench result: {context: (ratio, [lo, hi])} of AAMM/AAAA at batch 1 (and a batch-8 row)."""
+    rows = []
+    for c, (ratio, ci) in points.items():
+        rows += [{"context": c, "batch": 1, "decode_speedup": ratio, "decode_speedup_ci95": ci},
+                 {"context": c, "batch": 8, "decode_speedup": 9.0, "decode_speedup_ci95": [8.0, 10.0]}]
+    data = {"models": {"AAAA": {"layers": "AAAA", "parameters": params}, "AAMM": {"layers": "AAMM", "parameters": 900}},
+            "ratios": {"AAMM/AAAA": rows}, "config": {"repeats": repeats}}
+    if weights:
+        data["weights"] = "random"
+    return [{"path": "speed/cpu.json", "data": data}]
+
+
+TIGHT = {"AAAA": [2.30, 2.31, 2.29], "AAMM": [2.301, 2.311, 2.291], "AANN": [2.40, 2.41, 2.40]}
+TOK = {"AAAA": 1000.0, "AAMM": 1500.0, "AANN": 1600.0}
+
+
 def test_the_verdict_follows_the_numbers():
-    tok = {"AAAA": 1000.0, "AAMM": 1500.0, "AANN": 1600.0}
-    holds = {"ablate": _ablate({"AAAA": [2.30, 2.31, 2.29], "AAMM": [2.301, 2.311, 2.291],
-                                "AANN": [2.40, 2.41, 2.40]}, tok)}
+    holds = {"ablate": _ablate(TIGHT, TOK)}
     text = "\n".join(sentences(holds))
-    assert "the hypothesis holds —" in text and "The per-token MLP earns its place" in text
+    assert "little loss of quality holds" in text and "The per-token MLP earns its place" in text
+    # a ratio of medians without an interval cannot carry the speed criterion
+    assert "a large speed gain cannot be told (no interval" in text and "the hypothesis cannot be told" in text
 
     worse = {"ablate": _ablate({"AAAA": [2.30, 2.31, 2.29], "AAMM": [2.50, 2.51, 2.50],
-                                "AANN": [2.40, 2.41, 2.40]}, {**tok, "AAMM": 1050.0})}
+                                "AANN": [2.40, 2.41, 2.40]}, {**TOK, "AAMM": 1050.0})}
     text = "\n".join(sentences(worse))
     assert "little loss of quality does not hold" in text and "the hypothesis does not hold" in text
     assert "worse than nothing" in text
 
     noisy = {"ablate": _ablate({"AAAA": [2.30, 2.50, 2.10], "AAMM": [2.35, 2.30, 2.40],
-                                "AANN": [2.36, 2.31, 2.39]}, tok)}
+                                "AANN": [2.36, 2.31, 2.39]}, TOK)}
     text = "\n".join(sentences(noisy))
     assert "cannot be told at this noise" in text and "adds nothing measurable" in text
 
     assert "No verdict" in sentences({"probe": {"path": "p", "data": {"patterns": [], "chance": 0.1}}})[-1]
+
+
+def test_the_verdict_per_context_in_each_of_its_three_states():
+    from hybrid_gpt.analysis.verdict import speed_points
+
+    long = {256: (1.05, [1.0, 1.1]), 1024: (1.3, [1.2, 1.4]), 4096: (1.4, [1.3, 1.5]), 16384: (1.7, [1.6, 1.9])}
+    found = {"ablate": _ablate(TIGHT, TOK), "speed": _speed(long)}
+    points = speed_points(found)
+    assert [p["context"] for p in points] == [256, 1024, 4096, 16384] and points[0]["weights"] == "random"
+    ctx = per_context(found)
+    assert [r["speed"] for r in ctx["rows"]] == [False, None, True, True] and ctx["quality"] is True
+    assert [r["state"] for r in ctx["rows"]] == [False, None, True, True]
+    assert ctx["answer"]["state"] == "holds" and ctx["answer"]["from_context"] == 4096
+    assert "holds from context 4,096 on (measured up to 16,384)" in "\n".join(sentences(found))
+    # the per-context table leads with the answer
+    md = render_verdict_markdown({"sources": {}, "table": table(found), "sentences": sentences(found),
+                                  "per_context": ctx})
+    assert md.splitlines()[2] == "**The hypothesis holds from context 4,096 on (measured up to 16,384).**"
+    assert "| 16,384 | random | +0.0010 ± 0.0000 | holds | 1.70x [1.60, 1.90] | - | holds | holds |" in md
+
+    # does not hold: the quality cost's whole interval exceeds the tolerance, whatever the speed
+    worse = {"ablate": _ablate({"AAAA": [2.30, 2.31, 2.29], "AAMM": [2.50, 2.51, 2.50]}, TOK), "speed": _speed(long)}
+    ans = per_context(worse)["answer"]
+    assert ans["state"] == "does not hold" and "loses more than 1%" in ans["text"]
+    # does not hold: quality fine, but the speed gain stays below the criterion at every context
+    slow = {"ablate": _ablate(TIGHT, TOK), "speed": _speed({256: (1.0, [0.9, 1.1]), 4096: (1.1, [1.05, 1.2])})}
+    assert per_context(slow)["answer"]["text"].startswith("does not hold at the contexts measured (up to 4,096)")
+
+    # cannot be told: the quality interval straddles the tolerance; the budget names the seeds that would tell
+    noisy = {"ablate": _ablate({"AAAA": [2.30, 2.32, 2.28], "AAMM": [2.33, 2.32, 2.31]}, TOK), "speed": _speed(long)}
+    ctx = per_context(noisy)
+    assert ctx["quality"] is None and ctx["answer"]["state"] == "cannot be told"
+    n = ctx["budget"]["seeds"]
+    assert isinstance(n, int) and n > 3 and f"{n} seeds" in ctx["answer"]["text"]
+    assert "the speed gain holds from context 4,096 on" in ctx["answer"]["text"]
+    # ... or the speed interval straddles the criterion at the longest context: the repeats that would tell
+    unsure = {"ablate": _ablate(TIGHT, TOK), "speed": _speed({256: (1.0, [0.9, 1.1]), 4096: (1.3, [1.1, 1.5])})}
+    ctx = per_context(unsure)
+    assert ctx["answer"]["state"] == "cannot be told" and ctx["budget"]["repeats"][4096] > 5
+    assert "paired repeats per context" in ctx["answer"]["text"]
+    # a benchmark of another shape (its standard has other parameters) is not this ablation's
+    assert speed_points({"ablate": _ablate(TIGHT, TOK), "speed": _speed(long, params=5)})[0]["source"] == \
+        "ablate/ablate.json"
+
+
+def test_the_verdict_reads_speed_files_and_refuses_damaged_ones(tmp_path):
+    (tmp_path / "ablate").mkdir()
+    (tmp_path / "ablate" / "ablate.json").write_text(json.dumps(_ablate(TIGHT, TOK)["data"]))
+    (tmp_path / "speed").mkdir()
+    (tmp_path / "speed" / "cpu.json").write_text(json.dumps(_speed({4096: (1.6, [1.5, 1.7])})[0]["data"]))
+    result = write_verdict(tmp_path)
+    assert result["per_context"]["answer"]["state"] == "holds" and "speed:cpu" in result["sources"]
+    (tmp_path / "speed" / "cpu.json").write_text(json.dumps({"models": {}, "ratios": {"a/b": [{"context": 1}]}}))
+    with pytest.raises(HybridGPTError, match=r"cpu.json is damaged: .*hybrid-gpt bench"):
+        write_verdict(tmp_path)
 
 
 def test_the_table_joins_ablation_and_probe_by_pattern():
@@ -45,10 +117,14 @@ def test_the_table_joins_ablation_and_probe_by_pattern():
                               {"pattern": "MMMM", "accuracy": mean_ci([0.1, 0.1])}]}}}
     rows = {r["pattern"]: r for r in table(found)}
     assert rows["AAMM"]["probe_accuracy"]["mean"] == pytest.approx(0.85) and rows["AAAA"]["probe_accuracy"] is None
-    assert rows["AAMM"]["decode_vs_standard"] == 1.5 and rows["MMMM"]["val_bpb"] is None
+    assert rows["AAMM"]["decode_vs_standard"] == {"ratio": 1.5, "ci95": None} and rows["MMMM"]["val_bpb"] is None
+    # the ablation's paired decode ratio against its first model (the standard) carries its interval
+    found["ablate"]["data"]["decode"]["ratios"] = {"AAMM": {"ratio": 1.4, "ci95": [1.3, 1.5], "n": 5}}
+    assert {r["pattern"]: r for r in table(found)}["AAMM"]["decode_vs_standard"] == {"ratio": 1.4, "ci95": [1.3, 1.5]}
+    assert per_context(found)["rows"][0]["ci95"] == [1.3, 1.5]
     md = render_verdict_markdown({"sources": {"ablate": "ablate/ablate.json"}, "table": table(found),
                                   "sentences": sentences(found)})
-    assert md.startswith("## Does the hypothesis hold?") and "| MMMM |" in md and "1.50x" in md
+    assert md.startswith("## Does the hypothesis hold?") and "| MMMM |" in md and "1.40x [1.30, 1.50]" in md
 
 
 def test_write_verdict_needs_some_analysis(tmp_path):
@@ -64,7 +140,7 @@ def test_pipeline_hypothesis_tests_end_to_end_on_smoke(pretrained, tmp_path):
     result = run_hypothesis_tests(run_dir, "smoke", device="cpu", log=quiet)
     assert set(result["sources"]) == {"ablate", "probe", "importance", "distill"}
     md = (run_dir / "hypothesis.md").read_text()
-    for heading in ("## Does the hypothesis hold?", "## Ablations", "Verdict at this budget"):
+    for heading in ("## Does the hypothesis hold?", "## Ablations", "Verdict: the hypothesis"):
         assert heading in md
     # Every plot the combined page links exists where the link points.
     import re

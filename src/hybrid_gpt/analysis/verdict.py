@@ -1,29 +1,39 @@
-""""Does the hypothesis hold?": one table and plain sentences generated from the measured analyses.
+""""Does the hypothesis hold?": one table per context length and plain sentences generated from the measured analyses.
 
-It reads what `ablate`, `probe`, `importance` and `distill` wrote under a run directory (any of them
-may be missing; the verdict says what it lacks) and never states a conclusion the numbers do not give.
-The criteria are fixed here and printed with the verdict:
+It reads what `ablate`, `probe`, `importance` and `distill` wrote under a run directory, and the decode benchmarks
+under its ``speed/`` folder (``bench --shape ... --out <run-dir>/speed/NAME.json``: the long contexts the speed
+claim is about); any of them may be missing, the verdict says what it lacks, and it never states a conclusion the
+numbers do not give. Every judgement is three-valued (holds / does not hold / cannot be told at this noise), from
+fixed criteria printed with the verdict:
 
     little loss of quality  the upper end of the 95% CI (over seeds) of hybrid - standard bits per byte is
                             at most QUALITY_TOLERANCE of the standard's (it fails when the lower end exceeds
                             it; between the two, more seeds are needed)
-    the MLP does something  the hybrid is measurably better than attention-drop (AANN)
-    a large speed gain      cached decode at least SPEED_GAIN times the standard's (batch 1)
+    a large speed gain      the 95% CI (paired repeats) of hybrid/standard cached decode speed at batch 1 lies
+                            above SPEED_GAIN at that context (fails when it lies below; between, more repeats)
+    the MLP does something  the hybrid is measurably better than attention-drop (AANN); a qualifier of the answer
+
+The answer is per context (quality is measured at the models' training context and holds for every context the
+speed is measured at: the from-scratch models are too small to train at long context), then one plain line:
+"holds from context X on", "does not hold", or "cannot be told" with the seeds and repeats that would tell.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 
-from hybrid_gpt.analysis.stats import format_ci, mean_ci
+from hybrid_gpt.analysis.stats import format_ci, format_ratio, mean_ci, seeds_needed, t_quantile
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import JSON_LIMIT, read_json, read_text, write_json, write_text
 
 QUALITY_TOLERANCE = 0.01  # 1% of the standard model's bits per byte
 SPEED_GAIN = 1.25
 STANDARD, HYBRID, DROP = "AAAA", "AAMM", "AANN"
+SPEED_DIR = "speed"  # <run-dir>/speed/*.json: bench results read per context
+STATES = {True: "holds", False: "does not hold", None: "cannot be told"}
 
 
 def _read(path: Path) -> dict | None:
@@ -43,6 +53,10 @@ def _interval_of(v) -> bool:
     return (isinstance(v, dict) and _number(v.get("mean")) and isinstance(v.get("values"), list) and v["values"] != []
             and all(map(_number, v["values"])) and (v.get("ci95") is None or (
                 isinstance(v["ci95"], list) and len(v["ci95"]) == 2 and all(map(_number, v["ci95"])))))
+
+
+def _ci_or_none(v) -> bool:
+    return v is None or (isinstance(v, list) and len(v) == 2 and all(_number(x, True) for x in v))
 
 
 def _records(data: dict, key: str) -> list:
@@ -66,6 +80,13 @@ _SHAPES = {
               and isinstance(d["settings"].get("task"), str)
               and all(isinstance(p, dict) and isinstance(p.get("pattern"), str) and _interval_of(p.get("accuracy"))
                       for p in _records(d, "patterns"))),
+    "speed": ("models with layers, and ratios whose rows have context, batch and a positive decode_speedup",
+              lambda d: isinstance(d.get("models"), dict) and isinstance(d.get("ratios"), dict)
+              and all(isinstance(m, dict) and isinstance(m.get("layers"), str) for m in d["models"].values())
+              and all(isinstance(rows, list) and all(
+                  isinstance(r, dict) and _number(r.get("context"), True, True) and _number(r.get("batch"), True, True)
+                  and _number(r.get("decode_speedup"), True) and _ci_or_none(r.get("decode_speedup_ci95"))
+                  for r in rows) for rows in d["ratios"].values())),
     "importance": ("recommendation with pattern, same_as_deep and deep_pattern",
                    lambda d: isinstance(r := d.get("recommendation"), dict) and isinstance(r.get("pattern"), str)
                    and isinstance(r.get("same_as_deep"), bool) and isinstance(r.get("deep_pattern"), str)),
@@ -79,8 +100,9 @@ _SHAPES = {
 def _check_shape(name: str, path: Path, data) -> None:
     fields, fits = _SHAPES[name]
     if not (isinstance(data, dict) and fits(data)):
+        rerun = "bench ... --out" if name == "speed" else name
         raise HybridGPTError(f"{path} is damaged: `verdict` needs {fields} (finite numbers); "
-                             f"re-run `hybrid-gpt {name}` to rewrite it")
+                             f"re-run `hybrid-gpt {rerun}` to rewrite it")
 
 
 def collect(run_dir: str | Path) -> dict:
@@ -100,6 +122,13 @@ def collect(run_dir: str | Path) -> dict:
                 _check_shape(name, path, data)
                 found[name] = {"path": str(path.relative_to(run_dir)), "data": data}
                 break
+    speed = []
+    for path in sorted((run_dir / SPEED_DIR).glob("*.json")) if (run_dir / SPEED_DIR).is_dir() else []:
+        data = _read(path)
+        _check_shape("speed", path, data)
+        speed.append({"path": str(path.relative_to(run_dir)), "data": data})
+    if speed:
+        found["speed"] = speed
     if not found:
         raise HybridGPTError(f"no analyses under {run_dir}: run `hybrid-gpt ablate`, `probe`, `importance` or "
                              "`distill` first (or `hybrid-gpt pipeline --full`)")
@@ -127,6 +156,154 @@ def _within_noise(d: dict) -> bool:
     return bool(d["ci95"]) and d["ci95"][0] <= 0 <= d["ci95"][1]
 
 
+def _judge(ci: list | None, threshold: float, higher_is_better: bool) -> bool | None:
+    """True / False / None: the whole interval on the good side of ``threshold``, on the bad side, or across it
+    (or no interval: one seed or one repeat cannot be judged)."""
+    if not ci:
+        return None
+    lo, hi = ci
+    if higher_is_better:
+        return True if lo >= threshold else False if hi < threshold else None
+    return True if hi <= threshold else False if lo > threshold else None
+
+
+def _pair_names(bench: dict) -> tuple[str, str] | None:
+    """The (hybrid, standard) entries of a bench result: float32, not compiled, picked by their layer patterns."""
+    def pick(layers: str) -> str | None:
+        return next((name for name, m in bench["models"].items() if m["layers"] == layers
+                     and m.get("dtype", "float32") == "float32" and not m.get("compiled")), None)
+
+    h, s = pick(HYBRID), pick(STANDARD)
+    return (h, s) if h and s and f"{h}/{s}" in bench["ratios"] else None
+
+
+def speed_points(found: dict) -> list[dict]:
+    """Measured hybrid/standard cached decode speedups at batch 1, one per context, ascending: from the benchmarks
+    under speed/ of models of the ablation's shape (the standard's parameter count; any shape without an
+    ablation), else the ablation's own decode measurement. Each: context, ratio, ci95 (or None), repeats,
+    predicted (the cost model's roofline ratio, when the benchmark gives it), weights, source."""
+    variants = _variants(found)
+    params = variants[STANDARD]["parameters"] if STANDARD in variants else None
+    points: dict[int, dict] = {}
+    for entry in found.get("speed", []):
+        bench = entry["data"]
+        names = _pair_names(bench)
+        if names is None or (params is not None and bench["models"][names[1]].get("parameters") != params):
+            continue
+        repeats = bench.get("config", {}).get("repeats") if isinstance(bench.get("config"), dict) else None
+        for row in bench["ratios"][f"{names[0]}/{names[1]}"]:
+            if row["batch"] == 1:
+                points[row["context"]] = {
+                    "context": row["context"], "ratio": row["decode_speedup"], "ci95": row.get("decode_speedup_ci95"),
+                    "repeats": repeats if _number(repeats, True, True) else None,
+                    "predicted": row.get("predicted_decode_speedup") if _number(
+                        row.get("predicted_decode_speedup"), True) else None,
+                    "weights": "random" if bench.get("weights") else "trained", "source": entry["path"]}
+    if not points and STANDARD in variants and HYBRID in variants:
+        decode = found["ablate"]["data"]["decode"]
+        measured = decode.get("ratios", {}).get(variants[HYBRID].get("slug", HYBRID)) if isinstance(
+            decode.get("ratios"), dict) else None
+        if isinstance(measured, dict) and _number(measured.get("ratio"), True) and _ci_or_none(measured.get("ci95")):
+            ratio, ci, n = measured["ratio"], measured.get("ci95"), measured.get("n")
+        else:  # an ablation written before decode speeds had intervals: the ratio of medians alone
+            ratio, ci, n = variants[HYBRID]["decode_tok_s"] / variants[STANDARD]["decode_tok_s"], None, None
+        points[decode["context"]] = {"context": decode["context"], "ratio": ratio, "ci95": ci, "repeats": n,
+                                     "predicted": None, "weights": "trained", "source": found["ablate"]["path"]}
+    return [points[c] for c in sorted(points)]
+
+
+def _repeats_needed(point: dict) -> int | None:
+    """Paired repeats whose interval would clear SPEED_GAIN, if the per-repeat log-ratios keep their spread
+    (recovered from the interval: half-width = t * sd / sqrt(n))."""
+    n, ci = point.get("repeats"), point.get("ci95")
+    if not ci or not n or n < 2:
+        return None
+    sd = (math.log(ci[1]) - math.log(ci[0])) / 2 * math.sqrt(n) / t_quantile(n - 1)
+    gap = abs(math.log(point["ratio"]) - math.log(SPEED_GAIN))
+    return seeds_needed([-sd / math.sqrt(2), sd / math.sqrt(2)], gap) if sd > 0 else n
+
+
+def per_context(found: dict) -> dict | None:
+    """The verdict at each measured context, and the plain answer; None without the AAAA/AAMM ablation."""
+    variants = _variants(found)
+    if STANDARD not in variants or HYBRID not in variants:
+        return None
+    s, h = variants[STANDARD], variants[HYBRID]
+    d = _diff(h, s)
+    tol = QUALITY_TOLERANCE * s["val_bpb"]["mean"]
+    quality = _judge(d["ci95"], tol, higher_is_better=False)
+    rows = []
+    for p in speed_points(found):
+        speed = _judge(p["ci95"], SPEED_GAIN, higher_is_better=True)
+        state = False if False in (quality, speed) else True if quality and speed else None
+        rows.append(p | {"speed": speed, "quality": quality, "state": state})
+    budget = {}
+    if quality is None:
+        budget["seeds"] = seeds_needed(d["values"], abs(d["mean"] - tol)) if d["n"] >= 2 else None
+    undecided = [r for r in rows if r["speed"] is None]
+    if undecided:
+        budget["repeats"] = {r["context"]: _repeats_needed(r) for r in undecided}
+    answer = _answer(quality, rows, budget, d, tol)
+    return {"quality_cost_bpb": d, "tolerance_bpb": tol, "quality": quality,
+            "training_context": found["ablate"]["data"]["decode"]["context"], "rows": rows, "budget": budget,
+            "answer": answer}
+
+
+def _answer(quality: bool | None, rows: list[dict], budget: dict, d: dict, tol: float) -> dict:
+    """{"state": "holds" | "does not hold" | "cannot be told", "from_context", "text"}."""
+    if quality is False:
+        return {"state": "does not hold", "from_context": None,
+                "text": f"does not hold: the hybrid loses more than {100 * QUALITY_TOLERANCE:.0f}% in bits per byte "
+                        f"({d['mean']:+.4f} against a tolerance of {tol:.4f}), whatever the speed"}
+    if not rows:
+        return {"state": "cannot be told", "from_context": None,
+                "text": "cannot be told: no decode speed was measured (run `hybrid-gpt bench --shape ... --out "
+                        f"<run-dir>/{SPEED_DIR}/NAME.json` or `ablate`)"}
+    suffix = []
+    for r in reversed(rows):  # the longest run of contexts, ending at the longest, where the speed gain holds
+        if r["speed"] is not True:
+            break
+        suffix.insert(0, r)
+    top = rows[-1]["context"]
+    if quality and suffix:
+        return {"state": "holds", "from_context": suffix[0]["context"],
+                "text": f"holds from context {suffix[0]['context']:,} on (measured up to {top:,})"}
+    if all(r["speed"] is False for r in rows):
+        return {"state": "does not hold", "from_context": None,
+                "text": f"does not hold at the contexts measured (up to {top:,}): the decode speed gain stays "
+                        f"below {SPEED_GAIN:.2f}x"}
+    needs = []
+    if quality is None:
+        n = budget.get("seeds")
+        needs.append(f"{n} seeds to tell the quality cost from the tolerance" if n else
+                     "more seeds (or a longer budget) to tell the quality cost from the tolerance")
+    repeats = {c: n for c, n in budget.get("repeats", {}).items()}
+    if repeats and not (quality and suffix):
+        needs.append("paired repeats per context to tell the speed gain from the criterion: " + ", ".join(
+            f"{n if n else 'more'} at {c:,}" for c, n in repeats.items()))
+    if suffix and quality is None:
+        lead = f"cannot be told: the speed gain holds from context {suffix[0]['context']:,} on, but the quality cost"
+        lead += " straddles the tolerance"
+    else:
+        lead = "cannot be told at this noise"
+    return {"state": "cannot be told", "from_context": None, "text": lead + "; the budget that would tell: "
+            + "; ".join(needs)}
+
+
+def _decode_ratio(found: dict, e: dict, base: dict | None) -> dict | None:
+    """{"ratio", "ci95"} of a variant's cached decode speed against the standard's: the ablation's paired ratio
+    when it measured one against the standard, else the ratio of medians (no interval)."""
+    if base is None:
+        return None
+    decode = found["ablate"]["data"]["decode"]
+    ratios = decode.get("ratios") if isinstance(decode.get("ratios"), dict) else {}
+    first = found["ablate"]["data"]["variants"][0]
+    r = ratios.get(e.get("slug", e["spec"]))
+    if first is base and isinstance(r, dict) and _number(r.get("ratio"), True) and _ci_or_none(r.get("ci95")):
+        return {"ratio": r["ratio"], "ci95": r.get("ci95")}
+    return {"ratio": e["decode_tok_s"] / base["decode_tok_s"], "ci95": None}
+
+
 def table(found: dict) -> list[dict]:
     variants, probe = _variants(found), _probe(found)
     base = variants.get(STANDARD)
@@ -136,7 +313,7 @@ def table(found: dict) -> list[dict]:
         rows.append({"pattern": spec, "parameters": e["parameters"], "val_bpb": e["val_bpb"],
                      "bpb_vs_standard": _diff(e, base) if base else None,
                      "probe_accuracy": p["accuracy"] if p else None, "decode_tok_s": e["decode_tok_s"],
-                     "decode_vs_standard": e["decode_tok_s"] / base["decode_tok_s"] if base else None,
+                     "decode_vs_standard": _decode_ratio(found, e, base),
                      "kv_bytes_per_token": e["kv_bytes_per_token"]})
     for pattern, p in probe.items():  # probe-only patterns still get a row
         if pattern not in variants:
@@ -149,26 +326,20 @@ def table(found: dict) -> list[dict]:
 def sentences(found: dict) -> list[str]:
     out = []
     variants, probe = _variants(found), _probe(found)
-    quality_ok = mlp_matters = speed_ok = quality_state = None
-    have_quality = False
+    quality_ok = mlp_matters = quality_state = None
     if STANDARD in variants and HYBRID in variants:
         s, h = variants[STANDARD], variants[HYBRID]
-        have_quality = True
         d = _diff(h, s)
         tol = QUALITY_TOLERANCE * s["val_bpb"]["mean"]
-        hi, lo = (d["ci95"][1], d["ci95"][0]) if d["ci95"] else (d["mean"], d["mean"])
-        quality_ok = True if hi <= tol else False if lo > tol else None
+        quality_ok = _judge(d["ci95"], tol, higher_is_better=False)
         quality_state = {True: "holds", False: "does not hold", None: "cannot be told at this noise"}[quality_ok]
         out.append(f"Quality: {HYBRID} - {STANDARD} = {d['mean']:+.4f} bits per byte{_interval(d)}, "
                    f"{100 * d['mean'] / s['val_bpb']['mean']:+.2f}% of the standard's; the tolerance is "
                    f"{tol:+.4f} ({100 * QUALITY_TOLERANCE:.0f}%), so little loss of quality {quality_state}"
                    + (" (the interval straddles the tolerance: more seeds would tell)" if quality_ok is None else "")
-                   + ("" if d["ci95"] else " (one seed: judged on the mean alone)") + ".")
-        ratio = h["decode_tok_s"] / s["decode_tok_s"]
-        speed_ok = ratio >= SPEED_GAIN
-        out.append(f"Speed: cached decode {h['decode_tok_s']:,.0f} vs {s['decode_tok_s']:,.0f} tokens/s = "
-                   f"{ratio:.2f}x (batch 1, context {found['ablate']['data']['decode']['context']}); the KV cache is "
-                   f"{h['kv_bytes_per_token'] / s['kv_bytes_per_token']:.2f}x the size.")
+                   + ("" if d["ci95"] else " (one seed: no interval, so it cannot be judged)") + ".")
+        out.append(f"The KV cache of {HYBRID} is {h['kv_bytes_per_token'] / s['kv_bytes_per_token']:.2f}x the "
+                   f"standard's size.")
     if HYBRID in variants and DROP in variants:
         d = _diff(variants[HYBRID], variants[DROP])
         mlp_matters = bool(d["ci95"]) and d["ci95"][1] < 0
@@ -204,33 +375,38 @@ def sentences(found: dict) -> list[str]:
             after = f", {100 * tuned:.0f}% after the fine-tune." if tuned is not None else "."
             out.append(f"Distilling the deep attention into per-token MLPs recovers {100 * kept:.0f}% of the "
                        "quality that attention-drop loses" + after)
-    if have_quality:
-        parts = [f"little loss of quality {quality_state}",
-                 f"the speed gain is {'large' if speed_ok else 'small'} (criterion: at least {SPEED_GAIN:.2f}x)"]
-        if mlp_matters is not None:
-            parts.append("the MLP is " + ("measurably better" if mlp_matters else "not measurably better")
-                         + " than dropping the attention")
-        if quality_ok and speed_ok and mlp_matters is not False:
-            status = "holds"
-        elif quality_ok is False and not speed_ok:
-            status = "does not hold"
-        else:
-            status = "holds only in part" if (quality_ok or speed_ok) else "is not settled"
-        out.append(f"Verdict at this budget: the hypothesis {status} — {'; '.join(parts)}.")
-    else:
+    ctx = per_context(found)
+    if ctx is None:
         out.append("No verdict: it needs the ablation of AAAA and AAMM (`hybrid-gpt ablate`).")
+        return out
+    for r in ctx["rows"]:
+        out.append(f"Speed at context {r['context']:,} ({r['weights']} weights, batch 1): cached decode "
+                   f"{format_ratio({'ratio': r['ratio'], 'ci95': r['ci95']})} the standard's"
+                   + (f" (the cost model predicts {r['predicted']:.2f}x)" if r["predicted"] else "")
+                   + f": a large speed gain {STATES[r['speed']]}"
+                   + ("" if r["ci95"] else " (no interval: one repeat, or a result written before intervals)") + ".")
+    qualifier = ""
+    if mlp_matters is False:
+        qualifier = (f" (but {HYBRID} is not measurably better than {DROP}: dropping the deep attention does as "
+                     "well, so the per-token MLP is not what keeps the quality)")
+    out.append(f"Verdict: the hypothesis {ctx['answer']['text']}{qualifier}.")
     return out
 
 
 def render_verdict_markdown(result: dict) -> str:
-    L = ["## Does the hypothesis hold?\n",
-         "Generated from the analyses below; criteria: little loss of quality = the 95% interval of the hybrid's "
-         f"extra bits per byte lies below {100 * QUALITY_TOLERANCE:.0f}% of the standard's; a large speed gain = "
-         "cached decode at least "
-         f"{SPEED_GAIN:.2f}x; the MLP matters = {HYBRID} measurably better than {DROP}. Sources: "
-         + ", ".join(f"`{v}`" for v in result["sources"].values()) + ".\n",
-         "| pattern | parameters | val bpb | vs AAAA | probe accuracy | decode tok/s | vs AAAA | KV B/token |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ctx = result.get("per_context")
+    L = ["## Does the hypothesis hold?\n"]
+    if ctx:
+        L.append(f"**The hypothesis {ctx['answer']['text']}.**\n")
+    L += ["Generated from the analyses below; criteria: little loss of quality = the 95% interval of the hybrid's "
+          f"extra bits per byte lies below {100 * QUALITY_TOLERANCE:.0f}% of the standard's; a large speed gain = "
+          f"the 95% interval of its cached decode speedup (batch 1) lies above {SPEED_GAIN:.2f}x; "
+          f"the MLP matters = {HYBRID} measurably better than {DROP}. Each is judged holds, does not hold, or "
+          "cannot be told (the interval straddles the criterion, or there is none). Sources: "
+          + ", ".join(f"`{v}`" for v in result["sources"].values()) + ".\n",
+          "| pattern | parameters | val bpb | vs AAAA | probe accuracy | decode tok/s | vs AAAA | KV B/token |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
     def num(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
@@ -238,10 +414,23 @@ def render_verdict_markdown(result: dict) -> str:
         d = r["bpb_vs_standard"]
         cells = [r["pattern"], num(r["parameters"], ","), format_ci(r["val_bpb"]), num(d and d["mean"], "+.4f"),
                  format_ci(r["probe_accuracy"], 3), num(r["decode_tok_s"], ",.0f"),
-                 num(r["decode_vs_standard"], ".2f") + ("x" if r["decode_vs_standard"] else ""),
+                 format_ratio(r["decode_vs_standard"]),
                  num(r["kv_bytes_per_token"], ",")]
         L.append("| " + " | ".join(cells) + " |")
     L.append("")
+    if ctx and ctx["rows"]:
+        d = ctx["quality_cost_bpb"]
+        L += [f"Per context (quality: {HYBRID} - {STANDARD} bits per byte, measured at the training context "
+              f"{ctx['training_context']:,}, tolerance {ctx['tolerance_bpb']:.4f}; speed: hybrid/standard cached "
+              "decode at batch 1, 95% interval over paired repeats):\n",
+              "| context | weights | quality cost (95% CI) | little loss | decode speedup (95% CI) | predicted | "
+              "large gain | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in ctx["rows"]:
+            L.append(f"| {r['context']:,} | {r['weights']} | {format_ci(d, signed=True)} | {STATES[r['quality']]} | "
+                     f"{format_ratio({'ratio': r['ratio'], 'ci95': r['ci95']})} | "
+                     f"{num(r['predicted'], '.2f') + ('x' if r['predicted'] else '')} | {STATES[r['speed']]} | "
+                     f"{STATES[r['state']]} |")
+        L.append("")
     L += [f"- {s}" for s in result["sentences"]]
     return "\n".join(L) + "\n"
 
@@ -255,8 +444,10 @@ def write_verdict(run_dir: str | Path) -> dict:
         if os.path.lexists(path) and not path.is_file():
             raise HybridGPTError(f"{path} exists and is not a regular file; it is left untouched (move it away)")
     found = collect(run_dir)
-    result = {"sources": {k: v["path"] for k, v in found.items()}, "table": table(found),
-              "sentences": sentences(found)}
+    sources = {k: v["path"] for k, v in found.items() if k != "speed"}
+    sources |= {f"speed:{Path(e['path']).stem}": e["path"] for e in found.get("speed", [])}
+    result = {"sources": sources, "table": table(found), "sentences": sentences(found),
+              "per_context": per_context(found)}
     sections = [render_verdict_markdown(result)]
     for name in ("ablate", "probe", "importance", "distill"):
         if name in found:
