@@ -25,6 +25,7 @@ import os
 import re
 from pathlib import Path
 
+from hybrid_gpt.analysis.longcontext import pair_names, plot_speed_context, render_markdown, summarize
 from hybrid_gpt.analysis.stats import format_ci, format_ratio, mean_ci, seeds_needed, t_quantile
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import JSON_LIMIT, read_json, read_text, write_json, write_text
@@ -167,16 +168,6 @@ def _judge(ci: list | None, threshold: float, higher_is_better: bool) -> bool | 
     return True if hi <= threshold else False if lo > threshold else None
 
 
-def _pair_names(bench: dict) -> tuple[str, str] | None:
-    """The (hybrid, standard) entries of a bench result: float32, not compiled, picked by their layer patterns."""
-    def pick(layers: str) -> str | None:
-        return next((name for name, m in bench["models"].items() if m["layers"] == layers
-                     and m.get("dtype", "float32") == "float32" and not m.get("compiled")), None)
-
-    h, s = pick(HYBRID), pick(STANDARD)
-    return (h, s) if h and s and f"{h}/{s}" in bench["ratios"] else None
-
-
 def speed_points(found: dict) -> list[dict]:
     """Measured hybrid/standard cached decode speedups at batch 1, one per context, ascending: from the benchmarks
     under speed/ of models of the ablation's shape (the standard's parameter count; any shape without an
@@ -187,7 +178,7 @@ def speed_points(found: dict) -> list[dict]:
     points: dict[int, dict] = {}
     for entry in found.get("speed", []):
         bench = entry["data"]
-        names = _pair_names(bench)
+        names = pair_names(bench)
         if names is None or (params is not None and bench["models"][names[1]].get("parameters") != params):
             continue
         repeats = bench.get("config", {}).get("repeats") if isinstance(bench.get("config"), dict) else None
@@ -449,6 +440,11 @@ def write_verdict(run_dir: str | Path) -> dict:
     result = {"sources": sources, "table": table(found), "sentences": sentences(found),
               "per_context": per_context(found)}
     sections = [render_verdict_markdown(result)]
+    if found.get("speed"):  # the long-context benchmarks: measured and predicted speedup against context
+        summaries = {Path(e["path"]).stem: summarize(e["data"]) for e in found["speed"]}
+        plot = plot_speed_context(summaries, run_dir / "speed-context.png")
+        result["long_context"] = summaries
+        sections.append(render_markdown(summaries, plot))
     for name in ("ablate", "probe", "importance", "distill"):
         if name in found:
             folder = Path(found[name]["path"]).parent

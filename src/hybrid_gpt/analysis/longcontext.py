@@ -1,0 +1,172 @@
+"""Decode speed against context length: the hybrid/standard speedup a long-context benchmark measured, the cost
+model's prediction beside it, the contexts where each reaches a level (1.25x, 1.5x), and their plot (log x).
+
+The speed claim lives at long contexts, where attention's KV-cache reads grow with the context while everything
+else in a decode step stays fixed; these figures show where (and whether) the measured gain follows the roofline.
+Inputs are `bench` results (``bench --shape ... --out``), whose ratio rows carry the measured paired ratio, its 95%
+interval and ``predicted_decode_speedup``; their models' ``config`` lets the prediction be drawn between the
+measured contexts too.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from hybrid_gpt.analysis.plots import save_plot
+
+STANDARD, HYBRID = "AAAA", "AAMM"
+LEVELS = (1.25, 1.5)
+STEPS_PER_OCTAVE = 8  # the prediction's grid: 2^(1/8) apart, so a crossing is placed within 9%
+
+
+def pair_names(bench: dict, other: str = HYBRID, base: str = STANDARD) -> tuple[str, str] | None:
+    """The (other, base) entries of a bench result, float32 and not compiled, picked by their layer patterns,
+    when the result holds their ratio."""
+    def pick(layers: str) -> str | None:
+        return next((name for name, m in bench["models"].items() if m.get("layers") == layers
+                     and m.get("dtype", "float32") == "float32" and not m.get("compiled")), None)
+
+    o, b = pick(other), pick(base)
+    return (o, b) if o and b and f"{o}/{b}" in bench.get("ratios", {}) else None
+
+
+def series(bench: dict, batch: int) -> list[dict]:
+    """[{context, ratio, ci95, predicted}] of hybrid/standard cached decode at ``batch``, ascending context."""
+    names = pair_names(bench)
+    if names is None:
+        return []
+    rows = [r for r in bench["ratios"][f"{names[0]}/{names[1]}"] if r["batch"] == batch]
+    return [{"context": r["context"], "ratio": r["decode_speedup"], "ci95": r.get("decode_speedup_ci95"),
+             "predicted": r.get("predicted_decode_speedup")} for r in sorted(rows, key=lambda r: r["context"])]
+
+
+def measured_crossing(points: list[dict], level: float) -> dict:
+    """Where the measured speedup reaches ``level``: ``estimate``, the context where the measured ratios first
+    cross it (interpolated linearly in log context between the two measured contexts around it; the first
+    measured context when it is already above); ``clears_from``, the shortest measured context from which the
+    whole 95% interval lies above ``level`` at every longer measured context. None where it does not."""
+    estimate = None
+    for prev, cur in zip([None] + points[:-1], points):
+        if cur["ratio"] >= level:
+            if prev is None or prev["ratio"] >= level:
+                estimate = cur["context"]
+            else:
+                f = (level - prev["ratio"]) / (cur["ratio"] - prev["ratio"])
+                estimate = round(math.exp(math.log(prev["context"]) + f * (math.log(cur["context"])
+                                                                           - math.log(prev["context"]))))
+            break
+    clears = None
+    for p in reversed(points):
+        if not (p["ci95"] and p["ci95"][0] >= level):
+            break
+        clears = p["context"]
+    return {"estimate": estimate, "clears_from": clears}
+
+
+def _configs(bench: dict):
+    from hybrid_gpt.model.gpt import GPTConfig
+
+    names = pair_names(bench)
+    if names is None or not all(isinstance(bench["models"][n].get("config"), dict) for n in names):
+        return None
+    return tuple(GPTConfig(**bench["models"][n]["config"]) for n in names)
+
+
+def prediction(bench: dict, batch: int, top: int) -> list[tuple[int, float]]:
+    """The cost model's hybrid/standard decode speedup on a fine grid of contexts up to ``top``, with the
+    bench's measured hardware: [(context, speedup)], empty when the result lacks the models' configs."""
+    cfgs, hw = _configs(bench), bench.get("hardware")
+    if cfgs is None or not isinstance(hw, dict):
+        return []
+    from hybrid_gpt.infer.costs import predicted_speedup
+
+    hybrid, standard = cfgs
+    dtype = bench["models"][pair_names(bench)[1]].get("dtype", "float32")
+    grid = sorted({round(2 ** (k / STEPS_PER_OCTAVE)) for k in range(6 * STEPS_PER_OCTAVE,
+                                                                     int(math.log2(top) * STEPS_PER_OCTAVE) + 1)})
+    return [(c, predicted_speedup(standard, hybrid, context=c, batch=batch, dtype=dtype, hardware=hw))
+            for c in grid]
+
+
+def predicted_crossing(grid: list[tuple[int, float]], level: float) -> int | None:
+    """The first context of the prediction's grid from which the predicted speedup stays at or above ``level``."""
+    first = None
+    for c, r in grid:
+        first = (first or c) if r >= level else None
+    return first
+
+
+def summarize(bench: dict, top: int | None = None) -> dict:
+    """Per batch: the measured series, the prediction on its grid (up to ``top``, default the longest measured
+    context x 4), and the crossings of each of LEVELS, measured and predicted."""
+    out = {"weights": bench.get("weights", "trained"), "batches": {}}
+    for batch in sorted({r["batch"] for rows in bench.get("ratios", {}).values() for r in rows}):
+        points = series(bench, batch)
+        if not points:
+            continue
+        grid = prediction(bench, batch, top or 4 * points[-1]["context"])
+        out["batches"][str(batch)] = {
+            "series": points, "prediction": [{"context": c, "predicted": r} for c, r in grid],
+            "crossings": {f"{level:g}": measured_crossing(points, level) | {"predicted": predicted_crossing(
+                grid, level)} for level in LEVELS}}
+    return out
+
+
+def plot_speed_context(summaries: dict[str, dict], path: Path) -> str:
+    """Measured (markers, 95% intervals) and predicted (lines) hybrid/standard decode speedup against context,
+    log x, one panel per batch size, one colour per shape; the LEVELS as dotted lines."""
+    batches = sorted({int(b) for s in summaries.values() for b in s["batches"]})
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
+        for ax, batch in zip(axes[0], batches):
+            for i, (shape, s) in enumerate(summaries.items()):
+                b = s["batches"].get(str(batch))
+                if not b:
+                    continue
+                colour = f"C{i}"
+                xs = [p["context"] for p in b["series"]]
+                ys = [p["ratio"] for p in b["series"]]
+                lo = [p["ratio"] - p["ci95"][0] if p["ci95"] else 0 for p in b["series"]]
+                hi = [p["ci95"][1] - p["ratio"] if p["ci95"] else 0 for p in b["series"]]
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=colour, capsize=3,
+                            label=f"{shape}: measured ({s['weights']} weights)")
+                if b["prediction"]:
+                    ax.plot([p["context"] for p in b["prediction"]], [p["predicted"] for p in b["prediction"]],
+                            "--", color=colour, label=f"{shape}: predicted (roofline)")
+            for level in LEVELS:
+                ax.axhline(level, color="grey", linestyle=":", linewidth=1)
+            ax.axhline(1.0, color="black", linewidth=0.5)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel(f"{HYBRID} / {STANDARD} cached decode speed")
+            ax.set_title(f"batch {batch}")
+            ax.legend(fontsize=7)
+        return fig
+
+    return save_plot(path, draw)
+
+
+def render_markdown(summaries: dict[str, dict], plot: str | None = None) -> str:
+    """A table per shape and batch of measured (95% CI) and predicted speedups, and the crossing contexts."""
+    from hybrid_gpt.analysis.stats import format_ratio
+
+    L = ["## Decode speed against context\n"]
+    if plot:
+        L.append(f"![speed vs context]({plot})\n")
+    for shape, s in summaries.items():
+        for batch, b in s["batches"].items():
+            L += [f"**{shape}, batch {batch}** ({s['weights']} weights):\n",
+                  "| context | measured (95% CI) | predicted |", "| --- | --- | --- |"]
+            for p in b["series"]:
+                pred = f"{p['predicted']:.2f}x" if p.get("predicted") else "-"
+                L.append(f"| {p['context']:,} | {format_ratio(p)} | {pred} |")
+            L.append("")
+            for level, c in b["crossings"].items():
+                def ctx(v):
+                    return f"{v:,}" if v else "not within the contexts measured"
+                L.append(f"- reaches {level}x: measured at about {ctx(c['estimate'])} (interval clear of it from "
+                         f"{ctx(c['clears_from'])}); predicted from {ctx(c['predicted'])}")
+            L.append("")
+    return "\n".join(L) + "\n"
