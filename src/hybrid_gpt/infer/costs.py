@@ -186,7 +186,8 @@ def amdahl_bound(base_cfg: GPTConfig, other_cfg: GPTConfig, *, batch: int = 1, d
     """The predicted speedup's limit as context -> infinity: the ratio of the costs that grow with the context
     (attention's KV reads and products; in prefill its quadratic products alone, whatever the machine).
     math.inf when only ``base`` has attention, 0.0 when only ``other`` has."""
-    predicted_speedup(base_cfg, other_cfg, context=1, batch=batch, dtype=dtype, hardware=hardware, phase=phase)
+    predicted_speedup(base_cfg, other_cfg, context=1, batch=batch, dtype=dtype, hardware=hardware,
+                      phase=phase)  # checks every argument
     base_a, other_a = "A" in base_cfg.layers, "A" in other_cfg.layers
     if base_a != other_a:
         return math.inf if base_a else 0.0
@@ -198,7 +199,8 @@ def first_context_reaching(base_cfg: GPTConfig, other_cfg: GPTConfig, target: fl
     """The smallest context in [1, ``limit``] whose predicted speedup is at least ``target``, or None: found by
     doubling, then bisection between the last two contexts tried (exact where the ratio grows with the context,
     as it does when ``base`` has the more attention). ``limit`` may exceed the configs' block_size."""
-    predicted_speedup(base_cfg, other_cfg, context=1, batch=batch, dtype=dtype, hardware=hardware, phase=phase)
+    predicted_speedup(base_cfg, other_cfg, context=1, batch=batch, dtype=dtype, hardware=hardware,
+                      phase=phase)  # checks every argument
     _check_int("limit", limit, 1)
     dt = dtype_of(dtype)
 
@@ -303,6 +305,15 @@ def _si(x: float, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
+def _cells(r: dict) -> list[str]:
+    kv = r["components"]["kv_cache"]
+    kv_share = (kv["bytes_read"] + kv["bytes_written"]) / r["bytes"]
+    return [r["model"], f"{r['context']:,}", str(r["batch"]), _si(r["flops"] / r["tokens"] / 1e6, 2),
+            _si(r["bytes"] / r["tokens"] / 1e6, 3), f"{100 * kv_share:.0f}%",
+            _si(r["seconds"] * 1e3, 3), _si(r["tokens_per_s"], 0), r["bound"],
+            f"{r['dominant']} ({100 * r['dominant_share']:.0f}%)"]
+
+
 def format_costs(table: dict) -> str:
     """The table as text: per phase a row per model, context and batch, then the predicted speedups."""
     hw = table["hardware"]
@@ -318,12 +329,7 @@ def format_costs(table: dict) -> str:
     header = ["model", "context", "batch", "MFLOP/tok", "MB/tok", "KV share", "step ms", "tok/s", "bound",
               "dominant component"]
     for phase in table["phases"]:
-        rows = [r for r in table["rows"] if r["phase"] == phase]
-        cells = [header] + [[r["model"], f"{r['context']:,}", str(r["batch"]), _si(r["flops"] / r["tokens"] / 1e6, 2),
-                             _si(r["bytes"] / r["tokens"] / 1e6, 3),
-                             f"{100 * r['components']['kv_cache']['bytes_read'] / r['bytes']:.0f}%",
-                             _si(r["seconds"] * 1e3, 3), _si(r["tokens_per_s"], 0), r["bound"],
-                             f"{r['dominant']} ({100 * r['dominant_share']:.0f}%)"] for r in rows]
+        cells = [header] + [_cells(r) for r in table["rows"] if r["phase"] == phase]
         widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
         lines += ["", what[phase]]
         for i, row in enumerate(cells):
