@@ -279,6 +279,70 @@ class ImportOptions:
                                                        "e.g. runs/smollm2/base)")
 
 
+# costs: the cost model (infer/costs.py) -- its options, command and registration are this block and its
+# entries in build_parser and COMMANDS.
+MAX_RATE = 1e12  # GB/s or GFLOP/s: far beyond any machine, so that a typo is refused, not divided by
+
+
+@dataclass
+class CostsOptions:
+    checkpoint: str | None = option(None, kind="input", positional=True, nargs="?", metavar="CKPT",
+                                    help="a checkpoint whose model shape to use (its config.json alone: no weights "
+                                         "are loaded); without it, the preset's shape")
+    layers: list[str] = option(default_factory=lambda: ["standard", "hybrid"], check=pattern_problem,
+                               metavar="PATTERN,...",
+                               help="layer patterns to compare, the first one the base, e.g. AAAA,AAMM; standard "
+                                    "and hybrid name the all-attention and half-attention patterns of the shape's "
+                                    "depth")
+    contexts: list[int] = option(default_factory=lambda: [256, 1024, 4096, 16384], lo=1, hi=MAX_CONTEXT,
+                                 help="context lengths; with a preset the shape's context becomes the largest of "
+                                      "them (costs need no weights), with a checkpoint they must fit its context")
+    batch_sizes: list[int] = option(default_factory=lambda: [1, 8], lo=1, hi=MAX_ROWS)
+    dtype: str = option("float32", choices=tuple(DTYPES), help="precision of the weights and the KV cache")
+    phase: str = option("both", choices=("both", "decode", "prefill"))
+    bandwidth: float | None = option(None, lo=0, lo_open=True, hi=MAX_RATE, metavar="GB/S",
+                                     help="memory bandwidth of the machine to predict for (with --flops; default: "
+                                          "measured here)")
+    flops: float | None = option(None, lo=0, lo_open=True, hi=MAX_RATE, metavar="GFLOP/S",
+                                 help="matmul rate of the machine to predict for (with --bandwidth; default: "
+                                      "measured here, in float32)")
+    json: bool = option(False, help="print JSON")
+
+
+def cmd_costs(args) -> int:
+    from hybrid_gpt.infer.costs import PHASES, costs_table, format_costs, pattern_configs
+    from hybrid_gpt.model.gpt import GPTConfig
+
+    if (args.bandwidth is None) != (args.flops is None):
+        raise HybridGPTError("give both --bandwidth and --flops (another machine's), or neither (this one's, measured)")
+    if args.checkpoint is not None:
+        from hybrid_gpt.checkpoint import read_config, resolve
+
+        base, limit = read_config(resolve(args.checkpoint)[0])[0], None
+    else:
+        from hybrid_gpt.presets import get_preset
+
+        p = get_preset(args.preset or default_preset())
+        base = GPTConfig(vocab_size=p["vocab_size"], block_size=max(p["block_size"], *args.contexts),
+                         n_embd=p["n_embd"], n_head=p["n_head"], layers="A" * p["n_layer"])
+        limit = MAX_CONTEXT  # a shape, not a trained model: the crossings are searched as far as a context goes
+    configs = pattern_configs(base, args.layers)
+    if args.bandwidth is None:
+        from hybrid_gpt.infer.bench import measure_hardware
+        from hybrid_gpt.runtime import resolve_device
+
+        device = resolve_device(args.device)
+        hardware = measure_hardware(device) | {"device": str(device)}
+        hardware["method"] = f"measured on {device}: {hardware['method']}"
+    else:
+        hardware = {"memory_bandwidth_bytes_per_s": args.bandwidth * 1e9, "matmul_flops_per_s": args.flops * 1e9,
+                    "method": "given with --bandwidth and --flops"}
+    table = costs_table(configs, args.contexts, args.batch_sizes, args.dtype, hardware, limit=limit,
+                        phases=PHASES if args.phase == "both" else (args.phase,))
+    print(json.dumps(table) if args.json else format_costs(table))
+    return 0
+
+
 # ---- the parser ---------------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -341,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "import", "a pretrained model (SmolLM2, a GGUF file, a Hugging Face directory) as a checkpoint, "
                            "offline", (None, ImportOptions, {}), (None, CheckpointOptions, dict(only=("overwrite",))),
              run=dict(exclude=tuple(f.name for f in fields(RunOptions))))
+    _command(sub, "costs", "FLOPs, bytes and roofline time per step of layer patterns, and the speedup they predict",
+             (None, CostsOptions, {}), run=dict(exclude=("run_dir", "seed")))
     return parser
 
 
@@ -671,7 +737,7 @@ COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, 
             "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat,
             "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance,
             "probe": cmd_probe, "distill": cmd_distill, "verdict": cmd_verdict,
-            "import": cmd_import}
+            "import": cmd_import, "costs": cmd_costs}
 
 
 def main(argv: list[str] | None = None) -> int:
