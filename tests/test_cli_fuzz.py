@@ -70,6 +70,7 @@ def _bases(inputs) -> dict[str, list[str]]:
         "importance": [str(inputs / "pretrain-standard"), "--max-tokens", "64", "--out", "imp"],
         "import": [str(inputs / "tiny.gguf"), "--out", "imp"],
         "verdict": ["--run-dir", "verdict"],
+        "costs": ["--preset", "smoke", "--contexts", "16", "--bandwidth", "10", "--flops", "10"],
         "pipeline": ["--preset", "smoke"], "ablate": ["--preset", "smoke"], "probe": ["--preset", "smoke"],
         "distill": [ckpt, "--layers", "AM"], "dpo": ["--preset", "smoke"], "prepare-chat": [],
     }

@@ -1,7 +1,5 @@
 import math
 
-import pytest
-
 from hybrid_gpt.analysis.longcontext import (
     measured_crossing,
     pair_names,
@@ -62,7 +60,6 @@ def test_summary_plot_and_table_without_configs(tmp_path):
 
 
 def test_prediction_from_the_models_configs(tmp_path):
-    pytest.importorskip("hybrid_gpt.infer.costs")
     from dataclasses import asdict
 
     from hybrid_gpt.model.gpt import GPTConfig

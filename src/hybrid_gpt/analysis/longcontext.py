@@ -79,9 +79,12 @@ def prediction(bench: dict, batch: int, top: int) -> list[tuple[int, float]]:
     cfgs, hw = _configs(bench), bench.get("hardware")
     if cfgs is None or not isinstance(hw, dict):
         return []
+    from dataclasses import replace
+
     from hybrid_gpt.infer.costs import predicted_speedup
 
-    hybrid, standard = cfgs
+    # costs need no weights: the prediction may go past the benchmarked models' context
+    hybrid, standard = (replace(c, block_size=max(c.block_size, top)) for c in cfgs)
     dtype = bench["models"][pair_names(bench)[1]].get("dtype", "float32")
     grid = sorted({round(2 ** (k / STEPS_PER_OCTAVE)) for k in range(6 * STEPS_PER_OCTAVE,
                                                                      int(math.log2(top) * STEPS_PER_OCTAVE) + 1)})

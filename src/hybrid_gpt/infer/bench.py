@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from hybrid_gpt.errors import HybridGPTError, RunFailure
+from hybrid_gpt.infer.costs import roofline_seconds, step_costs
 from hybrid_gpt.infer.engine import KVCache, generate
 from hybrid_gpt.model import kernels
 from hybrid_gpt.model.gpt import GPT
@@ -213,16 +214,9 @@ def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[fl
 
 
 def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float:
-    """Tokens/s at the hardware limit for one cached decode step at ``context``: the larger of the time
-    to read the weights and the KV cache from memory and the time of its arithmetic."""
-    cfg = model.config
-    dtype = next(model.parameters()).dtype
-    weight_bytes = model.num_params() * torch.empty((), dtype=dtype).element_size()
-    kv_bytes = cfg.kv_bytes_per_token(dtype) * context * batch
-    # 2 FLOPs per weight per token, plus attention's scores and weighted sum over the context.
-    flops = batch * (2 * model.num_params() + 4 * context * cfg.n_embd * cfg.layers.count("A"))
-    seconds = max((weight_bytes + kv_bytes) / hw["memory_bandwidth_bytes_per_s"], flops / hw["matmul_flops_per_s"])
-    return batch / seconds
+    """Tokens/s at the hardware limit for one cached decode step at ``context`` (infer/costs.py's roofline)."""
+    return batch / roofline_seconds(step_costs(model.config, context=context, batch=batch,
+                                               dtype=next(model.parameters()).dtype), hw)
 
 
 class _OursDecoder:
