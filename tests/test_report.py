@@ -61,6 +61,7 @@ def test_paired_accuracy_on_constructed_pairs():
     assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(5, 5) == 1.0 and mcnemar_p(20, 0) == pytest.approx(2 / 2 ** 20)
     tie = paired_accuracy([0.0, 1.0], [0.0, -1.0])  # a zero margin does not rank the chosen reply first
     assert tie["standard_accuracy"] == 0.5 and tie["hybrid_accuracy"] == 0.0
+    assert paired_accuracy([1.0, None], [None, 1.0]) is None  # no pair scored by both: nothing to pair
 
 
 def test_report_pairs_seeds_and_says_when_pairs_were_not_recorded():

@@ -99,15 +99,15 @@ def mcnemar_p(only_first: int, only_second: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
-def paired_accuracy(standard: list, hybrid: list) -> dict:
+def paired_accuracy(standard: list, hybrid: list) -> dict | None:
     """Hybrid vs standard DPO reward accuracy on the same validation pairs, from each pair's reward margin
     (None: a pair the model was not scored on; the chosen reply is ranked first where the margin is > 0).
     The difference's 95% interval is a t-interval over pairs of (hybrid right) - (standard right), which
     pairing makes narrower than two separate accuracies' intervals; McNemar's exact test on the pairs the
-    two rank differently."""
+    two rank differently. None when no pair was scored for both."""
     both = [(s > 0, h > 0) for s, h in zip(standard, hybrid) if s is not None and h is not None]
     if not both:
-        raise ValueError("no validation pair scored for both models")
+        return None
     diff = mean_ci([int(h) - int(s) for s, h in both])
     only_h = sum(1 for s, h in both if h and not s)
     only_s = sum(1 for s, h in both if s and not h)
@@ -128,7 +128,7 @@ def dpo_paired(results: dict) -> dict:
         elif len(s) != len(h):
             per_seed[seed] = "not comparable (the two models were scored on different validation files)"
         else:
-            per_seed[seed] = paired_accuracy(s, h)
+            per_seed[seed] = paired_accuracy(s, h) or "not comparable (no pair was scored for both models)"
     diffs = [p["difference"]["mean"] for p in per_seed.values() if isinstance(p, dict)]
     return {"per_seed": per_seed, "across_seeds": mean_ci(diffs) if diffs else None}
 
