@@ -63,11 +63,12 @@ def test_ablate_trains_every_variant_and_seed_then_reports(smoke_run, tmp_path):
     md = (out / "ablate.md").read_text()
     assert md.startswith("## ") and "ablate-pareto.png" in md and "Ranked by mean bits per byte" in md
     assert (out / "ablate-pareto.png").read_bytes()[:4] == b"\x89PNG"
-    # 4 steps: an evaluation after every step (CURVE_POINTS caps the interval at n // 8, at least 1), both seeds.
+    # 4 steps: an evaluation after every step (the interval is n // CURVE_POINTS, at least 1), both seeds; the
+    # last is the final evaluation, on more tokens, kept apart from the curve.
     for e in result["variants"]:
         curve = result["curves"][e["slug"]]
-        assert curve["steps"] == [1, 2, 3, 4] and curve["n"] == [2] * 4 and all(curve["ci95"])
-        assert curve["mean"][-1] == e["val_bpb"]["mean"]  # the last point is the final evaluation
+        assert curve["steps"] == [1, 2, 3] and curve["n"] == [2] * 3 and all(curve["ci95"])
+        assert curve["final"]["step"] == 4 and curve["final"]["mean"] == e["val_bpb"]["mean"]
     assert "ablate-curves.png" in md and (out / "ablate-curves.png").read_bytes()[:4] == b"\x89PNG"
     # A second call finds every run complete and trains nothing.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")}
@@ -108,19 +109,23 @@ def test_sentences_answer_the_default_questions():
     assert "MMAA" not in text  # absent variants are not judged
 
 
-def _fake_run(path, evals: dict[int, float]):
-    """A run directory holding only metrics.jsonl: training records and evaluations at the given steps."""
+def _fake_run(path, evals: dict[int, float], final: tuple[int, float] | None = None):
+    """A run directory holding only metrics.jsonl: training records, periodic evaluations at the given steps and
+    a final one on more tokens."""
     path.mkdir(parents=True)
-    lines = [{"step": s, "loss": 3.0, "elapsed": float(s)} for s in range(1, max(evals) + 1)]
-    lines += [{"step": s, "val_loss": 2.0, "val_bpb": b} for s, b in evals.items()]
+    last = max([*evals, final[0] if final else 0])
+    lines = [{"step": s, "loss": 3.0, "elapsed": float(s)} for s in range(1, last + 1)]
+    lines += [{"step": s, "val_loss": 2.0, "val_bpb": b, "val_tokens": 100} for s, b in evals.items()]
+    if final:
+        lines.append({"step": final[0], "val_loss": 2.0, "val_bpb": final[1], "val_tokens": 400})
     path.joinpath("metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in sorted(lines, key=lambda m:
                                                                                             m["step"])))
     return path
 
 
 def test_learning_curves_mean_and_interval_per_step(tmp_path):
-    runs = {"AAAA": {1: _fake_run(tmp_path / "a1", {10: 3.0, 20: 2.5, 30: 2.0}),
-                     2: _fake_run(tmp_path / "a2", {10: 3.2, 20: 2.7, 30: 2.2})},
+    runs = {"AAAA": {1: _fake_run(tmp_path / "a1", {10: 3.0, 20: 2.5, 30: 2.0}, final=(40, 2.1)),
+                     2: _fake_run(tmp_path / "a2", {10: 3.2, 20: 2.7, 30: 2.2}, final=(40, 2.3))},
             # an older run with fewer evaluations still gives the points it has
             "AA": {1: _fake_run(tmp_path / "b1", {15: 3.1, 30: 2.6}), 2: _fake_run(tmp_path / "b2", {30: 2.8})}}
     curves = learning_curves(runs)
@@ -130,9 +135,11 @@ def test_learning_curves_mean_and_interval_per_step(tmp_path):
     for ci, values in zip(a["ci95"], ([3.0, 3.2], [2.5, 2.7], [2.0, 2.2])):
         assert ci == pytest.approx(mean_ci(values)["ci95"])  # t with 1 degree of freedom: 12.706 * 0.1
         assert ci[1] - ci[0] == pytest.approx(2 * 12.706 * 0.1)
+    assert a["final"] == {"step": 40, "mean": pytest.approx(2.2), "ci95": pytest.approx(mean_ci([2.1, 2.3])["ci95"]),
+                          "n": 2}  # on more tokens: a point apart, not the curve's
     b = curves["AA"]
     assert b["steps"] == [15, 30] and b["n"] == [1, 2] and b["ci95"][0] is None
-    assert b["mean"] == pytest.approx([3.1, 2.7])
+    assert b["mean"] == pytest.approx([3.1, 2.7]) and b["final"] is None
 
 
 def test_power_lines_from_constructed_numbers():

@@ -193,21 +193,32 @@ def _final_eval(ckpt: Path) -> dict:
 
 def learning_curves(runs: dict[str, dict[int, Path]]) -> dict:
     """Validation bits per byte against step for each variant ({slug: {seed: checkpoint}}): {slug: {"steps",
-    "mean", "ci95", "n"}}, one entry per step any seed evaluated at, the 95% t-interval over the seeds evaluated
-    there (None from one). The last point is the final evaluation (more tokens than the periodic ones), so a
-    curve shows how far from converged each pattern stopped; a run with fewer evaluations gives fewer points."""
+    "mean", "ci95", "n", "final"}}, one point per step any seed evaluated at, with the 95% t-interval over the
+    seeds evaluated there (None from one). The final evaluation reads more tokens than the periodic ones (its
+    "val_tokens" differ from the first evaluation's), so it is not a point of the curve, whose steps would then
+    compare different text: it is "final" ({"step", "mean", "ci95", "n"}, None if no run has one yet). A run
+    with fewer evaluations (older code) gives the points it has."""
     from hybrid_gpt.train.stage import read_metrics
 
     curves = {}
     for slug, by_seed in runs.items():
         at: dict[int, dict[int, float]] = {}  # step -> seed -> bpb (the last record of a step counts)
+        finals: dict[int, tuple[int, float]] = {}  # seed -> (step, bpb)
         for seed, ckpt in by_seed.items():
-            for m in read_metrics(Path(ckpt)):
-                if "val_bpb" in m:
+            evals = [m for m in read_metrics(Path(ckpt)) if "val_bpb" in m]
+            for m in evals:
+                if m.get("val_tokens") == evals[0].get("val_tokens"):
                     at.setdefault(m["step"], {})[seed] = m["val_bpb"]
+                else:
+                    finals[seed] = (m["step"], m["val_bpb"])
         stats = [mean_ci(list(at[step].values())) for step in sorted(at)]
+        final = None
+        if finals:
+            f = mean_ci([b for _, b in finals.values()])
+            final = {"step": max(step for step, _ in finals.values()), "mean": f["mean"], "ci95": f["ci95"],
+                     "n": f["n"]}
         curves[slug] = {"steps": sorted(at), "mean": [s["mean"] for s in stats], "ci95": [s["ci95"] for s in stats],
-                        "n": [s["n"] for s in stats]}
+                        "n": [s["n"] for s in stats], "final": final}
     return curves
 
 
@@ -349,9 +360,15 @@ def plot_curves(result: dict, out: Path) -> str:
             lo = [ci[0] if ci else m for ci, m in zip(c["ci95"], c["mean"])]
             hi = [ci[1] if ci else m for ci, m in zip(c["ci95"], c["mean"])]
             ax.fill_between(c["steps"], lo, hi, color=line.get_color(), alpha=0.2)
+            f = c.get("final")
+            if f:
+                err = [[f["mean"] - f["ci95"][0]], [f["ci95"][1] - f["mean"]]] if f["ci95"] else None
+                ax.errorbar([f["step"]], [f["mean"]], yerr=err, fmt="*", markersize=9, capsize=4,
+                            color=line.get_color())
         ax.set_xlabel("step")
         ax.set_ylabel("validation bits per byte (lower is better)")
-        ax.set_title(f"Learning curves ({len(result['seeds'])} seed(s): mean, 95% CI band)")
+        ax.set_title(f"Learning curves ({len(result['seeds'])} seed(s): mean, 95% CI band; star: final "
+                     "evaluation, on more tokens)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         return fig
@@ -401,7 +418,8 @@ def render_ablate_markdown(result: dict) -> str:
         L.append("")
     L.append(f"![quality vs speed]({result['plots']['pareto']})\n\n![bits per byte]({result['plots']['bpb']})\n")
     if "curves" in result["plots"]:
-        L.append("Learning curves: validation bits per byte at each evaluation, mean over seeds in a 95% band (the "
-                 "last point is the final evaluation, on more tokens than the periodic ones).\n")
+        L.append("Learning curves: validation bits per byte at each periodic evaluation, mean over seeds in a 95% "
+                 "band; the star is the final evaluation (the table's figure), on more validation tokens than the "
+                 "periodic ones, so it is not joined to the line.\n")
         L.append(f"![learning curves]({result['plots']['curves']})\n")
     return "\n".join(L) + "\n"
