@@ -37,16 +37,27 @@ def test_pipeline_writes_every_stage_and_the_report(pipeline_run, capsys):
             figures = results["per_seed"][mt][seed]
             assert all(figures[k] is not None for k in FIGURES)
             assert figures["dpo_val_loss"] > 2 and figures["dpo_val_preference_loss"] < 1  # never mixed up
+            margins = figures["dpo_val_pair_margins"]  # every validation pair's margin, for the paired test
+            assert sum(m is not None for m in margins) == figures["dpo_val_pairs"] > 0
         q = results["summary"]["quality"][mt]
         assert q["pretrain_val_bpb"]["n"] == 2 and q["pretrain_val_bpb"]["ci95"] is not None
         assert results["samples"][mt]["greedy_pretrain_sample"].startswith("ROMEO:")
         assert len(results["samples"][mt]["chat"]) == 3
     assert results["bench"]["peer"]["max_abs_logit_diff"] <= 1e-4
     assert len(results["summary"]["verdicts"]) == 2
+    paired = results["summary"]["dpo_paired"]
+    for seed in ("1", "2"):
+        p = paired["per_seed"][seed]
+        assert p["pairs"] == results["per_seed"]["standard"][seed]["dpo_val_pairs"]
+        assert p["standard_accuracy"] == pytest.approx(results["per_seed"]["standard"][seed]
+                                                       ["dpo_val_rewards/accuracies"])
+    assert paired["across_seeds"]["n"] == 2
     report = (run_dir / "report.md").read_text()
     for text in ("The original's table", "final validation loss", "prefill time", "decode speed, KV cache",
                  "decode speed, no cache", "bits per byte", "reward accuracy", "KV cache per token", "parameters",
-                 "What the numbers say", "95% CI", "## Samples", "Machine and commands", "hybrid-gpt pipeline"):
+                 "What the numbers say", "95% CI", "Reward accuracy paired on the same validation pairs",
+                 "Across 2 seed(s): hybrid - standard reward accuracy", "## Samples", "Machine and commands",
+                 "hybrid-gpt pipeline"):
         assert text in report, text
     assert results["machine"] == results["bench"]["environment"]  # one record of the machine, not two
     assert f"linear layers: {results['machine']['linear_kernels']}" in report

@@ -99,6 +99,8 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
                     figures["dpo_val_preference_loss"] = last["val_loss"]
                     figures["dpo_val_rewards/accuracies_ci95"] = last.get("val_rewards/accuracies_ci95")
                     figures["dpo_val_pairs"] = last.get("val_pairs")
+                    # Every validation pair's reward margin, for the report's paired test (None: an older run).
+                    figures["dpo_val_pair_margins"] = last.get("val_pair_margins")
                 figures[f"{stage}_train_seconds"] = steps[-1]["elapsed"] if steps else None
                 figures[f"{stage}_train_tokens_per_sec"] = (
                     sorted(m["tokens_per_sec"] for m in steps)[len(steps) // 2] if steps else None)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from hybrid_gpt.analysis.plots import save_plot, smooth
-from hybrid_gpt.analysis.stats import format_ci, judge_difference, mean_ci
+from hybrid_gpt.analysis.stats import format_ci, format_ratio, judge_difference, mean_ci
 from hybrid_gpt.fsutil import write_json, write_text
 from hybrid_gpt.infer.bench import format_table
 
@@ -89,6 +90,49 @@ def _row(bench: dict, mt: str, context: int, batch: int = 1) -> dict:
     raise KeyError(context)
 
 
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value: of the pairs the two models rank differently, how unlikely a split this
+    uneven is if either model were as likely to be the one that is right (a binomial test at 1/2)."""
+    n, k = only_first + only_second, min(only_first, only_second)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_accuracy(standard: list, hybrid: list) -> dict | None:
+    """Hybrid vs standard DPO reward accuracy on the same validation pairs, from each pair's reward margin
+    (None: a pair the model was not scored on; the chosen reply is ranked first where the margin is > 0).
+    The difference's 95% interval is a t-interval over pairs of (hybrid right) - (standard right), which
+    pairing makes narrower than two separate accuracies' intervals; McNemar's exact test on the pairs the
+    two rank differently. None when no pair was scored for both."""
+    both = [(s > 0, h > 0) for s, h in zip(standard, hybrid) if s is not None and h is not None]
+    if not both:
+        return None
+    diff = mean_ci([int(h) - int(s) for s, h in both])
+    only_h = sum(1 for s, h in both if h and not s)
+    only_s = sum(1 for s, h in both if s and not h)
+    return {"pairs": len(both), "standard_accuracy": sum(s for s, _ in both) / len(both),
+            "hybrid_accuracy": sum(h for _, h in both) / len(both),
+            "difference": {k: v for k, v in diff.items() if k != "values"},
+            "only_hybrid_right": only_h, "only_standard_right": only_s, "mcnemar_p": mcnemar_p(only_h, only_s)}
+
+
+def dpo_paired(results: dict) -> dict:
+    """The paired test of reward accuracy per seed ("not recorded" for runs without per-pair margins, or whose
+    two models were scored on different pair lists), and mean_ci of the per-seed differences across seeds."""
+    per_seed: dict[str, dict | str] = {}
+    for seed in map(str, results["seeds"]):
+        s, h = (results["per_seed"][mt][seed].get("dpo_val_pair_margins") for mt in ("standard", "hybrid"))
+        if not s or not h:
+            per_seed[seed] = "not recorded"
+        elif len(s) != len(h):
+            per_seed[seed] = "not comparable (the two models were scored on different validation files)"
+        else:
+            per_seed[seed] = paired_accuracy(s, h) or "not comparable (no pair was scored for both models)"
+    diffs = [p["difference"]["mean"] for p in per_seed.values() if isinstance(p, dict)]
+    return {"per_seed": per_seed, "across_seeds": mean_ci(diffs) if diffs else None}
+
+
 def summarize(results: dict) -> dict:
     """The headline figures: quality with mean/CI over seeds, speed at the reference context."""
     bench = results["bench"]
@@ -111,19 +155,32 @@ def summarize(results: dict) -> dict:
                          quality["standard"]["dpo_val_loss"]["values"],
                          quality["hybrid"]["dpo_val_loss"]["values"], "nats/token", lower_is_better=True),
     ]
-    return {"reference_context": ref, "quality": quality, "speed": speed, "verdicts": verdicts}
+    return {"reference_context": ref, "quality": quality, "speed": speed, "speedups": _speedups(bench, ref, speed),
+            "verdicts": verdicts, "dpo_paired": dpo_paired(results)}
+
+
+def _speedups(bench: dict, ref: int, speed: dict) -> dict:
+    """Hybrid vs standard at the reference context, batch 1, as {"ratio", "ci95"}: bench's paired ratio and its
+    interval where its ratio rows carry one, else the ratio of the medians (no interval)."""
+    row = next((r for r in bench.get("ratios", {}).get("hybrid/standard", [])
+                if r["context"] == ref and r["batch"] == 1), {})
+    s, h = speed["standard"], speed["hybrid"]
+    medians = {"decode_speedup": h["decode_tok_s"] / s["decode_tok_s"],
+               "prefill_speedup": s["prefill_ms"] / h["prefill_ms"],
+               "naive_decode_speedup": (h["naive_decode_tok_s"] / s["naive_decode_tok_s"]
+                                        if s["naive_decode_tok_s"] and h["naive_decode_tok_s"] else None)}
+    return {k: {"ratio": row.get(k, v), "ci95": row.get(f"{k}_ci95")} for k, v in medians.items()}
 
 
 def _speed_sentence(summary: dict) -> str:
-    s, h = summary["speed"]["standard"], summary["speed"]["hybrid"]
-    cached = h["decode_tok_s"] / s["decode_tok_s"]
-    text = (f"At context {summary['reference_context']}, batch 1, the hybrid decodes {cached:.2f}x as fast as the "
-            f"standard model with the KV cache")
-    if s["naive_decode_tok_s"]:
-        naive = h["naive_decode_tok_s"] / s["naive_decode_tok_s"]
-        text += f" and {naive:.2f}x as fast without it (the naive way the original likely measured)"
-    text += f"; its prefill is {s['prefill_ms'] / h['prefill_ms']:.2f}x as fast."
-    return text
+    up = summary["speedups"]
+    text = (f"At context {summary['reference_context']}, batch 1, the hybrid decodes "
+            f"{format_ratio(up['decode_speedup'])} as fast as the standard model with the KV cache")
+    if up["naive_decode_speedup"]["ratio"] is not None:
+        text += (f" and {format_ratio(up['naive_decode_speedup'])} as fast without it (the naive way the original "
+                 "likely measured)")
+    text += f"; its prefill is {format_ratio(up['prefill_speedup'])} as fast"
+    return text + (" (95% intervals in brackets)." if up["decode_speedup"]["ci95"] else ".")
 
 
 def loss_change(diff: float) -> str:
@@ -145,16 +202,16 @@ def headline_table(results: dict, summary: dict) -> str:
     dl = q["hybrid"]["dpo_val_loss"]["mean"] - q["standard"]["dpo_val_loss"]["mean"]
     L.append(f"| final validation loss (DPO models, nats/token) | {format_ci(q['standard']['dpo_val_loss'])} | "
              f"{format_ci(q['hybrid']['dpo_val_loss'])} | {loss_change(dl)} | 5.02 | 5.09 |")
-    pf = sp["standard"]["prefill_ms"] / sp["hybrid"]["prefill_ms"]
+    up = summary["speedups"]
     L.append(f"| prefill time (batch 1) | {sp['standard']['prefill_ms']:.2f} ms | "
-             f"{sp['hybrid']['prefill_ms']:.2f} ms | {pf:.2f}x as fast | 4.7 ms | 2.9 ms |")
-    dr = sp["hybrid"]["decode_tok_s"] / sp["standard"]["decode_tok_s"]
+             f"{sp['hybrid']['prefill_ms']:.2f} ms | {format_ratio(up['prefill_speedup'])} as fast | 4.7 ms | 2.9 ms |")
     L.append(f"| decode speed, KV cache (batch 1) | {sp['standard']['decode_tok_s']:.1f} tok/s | "
-             f"{sp['hybrid']['decode_tok_s']:.1f} tok/s | {dr:.2f}x as fast | 206 tok/s | 326 tok/s |")
-    if sp["standard"]["naive_decode_tok_s"]:
-        nr = sp["hybrid"]["naive_decode_tok_s"] / sp["standard"]["naive_decode_tok_s"]
+             f"{sp['hybrid']['decode_tok_s']:.1f} tok/s | {format_ratio(up['decode_speedup'])} as fast | 206 tok/s | "
+             "326 tok/s |")
+    if up["naive_decode_speedup"]["ratio"] is not None:
         L.append(f"| decode speed, no cache (batch 1) | {sp['standard']['naive_decode_tok_s']:.1f} tok/s | "
-                 f"{sp['hybrid']['naive_decode_tok_s']:.1f} tok/s | {nr:.2f}x as fast | | |")
+                 f"{sp['hybrid']['naive_decode_tok_s']:.1f} tok/s | {format_ratio(up['naive_decode_speedup'])} as "
+                 "fast | | |")
     L.append("")
     L.append("Our extra rows:\n")
     L.append("| metric | standard | hybrid |")
@@ -180,6 +237,33 @@ def headline_table(results: dict, summary: dict) -> str:
     return "\n".join(L)
 
 
+def dpo_paired_lines(paired: dict) -> list[str]:
+    """The paired test of DPO reward accuracy as markdown: a row per seed, then the mean over seeds."""
+    L = ["Reward accuracy paired on the same validation pairs (hybrid - standard; a pair counts as right where the "
+         "model's reward margin ranks the chosen reply first; interval: 95% t over pairs; p: McNemar's exact test "
+         "on the pairs the two rank differently):\n",
+         "| seed | pairs | standard | hybrid | hybrid - standard | only hybrid right | only standard right | p |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for seed, p in paired["per_seed"].items():
+        if isinstance(p, str):
+            L.append(f"| {seed} | {p} | | | | | | |")
+            continue
+        L.append(f"| {seed} | {p['pairs']:,} | {p['standard_accuracy']:.3f} | {p['hybrid_accuracy']:.3f} | "
+                 f"{format_ci(p['difference'], digits=3, signed=True)} | {p['only_hybrid_right']:,} | "
+                 f"{p['only_standard_right']:,} | {p['mcnemar_p']:.3g} |")
+    across = paired["across_seeds"]
+    L.append("")
+    if across is None:
+        L.append("Per-pair results were not recorded for any seed (runs made before they were kept): no paired "
+                 "test.\n")
+    else:
+        L.append(f"Across {across['n']} seed(s): hybrid - standard reward accuracy = "
+                 f"{format_ci(across, digits=3, signed=True)}"
+                 + (" (mean ± half-width of a 95% t-interval over the per-seed differences)." if across["ci95"] else
+                    " (one seed: no interval over seeds).") + "\n")
+    return L
+
+
 def render_markdown(results: dict, summary: dict, plots: dict) -> str:
     seeds = results["seeds"]
     L = []
@@ -199,6 +283,7 @@ def render_markdown(results: dict, summary: dict, plots: dict) -> str:
         L.append(f"DPO reward accuracy is measured on {ps['dpo_val_pairs']} held-out pairs; for seed {first} the "
                  f"standard model's 95% interval is [{ci[0]:.3f}, {ci[1]:.3f}] and the hybrid's "
                  f"[{ph['dpo_val_rewards/accuracies_ci95'][0]:.3f}, {ph['dpo_val_rewards/accuracies_ci95'][1]:.3f}].\n")
+    L += dpo_paired_lines(summary["dpo_paired"])
     L.append("## What the numbers say\n")
     for v in summary["verdicts"]:
         L.append(f"- {v}")

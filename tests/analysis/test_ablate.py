@@ -3,7 +3,17 @@ import json
 import pytest
 from helpers import quiet
 
-from hybrid_gpt.analysis.ablate import matched_hidden, parse_variants, run_ablate, sentences
+from hybrid_gpt.analysis.ablate import (
+    learning_curves,
+    matched_hidden,
+    parse_variants,
+    power_lines,
+    power_table,
+    run_ablate,
+    sentences,
+)
+from hybrid_gpt.analysis.stats import mean_ci
+from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPTConfig
 from hybrid_gpt.presets import get_preset
@@ -53,6 +63,13 @@ def test_ablate_trains_every_variant_and_seed_then_reports(smoke_run, tmp_path):
     md = (out / "ablate.md").read_text()
     assert md.startswith("## ") and "ablate-pareto.png" in md and "Ranked by mean bits per byte" in md
     assert (out / "ablate-pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # 4 steps: an evaluation after every step (the interval is n // CURVE_POINTS, at least 1), both seeds; the
+    # last is the final evaluation, on more tokens, kept apart from the curve.
+    for e in result["variants"]:
+        curve = result["curves"][e["slug"]]
+        assert curve["steps"] == [1, 2, 3] and curve["n"] == [2] * 3 and all(curve["ci95"])
+        assert curve["final"]["step"] == 4 and curve["final"]["mean"] == e["val_bpb"]["mean"]
+    assert "ablate-curves.png" in md and (out / "ablate-curves.png").read_bytes()[:4] == b"\x89PNG"
     # A second call finds every run complete and trains nothing.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")}
     again = run_ablate(run_dir=run_dir, preset="smoke", patterns=["AA", "AM", "AN"], seeds=[1, 2], steps=4,
@@ -90,3 +107,60 @@ def test_sentences_answer_the_default_questions():
     assert "AAMM - AANN" in text and "within noise" in text
     assert "AA - AAMM = +0.3000" in text and "AA is measurably worse" in text
     assert "MMAA" not in text  # absent variants are not judged
+
+
+def _fake_run(path, evals: dict[int, float], final: tuple[int, float] | None = None):
+    """A run directory holding only metrics.jsonl: training records, periodic evaluations at the given steps and
+    a final one on more tokens."""
+    path.mkdir(parents=True)
+    last = max([*evals, final[0] if final else 0])
+    lines = [{"step": s, "loss": 3.0, "elapsed": float(s)} for s in range(1, last + 1)]
+    lines += [{"step": s, "val_loss": 2.0, "val_bpb": b, "val_tokens": 100} for s, b in evals.items()]
+    if final:
+        lines.append({"step": final[0], "val_loss": 2.0, "val_bpb": final[1], "val_tokens": 400})
+    path.joinpath("metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in sorted(lines, key=lambda m:
+                                                                                            m["step"])))
+    return path
+
+
+def test_learning_curves_mean_and_interval_per_step(tmp_path):
+    runs = {"AAAA": {1: _fake_run(tmp_path / "a1", {10: 3.0, 20: 2.5, 30: 2.0}, final=(40, 2.1)),
+                     2: _fake_run(tmp_path / "a2", {10: 3.2, 20: 2.7, 30: 2.2}, final=(40, 2.3))},
+            # an older run with fewer evaluations still gives the points it has
+            "AA": {1: _fake_run(tmp_path / "b1", {15: 3.1, 30: 2.6}), 2: _fake_run(tmp_path / "b2", {30: 2.8})}}
+    curves = learning_curves(runs)
+    a = curves["AAAA"]
+    assert a["steps"] == [10, 20, 30] and a["n"] == [2, 2, 2]
+    assert a["mean"] == pytest.approx([3.1, 2.6, 2.1])
+    for ci, values in zip(a["ci95"], ([3.0, 3.2], [2.5, 2.7], [2.0, 2.2])):
+        assert ci == pytest.approx(mean_ci(values)["ci95"])  # t with 1 degree of freedom: 12.706 * 0.1
+        assert ci[1] - ci[0] == pytest.approx(2 * 12.706 * 0.1)
+    assert a["final"] == {"step": 40, "mean": pytest.approx(2.2), "ci95": pytest.approx(mean_ci([2.1, 2.3])["ci95"]),
+                          "n": 2}  # on more tokens: a point apart, not the curve's
+    b = curves["AA"]
+    assert b["steps"] == [15, 30] and b["n"] == [1, 2] and b["ci95"][0] is None
+    assert b["mean"] == pytest.approx([3.1, 2.7]) and b["final"] is None
+
+
+def test_power_lines_from_constructed_numbers():
+    def variant(spec, values):
+        return {"spec": spec, "layers": spec, "val_bpb": mean_ci(values)}
+
+    base = [2.00, 2.02, 1.98]
+    diffs = [0.010, 0.030, 0.020]  # AAMM - AAAA per seed: sd 0.01, half-width 4.303 * 0.01 / sqrt(3) = 0.0248
+    result = {"variants": [variant("AAAA", base), variant("AAMM", [b + d for b, d in zip(base, diffs)]),
+                           variant("AA", [2.3, 2.3001, 2.2999])]}
+    power = {(p["other"], p["base"]): p for p in power_lines(result)}
+    assert set(power) == {("AAMM", "AAAA"), ("AA", "AAMM")}  # only questions with both patterns present
+    p = power[("AAMM", "AAAA")]
+    assert p["difference"]["mean"] == pytest.approx(0.02)
+    assert p["half_width"] == pytest.approx(4.303 * 0.01 / 3 ** 0.5)
+    assert p["tolerance"] == pytest.approx(QUALITY_TOLERANCE * 2.0)  # 0.02
+    assert not p["resolved"]
+    # the fewest n with t(n-1) * 0.01 / sqrt(n) <= 0.02: n = 4 gives 3.182 * 0.005 = 0.0159; n = 3 gives 0.0248
+    assert p["seeds_needed"] == 4
+    table = "\n".join(power_table(list(power.values()), 3))
+    assert "| AAMM - AAAA | +0.0200 ± 0.0248 | 0.0248 | 0.0200 | no | 4 |" in table
+    one = power_lines({"variants": [variant("AAAA", [2.0]), variant("AAMM", [2.1])]})[0]
+    assert one["half_width"] is None and one["seeds_needed"] is None and not one["resolved"]
+    assert "unknown (one seed has no spread)" in "\n".join(power_table([one], 1))

@@ -98,6 +98,29 @@ def test_validation_reference_is_right_for_sizes_that_do_not_divide(pretrained, 
     torch.testing.assert_close(cached.evaluate(policy, final=False), periodic, **close)
 
 
+def test_final_evaluation_records_each_pairs_margin_in_file_order(pretrained, tmp_path, monkeypatch):
+    _, dpo_file = tiny_chat_files(tmp_path)
+    from hybrid_gpt.data.chat_data import load_dpo
+
+    policy, tok = load(pretrained / "pretrain-hybrid")
+    reference, _ = load(pretrained / "pretrain-standard")
+    pairs = load_dpo(dpo_file)[:5]
+    unfit = {**pairs[0], "chosen": "a pair encode_pair leaves out"}
+    real = dpo.encode_pair
+    monkeypatch.setattr(dpo, "encode_pair", lambda tok, p, block: None if p is unfit else real(tok, p, block))
+    val = pairs[:2] + [unfit] + pairs[2:]
+    task = DPOTask(tok, reference, pairs, val, policy.config.block_size, beta=0.1, seed=0, rows_global=8)
+    res = task.evaluate(policy, final=True)
+    margins = res["pair_margins"]
+    assert len(margins) == 6 and margins[2] is None and res["pairs"] == 5
+    assert sum(m > 0 for m in margins if m is not None) / 5 == pytest.approx(res["rewards/accuracies"])
+    assert sum(m for m in margins if m is not None) / 5 == pytest.approx(res["rewards/margins"], abs=1e-6)
+    # pair by pair: each margin is the one the pair gets scored alone
+    alone = DPOTask(tok, reference, pairs, [val[3]], policy.config.block_size, beta=0.1, seed=0, rows_global=8)
+    assert alone.evaluate(policy, final=True)["pair_margins"] == [pytest.approx(margins[3], abs=1e-5)]
+    assert "pair_margins" not in task.evaluate(policy, final=False)
+
+
 def test_dpo_decreases_the_loss_on_a_tiny_dataset_with_trl_metric_names(pretrained, tmp_path):
     sft_file, dpo_file = tiny_chat_files(tmp_path)
     run_sft(run_dir=pretrained, preset="smoke", model_type="standard", sft_data=str(sft_file), out=tmp_path / "sft",
@@ -111,8 +134,13 @@ def test_dpo_decreases_the_loss_on_a_tiny_dataset_with_trl_metric_names(pretrain
     assert all(k in steps[0] for k in TRL_METRICS)
     assert abs(steps[0]["loss"] - math.log(2)) < 1e-5  # the first batch is scored before any update
     assert sum(r["loss"] for r in steps[-5:]) / 5 < 0.5
-    final = [r for r in rows if "val_loss" in r][-1]
+    evals = [r for r in rows if "val_loss" in r]
+    final = evals[-1]
     assert final["val_rewards/accuracies"] > 0.9 and final["val_rewards/margins"] > 0
+    # The final evaluation records every pair's margin (the periodic ones do not, to keep them small).
+    margins = final["val_pair_margins"]
+    assert len(margins) == final["val_pairs"] and all("val_pair_margins" not in r for r in evals[:-1])
+    assert sum(m > 0 for m in margins) / len(margins) == final["val_rewards/accuracies"]
     config = json.loads((tmp_path / "dpo" / "config.json").read_text())["training"]
     assert config["stage"] == "dpo" and config["beta"] == 0.1 and config["model_type"] == "standard"
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_gpt.analysis.plots import save_plot
-from hybrid_gpt.analysis.stats import format_ci, judge_pair, mean_ci
+from hybrid_gpt.analysis.stats import format_ci, judge_pair, mean_ci, seeds_needed
+from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, read_json, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
@@ -165,6 +166,8 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
             "parameters": cfg.num_params(), "kv_bytes_per_token": cfg.kv_bytes_per_token(), "steps": steps_of[v.slug],
             "val_bpb": mean_ci(bpb), "val_loss": mean_ci(loss), "train_seconds": mean_ci(seconds),
             "checkpoints": {str(s): str(p) for s, p in runs[v.slug].items()}})
+    result["curves"] = learning_curves({v.slug: runs[v.slug] for v in variants})
+    result["power"] = power_lines(result)
     result["decode"] = _decode_speeds(variants, runs, seeds[0], device, bench_repeats, log)
     for entry in result["variants"]:
         entry["decode_tok_s"] = result["decode"]["tok_s"][entry["slug"]]
@@ -186,6 +189,59 @@ def _final_eval(ckpt: Path) -> dict:
     if not evals or not steps:
         raise HybridGPTError(f"{ckpt} has no evaluation in metrics.jsonl; delete it and run ablate again")
     return evals[-1] | {"elapsed": steps[-1]["elapsed"]}
+
+
+def learning_curves(runs: dict[str, dict[int, Path]]) -> dict:
+    """Validation bits per byte against step for each variant ({slug: {seed: checkpoint}}): {slug: {"steps",
+    "mean", "ci95", "n", "final"}}, one point per step any seed evaluated at, with the 95% t-interval over the
+    seeds evaluated there (None from one). The final evaluation reads more tokens than the periodic ones (its
+    "val_tokens" differ from the first evaluation's), so it is not a point of the curve, whose steps would then
+    compare different text: it is "final" ({"step", "mean", "ci95", "n"}, None if no run has one yet). A run
+    with fewer evaluations (older code) gives the points it has."""
+    from hybrid_gpt.train.stage import read_metrics
+
+    curves = {}
+    for slug, by_seed in runs.items():
+        at: dict[int, dict[int, float]] = {}  # step -> seed -> bpb (the last record of a step counts)
+        finals: dict[int, tuple[int, float]] = {}  # seed -> (step, bpb)
+        for seed, ckpt in by_seed.items():
+            evals = [m for m in read_metrics(Path(ckpt)) if "val_bpb" in m]
+            for m in evals:
+                if m.get("val_tokens") == evals[0].get("val_tokens"):
+                    at.setdefault(m["step"], {})[seed] = m["val_bpb"]
+                else:
+                    finals[seed] = (m["step"], m["val_bpb"])
+        stats = [mean_ci(list(at[step].values())) for step in sorted(at)]
+        final = None
+        if finals:
+            f = mean_ci([b for _, b in finals.values()])
+            final = {"step": max(step for step, _ in finals.values()), "mean": f["mean"], "ci95": f["ci95"],
+                     "n": f["n"]}
+        curves[slug] = {"steps": sorted(at), "mean": [s["mean"] for s in stats], "ci95": [s["ci95"] for s in stats],
+                        "n": [s["n"] for s in stats], "final": final}
+    return curves
+
+
+def power_lines(result: dict) -> list[dict]:
+    """For each question of :data:`QUESTIONS` whose two patterns were run: other - base bits per byte paired by
+    seed, the half-width of its 95% interval now, the tolerance it must resolve (the verdict's QUALITY_TOLERANCE
+    of the base's mean bpb) and how many seeds would make the half-width that small at the spread seen."""
+    by_layers: dict[str, dict] = {}
+    for e in result["variants"]:
+        by_layers.setdefault(e["layers"], e)  # the first variant of a pattern, as in the sentences
+    out = []
+    for other, base, question in QUESTIONS:
+        if other not in by_layers or base not in by_layers:
+            continue
+        o, b = by_layers[other], by_layers[base]
+        diffs = [x - y for x, y in zip(o["val_bpb"]["values"], b["val_bpb"]["values"])]
+        d = mean_ci(diffs)
+        tolerance = QUALITY_TOLERANCE * b["val_bpb"]["mean"]
+        half = (d["ci95"][1] - d["ci95"][0]) / 2 if d["ci95"] else None
+        out.append({"other": o["spec"], "base": b["spec"], "question": question, "difference": d,
+                    "half_width": half, "tolerance": tolerance, "resolved": half is not None and half <= tolerance,
+                    "seeds_needed": seeds_needed(diffs, tolerance)})
+    return out
 
 
 def _decode_speeds(variants, runs, seed: int, device: str, repeats: int, log) -> dict:
@@ -287,7 +343,51 @@ def plot_ablate(result: dict, out: Path) -> dict:
         ax.set_title("Bits per byte per pattern (mean, 95% CI)")
         return fig
 
-    return {"pareto": save_plot(out / "ablate-pareto.png", pareto), "bpb": save_plot(out / "ablate-bpb.png", bars)}
+    plots = {"pareto": save_plot(out / "ablate-pareto.png", pareto), "bpb": save_plot(out / "ablate-bpb.png", bars)}
+    if result.get("curves"):
+        plots["curves"] = plot_curves(result, out)
+    return plots
+
+
+def plot_curves(result: dict, out: Path) -> str:
+    """ablate-curves.png: validation bpb against step, one line per pattern (mean over seeds) in a 95% band."""
+    spec = {e["slug"]: e["spec"] for e in result["variants"]}
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for slug, c in result["curves"].items():
+            line, = ax.plot(c["steps"], c["mean"], "o-", markersize=3, label=spec.get(slug, slug))
+            lo = [ci[0] if ci else m for ci, m in zip(c["ci95"], c["mean"])]
+            hi = [ci[1] if ci else m for ci, m in zip(c["ci95"], c["mean"])]
+            ax.fill_between(c["steps"], lo, hi, color=line.get_color(), alpha=0.2)
+            f = c.get("final")
+            if f:
+                err = [[f["mean"] - f["ci95"][0]], [f["ci95"][1] - f["mean"]]] if f["ci95"] else None
+                ax.errorbar([f["step"]], [f["mean"]], yerr=err, fmt="*", markersize=9, capsize=4,
+                            color=line.get_color())
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation bits per byte (lower is better)")
+        ax.set_title(f"Learning curves ({len(result['seeds'])} seed(s): mean, 95% CI band; star: final "
+                     "evaluation, on more tokens)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return fig
+
+    return save_plot(out / "ablate-curves.png", draw)
+
+
+def power_table(power: list[dict], seeds: int) -> list[str]:
+    """The power lines as markdown: does the interval of each difference resolve the tolerance, and if not,
+    how many seeds would."""
+    L = ["| question | difference (bpb) | half-width now | tolerance (1% of base) | resolved | seeds needed |",
+         "| --- | --- | --- | --- | --- | --- |"]
+    for p in power:
+        half = "-" if p["half_width"] is None else f"{p['half_width']:.4f}"
+        needed = (p["seeds_needed"] if p["seeds_needed"] is not None else
+                  "unknown (one seed has no spread)" if seeds < 2 else "over 1000")
+        L.append(f"| {p['other']} - {p['base']} | {format_ci(p['difference'], signed=True)} | {half} | "
+                 f"{p['tolerance']:.4f} | {'yes' if p['resolved'] else 'no'} | {needed} |")
+    return L
 
 
 def render_ablate_markdown(result: dict) -> str:
@@ -310,5 +410,16 @@ def render_ablate_markdown(result: dict) -> str:
     L.append("")
     L += [f"- {s}" for s in result["sentences"]]
     L.append("")
+    if result.get("power"):
+        L.append(f"Power: each difference's 95% interval over {len(seeds)} seed(s) against the tolerance it must "
+                 f"resolve ({100 * QUALITY_TOLERANCE:.0f}% of the base's bits per byte, the verdict's), and the "
+                 "seeds that would resolve it at the spread seen between seeds.\n")
+        L += power_table(result["power"], len(seeds))
+        L.append("")
     L.append(f"![quality vs speed]({result['plots']['pareto']})\n\n![bits per byte]({result['plots']['bpb']})\n")
+    if "curves" in result["plots"]:
+        L.append("Learning curves: validation bits per byte at each periodic evaluation, mean over seeds in a 95% "
+                 "band; the star is the final evaluation (the table's figure), on more validation tokens than the "
+                 "periodic ones, so it is not joined to the line.\n")
+        L.append(f"![learning curves]({result['plots']['curves']})\n")
     return "\n".join(L) + "\n"

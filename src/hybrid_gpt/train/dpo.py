@@ -69,11 +69,14 @@ def encode_pair(tok, p: dict, block_size: int):
     return (chosen, rejected) if chosen is not None and rejected is not None else None
 
 
-def encode_pairs(tok, pairs: list[dict], block_size: int, what: str) -> list:
-    out = [e for e in (encode_pair(tok, p, block_size) for p in pairs) if e is not None]
-    if not out:
+def encode_pairs(tok, pairs: list[dict], block_size: int, what: str) -> tuple[list[int], list]:
+    """(the indices of the pairs kept, their examples): a pair without a response token in the context is left
+    out, and the indices say which, so that two models' per-pair results can be paired."""
+    encoded = [encode_pair(tok, p, block_size) for p in pairs]
+    kept = [i for i, e in enumerate(encoded) if e is not None]
+    if not kept:
         raise HybridGPTError(f"no {what} preference pair keeps a response token within a context of {block_size}")
-    return out
+    return kept, [encoded[i] for i in kept]
 
 
 class DPOTask:
@@ -83,7 +86,8 @@ class DPOTask:
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.train = LazyExamples(train_pairs, lambda p: encode_pair(tok, p, block_size), "training pair")
-        self.val = encode_pairs(tok, val_pairs[:FINAL_EVAL_PAIRS], block_size, "validation")
+        self.val_total = min(len(val_pairs), FINAL_EVAL_PAIRS)
+        self.val_index, self.val = encode_pairs(tok, val_pairs[:FINAL_EVAL_PAIRS], block_size, "validation")
         self.seed, self.rows_global = seed, rows_global
         self.tokens_per_row = int(np.mean([len(c[0]) + len(r[0]) for c, r in self.val]))
         self._val_ref: torch.Tensor | None = None  # reference log-probs [2, k] of the first k validation pairs
@@ -128,8 +132,22 @@ class DPOTask:
         # A 95% interval for the accuracy (normal approximation), so "above 0.5" can be judged.
         acc = metrics["rewards/accuracies"]
         half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / len(pairs))
-        return {"loss": loss.item(), **metrics, "rewards/accuracies_ci95": [acc - half, acc + half],
-                "pairs": len(pairs)}
+        out = {"loss": loss.item(), **metrics, "rewards/accuracies_ci95": [acc - half, acc + half],
+               "pairs": len(pairs)}
+        if final:
+            out["pair_margins"] = self.pair_margins(policy, ref)
+        return out
+
+    def pair_margins(self, policy: torch.Tensor, ref: torch.Tensor) -> list[float | None]:
+        """The reward margin beta * [(pi - ref)(chosen) - (pi - ref)(rejected)] of every validation pair, in the
+        validation file's order (None for a pair left out for want of a response token): the model ranks the
+        chosen reply first exactly where the margin is > 0. Kept per pair so that two models scored on the same
+        pairs can be compared pair by pair (a paired test), not only by their accuracies."""
+        margins = self.beta * (policy[0] - ref[0]) - self.beta * (policy[1] - ref[1])  # as dpo_loss computes it
+        out: list[float | None] = [None] * self.val_total
+        for i, m in zip(self.val_index, margins.tolist()):
+            out[i] = float(f"{m:.9g}")  # float32's precision, in fewer characters; the sign is kept
+        return out
 
 
 def run_dpo(*, run_dir: str | Path, preset: str, model_type: str | None = None, layers: str | None = None,
