@@ -236,8 +236,8 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None,
                         tokens_seen=step * tokens_per_step, train_config=asdict(cfg), world_size=world,
                         skipped_steps=sum(1 for m in metrics if m.get("skipped")))
         evals = [m for m in metrics if "val_loss" in m]
-        if evals:
-            training["last_eval"] = evals[-1]
+        if evals:  # its scalars: per-item lists (DPO's per-pair margins) stay in metrics.jsonl
+            training["last_eval"] = {k: v for k, v in evals[-1].items() if not isinstance(v, list)}
         save_checkpoint(out_dir, raw_model, tokenizer, training, trainer_state=state,
                         files={"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)})
 
