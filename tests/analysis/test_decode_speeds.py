@@ -24,3 +24,17 @@ def test_decode_speeds_gives_paired_ratios_against_the_first_model(monkeypatch):
     assert ratios["standard"]["ratio"] == pytest.approx(expected["ratio"])
     assert ratios["standard"]["ci95"] == pytest.approx(expected["ci95"])
     assert len(res["order"]) == 2 and all(sorted(o) == ["hybrid", "standard"] for o in res["order"])
+
+
+def test_ablate_json_keeps_the_paired_ratios_and_values(monkeypatch):
+    """_decode_speeds stores the ratios against the first variant and every repeat's value (they pair)."""
+    from hybrid_gpt import checkpoint
+    from hybrid_gpt.analysis.ablate import Variant, _decode_speeds
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path, device: (smoke_model(str(path)), None, None))
+    variants = [Variant("AA", "AA", 0), Variant("AM", "AM", 0)]
+    dec = _decode_speeds(variants, {"AA": {1: "AA"}, "AM": {1: "AM"}}, 1, "cpu", 2, lambda *a: None)
+    assert set(dec["ratios"]) == {"AA", "AM"} and dec["ratios"]["AA"]["ratio"] == 1.0
+    assert all(len(v) == 2 for v in dec["tok_s_values"].values()) and dec["tok_s"]["AM"] > 0
+    expected = ratio_ci(dec["tok_s_values"]["AM"], dec["tok_s_values"]["AA"])
+    assert dec["ratios"]["AM"]["ratio"] == pytest.approx(expected["ratio"])

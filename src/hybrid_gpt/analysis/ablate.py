@@ -189,14 +189,17 @@ def _final_eval(ckpt: Path) -> dict:
 
 
 def _decode_speeds(variants, runs, seed: int, device: str, repeats: int, log) -> dict:
-    """Cached decode tokens/s (batch 1, full context) of every variant's first-seed model, interleaved."""
+    """Cached decode tokens/s (batch 1, full context) of every variant's first-seed model, interleaved: medians
+    ("tok_s"), each repeat's value in repeat order ("tok_s_values": they pair across variants, for a paired ratio of
+    any two), and the paired ratios against the first variant ("ratios", see :func:`decode_speeds`)."""
     from hybrid_gpt.checkpoint import load_checkpoint
     from hybrid_gpt.runtime import resolve_device
 
     dev = resolve_device(device)
     speeds = decode_speeds({v.slug: load_checkpoint(runs[v.slug][seed], dev)[0] for v in variants}, repeats, log)
     return {"context": speeds["context"], "batch": 1, "repeats": repeats, "seed": seed,
-            "tok_s": {k: s["median"] for k, s in speeds["tok_s"].items()}, "ratios": speeds["ratios"],
+            "tok_s": {k: s["median"] for k, s in speeds["tok_s"].items()},
+            "tok_s_values": {k: s["values"] for k, s in speeds["tok_s"].items()}, "ratios": speeds["ratios"],
             "order": speeds["order"], "environment": speeds["environment"]}
 
 

@@ -470,6 +470,7 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
 
     for c in contexts:
         for b in cfg.batch_sizes:
+            started = time.perf_counter()
             prompt = torch.randint(0, vocab, (b, c), generator=gen).to(device)
             n = cfg.new_tokens
             runners = {}
@@ -509,7 +510,7 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
                     timed.append(order)
             orders.append({"context": c, "batch": b, "orders": timed})
             runners = decoders = None  # free this size's caches before the next size's are made
-            log(f"context {c}, batch {b}: done")
+            log(f"context {c}, batch {b}: done in {time.perf_counter() - started:.0f} s")
 
     hw = measure_hardware(device, read_rates=read_rates, probe=probe)
     log(f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
