@@ -216,7 +216,8 @@ class BenchCommand:
                                       help="with --shape: the layer patterns, e.g. AAAA,AAMM (the first is the "
                                            "ratios' base)")
     block_size: int | None = option(None, lo=2, hi=MAX_CONTEXT,
-                                    help="with --shape: the models' context (default: the preset's)")
+                                    help="with --shape: the models' context (default: the preset's, or the longest "
+                                         "--contexts if longer)")
     train: bool = option(False, help="also measure training throughput (ours and the peer)")
     train_batch: int = option(_default(run_train_bench, "batch_size"), lo=1, hi=MAX_ROWS,
                               help="rows per training step")
@@ -589,7 +590,8 @@ def cmd_bench(args) -> int:
     models, val = {}, None
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if args.shape:
-        models = shape_models(args.shape, args.layers, block_size=args.block_size, seed=args.seed, device=device)
+        models = shape_models(args.shape, args.layers, block_size=args.block_size, contexts=args.contexts,
+                              seed=args.seed, device=device)
     for path in args.checkpoints:
         model, tokenizer, training = load_checkpoint(path, device)
         name = training.get("model_type") or Path(path).name

@@ -249,6 +249,7 @@ def test_bench_shape_builds_each_pattern_with_random_weights_and_no_checkpoint()
     assert a.config.vocab_size == 512 and a.config.block_size == 32 and a.config.n_embd == 32  # the preset's
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), "the seed fixes the weights"
     c = shape_models("smoke", ["AM"], seed=6)["AM"]
+    assert shape_models("smoke", ["AM"], contexts=[16, 64])["AM"].config.block_size == 64  # as long as the longest
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
 
 

@@ -367,12 +367,14 @@ def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log
     return peers
 
 
-def shape_models(preset: str, patterns: list[str], *, block_size: int | None = None, seed: int = 0,
+def shape_models(preset: str, patterns: list[str], *, block_size: int | None = None,
+                 contexts: list[int] | None = None, seed: int = 0,
                  device: torch.device | str = "cpu") -> dict[str, GPT]:
-    """A model of ``preset``'s shape (width, heads, vocabulary; context ``block_size``, default the preset's)
-    for each layer pattern, named by its pattern, with random weights from GPT's initialisation drawn from
-    ``seed`` (the same seed for every pattern; the global random state is left as it was). No checkpoint is
-    needed: a decode or prefill step costs what the shape makes it cost, whatever the weights learned."""
+    """A model of ``preset``'s shape (width, heads, vocabulary; context ``block_size``, default the preset's or
+    the largest of ``contexts`` where that is longer) for each layer pattern, named by its pattern, with random
+    weights from GPT's initialisation drawn from ``seed`` (the same seed for every pattern; the global random
+    state is left as it was). No checkpoint is needed: a decode or prefill step costs what the shape makes it
+    cost, whatever the weights learned."""
     values = get_preset(preset)
     layers = [parse_layers(p) for p in patterns]
     if not layers:
@@ -380,7 +382,7 @@ def shape_models(preset: str, patterns: list[str], *, block_size: int | None = N
     repeated = sorted({p for p in layers if layers.count(p) > 1})
     if repeated:
         raise HybridGPTError(f"layer pattern {repeated[0]} is given twice; each pattern names one model")
-    block = values["block_size"] if block_size is None else block_size
+    block = max([values["block_size"], *(contexts or [])]) if block_size is None else block_size
     if not isinstance(block, int) or isinstance(block, bool) or block < 2:
         raise HybridGPTError(f"block_size must be a whole number of at least 2, got {block!r}")
     configs = {p: GPTConfig(vocab_size=values["vocab_size"], block_size=block, n_embd=values["n_embd"],
@@ -409,7 +411,7 @@ def bench_shape(preset: str, patterns: list[str], cfg: BenchConfig, *, block_siz
                 seed: int = 0, device: torch.device | str = "cpu", log=print) -> dict:
     """:func:`run_bench` on :func:`shape_models`, with :func:`shape_note`'s keys; the ratios' base is the
     first pattern listed."""
-    models = shape_models(preset, patterns, block_size=block_size, seed=seed, device=device)
+    models = shape_models(preset, patterns, block_size=block_size, contexts=cfg.contexts, seed=seed, device=device)
     note = shape_note(preset, models, seed)
     log(f"bench: {note['weights']}")
     return run_bench(models, cfg, log=log) | note
