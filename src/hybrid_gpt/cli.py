@@ -196,9 +196,6 @@ class BenchOptions:
     naive_max_context: int = option(_BENCH.naive_max_context, lo=2, hi=MAX_CONTEXT,
                                     help="decode without the cache only at contexts up to this (each of its steps "
                                          "re-runs the whole sequence)")
-    prefill: bool = option(_BENCH.prefill, flags=("--no-prefill",),
-                           help="do not time the prefill: prime each model's cache once per context and batch, "
-                                "and repeat only the decode (long contexts)")
     threads: int | None = option(None, lo=1, hi=4096, help="torch CPU threads (default: torch's choice)")
     dtypes: list[str] = option(default_factory=lambda: list(_BENCH.dtypes), choices=tuple(DTYPES),
                                help="weight/KV precisions to measure side by side, e.g. float32,bfloat16; "
@@ -218,6 +215,10 @@ class BenchCommand:
     block_size: int | None = option(None, lo=2, hi=MAX_CONTEXT,
                                     help="with --shape: the models' context (default: the preset's, or the longest "
                                          "--contexts if longer)")
+    # bench's own (the pipeline's report reads the prefill times)
+    prefill: bool = option(_BENCH.prefill, flags=("--no-prefill",),
+                           help="do not time the prefill: prime each model's cache once per context and batch, "
+                                "and repeat only the decode (long contexts)")
     train: bool = option(False, help="also measure training throughput (ours and the peer)")
     train_batch: int = option(_default(run_train_bench, "batch_size"), lo=1, hi=MAX_ROWS,
                               help="rows per training step")
@@ -560,7 +561,7 @@ def _bench_config(args, block_size: int) -> BenchConfig:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {k: v for k, v in values(args, BenchOptions).items() if k != "threads"}
-    return BenchConfig(**settings, compile=getattr(args, "compile", False))
+    return BenchConfig(**settings, compile=getattr(args, "compile", False), prefill=getattr(args, "prefill", True))
 
 
 def cmd_bench(args) -> int:
