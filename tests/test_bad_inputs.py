@@ -191,7 +191,7 @@ BAD_FLAGS = [
     (["dpo", "--beta", "-0.1"], "must be in (0, 100]"),
     (["sft", "--sft-data"], "expected one argument"),
     (["pipeline", "--seeds", "1,x"], "comma-separated whole numbers"),
-    (["bench"], "the following arguments are required"),
+    (["bench"], "give checkpoints to measure, or --shape"),
     (["bench", "ckpt", "--dtypes", "float32,float64"], "'float64', which must be one of float32, bfloat16"),
 ]
 

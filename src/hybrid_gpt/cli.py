@@ -193,6 +193,9 @@ class BenchOptions:
     warmup: int = option(_BENCH.warmup, lo=0, hi=MAX_REPEATS)
     naive: bool = option(_BENCH.naive, flags=("--no-naive",), help="skip decoding without the KV cache")
     peer: bool = option(_BENCH.peer, flags=("--no-peer",), help="skip the transformers peer (same weights)")
+    naive_max_context: int = option(_BENCH.naive_max_context, lo=2, hi=MAX_CONTEXT,
+                                    help="decode without the cache only at contexts up to this (each of its steps "
+                                         "re-runs the whole sequence)")
     threads: int | None = option(None, lo=1, hi=4096, help="torch CPU threads (default: torch's choice)")
     dtypes: list[str] = option(default_factory=lambda: list(_BENCH.dtypes), choices=tuple(DTYPES),
                                help="weight/KV precisions to measure side by side, e.g. float32,bfloat16; "
@@ -201,7 +204,21 @@ class BenchOptions:
 
 @dataclass
 class BenchCommand:
-    checkpoints: list[str] = option(None, kind="input", positional=True, nargs="+", metavar="CKPT")
+    checkpoints: list[str] = option(None, kind="input", positional=True, nargs="*", metavar="CKPT",
+                                    help="checkpoints to measure (or --shape instead)")
+    shape: str | None = option(None, choices=tuple(PRESETS),
+                               help="instead of checkpoints: models of this preset's shape with random weights "
+                                    "(speed does not depend on what weights learned), one per --layers pattern")
+    layers: list[str] | None = option(None, check=pattern_problem, metavar="PATTERN,...",
+                                      help="with --shape: the layer patterns, e.g. AAAA,AAMM (the first is the "
+                                           "ratios' base)")
+    block_size: int | None = option(None, lo=2, hi=MAX_CONTEXT,
+                                    help="with --shape: the models' context (default: the preset's, or the longest "
+                                         "--contexts if longer)")
+    # bench's own (the pipeline's report reads the prefill times)
+    prefill: bool = option(_BENCH.prefill, flags=("--no-prefill",),
+                           help="do not time the prefill: prime each model's cache once per context and batch, "
+                                "and repeat only the decode (long contexts)")
     train: bool = option(False, help="also measure training throughput (ours and the peer)")
     train_batch: int = option(_default(run_train_bench, "batch_size"), lo=1, hi=MAX_ROWS,
                               help="rows per training step")
@@ -610,20 +627,38 @@ def _bench_config(args, block_size: int) -> BenchConfig:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {k: v for k, v in values(args, BenchOptions).items() if k != "threads"}
-    return BenchConfig(**settings, compile=getattr(args, "compile", False))
+    return BenchConfig(**settings, compile=getattr(args, "compile", False), prefill=getattr(args, "prefill", True))
 
 
 def cmd_bench(args) -> int:
     from hybrid_gpt.checkpoint import load_checkpoint
     from hybrid_gpt.fsutil import check_replaceable_json, write_json
-    from hybrid_gpt.infer.bench import RESULT_KEYS, format_table, format_train_table, run_bench, run_train_bench
+    from hybrid_gpt.infer.bench import (
+        RESULT_KEYS,
+        format_table,
+        format_train_table,
+        run_bench,
+        run_train_bench,
+        shape_models,
+        shape_note,
+    )
     from hybrid_gpt.runtime import resolve_device
 
     if args.out:  # before minutes of measuring: --out may name a user's file or a checkpoint's config.json
         check_replaceable_json(args.out, RESULT_KEYS, "bench result")
+    if not args.shape and (args.layers or args.block_size):
+        raise HybridGPTError("--layers and --block-size go with --shape (checkpoints have their own)")
+    if bool(args.checkpoints) == bool(args.shape):
+        raise HybridGPTError("give checkpoints or --shape, not both" if args.shape else
+                             "give checkpoints to measure, or --shape PRESET --layers AAAA,AAMM (random weights)")
+    if args.shape and not args.layers:
+        raise HybridGPTError("--shape needs --layers, e.g. --layers AAAA,AAMM")
     device = resolve_device(args.device)
     models, val = {}, None
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.shape:
+        models = shape_models(args.shape, args.layers, block_size=args.block_size, contexts=args.contexts,
+                              seed=args.seed, device=device)
     for path in args.checkpoints:
         model, tokenizer, training = load_checkpoint(path, device)
         name = training.get("model_type") or Path(path).name
@@ -634,6 +669,8 @@ def cmd_bench(args) -> int:
             val = _validation_tokens(Path(path), tokenizer, training, log)
     cfg = _bench_config(args, min(m.config.block_size for m in models.values()))
     results = run_bench(models, cfg, log=log, val=val)
+    if args.shape:
+        results |= shape_note(args.shape, models, args.seed)
     if args.train:
         results["train"] = run_train_bench(models, batch_size=args.train_batch, repeats=cfg.repeats,
                                            warmup=cfg.warmup, peer=cfg.peer, log=log)

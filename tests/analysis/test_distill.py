@@ -109,6 +109,14 @@ def test_run_distill_writes_results_and_loadable_checkpoints(pretrained, tmp_pat
     assert set(result["decode"]["tok_s"]) == {"teacher", "distilled", "drop"}
     assert result["out_dir"] == str(out) and result["layers"] == "AM"
     assert all(s["n"] == 1 and s["median"] > 0 for s in result["decode"]["tok_s"].values())
+    # Speedups are the paired ratios to the teacher (its own is exactly 1), shown in the markdown as such.
+    from hybrid_gpt.stats import format_ratio
+
+    ratios = result["decode"]["ratios"]
+    assert set(ratios) == {"teacher", "distilled", "drop"} and ratios["teacher"]["ratio"] == 1.0
+    assert result["decode"]["speedup_vs_teacher"] == {k: r["ratio"] for k, r in ratios.items()}
+    assert all(r["n"] == 1 and r["ci95"] is None for r in ratios.values())  # one repeat: no interval
+    assert f"| {format_ratio(ratios['distilled'])} |" in md
 
     teacher, tok, _ = load_checkpoint(ckpt)
     model, _, training = load_checkpoint(out / "distilled")

@@ -5,7 +5,9 @@ from helpers import smoke_model
 
 from hybrid_gpt.cli import main
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.bench import BenchConfig, default_contexts, format_table, run_bench
+from hybrid_gpt.infer import bench
+from hybrid_gpt.infer.bench import BenchConfig, bench_shape, default_contexts, format_table, run_bench, shape_models
+from hybrid_gpt.stats import ratio_ci
 
 
 def test_default_contexts_reach_the_models_maximum():
@@ -229,3 +231,126 @@ def test_kv_caches_that_would_not_fit_are_refused_before_measuring(monkeypatch):
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda device=None: 1000)
     with pytest.raises(HybridGPTError, match="KV caches of 1 models at context 16.*--contexts and --batch-sizes"):
         run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, peer=False), log=print)
+
+
+def test_bench_shape_builds_each_pattern_with_random_weights_and_no_checkpoint():
+    import torch
+
+    cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, peer=False, naive=False)
+    res = bench_shape("smoke", ["aa", "AM"], cfg, block_size=24, seed=5, log=lambda *a: None)
+    assert list(res["models"]) == ["AA", "AM"] and res["models"]["AM"]["layers"] == "AM"
+    assert res["shape"] == {"preset": "smoke", "layers": ["AA", "AM"], "block_size": 24, "seed": 5}
+    assert "random" in res["weights"] and "speed does not depend on what weights learned" in res["weights"]
+    assert list(res["ratios"]) == ["AM/AA"], "the first pattern listed is the ratios' base"
+    assert res["weights"] in format_table(res)
+    state = torch.get_rng_state()
+    a, b = shape_models("smoke", ["AM"], seed=5)["AM"], shape_models("smoke", ["AM"], seed=5)["AM"]
+    assert torch.equal(torch.get_rng_state(), state), "the global random state is left as it was"
+    assert a.config.vocab_size == 512 and a.config.block_size == 32 and a.config.n_embd == 32  # the preset's
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), "the seed fixes the weights"
+    c = shape_models("smoke", ["AM"], seed=6)["AM"]
+    assert shape_models("smoke", ["AM"], contexts=[16, 64])["AM"].config.block_size == 64  # as long as the longest
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+
+
+@pytest.mark.parametrize("patterns, block, match", [([], None, "at least one layer pattern"),
+                                                   (["AA", "aa"], None, "given twice"),
+                                                   (["AX"], None, "letters 'X'"),
+                                                   (["AA"], 1, "at least 2")])
+def test_bench_shape_refuses_bad_input(patterns, block, match):
+    with pytest.raises(HybridGPTError, match=match):
+        shape_models("smoke", patterns, block_size=block)
+
+
+def test_bench_shape_cli_needs_no_checkpoint(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing on disk
+    code = main(["bench", "--shape", "smoke", "--layers", "AA,AM", "--block-size", "24", "--contexts", "16",
+                 "--new-tokens", "4", "--repeats", "1", "--batch-sizes", "1", "--no-peer", "--no-naive", "--json"])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out)
+    assert list(res["models"]) == ["AA", "AM"] and res["shape"]["block_size"] == 24
+    assert "random" in res["weights"] and list(res["ratios"]) == ["AM/AA"]
+
+
+@pytest.mark.parametrize("argv, match", [([], "give checkpoints to measure, or --shape"),
+                                         (["--shape", "smoke"], "--shape needs --layers"),
+                                         (["--layers", "AA"], "go with --shape"),
+                                         (["--shape", "smoke", "--layers", "AA", "CKPT"], "not both")])
+def test_bench_cli_takes_checkpoints_or_a_shape(argv, match, capsys, tmp_path):
+    argv = [str(tmp_path) if a == "CKPT" else a for a in argv]
+    assert main(["bench", *argv, "--contexts", "16", "--no-peer"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+
+
+def _constructed_rates(monkeypatch, rates: dict[str, list[float]]) -> list[str]:
+    """decode_rate returns rates[model's layers][i] on a model's i-th call (cyclically); returns the calls' order."""
+    calls, count = [], {}
+
+    def fake(decoder, tokens, n, device):
+        name = decoder.model.config.layers
+        calls.append(name)
+        count[name] = count.get(name, 0) + 1
+        return rates[name][(count[name] - 1) % len(rates[name])]
+
+    monkeypatch.setattr(bench, "decode_rate", fake)
+    return calls
+
+
+def test_the_models_run_in_a_recorded_order_shuffled_every_repeat(monkeypatch):
+    models = {p: smoke_model(p) for p in ("AA", "AM", "AN")}
+    calls = _constructed_rates(monkeypatch, {p: [1.0] * 12 for p in models})
+    cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1, 2], repeats=6, warmup=0, peer=False, naive=False,
+                      prefill=False, seed=3)
+    res = run_bench(models, cfg, log=lambda *a: None)
+    rounds = res["order"]["rounds"]
+    assert res["order"]["seed"] == 3 and [(r["context"], r["batch"]) for r in rounds] == [(16, 1), (16, 2)]
+    orders = [o for r in rounds for o in r["orders"]]
+    assert len(orders) == 12 and all(sorted(o) == ["AA", "AM", "AN"] for o in orders)
+    assert [name for o in orders for name in o] == calls, "the recorded order is the order they ran in"
+    assert len({tuple(o) for o in orders}) > 1, "the order changes between repeats"
+    again = run_bench(models, cfg, log=lambda *a: None)["order"]
+    assert again == res["order"], "the seed fixes the orders"
+
+
+def test_speedups_are_paired_ratios_with_intervals(monkeypatch):
+    """The machine drifts between repeats; the ratio pairs repeat i of each model, not their medians."""
+    base, other = [100.0, 200.0, 400.0], [150.0, 500.0, 700.0]
+    _constructed_rates(monkeypatch, {"AA": base, "AM": other})
+    cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=3, warmup=0, peer=False, naive=False,
+                      prefill=False)
+    res = run_bench({"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}, cfg, log=lambda *a: None)
+    assert res["models"]["standard"]["rows"][0]["decode_tok_s"]["values"] == base
+    (row,) = res["ratios"]["hybrid/standard"]
+    expected = ratio_ci(other, base)
+    assert row["decode_speedup"] == pytest.approx(expected["ratio"]) != pytest.approx(500 / 200)
+    assert row["decode_speedup_ci95"] == pytest.approx(expected["ci95"])
+    assert "prefill_speedup" not in row and "prefill_ms" not in res["models"]["standard"]["rows"][0]
+    text = format_table(res)
+    assert f"decode {expected['ratio']:.2f}x [{expected['ci95'][0]:.2f}, {expected['ci95'][1]:.2f}]" in text
+    assert "prefill not timed" in text
+
+
+def test_ratios_of_a_constructed_result_pair_every_figure():
+    def row(prefill, decode):
+        return {"context": 16, "batch": 1, "kv_cache_bytes": 8, "prefill_ms": bench.summary(prefill),
+                "decode_tok_s": bench.summary(decode)}
+
+    results = {"models": {"standard": {"layers": "AA", "rows": [row([2.0, 4.0], [10.0, 20.0])]},
+                          "hybrid": {"layers": "AM", "rows": [row([1.0, 2.0], [30.0, None])]}}}
+    (r,) = bench._ratios(results)["hybrid/standard"]
+    assert r["prefill_speedup"] == pytest.approx(2.0) and r["prefill_speedup_ci95"] == pytest.approx([2.0, 2.0])
+    # a repeat without a figure (None) drops out of the pairs, leaving one: the ratio without an interval
+    assert r["decode_speedup"] == pytest.approx(3.0) and r["decode_speedup_ci95"] is None
+
+
+def test_naive_decode_is_skipped_above_its_context_limit():
+    cfg = BenchConfig(contexts=[16, 24], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, peer=False,
+                      naive_max_context=16)
+    res = run_bench({"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}, cfg, log=lambda *a: None)
+    rows = res["models"]["hybrid"]["rows"]
+    assert "naive_decode_tok_s" in rows[0] and "naive_decode_tok_s" not in rows[1]
+    ratios = res["ratios"]["hybrid/standard"]
+    assert "naive_decode_speedup" in ratios[0] and "naive_decode_speedup" not in ratios[1]
+    text = format_table(res)
+    assert "skipped" in text and "naive decode skipped above context 16" in text

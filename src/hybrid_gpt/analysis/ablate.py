@@ -245,21 +245,27 @@ def power_lines(result: dict) -> list[dict]:
 
 
 def _decode_speeds(variants, runs, seed: int, device: str, repeats: int, log) -> dict:
-    """Cached decode tokens/s (batch 1, full context) of every variant's first-seed model, interleaved."""
+    """Cached decode tokens/s (batch 1, full context) of every variant's first-seed model, interleaved: medians
+    ("tok_s"), each repeat's value in repeat order ("tok_s_values": they pair across variants, for a paired ratio of
+    any two), and the paired ratios against the first variant ("ratios", see :func:`decode_speeds`)."""
     from hybrid_gpt.checkpoint import load_checkpoint
     from hybrid_gpt.runtime import resolve_device
 
     dev = resolve_device(device)
     speeds = decode_speeds({v.slug: load_checkpoint(runs[v.slug][seed], dev)[0] for v in variants}, repeats, log)
     return {"context": speeds["context"], "batch": 1, "repeats": repeats, "seed": seed,
-            "tok_s": {k: s["median"] for k, s in speeds["tok_s"].items()}, "environment": speeds["environment"]}
+            "tok_s": {k: s["median"] for k, s in speeds["tok_s"].items()},
+            "tok_s_values": {k: s["values"] for k, s in speeds["tok_s"].items()}, "ratios": speeds["ratios"],
+            "order": speeds["order"], "environment": speeds["environment"]}
 
 
 def decode_speeds(models: dict[str, GPT], repeats: int, log=print) -> dict:
     """Cached greedy decode tokens/s of each model at batch 1, ending at the full context, by bench's estimator
-    (interleaved repeats after a warm-up; N cached steps from a primed cache, so prefill is excluded): {"context",
-    "new_tokens", "batch", "repeats", "tok_s": {name: bench's summary}, "environment"}."""
-    from hybrid_gpt.infer.bench import BenchConfig, run_bench
+    (interleaved repeats in a shuffled order after a warm-up; N cached steps from a primed cache, so prefill is
+    excluded): {"context", "new_tokens", "batch", "repeats", "tok_s": {name: bench's summary}, "ratios": {name:
+    {"ratio", "ci95", "n"}: how many times as fast as the FIRST model, the paired ratio of bench.speedup}, "order":
+    the models' order in each repeat, "environment"}."""
+    from hybrid_gpt.infer.bench import BenchConfig, run_bench, speedup
 
     block = min(m.config.block_size for m in models.values())
     new_tokens = min(DECODE_NEW_TOKENS, block - 1)
@@ -267,9 +273,12 @@ def decode_speeds(models: dict[str, GPT], repeats: int, log=print) -> dict:
                       peer=False)
     log(f"cached decode speed at context {block}, batch 1, {repeats} interleaved repeats")
     res = run_bench(models, cfg, log=log)
+    rows = {k: m["rows"][0] for k, m in res["models"].items()}
+    first = rows[next(iter(models))]
     return {"context": block, "new_tokens": new_tokens, "batch": 1, "repeats": repeats,
-            "tok_s": {k: m["rows"][0]["decode_tok_s"] for k, m in res["models"].items()},
-            "environment": res["environment"]}
+            "tok_s": {k: r["decode_tok_s"] for k, r in rows.items()},
+            "ratios": {k: speedup(first, r, "decode_tok_s") for k, r in rows.items()},
+            "order": res["order"]["rounds"][0]["orders"], "environment": res["environment"]}
 
 
 # Which comparisons answer which question: (other, base, what the difference means).

@@ -33,6 +33,7 @@ from hybrid_gpt.model.gpt import GPT, GPTConfig, mixer_activations, parse_layers
 from hybrid_gpt.options import MAX_REPEATS, MAX_TOKENS, MAX_WIDTH, option, pattern_problem
 from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import resolve_device
+from hybrid_gpt.stats import format_ratio
 from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm, windows
 from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig, train
 from hybrid_gpt.train.pretrain import PretrainTask
@@ -426,9 +427,9 @@ def _distill(cfg: DistillConfig, teacher: Teacher, distilled: list[int], dev: to
         arm["compute"] = _total(phases[name])
 
     log("decode speed (KV cache, batch 1): measuring teacher, distilled, attention-drop")
+    # The teacher first: decode_speeds' ratios are against the first model, paired repeat by repeat.
     decode = decode_speeds({k: models[k] for k in ("teacher", "distilled", "drop")}, cfg.decode_repeats, log=log)
-    base = decode["tok_s"]["teacher"]["median"]
-    decode["speedup_vs_teacher"] = {k: v["median"] / base for k, v in decode["tok_s"].items()}
+    decode["speedup_vs_teacher"] = {k: r["ratio"] for k, r in decode["ratios"].items()}
 
     info = {"stage": "distill", "model_type": target, "preset": teacher.preset, "teacher": str(teacher.path.resolve()),
             "data_dir": str(Path(data.root).resolve()), "data_tokenizer_sha256": data.meta["tokenizer_sha256"],
@@ -579,12 +580,13 @@ def render_distill_markdown(result: dict) -> str:
               f"Greedy decoding with the KV cache, batch 1, N = {dec['new_tokens']} new tokens ending at context "
               f"{dec['context']}, measured as `bench` measures it: N cached greedy steps from a primed cache, so "
               "prefill is excluded; median (min-max) of "
-              f"{dec['repeats']} interleaved repeats after a warm-up, on {s['device']} with {s['threads']} threads. "
-              "Fine-tuned models share their architecture's speed.", "",
+              f"{dec['repeats']} interleaved repeats in a shuffled order after a warm-up, on {s['device']} with "
+              f"{s['threads']} threads. 'vs teacher' is the geometric mean of the per-repeat ratios to the teacher "
+              "[95% interval]. Fine-tuned models share their architecture's speed.", "",
               "| model | pattern | tokens/s | vs teacher |", "| --- | --- | --- | --- |"]
     for k, v in dec["tok_s"].items():
         lines.append(f"| {ARMS[k]} | {arms[k]['layers']} | {v['median']:,.0f} ({v['min']:,.0f}-{v['max']:,.0f}) | "
-                     f"{dec['speedup_vs_teacher'][k]:.2f}x |")
+                     f"{format_ratio(dec['ratios'][k])} |")
     lines += ["", f"![held-out MSE during distillation]({result['plots']['mse']})",
               f"![validation bits per byte]({result['plots']['bpb']})", ""]
     if result["checkpoints"]:

@@ -2,17 +2,24 @@
 peer baseline (Hugging Face's model of the same family with the standard model's weights), measured
 side by side.
 
-Every figure is a median over repeats with its min and max; the models are measured interleaved
-(model A, model B, model A, ...) after a warm-up, so that a noisy shared machine affects them alike.
-Prefill is one forward over the whole context that fills a KV cache and returns the last position's
-logits (what generation does before its first token). Decode is N cached greedy steps from that primed
-cache, rewound to context - N: prefill excluded by construction, for ours and the peer alike.
+Every figure is a median over repeats with its min and max; the models are measured interleaved, every
+model once per repeat in an order shuffled anew each repeat (seeded, and recorded), after a warm-up, so that
+a noisy shared machine affects them alike and no model always runs first. A speedup is the paired ratio of
+two models' figures (stats.ratio_ci: the geometric mean of the per-repeat ratios, with a 95% t-interval),
+which cancels the machine's drift between repeats. Prefill is one forward over the whole context that
+fills a KV cache and returns the last position's logits (what generation does before its first token).
+Decode is N cached greedy steps from that primed cache, rewound to context - N: prefill excluded by
+construction, for ours and the peer alike.
+
+Models can come from checkpoints or from a preset's shape with random weights (:func:`bench_shape`): a
+step's cost depends on the shape, not on what the weights learned.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import random
 import resource
 import statistics
 import time
@@ -25,8 +32,10 @@ from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.infer.costs import roofline_seconds, step_costs
 from hybrid_gpt.infer.engine import KVCache, generate
 from hybrid_gpt.model import kernels
-from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
+from hybrid_gpt.presets import get_preset
 from hybrid_gpt.runtime import DTYPES, ensure_fits
+from hybrid_gpt.stats import format_ratio, ratio_ci
 
 
 @dataclass
@@ -37,6 +46,11 @@ class BenchConfig:
     repeats: int = 5
     warmup: int = 1
     naive: bool = True  # also decode without a cache (re-run the growing sequence for every token)
+    # ... at contexts up to this only: each naive step is a whole prefill, hopeless at long contexts.
+    naive_max_context: int = 2048
+    # Time the prefill. Without it each decoder is primed once per context and batch, untimed, and only the
+    # decode is repeated: at long contexts the prefills would take most of the time.
+    prefill: bool = True
     peer: bool = True
     seed: int = 0
     # Weight and KV-cache precisions to measure, each model in each; float32 keeps the plain model name,
@@ -122,11 +136,29 @@ def _time(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def summary(values: list[float]) -> dict:
-    if not values:
+def summary(values: list[float | None]) -> dict:
+    """Median, min, max and n of the timed repeats' ``values``, and the values themselves in repeat order
+    ("values"; None for a repeat with no valid figure), which pair with the other models' of the same rows."""
+    valid = [v for v in values if v is not None]
+    if not valid:
         raise RunFailure("every timing of a figure was swamped by other work on this machine; run bench again "
                          "when it is quieter, or with more --repeats")
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    return {"median": statistics.median(valid), "min": min(valid), "max": max(valid), "n": len(valid),
+            "values": list(values)}
+
+
+def speedup(base: dict, other: dict, fig: str) -> dict | None:
+    """How many times as fast ``other`` is as ``base`` in figure ``fig`` of two rows measured side by side (a time
+    in ms: base / other; a rate in tokens/s: other / base): stats.ratio_ci of their paired per-repeat values,
+    as {"ratio", "ci95", "n"}; None where either row lacks the figure or no repeat has both."""
+    if fig not in base or fig not in other:
+        return None
+    pairs = [(b, o) for b, o in zip(base[fig]["values"], other[fig]["values"]) if b is not None and o is not None]
+    if not pairs:
+        return None
+    b, o = (list(x) for x in zip(*pairs))
+    r = ratio_ci(b, o) if fig.endswith("_ms") else ratio_ci(o, b)
+    return {"ratio": r["ratio"], "ci95": r["ci95"], "n": r["n"]}
 
 
 def _cpu_model() -> str:
@@ -329,6 +361,56 @@ def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log
     return peers
 
 
+def shape_models(preset: str, patterns: list[str], *, block_size: int | None = None,
+                 contexts: list[int] | None = None, seed: int = 0,
+                 device: torch.device | str = "cpu") -> dict[str, GPT]:
+    """A model of ``preset``'s shape (width, heads, vocabulary; context ``block_size``, default the preset's or
+    the largest of ``contexts`` where that is longer) for each layer pattern, named by its pattern, with random
+    weights from GPT's initialisation drawn from ``seed`` (the same seed for every pattern; the global random
+    state is left as it was). No checkpoint is needed: a decode or prefill step costs what the shape makes it
+    cost, whatever the weights learned."""
+    values = get_preset(preset)
+    layers = [parse_layers(p) for p in patterns]
+    if not layers:
+        raise HybridGPTError("give at least one layer pattern, e.g. --layers AAAA,AAMM")
+    repeated = sorted({p for p in layers if layers.count(p) > 1})
+    if repeated:
+        raise HybridGPTError(f"layer pattern {repeated[0]} is given twice; each pattern names one model")
+    block = max([values["block_size"], *(contexts or [])]) if block_size is None else block_size
+    if not isinstance(block, int) or isinstance(block, bool) or block < 2:
+        raise HybridGPTError(f"block_size must be a whole number of at least 2, got {block!r}")
+    configs = {p: GPTConfig(vocab_size=values["vocab_size"], block_size=block, n_embd=values["n_embd"],
+                            n_head=values["n_head"], layers=p).validate() for p in layers}
+    ensure_fits(sum(4 * c.num_params() for c in configs.values()),
+                f"{len(configs)} models of the {preset} shape at context {block:,}", device,
+                hint="give fewer --layers or a smaller --block-size")
+    models = {}
+    with torch.random.fork_rng(devices=[]):
+        for p, config in configs.items():
+            torch.manual_seed(seed)
+            models[p] = GPT(config).to(device).eval()
+    return models
+
+
+def shape_note(preset: str, models: dict[str, GPT], seed: int) -> dict:
+    """What a result of :func:`shape_models`' models says of them: {"weights": the sentence that they are random,
+    "shape": {"preset", "layers", "block_size", "seed"}}."""
+    block = next(iter(models.values())).config.block_size
+    return {"weights": f"random (GPT's initialisation, seed {seed}; the {preset} shape at context {block:,}, layers "
+                       f"{','.join(models)}): speed does not depend on what weights learned",
+            "shape": {"preset": preset, "layers": list(models), "block_size": block, "seed": seed}}
+
+
+def bench_shape(preset: str, patterns: list[str], cfg: BenchConfig, *, block_size: int | None = None,
+                seed: int = 0, device: torch.device | str = "cpu", log=print) -> dict:
+    """:func:`run_bench` on :func:`shape_models`, with :func:`shape_note`'s keys; the ratios' base is the
+    first pattern listed."""
+    models = shape_models(preset, patterns, block_size=block_size, contexts=cfg.contexts, seed=seed, device=device)
+    note = shape_note(preset, models, seed)
+    log(f"bench: {note['weights']}")
+    return run_bench(models, cfg, log=log) | note
+
+
 def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | None = None) -> dict:
     """Benchmark ``models`` (name -> model, all on one device), each in every precision of
     ``cfg.dtypes`` (and compiled, with ``cfg.compile``), and return the results as a dict. With
@@ -346,7 +428,7 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | 
 @torch.inference_mode()
 def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None) -> dict:
     if not models:
-        raise HybridGPTError("bench needs at least one checkpoint")
+        raise HybridGPTError("bench needs at least one model")
     originals = models
     models = with_dtypes(models, cfg.dtypes)
     first = next(iter(models.values()))
@@ -374,49 +456,65 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
         compiled, compiled_diffs = with_compiled(models, trial, log)
         models = models | compiled
 
-    samples: dict = {}
+    samples: dict = {}  # (name, context, batch, figure) -> the timed repeats' values, in repeat order
     probe, read_rates = _probe_matrix(device), []
+    shuffler = random.Random(cfg.seed)  # the order of the models in each repeat
+    orders = []
 
     def record(key: tuple, value: float) -> None:
-        samples.setdefault(key, [])
-        if value == value:  # not NaN
-            samples[key].append(value)
+        samples.setdefault(key, []).append(value if value == value else None)  # NaN: no figure, pairing kept
 
     for c in contexts:
         for b in cfg.batch_sizes:
+            started = time.perf_counter()
             prompt = torch.randint(0, vocab, (b, c), generator=gen).to(device)
             n = cfg.new_tokens
             runners = {}
-            # Every entry's cache (and each peer's, as large as its model's) lives through the repeats.
+            # Every entry's cache (and each peer's, as large as its model's) lives through the repeats, beside
+            # one prefill's largest activations (residual, q/k/v, MLP hidden: about 9 x n_embd values a token).
             caches = [models[p["of"]] for p in peers.values()] + list(models.values())
-            ensure_fits(sum(m.config.kv_bytes_per_token(next(m.parameters()).dtype) for m in caches) * c * b,
-                        f"the KV caches of {len(caches)} models at context {c:,}, batch {b}", device,
+            activations = max(9 * m.config.n_embd * next(m.parameters()).element_size() for m in caches)
+            ensure_fits((sum(m.config.kv_bytes_per_token(next(m.parameters()).dtype) for m in caches)
+                         + activations) * c * b,
+                        f"the KV caches of {len(caches)} models at context {c:,}, batch {b} (and one prefill's "
+                        "activations)", device,
                         hint="measure fewer or smaller --contexts and --batch-sizes")
             decoders = {name: _OursDecoder(model.eval(), b, c) for name, model in models.items()}
             decoders |= {name: _PeerDecoder(peer["model"]) for name, peer in peers.items()}
+            naive = cfg.naive and c <= cfg.naive_max_context
             for name, dec in decoders.items():
-                # The prefill is timed, and it primes the cache the decode steps then read.
-                runners[name] = {
-                    "prefill_ms": lambda d=dec: 1000 * _time(lambda: d.prefill(prompt), device),
-                    "decode_tok_s": lambda d=dec: decode_rate(d, prompt, n, device),
-                }
-                if cfg.naive and name in models:
+                # The prefill primes the cache the decode steps then read: timed in every repeat, or run once.
+                if cfg.prefill:
+                    runners[name] = {"prefill_ms": lambda d=dec: 1000 * _time(lambda: d.prefill(prompt), device)}
+                else:
+                    dec.prefill(prompt)
+                    runners[name] = {}
+                runners[name]["decode_tok_s"] = lambda d=dec: decode_rate(d, prompt, n, device)
+                if naive and name in models:
                     runners[name]["naive_decode_tok_s"] = lambda m=models[name]: naive_rate(m, prompt, n, device)
+            timed = []
             for rep in range(cfg.warmup + cfg.repeats):
-                for name, figures in runners.items():  # interleaved: every model once per repeat
-                    for fig, fn in figures.items():
+                order = list(runners)
+                shuffler.shuffle(order)  # every model once per repeat, in a new order each time
+                for name in order:
+                    for fig, fn in runners[name].items():
                         value = fn()
                         if rep >= cfg.warmup:
                             record((name, c, b, fig), value)
                 if rep >= cfg.warmup:  # the memory bandwidth, sampled among the models it is the limit of
                     read_rates.append(_read_rate(probe, device))
-            log(f"context {c}, batch {b}: done")
+                    timed.append(order)
+            orders.append({"context": c, "batch": b, "orders": timed})
+            runners = decoders = None  # free this size's caches before the next size's are made
+            log(f"context {c}, batch {b}: done in {time.perf_counter() - started:.0f} s")
 
     hw = measure_hardware(device, read_rates=read_rates, probe=probe)
     log(f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
         f"matmul {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
     results = {"environment": environment(device, cfg.dtypes), "config": asdict(cfg) | {"contexts": contexts},
-               "hardware": hw, "models": {}, "ratios": {}}
+               "hardware": hw, "models": {}, "ratios": {},
+               # The i-th timed repeat of every figure of a (context, batch) ran the models in orders[i].
+               "order": {"seed": cfg.seed, "rounds": orders}}
     for name, model in models.items():
         mc = model.config
         dtype = next(model.parameters()).dtype
@@ -438,7 +536,8 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
         results["peers"] = {}
         for name, peer in peers.items():
             rows = [{"context": c, "batch": b, **{fig: summary(samples[(name, c, b, fig)])
-                                                  for fig in ("prefill_ms", "decode_tok_s")}}
+                                                  for fig in ("prefill_ms", "decode_tok_s")
+                                                  if (name, c, b, fig) in samples}}
                     for c in contexts for b in cfg.batch_sizes]
             results["peers"][name] = {"implementation": peer["implementation"], "weights_of": peer["of"],
                                       "dtype": peer["dtype"], "max_abs_logit_diff": peer["max_abs_logit_diff"],
@@ -483,10 +582,27 @@ def _as_float32(model: GPT) -> GPT:
     return model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
 
 
+# Each figure and the key of its speedup in a ratio row.
+SPEEDUPS = {"prefill_ms": "prefill_speedup", "decode_tok_s": "decode_speedup",
+            "naive_decode_tok_s": "naive_decode_speedup"}
+
+
+def _ratio_row(base: dict, other: dict) -> dict:
+    """One row of speedups of ``other`` over ``base`` (same context and batch): each figure both have, as the
+    paired ratio and its interval ("<figure>_speedup", "<figure>_speedup_ci95": [lo, hi], None from one repeat)."""
+    row = {"context": base["context"], "batch": base["batch"]}
+    for fig, key in SPEEDUPS.items():
+        r = speedup(base, other, fig)
+        if r:
+            row[key], row[f"{key}_ci95"] = r["ratio"], r["ci95"]
+    return row
+
+
 def _ratios(results: dict) -> dict:
-    """Speedups per row (> 1: the first named is faster): each model against the standard model of the
-    same precision; each of our standard entries against the peer of its precision and, for the
-    issue's comparison, against the float32 peer."""
+    """Speedups per row (> 1: the first named is faster), each the paired ratio of per-repeat figures with its
+    interval: each model against the standard model of the same precision (or the first listed where there is
+    none); each of our standard entries against the peer of its precision and, for the issue's comparison,
+    against the float32 peer."""
     models = results["models"]
     out = {}
     groups: dict[tuple, list[str]] = {}  # same precision, and compiled or not
@@ -500,12 +616,7 @@ def _ratios(results: dict) -> dict:
                 continue
             rows = []
             for rb, ro in zip(models[base]["rows"], models[other]["rows"]):
-                r = {"context": rb["context"], "batch": rb["batch"]}
-                if "prefill_ms" in rb:
-                    r["prefill_speedup"] = rb["prefill_ms"]["median"] / ro["prefill_ms"]["median"]
-                for fig in ("decode_tok_s", "naive_decode_tok_s"):
-                    if fig in rb and fig in ro:
-                        r[fig.replace("tok_s", "speedup")] = ro[fig]["median"] / rb[fig]["median"]
+                r = _ratio_row(rb, ro)
                 r["kv_cache_ratio"] = (ro["kv_cache_bytes"] / rb["kv_cache_bytes"]) if rb["kv_cache_bytes"] else None
                 rows.append(r)
             out[f"{other}/{base}"] = rows
@@ -515,11 +626,7 @@ def _ratios(results: dict) -> dict:
                if m.get("dtype", "float32") != "float32" and not m.get("compiled")]
     for name, ref in selves:
         if ref in models:
-            out[f"{name}/{ref}"] = [
-                {"context": o["context"], "batch": o["batch"],
-                 "prefill_speedup": b["prefill_ms"]["median"] / o["prefill_ms"]["median"],
-                 "decode_speedup": o["decode_tok_s"]["median"] / b["decode_tok_s"]["median"]}
-                for o, b in zip(models[name]["rows"], models[ref]["rows"])]
+            out[f"{name}/{ref}"] = [_ratio_row(b, o) for o, b in zip(models[name]["rows"], models[ref]["rows"])]
     peers = results.get("peers", {})
     pairs = [(peer["weights_of"], name) for name, peer in peers.items()]
     pairs += [(f"{of}+compile", name) for of, name in pairs if f"{of}+compile" in models]
@@ -527,16 +634,13 @@ def _ratios(results: dict) -> dict:
         pairs += [(name, "peer") for name, m in models.items()
                   if m.get("dtype", "float32") != "float32" and set(m["layers"]) == {"A"}]
     for of, peer_name in pairs:
-        out[f"{of}/{peer_name}"] = [
-            {"context": o["context"], "batch": o["batch"],
-             "decode_speedup": o["decode_tok_s"]["median"] / p["decode_tok_s"]["median"],
-             "prefill_speedup": p["prefill_ms"]["median"] / o["prefill_ms"]["median"]}
-            for o, p in zip(models[of]["rows"], peers[peer_name]["rows"])]
+        out[f"{of}/{peer_name}"] = [_ratio_row(p, o) for o, p in zip(models[of]["rows"], peers[peer_name]["rows"])]
     return out
 
 
 def format_table(results: dict) -> str:
-    """A plain-text table of medians [min-max] for the terminal and the report."""
+    """A plain-text table of medians [min-max] for the terminal and the report, then the paired speedups
+    with their 95% intervals."""
     lines = []
     env = results["environment"]
     lines.append(f"device {env['device']}, {env['dtype']}, {env['threads']} threads, torch {env['torch']}"
@@ -544,11 +648,20 @@ def format_table(results: dict) -> str:
                  + (f"; CPU {env['cpu_model']}" if env.get("cpu_model") and env["device"] == "cpu" else "")
                  + (f"; our linear layers: {env['linear_kernels']}" if "linear_kernels" in env else ""))
     cfg = results["config"]
-    lines.append(f"{cfg['repeats']} repeats after {cfg['warmup']} warm-up, {cfg['new_tokens']} new tokens; "
-                 "medians [min-max]")
+    if results.get("weights"):
+        lines.append(f"weights: {results['weights']}")
+    shuffled = f", models in a new order each repeat (seed {results['order']['seed']})" if "order" in results else ""
+    lines.append(f"{cfg['repeats']} repeats after {cfg['warmup']} warm-up{shuffled}, {cfg['new_tokens']} new "
+                 "tokens; medians [min-max]")
+    naive_limit = cfg.get("naive_max_context") if cfg.get("naive", True) else None
 
     def fmt(s, digits=1):
         return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+    def naive_cell(r):
+        if "naive_decode_tok_s" in r:
+            return fmt(r["naive_decode_tok_s"])
+        return "skipped" if naive_limit and r["context"] > naive_limit and "kv_cache_bytes" in r else "-"
 
     header = ["model", "context", "batch", "prefill ms", "cached tok/s", "of limit", "naive tok/s", "KV cache MB"]
     table = [header]
@@ -557,20 +670,28 @@ def format_table(results: dict) -> str:
         entries.append((f"{name} ({peer['weights_of']})", peer["rows"]))
     for name, rows in entries:
         for r in rows:
-            table.append([name, str(r["context"]), str(r["batch"]), fmt(r["prefill_ms"], 2), fmt(r["decode_tok_s"]),
+            table.append([name, str(r["context"]), str(r["batch"]),
+                          fmt(r["prefill_ms"], 2) if "prefill_ms" in r else "-", fmt(r["decode_tok_s"]),
                           f"{100 * r['decode_fraction_of_limit']:.0f}%" if "decode_fraction_of_limit" in r else "-",
-                          fmt(r["naive_decode_tok_s"]) if "naive_decode_tok_s" in r else "-",
+                          naive_cell(r),
                           f"{r['kv_cache_bytes'] / 2**20:.2f}" if "kv_cache_bytes" in r else "-"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if not cfg.get("prefill", True):
+        lines.append("prefill not timed (--no-prefill): each decoder was primed once per context and batch")
+    if naive_limit and any(c > naive_limit for c in cfg["contexts"]):
+        lines.append(f"naive decode skipped above context {naive_limit:,} (--naive-max-context): each of its steps "
+                     "re-runs the whole sequence")
     for key, rows in results["ratios"].items():
         lines.append("")
-        lines.append(f"speedup {key} (>1: the first is faster)")
+        lines.append(f"speedup {key} (>1: the first is faster; geometric mean of the paired per-repeat ratios "
+                     "[95% CI])")
         for r in rows:
-            parts = [f"{k.replace('_speedup', '')} {v:.2f}x" for k, v in r.items() if k.endswith("speedup")]
+            parts = [f"{k.removesuffix('_speedup')} {format_ratio({'ratio': v, 'ci95': r.get(k + '_ci95')})}"
+                     for k, v in r.items() if k.endswith("speedup")]
             lines.append(f"  context {r['context']}, batch {r['batch']}: " + ", ".join(parts))
     for name, peer in results.get("peers", {}).items():
         lines.append(f"{name} logits match: max |difference| {peer['max_abs_logit_diff']:.2e}")

@@ -1,6 +1,6 @@
 import pytest
 
-from hybrid_gpt.analysis.stats import judge_difference, mean_ci
+from hybrid_gpt.stats import judge_difference, mean_ci
 
 
 def test_mean_ci_uses_student_t():
@@ -22,7 +22,7 @@ def test_ratio_ci_on_constructed_timings():
 
     import pytest
 
-    from hybrid_gpt.analysis.stats import format_ratio, ratio_ci
+    from hybrid_gpt.stats import format_ratio, ratio_ci
 
     # other is exactly twice as fast in every round, while the machine drifts 3x between rounds: no spread at all
     r = ratio_ci([1.0, 2.0, 3.0], [0.5, 1.0, 1.5])
@@ -45,7 +45,7 @@ def test_seeds_needed_for_a_tolerance():
     import math
     import statistics
 
-    from hybrid_gpt.analysis.stats import seeds_needed, t_quantile
+    from hybrid_gpt.stats import seeds_needed, t_quantile
 
     values = [0.01, 0.03, -0.02]
     sd = statistics.stdev(values)
@@ -53,3 +53,13 @@ def test_seeds_needed_for_a_tolerance():
     assert t_quantile(n - 1) * sd / math.sqrt(n) <= 0.023 < t_quantile(n - 2) * sd / math.sqrt(n - 1)
     assert seeds_needed([0.5, 0.5], 0.01) == 2  # no spread: two seeds suffice
     assert seeds_needed([0.01], 0.01) is None
+
+
+def test_the_analyses_name_for_the_statistics_is_the_same_module():
+    """analysis.stats re-exports hybrid_gpt.stats: one implementation under both names."""
+    from hybrid_gpt import stats
+    from hybrid_gpt.analysis import stats as analysis_stats
+
+    names = [n for n in vars(stats) if not n.startswith("_") and callable(getattr(stats, n))
+             and getattr(getattr(stats, n), "__module__", "") == "hybrid_gpt.stats"]
+    assert names and all(getattr(analysis_stats, n) is getattr(stats, n) for n in names)
