@@ -22,7 +22,7 @@ from helpers import run_bad
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybrid_gpt.analysis.stats import mean_ci
+from hybrid_gpt.stats import mean_ci
 
 LEAVES = st.one_of(st.none(), st.booleans(), st.integers(),
                    st.sampled_from([2**64, -2**63 - 1, 10**300, 10**400, 1.7e308, -1e308]),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hybrid_gpt.analysis.stats import mean_ci
+from hybrid_gpt.stats import mean_ci
 from hybrid_gpt.report import (
     _speed_sentence,
     dpo_paired_lines,

@@ -53,13 +53,3 @@ def test_seeds_needed_for_a_tolerance():
     assert t_quantile(n - 1) * sd / math.sqrt(n) <= 0.023 < t_quantile(n - 2) * sd / math.sqrt(n - 1)
     assert seeds_needed([0.5, 0.5], 0.01) == 2  # no spread: two seeds suffice
     assert seeds_needed([0.01], 0.01) is None
-
-
-def test_the_analyses_name_for_the_statistics_is_the_same_module():
-    """analysis.stats re-exports hybrid_gpt.stats: one implementation under both names."""
-    from hybrid_gpt import stats
-    from hybrid_gpt.analysis import stats as analysis_stats
-
-    names = [n for n in vars(stats) if not n.startswith("_") and callable(getattr(stats, n))
-             and getattr(getattr(stats, n), "__module__", "") == "hybrid_gpt.stats"]
-    assert names and all(getattr(analysis_stats, n) is getattr(stats, n) for n in names)

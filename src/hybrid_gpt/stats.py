@@ -56,9 +56,16 @@ def seeds_needed(values: list[float], half_width: float, most: int = 1000) -> in
     """The fewest seeds whose 95% interval of the mean would be at most ``half_width`` wide on each side, if the
     spread between seeds stays that of ``values`` (their sample standard deviation); None from fewer than 2
     values, or when even ``most`` seeds would not do."""
-    if len(values) < 2 or half_width <= 0:
+    if len(values) < 2:
         return None
-    sd = statistics.stdev(values)
+    return sample_size(statistics.stdev(values), half_width, most)
+
+
+def sample_size(sd: float, half_width: float, most: int = 1000) -> int | None:
+    """The fewest samples (>= 2) whose 95% t-interval of the mean is at most ``half_width`` on each side, for
+    samples of standard deviation ``sd``; None when even ``most`` would not do."""
+    if half_width <= 0:
+        return None
     for n in range(2, most + 1):
         if t_quantile(n - 1) * sd / math.sqrt(n) <= half_width:
             return n

@@ -12,7 +12,7 @@ from hybrid_gpt.analysis.ablate import (
     run_ablate,
     sentences,
 )
-from hybrid_gpt.analysis.stats import mean_ci
+from hybrid_gpt.stats import mean_ci
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPTConfig
@@ -94,7 +94,7 @@ def test_time_budget_gives_cheaper_variants_more_steps(smoke_run, tmp_path):
 
 def test_sentences_answer_the_default_questions():
     def variant(spec, values):
-        from hybrid_gpt.analysis.stats import mean_ci
+        from hybrid_gpt.stats import mean_ci
 
         return {"spec": spec, "layers": spec.split(":")[0], "val_bpb": mean_ci(values), "decode_tok_s": 100.0,
                 "mlp_hidden": 32, "parameters": 1000}

@@ -4,7 +4,7 @@ import shutil
 import pytest
 from helpers import quiet
 
-from hybrid_gpt.analysis.stats import mean_ci
+from hybrid_gpt.stats import mean_ci
 from hybrid_gpt.analysis.verdict import per_context, render_verdict_markdown, sentences, table, write_verdict
 from hybrid_gpt.errors import HybridGPTError
 
@@ -92,9 +92,16 @@ def test_the_verdict_per_context_in_each_of_its_three_states():
     ctx = per_context(unsure)
     assert ctx["answer"]["state"] == "cannot be told" and ctx["budget"]["repeats"][4096] > 5
     assert "paired repeats per context" in ctx["answer"]["text"]
-    # a benchmark of another shape (its standard has other parameters) is not this ablation's
+    # a benchmark of another shape (its standard has other parameters, or another preset) is not this ablation's
     assert speed_points({"ablate": _ablate(TIGHT, TOK), "speed": _speed(long, params=5)})[0]["source"] == \
         "ablate/ablate.json"
+    shaped = _speed(long, params=5)
+    shaped[0]["data"]["shape"] = {"preset": "cpu"}
+    ablation = _ablate(TIGHT, TOK)
+    ablation["data"]["preset"] = "cpu"
+    assert speed_points({"ablate": ablation, "speed": shaped})[0]["source"] == "speed/cpu.json"
+    ablation["data"]["preset"] = "seed"
+    assert speed_points({"ablate": ablation, "speed": shaped})[0]["source"] == "ablate/ablate.json"
 
 
 def test_the_verdict_reads_speed_files_and_refuses_damaged_ones(tmp_path):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_gpt.analysis.plots import save_plot
-from hybrid_gpt.analysis.stats import format_ci, judge_pair, mean_ci, seeds_needed
+from hybrid_gpt.stats import format_ci, judge_pair, mean_ci, seeds_needed
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, read_json, write_json, write_text

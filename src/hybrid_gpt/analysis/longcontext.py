@@ -153,7 +153,7 @@ def plot_speed_context(summaries: dict[str, dict], path: Path) -> str:
 
 def render_markdown(summaries: dict[str, dict], plot: str | None = None) -> str:
     """A table per shape and batch of measured (95% CI) and predicted speedups, and the crossing contexts."""
-    from hybrid_gpt.analysis.stats import format_ratio
+    from hybrid_gpt.stats import format_ratio
 
     L = ["## Decode speed against context\n"]
     if plot:

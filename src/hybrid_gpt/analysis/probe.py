@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_gpt.analysis.plots import save_plot
-from hybrid_gpt.analysis.stats import format_ci, mean_ci
+from hybrid_gpt.stats import format_ci, mean_ci
 from hybrid_gpt.checkpoint import checkpoint_data, is_checkpoint, load_checkpoint, resolve
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text

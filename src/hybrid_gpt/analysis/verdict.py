@@ -26,9 +26,9 @@ import re
 from pathlib import Path
 
 from hybrid_gpt.analysis.longcontext import pair_names, plot_speed_context, render_markdown, summarize
-from hybrid_gpt.analysis.stats import format_ci, format_ratio, mean_ci, seeds_needed, t_quantile
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import JSON_LIMIT, read_json, read_text, write_json, write_text
+from hybrid_gpt.stats import format_ci, format_ratio, mean_ci, sample_size, seeds_needed, t_quantile
 
 QUALITY_TOLERANCE = 0.01  # 1% of the standard model's bits per byte
 SPEED_GAIN = 1.25
@@ -168,10 +168,21 @@ def _judge(ci: list | None, threshold: float, higher_is_better: bool) -> bool | 
     return True if hi <= threshold else False if lo > threshold else None
 
 
+def _same_shape(found: dict, bench: dict, standard: str, params: int | None) -> bool:
+    """Whether a benchmark measured models of the ablation's shape: the same preset for random-weight models of a
+    shape (their position table follows the benchmark's context), else the standard's parameter count."""
+    if "ablate" not in found:
+        return True
+    shape, preset = bench.get("shape"), found["ablate"]["data"].get("preset")
+    if isinstance(shape, dict) and isinstance(shape.get("preset"), str) and isinstance(preset, str):
+        return shape["preset"] == preset
+    return bench["models"][standard].get("parameters") == params
+
+
 def speed_points(found: dict) -> list[dict]:
     """Measured hybrid/standard cached decode speedups at batch 1, one per context, ascending: from the benchmarks
-    under speed/ of models of the ablation's shape (the standard's parameter count; any shape without an
-    ablation), else the ablation's own decode measurement. Each: context, ratio, ci95 (or None), repeats,
+    under speed/ of models of the ablation's shape (any shape without an ablation), else the ablation's own decode
+    measurement. Each: context, ratio, ci95 (or None), repeats,
     predicted (the cost model's roofline ratio, when the benchmark gives it), weights, source."""
     variants = _variants(found)
     params = variants[STANDARD]["parameters"] if STANDARD in variants else None
@@ -179,7 +190,7 @@ def speed_points(found: dict) -> list[dict]:
     for entry in found.get("speed", []):
         bench = entry["data"]
         names = pair_names(bench)
-        if names is None or (params is not None and bench["models"][names[1]].get("parameters") != params):
+        if names is None or not _same_shape(found, bench, names[1], params):
             continue
         repeats = bench.get("config", {}).get("repeats") if isinstance(bench.get("config"), dict) else None
         for row in bench["ratios"][f"{names[0]}/{names[1]}"]:
@@ -211,7 +222,7 @@ def _repeats_needed(point: dict) -> int | None:
         return None
     sd = (math.log(ci[1]) - math.log(ci[0])) / 2 * math.sqrt(n) / t_quantile(n - 1)
     gap = abs(math.log(point["ratio"]) - math.log(SPEED_GAIN))
-    return seeds_needed([-sd / math.sqrt(2), sd / math.sqrt(2)], gap) if sd > 0 else n
+    return sample_size(sd, gap)
 
 
 def per_context(found: dict) -> dict | None:

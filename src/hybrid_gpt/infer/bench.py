@@ -531,7 +531,7 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
         results["models"][name] = {"layers": mc.layers, "dtype": str(dtype).removeprefix("torch."),
                                    "compiled": name in compiled_diffs,
                                    "parameters": model.num_params(), "kv_bytes_per_token": mc.kv_bytes_per_token(dtype),
-                                   "rows": rows}
+                                   "config": asdict(mc), "rows": rows}
     if peers:
         results["peers"] = {}
         for name, peer in peers.items():
@@ -618,6 +618,8 @@ def _ratios(results: dict) -> dict:
             for rb, ro in zip(models[base]["rows"], models[other]["rows"]):
                 r = _ratio_row(rb, ro)
                 r["kv_cache_ratio"] = (ro["kv_cache_bytes"] / rb["kv_cache_bytes"]) if rb["kv_cache_bytes"] else None
+                # the cost model's roofline ratio on the hardware measured in this run, beside the measured one
+                r["predicted_decode_speedup"] = ro["decode_limit_tok_s"] / rb["decode_limit_tok_s"]
                 rows.append(r)
             out[f"{other}/{base}"] = rows
     # Each entry against itself without one change: what compiling buys, then what a lower precision buys.
