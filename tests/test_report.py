@@ -2,7 +2,6 @@
 
 import pytest
 
-from hybrid_gpt.stats import mean_ci
 from hybrid_gpt.report import (
     _speed_sentence,
     dpo_paired_lines,
@@ -11,6 +10,7 @@ from hybrid_gpt.report import (
     paired_accuracy,
     summarize,
 )
+from hybrid_gpt.stats import mean_ci
 
 QUALITY = ["pretrain_val_loss", "pretrain_val_bpb", "dpo_val_loss", "dpo_val_bpb", "sft_val_loss",
            "dpo_val_rewards/accuracies", "dpo_val_rewards/margins"]

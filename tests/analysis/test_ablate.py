@@ -12,11 +12,11 @@ from hybrid_gpt.analysis.ablate import (
     run_ablate,
     sentences,
 )
-from hybrid_gpt.stats import mean_ci
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPTConfig
 from hybrid_gpt.presets import get_preset
+from hybrid_gpt.stats import mean_ci
 
 CPU = get_preset("cpu")
 

@@ -4,9 +4,9 @@ import shutil
 import pytest
 from helpers import quiet
 
-from hybrid_gpt.stats import mean_ci
 from hybrid_gpt.analysis.verdict import per_context, render_verdict_markdown, sentences, table, write_verdict
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.stats import mean_ci
 
 
 def _ablate(bpb: dict, tok_s: dict) -> dict:

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_gpt.analysis.plots import save_plot
-from hybrid_gpt.stats import format_ci, judge_pair, mean_ci, seeds_needed
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, read_json, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
+from hybrid_gpt.stats import format_ci, judge_pair, mean_ci, seeds_needed
 
 DEFAULT_VARIANTS = ("AAAA", "AAMM", "AANN", "MMAA", "AA", "AAMM:matched")
 QUICK_STEPS = {"smoke": 10, "cpu": 150, "seed": 1000}  # --quick: 3 seeds x 6 variants well inside 20 min on cpu

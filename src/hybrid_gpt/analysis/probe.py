@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_gpt.analysis.plots import save_plot
-from hybrid_gpt.stats import format_ci, mean_ci
 from hybrid_gpt.checkpoint import checkpoint_data, is_checkpoint, load_checkpoint, resolve
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.runtime import resolve_device
+from hybrid_gpt.stats import format_ci, mean_ci
 from hybrid_gpt.train.evaluate import evaluating, windows
 from hybrid_gpt.train.loop import TrainConfig, train
 
