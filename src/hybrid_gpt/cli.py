@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hybrid_gpt.analysis.ablate import run_ablate
 from hybrid_gpt.analysis.distill import DistillConfig
-from hybrid_gpt.analysis.probe import run_probe
+from hybrid_gpt.analysis.probe import TASK_CHOICES, run_probe
 from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.bench import BenchConfig, run_train_bench
@@ -270,8 +270,10 @@ class ProbeOptions:
     patterns: list[str] = option(_default(run_probe, "patterns"), help="comma-separated layer patterns")
     seeds: list[int] = option(default_factory=lambda: list(_default(run_probe, "seeds")), kind="seeds", unique=True,
                               help="comma-separated seeds")
-    steps: int | None = option(None, lo=1, hi=MAX_STEPS, help="training steps per pattern (default: the preset's)")
-    task: str | None = option(None, choices=("recall", "two-hop"), help="probe task (default: the preset's)")
+    steps: int | None = option(None, lo=1, hi=MAX_STEPS,
+                               help="training steps per pattern and task (default: the preset's)")
+    task: str = option(_default(run_probe, "task"), choices=TASK_CHOICES,
+                       help="recall (one hop, the control), two-hop (needs depth), or both")
     checkpoints: list[str] | None = option(None, kind="input", nargs="*", metavar="CKPT",
                                            help="models for the loss-by-position curves "
                                                 "(default: <run-dir>/pretrain-{standard,hybrid})")
@@ -732,8 +734,10 @@ def cmd_probe(args) -> int:
     opts = values(args, ProbeOptions, skip_none=True)
     opts["checkpoints"] = opts.get("checkpoints") or None  # an empty --checkpoints means the default ones
     result = run_probe(run_dir=run_dir, preset=preset, device=args.device, **opts)
-    for r in result["patterns"]:
-        print(f"{r['pattern']:<8} accuracy {r['accuracy']['mean']:.3f} (chance {result['chance']:.3f})")
+    for name, block in result["tasks"].items():
+        for r in block["patterns"]:
+            print(f"{name:<8} {r['pattern']:<8} accuracy {r['accuracy']['mean']:.3f} (chance {block['chance']:.3f}, "
+                  f"learned at {block['learned_threshold']:.3f}): {r['judgement']}")
     print(f"results: {Path(args.out_dir or run_dir / 'probe') / 'probe.md'}")
     return 0
 

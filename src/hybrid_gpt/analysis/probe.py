@@ -1,22 +1,38 @@
 """The token-mixing probe: can a layer pattern still move information between positions late in the network?
 
-Two measurements:
+Measurements:
 
-- **Associative recall**, generated on the fly: ``k1 v1 k2 v2 ... kn vn ? ka ? kb ...``; at each query key
-  the model must name the value paired with it. One-hop recall needs two attention layers (one to pair each
-  value with the key before it, one to look the query up); **two-hop** recall (``a b``, ``b v``, query
-  ``a``, answer ``v``) needs a third lookup, so it asks for token mixing after the first two layers. Every
-  pattern gets a fresh model of the preset's width and the same seeded training budget; accuracy is taken
-  at the answer positions only, on a held-out generated set.
+- **Associative recall** (task ``recall``, the one-hop control), generated on the fly:
+  ``k1 v1 k2 v2 ... kn vn ? ka ? kb ...``; at each query key the model must name the value paired with it.
+  Two attention layers solve it (one pairs each value with the key before it, one looks the query up), so
+  every pattern that keeps the first two (AA, AAMM, AANN) can: it cannot tell whether deep attention did anything.
+- **Two-hop recall** (task ``two-hop``, the depth test): chains a -> b -> v written as pairs ``a b`` and
+  ``b v``, all pairs shuffled; ``? a`` asks for v. Answering composes two lookups after the pairs are bound:
+  one layer binds each pair (the second token takes in the first), a second finds a's pair and brings b to
+  the query, and only then can a third find b's pair and bring v. Two attention layers should not suffice:
+  after one layer a position holds its own token and position plus a mixture of earlier raw tokens, so the
+  query's second-layer lookup must pick v's pair by keys that carry b and v but nothing of a, and it does
+  not hold b yet. The way round, a first layer that copies the whole context into every position for the
+  MLPs to resolve, needs a residual of about vocabulary x length dimensions (34 x 30 at the cpu preset
+  against a width of 128). No shortcut: the answer is a value while one hop from a lands on a key; the
+  pairs are shuffled, so every position varies; every chain, asked or not, is drawn alike, so the distractor
+  values in context look like the answer. One-hop queries ``! k`` (answer: the second token of k's pair) are
+  mixed into each sequence and trained on but scored apart (``link_accuracy``): they give the lookup a
+  signal of its own, since a loss only at the two-hop answers leaves the model nothing to climb from the
+  guess-a-value-in-context plateau until the whole three-layer circuit exists.
 - **Loss by position** on the validation split, for pretrained checkpoints: a model that cannot mix
   tokens late should gain less from long contexts than one that can.
 
-Several queries per sequence, not one: with a single answer per sequence an AA model of the cpu preset's
-width sat on the guess-a-value-in-context plateau for 1,500 steps; with four queries it left it after 400.
-One-hop recall is the default because two-hop was not learned within the cpu budget even by AAAA (still on
-the plateau after 2,000 steps), so there it only measures the plateau.
-"""
+Every pattern gets a fresh model of the preset's width and the same seeded training budget per task;
+accuracy is taken at the scored answer positions only, on a held-out generated set. Several queries per
+sequence, not one: with a single answer per sequence an AA model of the cpu preset's width sat on the
+guess-a-value-in-context plateau for 1,500 steps; with four queries it left it after 400.
 
+Judgement per pattern and task, from a fixed threshold (LEARNED_FRACTION): a seed has *learned* the task
+when its accuracy is at least half of the way from guessing a value in context (1 / the values in the
+sequence) to 1. The pattern *learns it* when every seed has, *does not learn it* when no seed has, and is
+*unstable* when its seeds disagree (say 1.0, 1.0, 0.27): a mean with a wide interval is not "at chance".
+"""
 from __future__ import annotations
 
 import time
@@ -39,18 +55,38 @@ from hybrid_gpt.train.evaluate import evaluating, windows
 from hybrid_gpt.train.loop import TrainConfig, train
 
 TASKS = ("recall", "two-hop")
+TASK_CHOICES = (*TASKS, "both")
 DEFAULT_PATTERNS = ("AAAA", "AAMM", "AANN", "MMAA", "AA")
 
-# The probe's own budget per preset; the model width comes from the preset itself.
-PROBE_SETTINGS: dict[str, dict] = {
-    "smoke": dict(task="recall", n_pairs=2, n_keys=16, n_values=16, n_queries=2, steps=80, batch_size=32,
-                  lr=3e-3, eval_examples=500, position_tokens=4096),
-    # lr 3e-4: at 1e-3 the 4-layer models stayed on the guess-a-value-in-context plateau for 1,000 steps.
-    "cpu": dict(task="recall", n_pairs=4, n_keys=16, n_values=16, n_queries=4, steps=800, batch_size=64, lr=3e-4,
-                eval_examples=2000, position_tokens=131072),
-    "seed": dict(task="recall", n_pairs=8, n_keys=64, n_values=64, n_queries=8, steps=3000, batch_size=128,
-                 lr=3e-4, eval_examples=2000, position_tokens=131072),
+# The probe's own budget per preset and task; the model width comes from the preset itself.
+PROBE_SETTINGS: dict[str, dict[str, dict]] = {
+    "smoke": {
+        "recall": dict(n_pairs=2, n_keys=16, n_values=16, n_queries=2, steps=80, batch_size=32, lr=3e-3,
+                       eval_examples=500),
+        "two-hop": dict(n_pairs=4, n_keys=16, n_values=16, n_queries=2, n_links=4, steps=80, batch_size=32, lr=3e-3,
+                        eval_examples=500),
+    },
+    "cpu": {
+        # lr 3e-4: at 1e-3 the 4-layer models stayed on the guess-a-value-in-context plateau for 1,000 steps.
+        "recall": dict(n_pairs=4, n_keys=16, n_values=16, n_queries=4, steps=800, batch_size=64, lr=3e-4,
+                       eval_examples=2000),
+        # One-hop queries on every pair: with half the pairs asked, AAAA had not learned even those in 1,200 steps.
+        "two-hop": dict(n_pairs=6, n_keys=16, n_values=16, n_queries=3, n_links=6, steps=2000, batch_size=64, lr=3e-4,
+                        eval_examples=2000),
+    },
+    "seed": {
+        "recall": dict(n_pairs=8, n_keys=64, n_values=64, n_queries=8, steps=3000, batch_size=128, lr=3e-4,
+                       eval_examples=2000),
+        "two-hop": dict(n_pairs=8, n_keys=64, n_values=64, n_queries=4, n_links=8, steps=3000, batch_size=128,
+                        lr=3e-4, eval_examples=2000),
+    },
 }
+PROBE_POSITION_TOKENS = {"smoke": 4096, "cpu": 131072, "seed": 131072}  # validation tokens of loss by position
+# A seed has learned a task at LEARNED_FRACTION of the way from guessing a value in context to perfect accuracy.
+LEARNED_FRACTION = 0.5
+JUDGEMENTS = ("learns", "does not learn", "unstable")
+JUDGEMENT_TEXT = {"learns": "learns it (every seed learned)", "does not learn": "does not learn it (no seed learned)",
+                  "unstable": "unstable (some seeds learned, some did not)"}
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # first entropy word of the generator: training and held-out data never share a stream
 EVAL_SEED = 0  # one held-out set for every pattern and seed, so accuracies are paired
 N_BUCKETS = 8  # position buckets of the loss-by-position table
@@ -58,13 +94,20 @@ N_BUCKETS = 8  # position buckets of the loss-by-position table
 
 @dataclass(frozen=True)
 class RecallSpec:
-    """Token layout: keys are ids [0, n_keys), values [n_keys, n_keys + n_values), then the query marker."""
+    """Token layout: keys are ids [0, n_keys), values [n_keys, n_keys + n_values), then the query marker (and,
+    for two-hop, the link marker of the one-hop queries mixed in).
+
+    Two-hop: ``n_pairs // 2`` chains a -> b -> v, so ``n_pairs`` pairs; ``n_queries`` scored two-hop queries
+    (``? a``, answer v) on distinct chains and ``n_links`` one-hop queries (``! k``, answer the second token of
+    k's pair) on distinct pairs, in a random order per sequence.
+    """
 
     task: str = "recall"
     n_pairs: int = 4
     n_keys: int = 16
     n_values: int = 16
     n_queries: int = 4
+    n_links: int = 0
 
     def validate(self) -> "RecallSpec":
         if self.task not in TASKS:
@@ -78,6 +121,10 @@ class RecallSpec:
         if not 1 <= self.n_queries <= self.value_pairs:
             raise HybridGPTError(f"probe n_queries must be in 1..{self.value_pairs} (distinct query keys), "
                                  f"got {self.n_queries}")
+        most = self.n_pairs if self.task == "two-hop" else 0
+        if not 0 <= self.n_links <= most:
+            raise HybridGPTError(f"probe n_links must be in 0..{most} for {self.task} (one-hop queries on distinct "
+                                 f"pairs of a two-hop sequence), got {self.n_links}")
         return self
 
     @property
@@ -87,15 +134,21 @@ class RecallSpec:
 
     @property
     def query_token(self) -> int:
+        """The marker before a scored query key."""
         return self.n_keys + self.n_values
 
     @property
-    def vocab_size(self) -> int:
+    def link_token(self) -> int:
+        """The marker before a one-hop query of a two-hop sequence (trained on, scored apart)."""
         return self.n_keys + self.n_values + 1
 
     @property
+    def vocab_size(self) -> int:
+        return self.n_keys + self.n_values + (2 if self.task == "two-hop" else 1)
+
+    @property
     def seq_len(self) -> int:
-        return 2 * self.n_pairs + 2 * self.n_queries
+        return 2 * self.n_pairs + 2 * (self.n_queries + self.n_links)
 
     @property
     def chance(self) -> float:
@@ -119,7 +172,7 @@ def recall_batch(spec: RecallSpec, rows: int, seed: int, step: int, stream: int 
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) of shape [rows, seq_len]: a pure function of (stream, seed, step), like data.batch_offsets.
 
-    x is the pairs, then ``n_queries`` times (query marker, query key) for distinct keys; y is -1 (ignored by
+    x is the pairs, then the queries, each a marker and a key (distinct keys per kind); y is -1 (ignored by
     GPT.forward) everywhere except at the query keys, whose targets are their answers.
     """
     rng = np.random.default_rng([stream, seed, step])
@@ -127,18 +180,27 @@ def recall_batch(spec: RecallSpec, rows: int, seed: int, step: int, stream: int 
     r = np.arange(rows)[:, None]
     keys = _distinct(rng, rows, spec.n_keys, n)
     values = _distinct(rng, rows, spec.n_values, m) + spec.n_keys
-    if spec.task == "recall":
-        firsts, seconds = keys, values
-    else:  # chains a -> b -> v: keys[:, :m] are the a's, keys[:, m:] the b's
-        order = _distinct(rng, rows, n, n)  # shuffle the pairs, so a link may come before or after its target
-        firsts, seconds = keys[r, order], np.concatenate([keys[:, m:], values], axis=1)[r, order]
-    q = _distinct(rng, rows, m, spec.n_queries)  # keys[:, q] lead (in one or two hops) to values[:, q]
     seq = np.empty((rows, spec.seq_len), dtype=np.int64)
-    seq[:, 0:2 * n:2], seq[:, 1:2 * n:2] = firsts, seconds
-    seq[:, 2 * n::2] = spec.query_token
-    seq[:, 2 * n + 1::2] = keys[r, q]
     y = np.full_like(seq, -1)
-    y[:, 2 * n + 1::2] = values[r, q]
+    if spec.task == "recall":
+        seq[:, 0:2 * n:2], seq[:, 1:2 * n:2] = keys, values
+        q = _distinct(rng, rows, m, spec.n_queries)
+        seq[:, 2 * n::2] = spec.query_token
+        seq[:, 2 * n + 1::2] = keys[r, q]
+        y[:, 2 * n + 1::2] = values[r, q]
+        return torch.from_numpy(seq), torch.from_numpy(y)
+    # Chains a -> b -> v: pair i is (keys[i], seconds[i]); pairs [0, m) are the links a -> b, [m, n) the b -> v.
+    seconds = np.concatenate([keys[:, m:], values], axis=1)
+    order = _distinct(rng, rows, n, n)  # shuffle the pairs, so a link may come before or after its target
+    seq[:, 0:2 * n:2], seq[:, 1:2 * n:2] = keys[r, order], seconds[r, order]
+    q = _distinct(rng, rows, m, spec.n_queries)  # keys[:, q] lead in two hops to values[:, q]
+    links = _distinct(rng, rows, n, spec.n_links)  # one hop: keys[:, l] -> seconds[:, l]
+    markers = np.concatenate([np.full(q.shape, spec.query_token), np.full(links.shape, spec.link_token)], axis=1)
+    asked = np.concatenate([keys[r, q], keys[r, links]], axis=1)
+    answers = np.concatenate([values[r, q], seconds[r, links]], axis=1)
+    mix = _distinct(rng, rows, markers.shape[1], markers.shape[1])  # the two kinds in a random order
+    seq[:, 2 * n::2], seq[:, 2 * n + 1::2] = markers[r, mix], asked[r, mix]
+    y[:, 2 * n + 1::2] = answers[r, mix]
     return torch.from_numpy(seq), torch.from_numpy(y)
 
 
@@ -186,25 +248,37 @@ def train_probe_model(spec: RecallSpec, pattern: str, preset: str, *, seed: int,
     return model.eval(), sum(tail) / len(tail)
 
 
+def _hits(logits: torch.Tensor, y: torch.Tensor, at: torch.Tensor) -> tuple[int, int, float, int]:
+    """Correct answers, correct first answers (per row), summed loss and answers, over the positions ``at``."""
+    if not bool(at.any()):
+        return 0, 0, 0.0, 0
+    hit = (logits.argmax(-1) == y) & at
+    first = hit.gather(1, at.int().argmax(1, keepdim=True))  # each row's first position in ``at``
+    loss = float(F.cross_entropy(logits[at], y[at], reduction="sum"))
+    return int(hit.sum()), int(first.sum()), loss, int(at.sum())
+
+
 @torch.inference_mode()
 def probe_accuracy(model: GPT, spec: RecallSpec, examples: int, batch_size: int = 500) -> dict:
-    """Accuracy and loss over the answer positions of ``examples`` held-out sequences (the same set for every
-    model); ``first_query_accuracy`` counts only each sequence's first query, the single-query version."""
+    """Accuracy and loss over the scored answers of ``examples`` held-out sequences (the same set for every
+    model); ``first_query_accuracy`` counts only each sequence's first scored query, the single-query version.
+    A two-hop sequence with one-hop queries mixed in adds ``link_accuracy``: those answered, apart."""
     device = next(model.parameters()).device
-    correct, first, loss_sum, answers = 0, 0, 0.0, 0
+    totals = {"query": [0, 0, 0.0, 0], "link": [0, 0, 0.0, 0]}
     with evaluating(model) as model:
         for i, start in enumerate(range(0, examples, batch_size)):
             x, y = recall_batch(spec, min(batch_size, examples - start), EVAL_SEED, i, stream=EVAL_STREAM)
-            at = y[0] >= 0  # the answer positions are the same in every row
-            logits = model(x.to(device))[:, at].float()
-            target = y[:, at].to(device)
-            hit = logits.argmax(-1) == target
-            correct += int(hit.sum())
-            first += int(hit[:, 0].sum())
-            loss_sum += float(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
-            answers += target.numel()
-    return {"accuracy": correct / answers, "first_query_accuracy": first / examples,
-            "answer_loss": loss_sum / answers, "examples": examples, "answers": answers}
+            logits = model(x.to(device)).float().cpu()
+            marker = torch.cat([torch.full_like(x[:, :1], -1), x[:, :-1]], dim=1)  # the token before each position
+            for kind, token in (("query", spec.query_token), ("link", spec.link_token)):
+                for j, v in enumerate(_hits(logits, y, (y >= 0) & (marker == token))):
+                    totals[kind][j] += v
+    correct, first, loss_sum, answers = totals["query"]
+    out = {"accuracy": correct / answers, "first_query_accuracy": first / examples,
+           "answer_loss": loss_sum / answers, "examples": examples, "answers": answers}
+    if totals["link"][3]:
+        out["link_accuracy"] = totals["link"][0] / totals["link"][3]
+    return out
 
 
 @torch.inference_mode()
@@ -305,46 +379,27 @@ def position_losses(checkpoints: dict[str, Path], max_tokens: int, device="cpu",
     return {"max_tokens": max_tokens, "models": models, "baseline": base, "gaps": gaps}
 
 
-def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str = "cpu", seeds=(1, 2, 3),
-              steps: int | None = None, task: str | None = None, checkpoints=None, device="cpu", log=print,
-              progress: bool = True) -> dict:
-    """Train every pattern on the recall probe, measure loss by position of the checkpoints, write
-    probe.json, probe.md and the PNGs into ``out_dir`` (default ``run_dir/probe``), return the results.
+def _spec(settings: dict, task: str) -> RecallSpec:
+    return RecallSpec(task, settings["n_pairs"], settings["n_keys"], settings["n_values"], settings["n_queries"],
+                      settings.get("n_links", 0)).validate()
 
-    ``checkpoints``: paths (or {label: path}); by default ``run_dir/pretrain-{standard,hybrid}`` where present.
-    """
-    run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "probe"
-    check_replaceable(out, PROBE_FILES, "probe output")  # before the work, not after it
-    if preset not in PROBE_SETTINGS:
-        raise HybridGPTError(f"unknown preset {preset!r}; choose one of {', '.join(PROBE_SETTINGS)}")
-    settings = dict(PROBE_SETTINGS[preset])
-    if steps is not None:
-        if steps < 1:
-            raise HybridGPTError(f"steps must be at least 1, got {steps}")
-        settings["steps"] = steps
-    if task is not None:
-        settings["task"] = task
-    patterns = [parse_layers(p) for p in patterns if p.strip()]  # a bad letter fails now, before any training
-    if not patterns:
-        raise HybridGPTError("patterns is empty; give layer patterns such as AAAA,AAMM")
-    seeds = list(seeds)
-    if not seeds:
-        raise HybridGPTError("seeds is empty; give at least one seed")
-    spec = RecallSpec(settings["task"], settings["n_pairs"], settings["n_keys"], settings["n_values"],
-                      settings["n_queries"]).validate()
-    if checkpoints is None:
-        checkpoints = _default_checkpoints(run_dir)
-    elif not isinstance(checkpoints, dict):
-        labelled = {}
-        for c in map(Path, checkpoints):
-            labelled[_label(c) if _label(c) not in labelled else str(c)] = c
-        checkpoints = labelled
-    for path in checkpoints.values():
-        resolve(path)  # a missing checkpoint is an error now, not after minutes of training
-    device = resolve_device(device) if isinstance(device, str) else device
+
+def learned_threshold(in_context_chance: float) -> float:
+    """The accuracy at which one seed counts as having learned a task: LEARNED_FRACTION of the way from
+    guessing a value in context (the plateau every pattern reaches without a lookup) to perfect."""
+    return in_context_chance + LEARNED_FRACTION * (1.0 - in_context_chance)
+
+
+def judge_seeds(accuracies: list[float], in_context_chance: float) -> str:
+    """One of JUDGEMENTS: every seed at or over learned_threshold, none of them, or some but not all."""
+    learned = sum(a >= learned_threshold(in_context_chance) for a in accuracies)
+    return JUDGEMENTS[0] if learned == len(accuracies) else JUDGEMENTS[1] if learned == 0 else JUDGEMENTS[2]
+
+
+def _probe_task(spec: RecallSpec, settings: dict, patterns: list[str], seeds: list[int], preset: str, device,
+                log, progress: bool) -> dict:
+    """Train and score every pattern x seed on one task; the task's block of probe.json."""
     preset_values = get_preset(preset)
-
     log(f"probe: {spec.task} with {spec.n_pairs} pairs (vocab {spec.vocab_size}, length {spec.seq_len}), "
         f"{settings['steps']} steps x {settings['batch_size']} per pattern; chance {spec.chance:.3f}, "
         f"guessing a value in context {spec.in_context_chance:.3f}")
@@ -358,19 +413,73 @@ def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str =
                                                   device=device, progress=progress)
             ev = probe_accuracy(model, spec, settings["eval_examples"])
             runs.append({"seed": seed, **ev, "train_loss": train_loss, "seconds": time.time() - t0})
-            log(f"probe {pattern} seed {seed}: accuracy {ev['accuracy']:.3f} (chance {spec.chance:.3f}) "
+            log(f"probe {spec.task} {pattern} seed {seed}: accuracy {ev['accuracy']:.3f} (chance {spec.chance:.3f}) "
                 f"in {runs[-1]['seconds']:.0f}s")
+        accuracies = [r["accuracy"] for r in runs]
         results.append({"pattern": pattern, "attention_layers": pattern.count("A"), "params": model.num_params(),
-                        "accuracy": mean_ci([r["accuracy"] for r in runs]), "runs": runs})
+                        "accuracy": mean_ci(accuracies), "runs": runs,
+                        "seeds_learned": sum(a >= learned_threshold(spec.in_context_chance) for a in accuracies),
+                        "judgement": judge_seeds(accuracies, spec.in_context_chance)})
+    return {"task": spec.task,
+            "settings": {"preset": preset, "task": spec.task, **settings, "seeds": seeds, "eval_seed": EVAL_SEED,
+                         "n_embd": preset_values["n_embd"], "n_head": preset_values["n_head"],
+                         "spec": asdict(spec), "vocab_size": spec.vocab_size, "seq_len": spec.seq_len},
+            "chance": spec.chance, "in_context_chance": spec.in_context_chance,
+            "learned_threshold": learned_threshold(spec.in_context_chance), "patterns": results}
 
-    positions = position_losses(checkpoints, settings["position_tokens"], device, log) if checkpoints else None
+
+def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str = "cpu", seeds=(1, 2, 3),
+              steps: int | None = None, task: str = "both", checkpoints=None, device="cpu", log=print,
+              progress: bool = True) -> dict:
+    """Train every pattern on the recall probe(s), measure loss by position of the checkpoints, write
+    probe.json, probe.md and the PNGs into ``out_dir`` (default ``run_dir/probe``), return the results.
+
+    ``task``: "recall", "two-hop" or "both" (recall first). ``steps`` replaces every task's step count.
+    ``checkpoints``: paths (or {label: path}); by default ``run_dir/pretrain-{standard,hybrid}`` where present.
+    probe.json: ``tasks`` maps each task run to its block (settings, chance, in_context_chance,
+    learned_threshold, patterns with accuracy, runs, seeds_learned and judgement); the top-level ``settings``,
+    ``chance``, ``in_context_chance`` and ``patterns`` repeat the first task's, as before there were two.
+    """
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "probe"
+    check_replaceable(out, PROBE_FILES, "probe output")  # before the work, not after it
+    if preset not in PROBE_SETTINGS:
+        raise HybridGPTError(f"unknown preset {preset!r}; choose one of {', '.join(PROBE_SETTINGS)}")
+    if task not in TASK_CHOICES:
+        raise HybridGPTError(f"unknown probe task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
+    if steps is not None and steps < 1:
+        raise HybridGPTError(f"steps must be at least 1, got {steps}")
+    tasks = TASKS if task == "both" else (task,)
+    settings = {t: {**PROBE_SETTINGS[preset][t], **({"steps": steps} if steps is not None else {})} for t in tasks}
+    specs = {t: _spec(settings[t], t) for t in tasks}
+    patterns = [parse_layers(p) for p in patterns if p.strip()]  # a bad letter fails now, before any training
+    if not patterns:
+        raise HybridGPTError("patterns is empty; give layer patterns such as AAAA,AAMM")
+    seeds = list(seeds)
+    if not seeds:
+        raise HybridGPTError("seeds is empty; give at least one seed")
+    if checkpoints is None:
+        checkpoints = _default_checkpoints(run_dir)
+    elif not isinstance(checkpoints, dict):
+        labelled = {}
+        for c in map(Path, checkpoints):
+            labelled[_label(c) if _label(c) not in labelled else str(c)] = c
+        checkpoints = labelled
+    for path in checkpoints.values():
+        resolve(path)  # a missing checkpoint is an error now, not after minutes of training
+    device = resolve_device(device) if isinstance(device, str) else device
+
+    blocks = {t: _probe_task(specs[t], settings[t], patterns, seeds, preset, device, log, progress) for t in tasks}
+    position_tokens = PROBE_POSITION_TOKENS[preset]
+    positions = position_losses(checkpoints, position_tokens, device, log) if checkpoints else None
+    first = blocks[tasks[0]]
     result = {
-        "settings": {"preset": preset, **settings, "seeds": seeds, "eval_seed": EVAL_SEED,
-                     "n_embd": preset_values["n_embd"], "n_head": preset_values["n_head"],
-                     "spec": asdict(spec), "vocab_size": spec.vocab_size, "seq_len": spec.seq_len},
-        "chance": spec.chance,
-        "in_context_chance": spec.in_context_chance,
-        "patterns": results,
+        "settings": {**first["settings"], "tasks": list(tasks), "position_tokens": position_tokens,
+                     "learned_fraction": LEARNED_FRACTION},
+        "chance": first["chance"],
+        "in_context_chance": first["in_context_chance"],
+        "patterns": first["patterns"],
+        "tasks": blocks,
         "position_loss": positions,
         "plots": {},
     }
@@ -385,26 +494,32 @@ def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str =
 
 
 def plot_accuracy(result: dict, out: Path) -> str:
+    """One panel per task: mean accuracy (95% interval over seeds), each seed, chance and the learned threshold."""
 
     def draw(plt):
-        rows = result["patterns"]
-        fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 4))
-        xs = range(len(rows))
-        means = [r["accuracy"]["mean"] for r in rows]
-        err = [[m - (r["accuracy"]["ci95"] or [m, m])[0] for m, r in zip(means, rows)],
-               [(r["accuracy"]["ci95"] or [m, m])[1] - m for m, r in zip(means, rows)]]
-        ax.bar(xs, means, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
-        for x, r in zip(xs, rows):
-            ax.plot([x] * len(r["runs"]), [s["accuracy"] for s in r["runs"]], "k.", alpha=0.6)
-        ax.axhline(result["chance"], color="tab:red", ls="--", label=f"chance ({result['chance']:.3f})")
-        ax.axhline(result["in_context_chance"], color="tab:gray", ls=":",
-                   label=f"guess a value in context ({result['in_context_chance']:.3f})")
-        ax.set_xticks(list(xs), [r["pattern"] for r in rows])
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("held-out accuracy")
-        ax.set_title(f"{result['settings']['task']} probe, {result['settings']['steps']} steps per pattern")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        blocks = list(result["tasks"].values())
+        rows0 = blocks[0]["patterns"]
+        fig, axes = plt.subplots(1, len(blocks), figsize=(len(blocks) * (1.2 * len(rows0) + 3), 4), squeeze=False)
+        for ax, block in zip(axes[0], blocks):
+            rows = block["patterns"]
+            xs = range(len(rows))
+            means = [r["accuracy"]["mean"] for r in rows]
+            err = [[m - (r["accuracy"]["ci95"] or [m, m])[0] for m, r in zip(means, rows)],
+                   [(r["accuracy"]["ci95"] or [m, m])[1] - m for m, r in zip(means, rows)]]
+            ax.bar(xs, means, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
+            for x, r in zip(xs, rows):
+                ax.plot([x] * len(r["runs"]), [s["accuracy"] for s in r["runs"]], "k.", alpha=0.6)
+            ax.axhline(block["chance"], color="tab:red", ls="--", label=f"chance ({block['chance']:.3f})")
+            ax.axhline(block["in_context_chance"], color="tab:gray", ls=":",
+                       label=f"guess a value in context ({block['in_context_chance']:.3f})")
+            ax.axhline(block["learned_threshold"], color="tab:green", ls="-.", lw=0.8,
+                       label=f"learned ({block['learned_threshold']:.3f})")
+            ax.set_xticks(list(xs), [r["pattern"] for r in rows])
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("held-out accuracy")
+            ax.set_title(f"{block['task']} probe, {block['settings']['steps']} steps per pattern")
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=8)
         return fig
     return save_plot(out / "probe-accuracy.png", draw)
 
@@ -440,48 +555,72 @@ def plot_position_loss(result: dict, out: Path) -> str:
     return save_plot(out / "probe-position-loss.png", draw)
 
 
-def _above(stat: dict, level: float) -> bool:
-    """Above ``level`` by the 95% interval, or by 0.05 when a single seed gives no interval."""
-    return stat["ci95"][0] > level if stat["ci95"] else stat["mean"] > level + 0.05
+TASK_NAMES = {"recall": "associative recall (query a key, answer its value)",
+              "two-hop": "two-hop associative recall (a -> b, b -> v; query a, answer v)"}
 
 
-def _accuracy_sentences(result: dict) -> list[str]:
-    rows, chance, ctx = result["patterns"], result["chance"], result["in_context_chance"]
+def _task_description(block: dict) -> str:
+    s, spec = block["settings"], block["settings"]["spec"]
+    links = (f", with {spec['n_links']} one-hop queries (k, answer its pair's second token) mixed in and trained on "
+             "but not scored" if spec.get("n_links") else "")
+    return (f"**{block['task']}**: {TASK_NAMES[block['task']]}, {spec['n_pairs']} pairs then {spec['n_queries']} "
+            f"scored queries per sequence{links}; {spec['n_keys']} keys, {spec['n_values']} values (sequence "
+            f"length {s['seq_len']}). AdamW at lr {s['lr']:g} for {s['steps']} steps of {s['batch_size']} sequences; "
+            f"accuracy over the scored answers of {s['eval_examples']:,} held-out sequences. Chance is "
+            f"{block['chance']:.3f}; guessing among the values in the sequence gives {block['in_context_chance']:.3f}; "
+            f"a seed has learned the task at {block['learned_threshold']:.3f} or more.")
+
+
+def _judgement_sentences(block: dict) -> list[str]:
+    rows = block["patterns"]
     top = max(r["accuracy"]["mean"] for r in rows)
     best = [r["pattern"] for r in rows if f"{r['accuracy']['mean']:.3f}" == f"{top:.3f}"]
-    how = "by its 95% interval" if result["settings"]["seeds"][1:] else "by more than 0.05"
-    groups = [
-        (f"Above the guess-a-value-in-context baseline {how} (the lookup was learned)",
-         [r for r in rows if _above(r["accuracy"], ctx)]),
-        ("Above chance but not above that baseline (at most which values are present was learned)",
-         [r for r in rows if _above(r["accuracy"], chance) and not _above(r["accuracy"], ctx)]),
-        ("Not above chance", [r for r in rows if not _above(r["accuracy"], chance)]),
-    ]
-    lines = [f"Best: {', '.join(best)} at {top:.3f}."]
-    lines += [f"{label}: {', '.join(r['pattern'] for r in group)}." for label, group in groups if group]
-    if not result["settings"]["seeds"][1:]:
-        lines.append("One seed: the noise cannot be judged (run with --seeds 1,2,3).")
+    lines = [f"{block['task']}: best {', '.join(best)} at {top:.3f}."]
+    for judgement in JUDGEMENTS:
+        group = [r["pattern"] for r in rows if r["judgement"] == judgement]
+        if group:
+            lines.append(f"{block['task']}: {JUDGEMENT_TEXT[judgement]}: {', '.join(group)}.")
     return lines
 
 
+def _seeds_cell(r: dict) -> str:
+    return ", ".join(f"{x['accuracy']:.3f}" for x in r["runs"])
+
+
 def render_probe_markdown(result: dict) -> str:
-    s = result["settings"]
+    blocks = result["tasks"]
+    first = next(iter(blocks.values()))
+    s = first["settings"]
     lines = ["## Token-mixing probe", ""]
-    hops = "two-hop associative recall (a -> b, b -> v; query a, answer v)" if s["task"] == "two-hop" \
-        else "associative recall (query a key, answer its value)"
-    lines.append(f"Task: {hops}, {s['n_pairs']} pairs then {s['n_queries']} queries per sequence, {s['n_keys']} "
-                 f"keys, {s['n_values']} values (sequence length {s['seq_len']}). Each pattern: a fresh model of "
-                 f"width {s['n_embd']} ({s['n_head']} heads), AdamW at lr {s['lr']:g} for {s['steps']} steps of "
-                 f"{s['batch_size']} sequences, seeds {', '.join(map(str, s['seeds']))}; accuracy over the answers of "
-                 f"{s['eval_examples']:,} held-out sequences. Chance is {result['chance']:.3f}; guessing among the "
-                 f"values in the sequence gives {result['in_context_chance']:.3f}.")
-    lines += ["", "| pattern | attention layers | params | accuracy | chance | answer loss |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for r in result["patterns"]:
-        loss = _mean([x["answer_loss"] for x in r["runs"]])
-        lines.append(f"| {r['pattern']} | {r['attention_layers']} | {r['params']:,} | {format_ci(r['accuracy'], 3)} "
-                     f"| {result['chance']:.3f} | {loss:.3f} |")
-    lines += ["", *_accuracy_sentences(result), ""]
+    lines.append(f"Each pattern: a fresh model of width {s['n_embd']} ({s['n_head']} heads) per task and seed, seeds "
+                 f"{', '.join(map(str, s['seeds']))}.")
+    lines += ["", *[f"- {_task_description(b)}" for b in blocks.values()], ""]
+    frac = result["settings"].get("learned_fraction", LEARNED_FRACTION)
+    lines.append(f"Judgement per pattern and task, from fixed thresholds: a seed has learned the task when its "
+                 f"accuracy is at least {frac:g} of the way from guessing a value in context to 1; the pattern "
+                 f"*learns it* when every seed has, *does not learn it* when no seed has, and is *unstable* when "
+                 "its seeds disagree.")
+    header = ["pattern", "attention layers", "params"]
+    for name, b in blocks.items():
+        header += [f"{name} accuracy", f"{name} per seed", f"{name} judgement"]
+        header += [f"{name}: its one-hop queries"] if b["settings"]["spec"].get("n_links") else []
+    lines += ["", "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for i, r in enumerate(first["patterns"]):
+        cells = [r["pattern"], str(r["attention_layers"]), f"{r['params']:,}"]
+        for b in blocks.values():
+            row = b["patterns"][i]
+            cells += [format_ci(row["accuracy"], 3), _seeds_cell(row), row["judgement"]]
+            if b["settings"]["spec"].get("n_links"):
+                cells.append(f"{_mean([x['link_accuracy'] for x in row['runs']]):.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(blocks) > 1:
+        lines += ["", "Params are the first task's models; the other task's differ only by its vocabulary."]
+    lines += [""]
+    for b in blocks.values():
+        lines += _judgement_sentences(b)
+    if not s["seeds"][1:]:
+        lines.append("One seed: nothing can be unstable and the noise cannot be judged (run with --seeds 1,2,3).")
+    lines.append("")
     if "accuracy" in result["plots"]:
         lines += [f"![probe accuracy]({result['plots']['accuracy']})", ""]
 
