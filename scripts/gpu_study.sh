@@ -3,7 +3,9 @@
 #
 #   OUT=gpu-study bash scripts/gpu_study.sh                     # here, with uv
 #   HG="python3 -m hybrid_gpt" OUT=$OUT bash scripts/gpu_study.sh  # where python3 holds torch (PYTHONPATH=src)
-#   DRY_RUN=1 OUT=/tmp/study bash scripts/gpu_study.sh          # the same steps on a CPU at smoke sizes (tested)
+#   DRY_RUN=1 OUT=/tmp/study bash scripts/gpu_study.sh          # the same steps on a CPU at smoke sizes
+#   STEPS="ablate bench-long costs verdict" ...                  # some steps only (the test's dry run skips the
+#                                                                # pipeline, which tests/test_pipeline.py covers)
 #
 # 1. the `seed` preset's pipeline (standard and hybrid: pretraining, SFT, DPO, benchmark, report);
 # 2. the seed-shape ablation (AAAA, AAMM, AANN, MMAA, AA) over 3 seeds at ablate's --quick budget
@@ -26,9 +28,12 @@ mkdir -p "$OUT" "$RUN/speed"
 export PYTHONUNBUFFERED=1
 : > "$OUT/times.txt"
 
-step() {  # step NAME COMMAND...: run it and append its wall time to times.txt
+STEPS=${STEPS:-pipeline ablate bench-long costs verdict}
+
+step() {  # step NAME COMMAND...: run it (when STEPS names it) and append its wall time to times.txt
   local name=$1 t0=$SECONDS
   shift
+  [[ " $STEPS " == *" $name "* ]] || return 0
   "$@"
   echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
 }
@@ -43,16 +48,15 @@ step() {  # step NAME COMMAND...: run it and append its wall time to times.txt
     --out "$RUN/speed/$PRESET.json" | tee "$OUT/bench-long.txt"
   step costs $HG costs --layers AAAA,AAMM --preset "$PRESET" --contexts "$CONTEXTS" --batch-sizes "$BATCHES" \
     --device "$DEVICE" --json > "$OUT/costs.json"
-  $HG costs --layers AAAA,AAMM --preset "$PRESET" --contexts "$CONTEXTS" --batch-sizes "$BATCHES" \
-    --bandwidth "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["hardware"]["memory_bandwidth_bytes_per_s"] / 1e9)' "$OUT/costs.json")" \
-    --flops "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["hardware"]["matmul_flops_per_s"] / 1e9)' "$OUT/costs.json")" \
-    > "$OUT/costs.txt"
   step verdict $HG verdict --run-dir "$RUN"
 } 2>&1 | tee "$OUT/log.txt"
 
-# The results, without the checkpoints.
+# The results, without the checkpoints (those of the steps that ran).
 mkdir -p "$OUT/run/speed" "$OUT/run/ablate-quick"
-cp "$RUN"/results.json "$RUN"/report.md "$RUN"/*.png "$RUN"/hypothesis.json "$RUN"/hypothesis.md "$OUT/run/"
-cp "$RUN"/speed/*.json "$OUT/run/speed/"
-cp "$RUN"/ablate-quick/ablate.json "$RUN"/ablate-quick/ablate.md "$RUN"/ablate-quick/*.png "$OUT/run/ablate-quick/"
+for f in results.json report.md hypothesis.json hypothesis.md speed/*.json ablate-quick/ablate.json \
+         ablate-quick/ablate.md ablate-quick/*.png ./*.png; do
+  for path in "$RUN"/$f; do
+    if [[ -f $path ]]; then cp "$path" "$OUT/run/${path#"$RUN"/}"; fi
+  done
+done
 echo "results under $OUT"

@@ -123,7 +123,8 @@ def test_the_table_joins_ablation_and_probe_by_pattern():
                  "patterns": [{"pattern": "AAMM", "accuracy": mean_ci([0.9, 0.8])},
                               {"pattern": "MMMM", "accuracy": mean_ci([0.1, 0.1])}]}}}
     rows = {r["pattern"]: r for r in table(found)}
-    assert rows["AAMM"]["probe_accuracy"]["mean"] == pytest.approx(0.85) and rows["AAAA"]["probe_accuracy"] is None
+    assert rows["AAMM"]["probe_accuracy"]["recall"]["mean"] == pytest.approx(0.85)
+    assert rows["AAAA"]["probe_accuracy"] == {}
     assert rows["AAMM"]["decode_vs_standard"] == {"ratio": 1.5, "ci95": None} and rows["MMMM"]["val_bpb"] is None
     # the ablation's paired decode ratio against its first model (the standard) carries its interval
     found["ablate"]["data"]["decode"]["ratios"] = {"AAMM": {"ratio": 1.4, "ci95": [1.3, 1.5], "n": 5}}
@@ -132,6 +133,27 @@ def test_the_table_joins_ablation_and_probe_by_pattern():
     md = render_verdict_markdown({"sources": {"ablate": "ablate/ablate.json"}, "table": table(found),
                                   "sentences": sentences(found)})
     assert md.startswith("## Does the hypothesis hold?") and "| MMMM |" in md and "1.40x [1.30, 1.50]" in md
+
+
+def test_the_probe_sentences_read_every_task_and_its_judgements():
+    def entry(pattern, values, judgement):
+        return {"pattern": pattern, "accuracy": mean_ci(values), "judgement": judgement}
+
+    recall = [entry("AAAA", [1.0, 1.0, 0.271], "unstable"), entry("AAMM", [1.0, 1.0, 1.0], "learns")]
+    two_hop = [entry("AAAA", [1.0, 0.998, 0.871], "learns"), entry("AAMM", [0.3, 0.33, 0.31], "does not learn"),
+               entry("AA", [1.0, 0.9, 0.95], "learns")]
+    data = {"chance": 0.0625, "settings": {"task": "recall"}, "patterns": recall,
+            "tasks": {"recall": {"chance": 0.0625, "patterns": recall},
+                      "two-hop": {"chance": 0.0625, "patterns": two_hop}}}
+    found = {"ablate": _ablate(TIGHT, TOK), "probe": {"path": "probe/probe.json", "data": data}}
+    text = "\n".join(sentences(found))
+    assert "AAAA 0.757 (unstable: 1.000, 1.000, 0.271)" in text
+    assert "AAAA itself is unstable on it" in text
+    assert "AAAA learns it and AAMM cannot: here the deep attention does something (AA learn it too)." in text
+    rows = {r["pattern"]: r for r in table(found)}
+    assert set(rows["AAAA"]["probe_accuracy"]) == {"recall", "two-hop"} and "AA" in rows
+    md = render_verdict_markdown({"sources": {}, "table": table(found), "sentences": sentences(found)})
+    assert "| probe: recall | probe: two-hop |" in md and "| 0.313 ± 0.038 |" in md
 
 
 def test_write_verdict_needs_some_analysis(tmp_path):

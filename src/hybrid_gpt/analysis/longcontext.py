@@ -103,7 +103,9 @@ def predicted_crossing(grid: list[tuple[int, float]], level: float) -> int | Non
 def summarize(bench: dict, top: int | None = None) -> dict:
     """Per batch: the measured series, the prediction on its grid (up to ``top``, default the longest measured
     context x 4), and the crossings of each of LEVELS, measured and predicted."""
-    out = {"weights": bench.get("weights", "trained"), "batches": {}}
+    note = bench.get("weights")
+    out = {"weights": "random" if isinstance(note, str) and note.startswith("random") else "trained",
+           "weights_note": note, "batches": {}}
     for batch in sorted({r["batch"] for rows in bench.get("ratios", {}).values() for r in rows}):
         points = series(bench, batch)
         if not points:
@@ -159,6 +161,8 @@ def render_markdown(summaries: dict[str, dict], plot: str | None = None) -> str:
     if plot:
         L.append(f"![speed vs context]({plot})\n")
     for shape, s in summaries.items():
+        if s.get("weights_note"):
+            L.append(f"`{shape}`: {s['weights_note']}.\n")
         for batch, b in s["batches"].items():
             L += [f"**{shape}, batch {batch}** ({s['weights']} weights):\n",
                   "| context | measured (95% CI) | predicted |", "| --- | --- | --- |"]

@@ -60,6 +60,11 @@ def _ci_or_none(v) -> bool:
     return v is None or (isinstance(v, list) and len(v) == 2 and all(_number(x, True) for x in v))
 
 
+def _probe_patterns(d: dict) -> bool:
+    return all(isinstance(p, dict) and isinstance(p.get("pattern"), str) and _interval_of(p.get("accuracy"))
+               and isinstance(p.get("judgement", ""), str) for p in _records(d, "patterns"))
+
+
 def _records(data: dict, key: str) -> list:
     return data.get(key) if isinstance(data.get(key), list) else [None]
 
@@ -76,11 +81,12 @@ _SHAPES = {
                        and e["kv_bytes_per_token"] >= 0
                        for e in _records(d, "variants"))
                and len({len(e["val_bpb"]["values"]) for e in d["variants"]}) <= 1),
-    "probe": ("chance, settings.task, and patterns with pattern and accuracy",
+    "probe": ("chance, settings.task, and patterns with pattern and accuracy (in each of tasks too, when present)",
               lambda d: _number(d.get("chance")) and isinstance(d.get("settings"), dict)
-              and isinstance(d["settings"].get("task"), str)
-              and all(isinstance(p, dict) and isinstance(p.get("pattern"), str) and _interval_of(p.get("accuracy"))
-                      for p in _records(d, "patterns"))),
+              and isinstance(d["settings"].get("task"), str) and _probe_patterns(d)
+              and (d.get("tasks") is None or isinstance(d["tasks"], dict) and all(
+                  isinstance(t, dict) and _number(t.get("chance")) and _probe_patterns(t)
+                  for t in d["tasks"].values()))),
     "speed": ("models with layers, and ratios whose rows have context, batch and a positive decode_speedup",
               lambda d: isinstance(d.get("models"), dict) and isinstance(d.get("ratios"), dict)
               and all(isinstance(m, dict) and isinstance(m.get("layers"), str) for m in d["models"].values())
@@ -140,8 +146,13 @@ def _variants(found: dict) -> dict[str, dict]:
     return {e["spec"]: e for e in found["ablate"]["data"]["variants"]} if "ablate" in found else {}
 
 
-def _probe(found: dict) -> dict[str, dict]:
-    return {r["pattern"]: r for r in found["probe"]["data"]["patterns"]} if "probe" in found else {}
+def _probe(found: dict) -> dict[str, dict[str, dict]]:
+    """{task: {pattern: its probe entry}} (one task, the top level's, in a probe.json written before tasks)."""
+    if "probe" not in found:
+        return {}
+    data = found["probe"]["data"]
+    tasks = data.get("tasks") or {data.get("settings", {}).get("task", "probe"): data}
+    return {task: {r["pattern"]: r | {"chance": t["chance"]} for r in t["patterns"]} for task, t in tasks.items()}
 
 
 def _diff(a: dict, b: dict) -> dict:
@@ -200,7 +211,8 @@ def speed_points(found: dict) -> list[dict]:
                     "repeats": repeats if _number(repeats, True, True) else None,
                     "predicted": row.get("predicted_decode_speedup") if _number(
                         row.get("predicted_decode_speedup"), True) else None,
-                    "weights": "random" if bench.get("weights") else "trained", "source": entry["path"]}
+                    "weights": "random" if str(bench.get("weights", "")).startswith("random") else "trained",
+                    "source": entry["path"]}
     if not points and STANDARD in variants and HYBRID in variants:
         decode = found["ablate"]["data"]["decode"]
         measured = decode.get("ratios", {}).get(variants[HYBRID].get("slug", HYBRID)) if isinstance(
@@ -310,17 +322,19 @@ def table(found: dict) -> list[dict]:
     variants, probe = _variants(found), _probe(found)
     base = variants.get(STANDARD)
     rows = []
+    def accuracies(pattern: str) -> dict:
+        return {task: by[pattern]["accuracy"] for task, by in probe.items() if pattern in by}
+
     for spec, e in variants.items():
-        p = probe.get(spec)
         rows.append({"pattern": spec, "parameters": e["parameters"], "val_bpb": e["val_bpb"],
                      "bpb_vs_standard": _diff(e, base) if base else None,
-                     "probe_accuracy": p["accuracy"] if p else None, "decode_tok_s": e["decode_tok_s"],
+                     "probe_accuracy": accuracies(spec), "decode_tok_s": e["decode_tok_s"],
                      "decode_vs_standard": _decode_ratio(found, e, base),
                      "kv_bytes_per_token": e["kv_bytes_per_token"]})
-    for pattern, p in probe.items():  # probe-only patterns still get a row
+    for pattern in dict.fromkeys(p for by in probe.values() for p in by):  # probe-only patterns get a row too
         if pattern not in variants:
             rows.append({"pattern": pattern, "parameters": None, "val_bpb": None, "bpb_vs_standard": None,
-                         "probe_accuracy": p["accuracy"], "decode_tok_s": None, "decode_vs_standard": None,
+                         "probe_accuracy": accuracies(pattern), "decode_tok_s": None, "decode_vs_standard": None,
                          "kv_bytes_per_token": None})
     return rows
 
@@ -358,12 +372,27 @@ def sentences(found: dict) -> list[str]:
         d = _diff(variants["AA"], variants[HYBRID])
         verdict = ("within noise of" if _within_noise(d) else "better than" if d["mean"] < 0 else "worse than")
         out.append(f"The truncated two-block model AA is {verdict} {HYBRID} ({d['mean']:+.4f} bpb{_interval(d)}).")
-    if STANDARD in probe and HYBRID in probe:
-        a, b = probe[STANDARD]["accuracy"], probe[HYBRID]["accuracy"]
-        chance = found["probe"]["data"]["chance"]
-        out.append(f"Token-mixing probe ({found['probe']['data']['settings']['task']}): {STANDARD} "
-                   f"{a['mean']:.3f}, {HYBRID} {b['mean']:.3f} accuracy (chance {chance:.3f})"
-                   + (f"; {DROP} {probe[DROP]['accuracy']['mean']:.3f}" if DROP in probe else "") + ".")
+    for task, by in probe.items():
+        if STANDARD not in by:
+            continue
+        chance = next(iter(by.values()))["chance"]
+        cells = [f"{p} {e['accuracy']['mean']:.3f}" + (f" ({e['judgement']}: " + ", ".join(
+            f"{v:.3f}" for v in e["accuracy"]["values"]) + ")" if e.get("judgement") else "") for p, e in by.items()]
+        line = f"Token-mixing probe, {task} (chance {chance:.3f}): " + "; ".join(cells) + "."
+        judged = {p: e.get("judgement") for p, e in by.items()}
+        shallow = [p for p in by if p != STANDARD and judged[p]]
+        if judged[STANDARD] == "learns" and shallow:
+            lost = [p for p in shallow if judged[p] == "does not learn"]
+            kept = [p for p in shallow if judged[p] == "learns"]
+            if lost:
+                line += f" {STANDARD} learns it and {', '.join(lost)} cannot: here the deep attention does something"
+                line += f" ({', '.join(kept)} learn it too)." if kept else "."
+            elif len(kept) == len(shallow):
+                line += f" Every pattern learns it: {task} does not need the deep attention at this size."
+        elif judged[STANDARD] and judged[STANDARD] != "learns":
+            line += f" {STANDARD} itself {judged[STANDARD] if judged[STANDARD] == 'does not learn' else 'is unstable'}"
+            line += " on it, so it cannot show what the other patterns lose."
+        out.append(line)
     if "importance" in found:
         rec = found["importance"]["data"]["recommendation"]
         out.append(f"Layer importance of the trained standard model recommends {rec['pattern']}"
@@ -397,6 +426,7 @@ def sentences(found: dict) -> list[str]:
 
 def render_verdict_markdown(result: dict) -> str:
     ctx = result.get("per_context")
+    tasks = list(dict.fromkeys(t for r in result["table"] for t in r["probe_accuracy"]))
     L = ["## Does the hypothesis hold?\n"]
     if ctx:
         L.append(f"**The hypothesis {ctx['answer']['text']}.**\n")
@@ -406,8 +436,8 @@ def render_verdict_markdown(result: dict) -> str:
           f"the MLP matters = {HYBRID} measurably better than {DROP}. Each is judged holds, does not hold, or "
           "cannot be told (the interval straddles the criterion, or there is none). Sources: "
           + ", ".join(f"`{v}`" for v in result["sources"].values()) + ".\n",
-          "| pattern | parameters | val bpb | vs AAAA | probe accuracy | decode tok/s | vs AAAA | KV B/token |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| pattern | parameters | val bpb | vs AAAA | " + "".join(f"probe: {t} | " for t in tasks)
+          + "decode tok/s | vs AAAA | KV B/token |", "| --- " * (7 + len(tasks)) + "|"]
 
     def num(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
@@ -415,7 +445,7 @@ def render_verdict_markdown(result: dict) -> str:
     for r in result["table"]:
         d = r["bpb_vs_standard"]
         cells = [r["pattern"], num(r["parameters"], ","), format_ci(r["val_bpb"]), num(d and d["mean"], "+.4f"),
-                 format_ci(r["probe_accuracy"], 3), num(r["decode_tok_s"], ",.0f"),
+                 *(format_ci(r["probe_accuracy"].get(t), 3) for t in tasks), num(r["decode_tok_s"], ",.0f"),
                  format_ratio(r["decode_vs_standard"]),
                  num(r["kv_bytes_per_token"], ",")]
         L.append("| " + " | ".join(cells) + " |")
