@@ -4,7 +4,6 @@ from hybrid_gpt.analysis.longcontext import (
     measured_crossing,
     pair_names,
     plot_speed_context,
-    predicted_crossing,
     render_markdown,
     series,
     summarize,
@@ -41,13 +40,6 @@ def test_measured_crossings_interpolate_in_log_context_and_need_the_whole_interv
     assert measured_crossing(dip, 1.5)["clears_from"] is None
 
 
-def test_predicted_crossing_is_where_the_prediction_stays_above():
-    grid = [(64, 1.1), (128, 1.3), (256, 1.2), (512, 1.4), (1024, 1.6)]
-    assert predicted_crossing(grid, 1.25) == 512
-    assert predicted_crossing(grid, 1.5) == 1024
-    assert predicted_crossing(grid, 2.0) is None
-
-
 def test_summary_plot_and_table_without_configs(tmp_path):
     b = _bench({256: (1.0, [0.9, 1.1]), 4096: (1.6, [1.5, 1.7])})
     s = summarize(b)
@@ -60,7 +52,7 @@ def test_summary_plot_and_table_without_configs(tmp_path):
 
 
 def test_prediction_from_the_models_configs(tmp_path):
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from hybrid_gpt.model.gpt import GPTConfig
 
@@ -73,3 +65,13 @@ def test_prediction_from_the_models_configs(tmp_path):
     assert grid[0]["context"] == 64 and grid[-1]["context"] == 4 * 4096
     ratios = [p["predicted"] for p in grid]
     assert all(1.0 <= r for r in ratios) and ratios[-1] > ratios[0]  # the gain grows with the context
+    # the predicted crossing is the cost model's, exact to the token, and the grid agrees with it
+    from hybrid_gpt.infer.costs import first_context_reaching
+
+    crossing = summarize(b)["batches"]["1"]["crossings"]["1.25"]["predicted"]
+    standard, hybrid = (GPTConfig(**b["models"][n]["config"]) for n in ("standard", "AAMM"))
+    standard, hybrid = (replace(c, block_size=4 * 4096) for c in (standard, hybrid))
+    assert crossing == first_context_reaching(standard, hybrid, 1.25, limit=4 * 4096, batch=1,
+                                              hardware=b["hardware"])
+    assert all(p["predicted"] < 1.25 for p in grid if p["context"] < crossing)
+    assert all(p["predicted"] >= 1.25 for p in grid if p["context"] >= crossing)

@@ -73,31 +73,43 @@ def _configs(bench: dict):
     return tuple(GPTConfig(**bench["models"][n]["config"]) for n in names)
 
 
+def _prediction_inputs(bench: dict, top: int):
+    """(standard config, hybrid config, dtype, hardware) for the cost model, the configs' context raised to
+    ``top`` (costs need no weights); None when the result lacks the models' configs or its hardware."""
+    from dataclasses import replace
+
+    cfgs, hw = _configs(bench), bench.get("hardware")
+    if cfgs is None or not isinstance(hw, dict):
+        return None
+    hybrid, standard = (replace(c, block_size=max(c.block_size, top)) for c in cfgs)
+    return standard, hybrid, bench["models"][pair_names(bench)[1]].get("dtype", "float32"), hw
+
+
 def prediction(bench: dict, batch: int, top: int) -> list[tuple[int, float]]:
     """The cost model's hybrid/standard decode speedup on a fine grid of contexts up to ``top``, with the
     bench's measured hardware: [(context, speedup)], empty when the result lacks the models' configs."""
-    cfgs, hw = _configs(bench), bench.get("hardware")
-    if cfgs is None or not isinstance(hw, dict):
+    inputs = _prediction_inputs(bench, top)
+    if inputs is None:
         return []
-    from dataclasses import replace
-
     from hybrid_gpt.infer.costs import predicted_speedup
 
-    # costs need no weights: the prediction may go past the benchmarked models' context
-    hybrid, standard = (replace(c, block_size=max(c.block_size, top)) for c in cfgs)
-    dtype = bench["models"][pair_names(bench)[1]].get("dtype", "float32")
+    standard, hybrid, dtype, hw = inputs
     grid = sorted({round(2 ** (k / STEPS_PER_OCTAVE)) for k in range(6 * STEPS_PER_OCTAVE,
                                                                      int(math.log2(top) * STEPS_PER_OCTAVE) + 1)})
     return [(c, predicted_speedup(standard, hybrid, context=c, batch=batch, dtype=dtype, hardware=hw))
             for c in grid]
 
 
-def predicted_crossing(grid: list[tuple[int, float]], level: float) -> int | None:
-    """The first context of the prediction's grid from which the predicted speedup stays at or above ``level``."""
-    first = None
-    for c, r in grid:
-        first = (first or c) if r >= level else None
-    return first
+def predicted_crossing(bench: dict, batch: int, level: float, top: int) -> int | None:
+    """The shortest context (up to ``top``) at which the cost model predicts ``level``: costs'
+    first_context_reaching, exact to the token; None without configs or when it is not reached."""
+    inputs = _prediction_inputs(bench, top)
+    if inputs is None:
+        return None
+    from hybrid_gpt.infer.costs import first_context_reaching
+
+    standard, hybrid, dtype, hw = inputs
+    return first_context_reaching(standard, hybrid, level, limit=top, batch=batch, dtype=dtype, hardware=hw)
 
 
 def summarize(bench: dict, top: int | None = None) -> dict:
@@ -110,11 +122,12 @@ def summarize(bench: dict, top: int | None = None) -> dict:
         points = series(bench, batch)
         if not points:
             continue
-        grid = prediction(bench, batch, top or 4 * points[-1]["context"])
+        limit = top or 4 * points[-1]["context"]
+        grid = prediction(bench, batch, limit)
         out["batches"][str(batch)] = {
             "series": points, "prediction": [{"context": c, "predicted": r} for c, r in grid],
             "crossings": {f"{level:g}": measured_crossing(points, level) | {"predicted": predicted_crossing(
-                grid, level)} for level in LEVELS}}
+                bench, batch, level, limit)} for level in LEVELS}}
     return out
 
 
