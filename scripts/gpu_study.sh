@@ -19,7 +19,7 @@ set -euo pipefail
 OUT=${OUT:-gpu-study}
 HG=${HG:-uv run hybrid-gpt}
 if [[ ${DRY_RUN:-0} == 1 ]]; then
-  PRESET=smoke DEVICE=cpu SEEDS=1,2 CONTEXTS=16,32 BLOCK=32 BATCHES=1,2 REPEATS=2
+  PRESET=smoke DEVICE=cpu SEEDS=1,2 CONTEXTS=32,64 BLOCK=64 BATCHES=1,2 REPEATS=2
 else
   PRESET=seed DEVICE=cuda SEEDS=1,2,3 CONTEXTS=256,1024,4096,16384 BLOCK=16384 BATCHES=1,8 REPEATS=5
 fi
@@ -35,7 +35,7 @@ step() {  # step NAME COMMAND...: run it (when STEPS names it) and append its wa
   shift
   [[ " $STEPS " == *" $name "* ]] || return 0
   "$@"
-  echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
+  echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt" >&2  # stderr: a step's stdout may be its result
 }
 
 {

@@ -23,12 +23,12 @@ def test_gpu_study_dry_run_on_cpu(smoke_run, tmp_path):
     steps = [line.split(":")[0] for line in (out / "times.txt").read_text().splitlines()]
     assert steps == ["ablate", "bench-long", "costs", "verdict"]
     costs = json.loads((out / "costs.json").read_text())
-    assert costs["contexts"] == [16, 32] and costs["hardware"]["memory_bandwidth_bytes_per_s"] > 0
+    assert costs["contexts"] == [32, 64] and costs["hardware"]["memory_bandwidth_bytes_per_s"] > 0
     bench = json.loads((out / "run" / "speed" / "smoke.json").read_text())
     assert bench["weights"].startswith("random") and set(bench["models"]) == {"AAAA", "AAMM"}
     verdict = json.loads((out / "run" / "hypothesis.json").read_text())
     ctx = verdict["per_context"]
-    assert [r["context"] for r in ctx["rows"]] == [16, 32] and all(r["weights"] == "random" for r in ctx["rows"])
+    assert [r["context"] for r in ctx["rows"]] == [32, 64] and all(r["weights"] == "random" for r in ctx["rows"])
     assert ctx["answer"]["state"] in ("holds", "does not hold", "cannot be told")
     assert (out / "run" / "speed-context.png").is_file() and (out / "run" / "ablate-quick" / "ablate.md").is_file()
     assert "Decode speed against context" in (out / "run" / "hypothesis.md").read_text()
