@@ -342,6 +342,11 @@ def test_ratios_of_a_constructed_result_pair_every_figure():
     assert r["prefill_speedup"] == pytest.approx(2.0) and r["prefill_speedup_ci95"] == pytest.approx([2.0, 2.0])
     # a repeat without a figure (None) drops out of the pairs, leaving one: the ratio without an interval
     assert r["decode_speedup"] == pytest.approx(3.0) and r["decode_speedup_ci95"] is None
+    assert "predicted_decode_speedup" not in r  # no hardware limits in this result
+    # with each row's roofline limit, the row carries the cost model's ratio beside the measured one
+    results["models"]["standard"]["rows"][0]["decode_limit_tok_s"] = 100.0
+    results["models"]["hybrid"]["rows"][0]["decode_limit_tok_s"] = 150.0
+    assert bench._ratios(results)["hybrid/standard"][0]["predicted_decode_speedup"] == pytest.approx(1.5)
 
 
 def test_naive_decode_is_skipped_above_its_context_limit():

@@ -619,7 +619,8 @@ def _ratios(results: dict) -> dict:
                 r = _ratio_row(rb, ro)
                 r["kv_cache_ratio"] = (ro["kv_cache_bytes"] / rb["kv_cache_bytes"]) if rb["kv_cache_bytes"] else None
                 # the cost model's roofline ratio on the hardware measured in this run, beside the measured one
-                r["predicted_decode_speedup"] = ro["decode_limit_tok_s"] / rb["decode_limit_tok_s"]
+                if "decode_limit_tok_s" in rb and "decode_limit_tok_s" in ro:
+                    r["predicted_decode_speedup"] = ro["decode_limit_tok_s"] / rb["decode_limit_tok_s"]
                 rows.append(r)
             out[f"{other}/{base}"] = rows
     # Each entry against itself without one change: what compiling buys, then what a lower precision buys.
