@@ -147,20 +147,20 @@ def test_power_lines_from_constructed_numbers():
         return {"spec": spec, "layers": spec, "val_bpb": mean_ci(values)}
 
     base = [2.00, 2.02, 1.98]
-    diffs = [0.010, 0.030, 0.020]  # AAMM - AAAA per seed: sd 0.01, half-width 4.303 * 0.01 / sqrt(3) = 0.0248
+    diffs = [0.005, 0.015, 0.010]  # AAMM - AAAA per seed: sd 0.005, half-width 4.303 * 0.005 / sqrt(3) = 0.0124
     result = {"variants": [variant("AAAA", base), variant("AAMM", [b + d for b, d in zip(base, diffs)]),
                            variant("AA", [2.3, 2.3001, 2.2999])]}
     power = {(p["other"], p["base"]): p for p in power_lines(result)}
     assert set(power) == {("AAMM", "AAAA"), ("AA", "AAMM")}  # only questions with both patterns present
     p = power[("AAMM", "AAAA")]
-    assert p["difference"]["mean"] == pytest.approx(0.02)
-    assert p["half_width"] == pytest.approx(4.303 * 0.01 / 3 ** 0.5)
+    assert p["difference"]["mean"] == pytest.approx(0.01)
+    assert p["half_width"] == pytest.approx(4.303 * 0.005 / 3 ** 0.5)
     assert p["tolerance"] == pytest.approx(QUALITY_TOLERANCE * 2.0)  # 0.02
-    assert not p["resolved"]
-    # the fewest n with t(n-1) * 0.01 / sqrt(n) <= 0.02: n = 4 gives 3.182 * 0.005 = 0.0159; n = 3 gives 0.0248
+    assert not p["decided"]  # [-0.0024, +0.0224] straddles 0.02, the verdict's "cannot be told"
+    # the fewest n with t(n-1) * 0.005 / sqrt(n) <= 0.02 - 0.01: n = 4 gives 0.0080; n = 3 gives 0.0124
     assert p["seeds_needed"] == 4
     table = "\n".join(power_table(list(power.values()), 3))
-    assert "| AAMM - AAAA | +0.0200 ± 0.0248 | 0.0248 | 0.0200 | no | 4 |" in table
+    assert "| AAMM - AAAA | +0.0100 ± 0.0124 | 0.0124 | 0.0200 | no | 4 |" in table
     one = power_lines({"variants": [variant("AAAA", [2.0]), variant("AAMM", [2.1])]})[0]
-    assert one["half_width"] is None and one["seeds_needed"] is None and not one["resolved"]
+    assert one["half_width"] is None and one["seeds_needed"] is None and not one["decided"]
     assert "unknown (one seed has no spread)" in "\n".join(power_table([one], 1))

@@ -224,8 +224,9 @@ def learning_curves(runs: dict[str, dict[int, Path]]) -> dict:
 
 def power_lines(result: dict) -> list[dict]:
     """For each question of :data:`QUESTIONS` whose two patterns were run: other - base bits per byte paired by
-    seed, the half-width of its 95% interval now, the tolerance it must resolve (the verdict's QUALITY_TOLERANCE
-    of the base's mean bpb) and how many seeds would make the half-width that small at the spread seen."""
+    seed, the half-width of its 95% interval now, the tolerance (the verdict's QUALITY_TOLERANCE of the base's mean
+    bpb), whether the interval is decided (wholly below or above the tolerance, the verdict's rule), and how many
+    seeds would decide it at the spread seen (a half-width under the distance from the mean to the tolerance)."""
     by_layers: dict[str, dict] = {}
     for e in result["variants"]:
         by_layers.setdefault(e["layers"], e)  # the first variant of a pattern, as in the sentences
@@ -238,9 +239,10 @@ def power_lines(result: dict) -> list[dict]:
         d = mean_ci(diffs)
         tolerance = QUALITY_TOLERANCE * b["val_bpb"]["mean"]
         half = (d["ci95"][1] - d["ci95"][0]) / 2 if d["ci95"] else None
+        decided = bool(d["ci95"]) and (d["ci95"][1] <= tolerance or d["ci95"][0] > tolerance)
         out.append({"other": o["spec"], "base": b["spec"], "question": question, "difference": d,
-                    "half_width": half, "tolerance": tolerance, "resolved": half is not None and half <= tolerance,
-                    "seeds_needed": seeds_needed(diffs, tolerance)})
+                    "half_width": half, "tolerance": tolerance, "decided": decided,
+                    "seeds_needed": seeds_needed(diffs, abs(d["mean"] - tolerance))})
     return out
 
 
@@ -386,16 +388,16 @@ def plot_curves(result: dict, out: Path) -> str:
 
 
 def power_table(power: list[dict], seeds: int) -> list[str]:
-    """The power lines as markdown: does the interval of each difference resolve the tolerance, and if not,
-    how many seeds would."""
-    L = ["| question | difference (bpb) | half-width now | tolerance (1% of base) | resolved | seeds needed |",
+    """The power lines as markdown: is the interval of each difference clear of the tolerance, and if not,
+    how many seeds would make it so."""
+    L = ["| question | difference (bpb) | half-width now | tolerance (1% of base) | decided | seeds to decide |",
          "| --- | --- | --- | --- | --- | --- |"]
     for p in power:
         half = "-" if p["half_width"] is None else f"{p['half_width']:.4f}"
         needed = (p["seeds_needed"] if p["seeds_needed"] is not None else
-                  "unknown (one seed has no spread)" if seeds < 2 else "over 1000")
+                  "unknown (one seed has no spread)" if seeds < 2 else "over 1000 (the mean is at the tolerance)")
         L.append(f"| {p['other']} - {p['base']} | {format_ci(p['difference'], signed=True)} | {half} | "
-                 f"{p['tolerance']:.4f} | {'yes' if p['resolved'] else 'no'} | {needed} |")
+                 f"{p['tolerance']:.4f} | {'yes' if p['decided'] else 'no'} | {needed} |")
     return L
 
 
