@@ -53,3 +53,15 @@ def test_seeds_needed_for_a_tolerance():
     assert t_quantile(n - 1) * sd / math.sqrt(n) <= 0.023 < t_quantile(n - 2) * sd / math.sqrt(n - 1)
     assert seeds_needed([0.5, 0.5], 0.01) == 2  # no spread: two seeds suffice
     assert seeds_needed([0.01], 0.01) is None
+
+
+def test_judge_interval_is_three_valued():
+    from hybrid_gpt.stats import judge_interval
+
+    assert judge_interval([0.1, 0.2], 0.3, higher_is_better=False) is True
+    assert judge_interval([0.31, 0.4], 0.3, higher_is_better=False) is False
+    assert judge_interval([0.2, 0.4], 0.3, higher_is_better=False) is None
+    assert judge_interval([1.3, 1.5], 1.25, higher_is_better=True) is True
+    assert judge_interval([1.0, 1.2], 1.25, higher_is_better=True) is False
+    assert judge_interval([1.2, 1.3], 1.25, higher_is_better=True) is None
+    assert judge_interval(None, 1.25, higher_is_better=True) is None

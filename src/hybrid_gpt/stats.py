@@ -42,6 +42,18 @@ def ratio_ci(base_times: list[float], other_times: list[float]) -> dict:
     return {"ratio": math.exp(s["mean"]), "ci95": ci, "n": s["n"], "log_ratios": logs}
 
 
+def judge_interval(ci: list | None, threshold: float, higher_is_better: bool) -> bool | None:
+    """True / False / None: the whole 95% interval on the good side of ``threshold``, on the bad side, or across
+    it (or no interval: one seed or one repeat cannot be judged). The one three-valued rule of the verdict, the
+    ablation's power line and the long-context crossings."""
+    if not ci:
+        return None
+    lo, hi = ci
+    if higher_is_better:
+        return True if lo >= threshold else False if hi < threshold else None
+    return True if hi <= threshold else False if lo > threshold else None
+
+
 def format_ratio(r: dict | None, digits: int = 2) -> str:
     """``1.23x [1.10, 1.37]`` for a :func:`ratio_ci` result (the ratio alone without an interval; "-" for none)."""
     if not r or r.get("ratio") is None:

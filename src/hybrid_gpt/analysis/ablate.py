@@ -26,7 +26,7 @@ from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, read_json, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
-from hybrid_gpt.stats import format_ci, judge_pair, mean_ci, seeds_needed
+from hybrid_gpt.stats import format_ci, judge_interval, judge_pair, mean_ci, seeds_needed
 
 DEFAULT_VARIANTS = ("AAAA", "AAMM", "AANN", "MMAA", "AA", "AAMM:matched")
 QUICK_STEPS = {"smoke": 10, "cpu": 150, "seed": 1000}  # --quick: 3 seeds x 6 variants well inside 20 min on cpu
@@ -239,7 +239,7 @@ def power_lines(result: dict) -> list[dict]:
         d = mean_ci(diffs)
         tolerance = QUALITY_TOLERANCE * b["val_bpb"]["mean"]
         half = (d["ci95"][1] - d["ci95"][0]) / 2 if d["ci95"] else None
-        decided = bool(d["ci95"]) and (d["ci95"][1] <= tolerance or d["ci95"][0] > tolerance)
+        decided = judge_interval(d["ci95"], tolerance, higher_is_better=False) is not None
         out.append({"other": o["spec"], "base": b["spec"], "question": question, "difference": d,
                     "half_width": half, "tolerance": tolerance, "decided": decided,
                     "seeds_needed": seeds_needed(diffs, abs(d["mean"] - tolerance))})

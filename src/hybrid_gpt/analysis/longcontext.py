@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from hybrid_gpt.analysis.plots import save_plot
+from hybrid_gpt.stats import format_ratio, judge_interval
 
 STANDARD, HYBRID = "AAAA", "AAMM"
 LEVELS = (1.25, 1.5)
@@ -58,7 +59,7 @@ def measured_crossing(points: list[dict], level: float) -> dict:
             break
     clears = None
     for p in reversed(points):
-        if not (p["ci95"] and p["ci95"][0] >= level):
+        if judge_interval(p["ci95"], level, higher_is_better=True) is not True:
             break
         clears = p["context"]
     return {"estimate": estimate, "clears_from": clears}
@@ -168,8 +169,6 @@ def plot_speed_context(summaries: dict[str, dict], path: Path) -> str:
 
 def render_markdown(summaries: dict[str, dict], plot: str | None = None) -> str:
     """A table per shape and batch of measured (95% CI) and predicted speedups, and the crossing contexts."""
-    from hybrid_gpt.stats import format_ratio
-
     L = ["## Decode speed against context\n"]
     if plot:
         L.append(f"![speed vs context]({plot})\n")

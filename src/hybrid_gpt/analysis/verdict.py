@@ -28,7 +28,7 @@ from pathlib import Path
 from hybrid_gpt.analysis.longcontext import pair_names, plot_speed_context, render_markdown, summarize
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import JSON_LIMIT, read_json, read_text, write_json, write_text
-from hybrid_gpt.stats import format_ci, format_ratio, mean_ci, sample_size, seeds_needed, t_quantile
+from hybrid_gpt.stats import format_ci, format_ratio, judge_interval, mean_ci, sample_size, seeds_needed, t_quantile
 
 QUALITY_TOLERANCE = 0.01  # 1% of the standard model's bits per byte
 SPEED_GAIN = 1.25
@@ -168,17 +168,6 @@ def _within_noise(d: dict) -> bool:
     return bool(d["ci95"]) and d["ci95"][0] <= 0 <= d["ci95"][1]
 
 
-def _judge(ci: list | None, threshold: float, higher_is_better: bool) -> bool | None:
-    """True / False / None: the whole interval on the good side of ``threshold``, on the bad side, or across it
-    (or no interval: one seed or one repeat cannot be judged)."""
-    if not ci:
-        return None
-    lo, hi = ci
-    if higher_is_better:
-        return True if lo >= threshold else False if hi < threshold else None
-    return True if hi <= threshold else False if lo > threshold else None
-
-
 def _same_shape(found: dict, bench: dict, standard: str, params: int | None) -> bool:
     """Whether a benchmark measured models of the ablation's shape: the same preset for random-weight models of a
     shape (their position table follows the benchmark's context), else the standard's parameter count."""
@@ -245,10 +234,10 @@ def per_context(found: dict) -> dict | None:
     s, h = variants[STANDARD], variants[HYBRID]
     d = _diff(h, s)
     tol = QUALITY_TOLERANCE * s["val_bpb"]["mean"]
-    quality = _judge(d["ci95"], tol, higher_is_better=False)
+    quality = judge_interval(d["ci95"], tol, higher_is_better=False)
     rows = []
     for p in speed_points(found):
-        speed = _judge(p["ci95"], SPEED_GAIN, higher_is_better=True)
+        speed = judge_interval(p["ci95"], SPEED_GAIN, higher_is_better=True)
         state = False if False in (quality, speed) else True if quality and speed else None
         rows.append(p | {"speed": speed, "quality": quality, "state": state})
     budget = {}
@@ -342,12 +331,11 @@ def table(found: dict) -> list[dict]:
 def sentences(found: dict) -> list[str]:
     out = []
     variants, probe = _variants(found), _probe(found)
-    quality_ok = mlp_matters = quality_state = None
-    if STANDARD in variants and HYBRID in variants:
+    mlp_matters = None
+    ctx = per_context(found)
+    if ctx is not None:
         s, h = variants[STANDARD], variants[HYBRID]
-        d = _diff(h, s)
-        tol = QUALITY_TOLERANCE * s["val_bpb"]["mean"]
-        quality_ok = _judge(d["ci95"], tol, higher_is_better=False)
+        d, tol, quality_ok = ctx["quality_cost_bpb"], ctx["tolerance_bpb"], ctx["quality"]
         quality_state = {True: "holds", False: "does not hold", None: "cannot be told at this noise"}[quality_ok]
         out.append(f"Quality: {HYBRID} - {STANDARD} = {d['mean']:+.4f} bits per byte{_interval(d)}, "
                    f"{100 * d['mean'] / s['val_bpb']['mean']:+.2f}% of the standard's; the tolerance is "
@@ -406,7 +394,6 @@ def sentences(found: dict) -> list[str]:
             after = f", {100 * tuned:.0f}% after the fine-tune." if tuned is not None else "."
             out.append(f"Distilling the deep attention into per-token MLPs recovers {100 * kept:.0f}% of the "
                        "quality that attention-drop loses" + after)
-    ctx = per_context(found)
     if ctx is None:
         out.append("No verdict: it needs the ablation of AAAA and AAMM (`hybrid-gpt ablate`).")
         return out
