@@ -33,7 +33,7 @@ from hybrid_gpt.infer.engine import generate
 from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.train.evaluate import evaluating
 
-# The wording was chosen on dev seeds (not reported) as the one the full SmolLM2-135M-Instruct answers best.
+# The wording was chosen on dev seeds (never reported) so that the full SmolLM2-135M-Instruct does the task.
 INTRO = "Read the text below and remember the pass key hidden in it.\n\n"
 NEEDLE = "\n\nThe pass key is {key}.\n\n"
 QUESTION = "\n\nWhat is the pass key hidden in the text above? Reply with the number only."
