@@ -3,6 +3,7 @@ checkpoints, the written results, and the command's one-line errors."""
 
 import json
 import random
+import shlex
 import sys
 import types
 from dataclasses import dataclass
@@ -20,14 +21,16 @@ from hybrid_gpt.analysis.retrofit import (
     DEFAULTS,
     RetrofitConfig,
     choose_layers,
+    command_line,
     plan_arms,
     render_retrofit_markdown,
     run_retrofit,
 )
 from hybrid_gpt.checkpoint import load_checkpoint, save_checkpoint
-from hybrid_gpt.cli import main
+from hybrid_gpt.cli import build_parser, main
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.options import values
 from hybrid_gpt.train.evaluate import windows
 
 PATTERN = "AAAAAA"
@@ -241,6 +244,8 @@ def test_the_study_end_to_end(teacher, passkey, tmp_path, monkeypatch, capsys):
     saved = json.loads((out / "retrofit.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert (out / "retrofit.md").read_text() == render_retrofit_markdown(saved)
+    assert f"`{saved['command']}`" in (out / "retrofit.md").read_text()
+    assert saved["command"].startswith(f"hybrid-gpt retrofit {teacher} --quick ") and " --ks 0,2,4 " in saved["command"]
     for c in (32, 64):
         assert (out / f"retrofit-pareto-{c}.png").stat().st_size > 0
     arms = saved["arms"]
@@ -308,6 +313,15 @@ def test_the_study_end_to_end(teacher, passkey, tmp_path, monkeypatch, capsys):
     # The output directory is ours: an earlier result is not replaced without --overwrite.
     with pytest.raises(HybridGPTError, match="already exists"):
         run_retrofit(teacher, RetrofitConfig(out_dir=out, **SMALL), log=quiet, progress=False)
+
+
+def test_the_recorded_command_runs_the_same_study():
+    for cfg in (RetrofitConfig(**SMALL, out_dir="o", save_arms=False, choices=["importance"], distil_lr=0.5, seed=3),
+                RetrofitConfig(ks=[0, 30], treatments=["drop", "heal"], overwrite=True)):
+        cfg = cfg.resolved()
+        args = build_parser().parse_args(shlex.split(command_line("runs/x/base", cfg))[1:])
+        assert args.checkpoint == "runs/x/base"
+        assert RetrofitConfig(**values(args, RetrofitConfig, skip_none=True)).resolved() == cfg
 
 
 # Flags that fit the tiny model (later flags win).

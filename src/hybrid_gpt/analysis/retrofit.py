@@ -52,7 +52,16 @@ from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_t
 from hybrid_gpt.infer.bench import BenchConfig, entry_name, run_bench
 from hybrid_gpt.infer.costs import predicted_speedup
 from hybrid_gpt.model.gpt import GPT
-from hybrid_gpt.options import MAX_CONTEXT, MAX_LAYERS, MAX_REPEATS, MAX_TOKENS, MAX_WIDTH, check_fields, option
+from hybrid_gpt.options import (
+    MAX_CONTEXT,
+    MAX_LAYERS,
+    MAX_REPEATS,
+    MAX_TOKENS,
+    MAX_WIDTH,
+    check_fields,
+    option,
+    spec_of,
+)
 from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import DTYPES, resolve_device
 from hybrid_gpt.stats import format_ratio, judge_interval, mean_ci
@@ -392,6 +401,24 @@ def decode_ratio(result: dict, shape: str, context: int) -> dict | None:
 
 # -- the study ------------------------------------------------------------------------------------------------
 
+def command_line(checkpoint: str | Path, cfg: RetrofitConfig) -> str:
+    """The `hybrid-gpt retrofit` command that runs ``cfg``: the flags whose values differ from the mode's."""
+    base = RetrofitConfig(quick=cfg.quick).resolved()
+    parts = ["hybrid-gpt retrofit", str(checkpoint)] + ["--quick"] * cfg.quick
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "quick" or value == getattr(base, f.name):
+            continue
+        flag = (spec_of(f).flags or (f"--{f.name.replace('_', '-')}",))[0]
+        if isinstance(value, bool):
+            parts.append(flag)
+        else:
+            shown = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(
+                value, float) else str(value)
+            parts += [flag, shown]
+    return " ".join(parts)
+
+
 def default_out_dir(checkpoint: Path, quick: bool) -> Path:
     return checkpoint.parent / ("retrofit-quick" if quick else "retrofit")
 
@@ -426,6 +453,7 @@ def run_retrofit(checkpoint: str | Path, config: RetrofitConfig | None = None, *
         teacher = Teacher(model, tokenizer, training, root, checkpoint_data(root, tokenizer, training, cfg.data_dir))
         result = _retrofit(cfg, teacher, load_sft(chat_file), chat_file, passkey, tmp, out, log, progress)
         result["elapsed_s"] = time.time() - t_start
+        result["command"] = command_line(checkpoint, cfg)
         write_json(tmp / "retrofit.json", result)
         write_text(tmp / "retrofit.md", render_retrofit_markdown(result))
     log(f"wrote {out}/retrofit.md, retrofit.json and the plots in {result['elapsed_s']:.0f} s")
@@ -633,13 +661,16 @@ def verdict(result: dict) -> dict:
             groups.append(group)
     top = max((g["largest_k"] for g in groups if g["largest_k"] is not None), default=None)
     winners = [g for g in groups if top is not None and g["largest_k"] == top]
-    if top is None:
+    if not groups:
+        answer = "no k above 0 was measured: there is nothing to judge"
+    elif top is None:
         answer = ("no arm keeps its quality cost within the tolerance at any k measured"
                   + (" (some cannot be told at this noise)" if any(g["largest_k_undecided"] for g in groups) else ""))
     else:
         answer = (f"the largest k whose quality cost stays within the tolerance is {top} of "
                   f"{result['attention_layers']} attention layers, by " + "; ".join(
-                      f"{g['choice']} {g['kind']}" for g in winners))
+                      f"{g['choice']} {g['kind']} (decode speedup {_speed_text(g['speed']) or 'not measured'})"
+                      for g in winners))
     return {"tolerance_bpb": tol, "quality_tolerance": QUALITY_TOLERANCE, "speed_gain": SPEED_GAIN,
             "rule": f"quality holds when the whole 95% interval (t over the {arms[FULL]['eval']['windows']} "
                     f"held-out windows, paired by window) of arm - full bits per byte lies at or below "
@@ -729,9 +760,9 @@ def render_retrofit_markdown(result: dict) -> str:
     full = arms[FULL]
     ev = full["eval"]
     lines = [f"## Retrofit: {Path(result['checkpoint']).name} ({result['attention_layers']} attention layers)", "",
-             f"Checkpoint `{result['checkpoint']}`, {s['mode']} study (`hybrid-gpt retrofit"
-             f"{' --quick' if s['quick'] else ''}`), {result['elapsed_s'] / 60:.1f} min on {s['device']} with "
-             f"{s['threads']} threads. For k in {', '.join(map(str, s['ks']))} attention layers, chosen as "
+             f"Checkpoint `{result['checkpoint']}`, {s['mode']} study: `{result['command']}`, "
+             f"{result['elapsed_s'] / 60:.1f} min on {s['device']} with {s['threads']} "
+             f"thread{'s' * (s['threads'] != 1)}. For k in {', '.join(map(str, s['ks']))} attention layers, chosen as "
              + " and as ".join({"deepest": "the k deepest", "importance": "the k least important by residual "
                                 "similarity on the training split"}[c] for c in s["choices"])
              + ": drop (N blocks), distil (M blocks, hidden width "
