@@ -460,6 +460,29 @@ def run_retrofit(checkpoint: str | Path, config: RetrofitConfig | None = None, *
     return result
 
 
+def shared_distillation(cfg: RetrofitConfig, teacher: Teacher, union: list[int], mlp_hidden: int, log,
+                        progress: bool) -> tuple[dict[int, dict], dict | None]:
+    """Distil every block of ``union`` (0-based) once, together (one teacher forward per step serves them all;
+    each student trains on its own MSE alone): the students' tensors by block, and the run's record."""
+    if not union:
+        return {}, None
+    t0 = time.time()
+    full = teacher.model
+    student = transplant(full, "".join("M" if i in union else c for i, c in enumerate(full.config.layers)),
+                         mlp_hidden, cfg.seed)
+    rows = distill_layers(full, student, union, teacher.data, steps=cfg.distil_steps, lr=cfg.distil_lr,
+                          batch_size=cfg.rows, seed=cfg.seed, mse_tokens=cfg.mse_tokens, first_step=teacher.steps,
+                          context=cfg.tokens_per_row, log=log, progress=progress)
+    students = _students(student, union)
+    return students, {
+        "blocks": [i + 1 for i in union], "steps": cfg.distil_steps, "rows": cfg.rows,
+        "tokens_per_row": cfg.tokens_per_row, "tokens": cfg.distil_steps * cfg.rows * cfg.tokens_per_row,
+        "teacher_forwards": cfg.distil_steps, "teacher_forward_blocks": max(union) + 1,
+        "teacher_forward_params": sum(p.numel() for p in full.transformer.h[: max(union) + 1].parameters()),
+        "lr": cfg.distil_lr, "mlp_hidden": student.config.m_hidden,
+        "layers": [{k: v for k, v in r.items() if k != "index"} for r in rows], "elapsed_s": time.time() - t0}
+
+
 def _retrofit(cfg: RetrofitConfig, teacher: Teacher, conversations: list, chat_file: Path, passkey, tmp: Path,
               out: Path, log, progress: bool) -> dict:
     from tqdm.auto import tqdm
@@ -476,28 +499,9 @@ def _retrofit(cfg: RetrofitConfig, teacher: Teacher, conversations: list, chat_f
     arms = plan_arms(cfg, attention, similarity)
     log(f"retrofit: {teacher.path} ({len(attention)} attention layers), {len(arms)} arms")
 
-    # The shared distillation: every layer any distil arm needs, once.
     union = sorted({i for a in arms if a.letter == "M" and a.kind != FULL for i in a.layers})
-    students, distillation = {}, None
-    first_heal = teacher.steps
-    if union:
-        t0 = time.time()
-        student = transplant(full, "".join("M" if i in union else c for i, c in enumerate(full.config.layers)),
-                             mlp_hidden, cfg.seed)
-        rows = distill_layers(full, student, union, teacher.data, steps=cfg.distil_steps, lr=cfg.distil_lr,
-                              batch_size=cfg.rows, seed=cfg.seed, mse_tokens=cfg.mse_tokens, first_step=teacher.steps,
-                              context=cfg.tokens_per_row, log=log, progress=progress)
-        students = _students(student, union)
-        tokens_per_step = cfg.rows * cfg.tokens_per_row
-        prefix = sum(p.numel() for p in full.transformer.h[: max(union) + 1].parameters())
-        distillation = {
-            "blocks": [i + 1 for i in union], "steps": cfg.distil_steps, "rows": cfg.rows,
-            "tokens_per_row": cfg.tokens_per_row, "tokens": cfg.distil_steps * tokens_per_step,
-            "teacher_forwards": cfg.distil_steps, "teacher_forward_blocks": max(union) + 1,
-            "teacher_forward_params": prefix, "lr": cfg.distil_lr, "mlp_hidden": student.config.m_hidden,
-            "layers": [{k: v for k, v in r.items() if k != "index"} for r in rows], "elapsed_s": time.time() - t0}
-        del student
-        first_heal = teacher.steps + cfg.distil_steps
+    students, distillation = shared_distillation(cfg, teacher, union, mlp_hidden, log, progress)
+    first_heal = teacher.steps + (cfg.distil_steps if union else 0)  # healing continues the data stream
     timings["distillation_s"] = distillation["elapsed_s"] if distillation else 0.0
 
     t0 = time.time()
