@@ -219,7 +219,7 @@ def test_healing_lowers_the_kl_to_the_teacher(smoke_run):
 
 SMALL = dict(quick=True, ks=[0, 2, 4], distil_steps=30, heal_steps=4, rows=4, tokens_per_row=32, mse_tokens=512,
              similarity_tokens=512, eval_context=64, eval_tokens=256, agreement_tokens=256,
-             passkey_contexts=[96, 128], passkey_trials=2, answer_ks=[2], answer_tokens=6, speed_contexts=[32, 64],
+             passkey_contexts=[160, 256], passkey_trials=2, answer_ks=[2], answer_tokens=6, speed_contexts=[32, 64],
              batch_sizes=[1], dtypes=["float32"], speed_repeats=2, decode_tokens=4, device="cpu")
 
 
@@ -292,7 +292,7 @@ def test_the_study_end_to_end(teacher, passkey, tmp_path, monkeypatch, capsys):
     assert full["agreement"]["top1_agreement"] == 1.0 and full["agreement"]["kl"] == pytest.approx(0, abs=1e-6)
     assert full["delta_bpb"]["mean"] == 0 and len(full["eval"]["window_bits"]) == 4
     for name, a in arms.items():
-        assert [p["context"] for p in a["passkey"]] == [96, 128] and all(p["n"] == 2 for p in a["passkey"])
+        assert [p["context"] for p in a["passkey"]] == [160, 256] and all(p["n"] == 2 for p in a["passkey"])
         assert [s["context"] for s in a["speed"]] == [32, 64] and all(s["ratio"] > 0 for s in a["speed"])
         assert ("answers" in a) == (a["k"] in (0, 2)), name
         assert a["delta_bpb"]["ci95"] is not None or name == "full"
@@ -325,7 +325,7 @@ def test_the_recorded_command_runs_the_same_study():
 
 
 # Flags that fit the tiny model (later flags win).
-FITTING = ["--quick", "--ks", "0,2", "--eval-context", "64", "--eval-tokens", "256", "--passkey-contexts", "96",
+FITTING = ["--quick", "--ks", "0,2", "--eval-context", "64", "--eval-tokens", "256", "--passkey-contexts", "160",
            "--speed-contexts", "32", "--tokens-per-row", "32"]
 
 
