@@ -676,9 +676,10 @@ def verdict(result: dict) -> dict:
                       f"{g['choice']} {g['kind']} (decode speedup {_speed_text(g['speed']) or 'not measured'})"
                       for g in winners))
     return {"tolerance_bpb": tol, "quality_tolerance": QUALITY_TOLERANCE, "speed_gain": SPEED_GAIN,
-            "rule": f"quality holds when the whole 95% interval (t over the {arms[FULL]['eval']['windows']} "
-                    f"held-out windows, paired by window) of arm - full bits per byte lies at or below "
-                    f"{100 * QUALITY_TOLERANCE:.0f}% of the full model's ({tol:.4f}); it does not hold when the whole "
+            "rule": f"quality holds when the whole 95% interval (t over the "
+                    f"{_count(arms[FULL]['eval']['windows'], 'held-out window')}, paired by window) of arm - full "
+                    f"bits per byte lies at or below {100 * QUALITY_TOLERANCE:.0f}% of the full model's ({tol:.4f}); "
+                    "it does not hold when the whole "
                     "interval lies above; between, it cannot be told. A large speed gain: the decode speedup's "
                     f"interval (paired repeats) above {SPEED_GAIN:.2f}x.",
             "groups": groups, "largest_k": top, "answer": answer}
@@ -753,6 +754,21 @@ def plot_pareto(result: dict, context: int, path: Path) -> str:
     return save_plot(path, draw)
 
 
+def _treatments(s: dict) -> str:
+    """The treatments of a study's settings, in words."""
+    parts = {"drop": "drop (N blocks)",
+             "distil": f"distil (M blocks, hidden width {s['mlp_hidden']}, trained together for {s['distil_steps']} "
+                       f"steps of {s['rows']} x {s['tokens_per_row']} tokens, lr {s['distil_lr']:g})",
+             "heal": f"heal (each of those arms again after {s['heal_steps']} steps of KL to the full model's logits, "
+                     f"{s['rows']} x {s['tokens_per_row']} tokens a step, lr {s['heal_lr']:g}; the same batches for "
+                     "every healed arm)"}
+    return ", ".join(parts[t] for t in TREATMENTS if t in s["treatments"])
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}{'s' * (n != 1)}"
+
+
 def _delta(d: dict) -> str:
     text = f"{d['mean']:+.4f}"
     return text + (f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d.get("ci95") else "")
@@ -769,18 +785,16 @@ def render_retrofit_markdown(result: dict) -> str:
              f"thread{'s' * (s['threads'] != 1)}. For k in {', '.join(map(str, s['ks']))} attention layers, chosen as "
              + " and as ".join({"deepest": "the k deepest", "importance": "the k least important by residual "
                                 "similarity on the training split"}[c] for c in s["choices"])
-             + ": drop (N blocks), distil (M blocks, hidden width "
-             f"{s['mlp_hidden']}), and each healed by {s['heal_steps']} steps of KL to the full model's logits "
-             f"({s['rows']} x {s['tokens_per_row']} tokens a step, lr {s['heal_lr']:g}).", "",
+             + ": " + _treatments(s) + ".", "",
              "### Verdict", "", f"**{v['answer'][0].upper()}{v['answer'][1:]}.** {v['rule']}", ""]
     lines += [f"- {g['text']}" for g in v["groups"]]
     lines += ["", "### Every arm", "",
-              f"Bits per byte over {ev['tokens']:,} held-out play tokens ({ev['windows']} windows of "
+              f"Bits per byte over {ev['tokens']:,} held-out play tokens ({_count(ev['windows'], 'window')} of "
               f"{s['eval_context']:,}); Δ = arm - full, mean of the per-window differences [95% t-interval over the "
               f"windows]. Agreement and KL(full || arm) in nats per token on "
               f"{full['agreement']['tokens']:,} tokens of held-out chat transcripts. Passkey: accuracy over "
-              f"{s['passkey_trials']} trials. Decode: the pattern's cached decode speedup over the full model, "
-              f"batch 1, {s['dtypes'][0]}. Compute beyond the pretrained model: training tokens and teacher "
+              f"{_count(s['passkey_trials'], 'trial')}. Decode: the pattern's cached decode speedup over the full "
+              f"model, batch 1, {s['dtypes'][0]}. Compute beyond the pretrained model: training tokens and teacher "
               "forwards.", ""]
     head = ["arm", "k", "blocks", "bpb", "Δ bpb [95% CI]", "quality", "top-1 agr.", "KL"]
     head += [f"passkey {c:,}" for c in s["passkey_contexts"]] + [f"decode {c:,}" for c in s["speed_contexts"]]
@@ -800,8 +814,9 @@ def render_retrofit_markdown(result: dict) -> str:
 
     pk = result["passkey"]
     lines += ["### Passkey retrieval", "",
-              f"A random 5-digit key stated once in held-out play text, asked for at the end; {pk['trials']} trials "
-              f"per length, greedy, exact match. A length where the full model scores below {_pct(pk['floor'])} "
+              "A random 5-digit key stated once in held-out play text, asked for at the end; "
+              f"{_count(pk['trials'], 'trial')} per length, greedy, exact match. A length where the full model "
+              f"scores below {_pct(pk['floor'])} "
               "tests nothing: an arm cannot lose what the model does not have.", ""]
     for c in pk["contexts"]:
         if not c["tests_something"]:
