@@ -20,18 +20,20 @@ from hybrid_gpt.analysis.importance import attention_layers, attention_stats
 from hybrid_gpt.analysis.retrofit import (
     DEFAULTS,
     RetrofitConfig,
+    bpb_difference,
     choose_layers,
     command_line,
     plan_arms,
     render_retrofit_markdown,
     run_retrofit,
+    window_bpb,
 )
 from hybrid_gpt.checkpoint import load_checkpoint, save_checkpoint
 from hybrid_gpt.cli import build_parser, main
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.options import values
-from hybrid_gpt.train.evaluate import windows
+from hybrid_gpt.train.evaluate import evaluate_lm, windows
 
 PATTERN = "AAAAAA"
 BLOCK = 256
@@ -189,6 +191,22 @@ def test_layer_choices_on_a_constructed_case(smoke_run):
     assert [(a.name, a.layers, a.pattern(PATTERN)) for a in arms] == [
         ("full", [], PATTERN), ("deepest-k2-drop", [4, 5], "AAAANN"), ("deepest-k2-drop-heal", [4, 5], "AAAANN"),
         ("importance-k2-drop", [1, 3], "ANANAA"), ("importance-k2-drop-heal", [1, 3], "ANANAA")]
+
+
+def test_bits_per_byte_by_window_are_evaluate_lms_and_pair_by_window(smoke_run):
+    data = TokenData.open(smoke_run / "data")
+    full = tiny_llama(data.tokenizer.vocab_size)
+    lengths = data.tokenizer.token_byte_lengths()
+    ev = window_bpb(full, data.val, lengths, 300, 64)  # 4 whole windows of 64 fit in 300 tokens
+    assert ev["windows"] == 4 and ev["tokens"] == 256
+    assert ev["bpb"] == pytest.approx(evaluate_lm(full, data.val, lengths, 256, context=64)["bpb"], rel=1e-5)
+    arm = window_bpb(transplant(full, "AAAANN"), data.val, lengths, 300, 64)
+    d = bpb_difference(arm, ev)
+    assert d["n"] == 4 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert d["values"] == pytest.approx([(a - f) / b for a, f, b in zip(arm["window_bits"], ev["window_bits"],
+                                                                         ev["window_bytes"])])
+    with pytest.raises(HybridGPTError, match="not one window of 1,024"):
+        window_bpb(full, data.val[:1000], lengths, 4096, 1024)
 
 
 def _kl(teacher, model, tokens) -> float:
