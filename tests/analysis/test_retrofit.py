@@ -2,13 +2,8 @@
 checkpoints, the written results, and the command's one-line errors."""
 
 import json
-import random
 import shlex
-import sys
-import types
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,99 +60,6 @@ def teacher(smoke_run, tmp_path_factory):
                                                                {"role": "assistant", "content": lines[(i + 2) % 5]}]}
                                                  for i in range(12)])
     return run / "base"
-
-
-# -- STUB of hybrid_gpt.analysis.passkey (PASSKEY's module, not on this branch yet): the interface in COMMON.md
-# with minimal behaviour, used only while the real module is missing. Once passkey.py lands these tests run on it.
-
-def _stub_passkey():
-    from hybrid_gpt.data.template import render
-    from hybrid_gpt.infer.engine import generate
-
-    mod = types.ModuleType("hybrid_gpt.analysis.passkey")
-
-    @dataclass
-    class PasskeyTrial:
-        ids: list
-        key: str
-        context: int
-        depth: float
-
-    def greedy(model, ids, n):
-        idx = torch.tensor([ids])
-        return [int(t[0, 0]) for t in generate(model, idx, n, temperature=0)]
-
-    def passkey_trials(tokenizer, filler, *, context, trials, seed, template=None):
-        rng = random.Random(seed)
-        out = []
-        for _ in range(trials):
-            key = str(rng.randrange(10000, 100000))
-            ask = tokenizer.encode(f" The key is {key}. What is the key?")
-            depth = rng.random()
-            at = int(depth * (context - len(ask)))
-            body = [int(t) for t in filler[:context - len(ask)]]
-            out.append(PasskeyTrial(body[:at] + ask + body[at:], key, context, depth))
-        return out
-
-    def score_passkey(model, trials, *, max_new_tokens=8, batch_size=1):
-        answers = []
-        for t in trials:
-            text = mod.tokenizer.decode(greedy(model, t.ids[-model.config.block_size:], max_new_tokens))
-            answers.append({"key": t.key, "answer": text, "correct": t.key in text, "depth": t.depth})
-        correct = sum(a["correct"] for a in answers)
-        return {"accuracy": correct / len(trials), "correct": correct, "n": len(trials),
-                "context": trials[0].context, "answers": answers}
-
-    class Reference:
-        def __init__(self, teacher, sequences):
-            self.sequences = [torch.as_tensor(np.asarray(s, dtype=np.int64))[None] for s in sequences]
-            with torch.no_grad():
-                self.logp = [F.log_softmax(teacher(s).float(), -1) for s in self.sequences]
-
-        @torch.no_grad()
-        def compare(self, model):
-            agree = kl = n = 0
-            for s, t in zip(self.sequences, self.logp):
-                m = F.log_softmax(model(s).float(), -1)
-                agree += (m.argmax(-1) == t.argmax(-1)).sum().item()
-                kl += (t.exp() * (t - m)).sum().item()
-                n += s.size(1)
-            return {"top1_agreement": agree / n, "kl": kl / n, "tokens": n}
-
-    def chat_sequences(tokenizer, template, conversations, *, max_tokens, block_size):
-        mod.tokenizer = tokenizer
-        out, total = [], 0
-        for conv in conversations:
-            if max_tokens - total < 16:
-                break
-            ids = render(tokenizer, conv, max_len=min(block_size, max_tokens - total)).ids
-            out.append(np.array(ids))
-            total += len(ids)
-            if total >= max_tokens:
-                break
-        return out
-
-    questions = ("Who are you?", "What is two and two?", "Name a play.")
-
-    def greedy_answers(model, tokenizer, template=None, *, questions=questions, max_new_tokens=48):
-        return [tokenizer.decode(greedy(model, render(tokenizer, [{"role": "user", "content": q}],
-                                                      add_generation_prompt=True).ids, max_new_tokens))
-                for q in questions]
-
-    mod.__dict__.update(PasskeyTrial=PasskeyTrial, passkey_trials=passkey_trials, score_passkey=score_passkey,
-                        Reference=Reference, chat_sequences=chat_sequences, QUESTIONS=questions,
-                        greedy_answers=greedy_answers)
-    return mod
-
-
-@pytest.fixture
-def passkey(monkeypatch):
-    try:
-        from hybrid_gpt.analysis import passkey
-    except ImportError:  # STUB: until passkey.py lands
-        passkey = _stub_passkey()
-        monkeypatch.setitem(sys.modules, "hybrid_gpt.analysis.passkey", passkey)
-    return passkey
 
 
 # -- the parts ---------------------------------------------------------------------------------------------------
@@ -245,7 +147,7 @@ def _replaced(name: str, blocks: list[int]) -> bool:
     return any(name.startswith((f"transformer.h.{b - 1}.ln_1", f"transformer.h.{b - 1}.mixer")) for b in blocks)
 
 
-def test_the_study_end_to_end(teacher, passkey, tmp_path, monkeypatch, capsys):
+def test_the_study_end_to_end(teacher, tmp_path, monkeypatch, capsys):
     seen = []
 
     def spy(model, tokens, *args, **kw):

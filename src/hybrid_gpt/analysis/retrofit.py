@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from hybrid_gpt.analysis import passkey
 from hybrid_gpt.analysis.distill import Teacher, _pct, _phase, _sci, _total, distill_layers, finetune, transplant
 from hybrid_gpt.analysis.importance import attention_layers, attention_stats
 from hybrid_gpt.analysis.plots import save_plot
@@ -445,7 +446,6 @@ def run_retrofit(checkpoint: str | Path, config: RetrofitConfig | None = None, *
     if not chat_file.is_file():
         raise HybridGPTError(f"no held-out chat transcripts at {chat_file}: run `hybrid-gpt prepare-chat` for this "
                              "run, or pass --chat-data with a directory it wrote")
-    from hybrid_gpt.analysis import passkey  # PASSKEY's module: the agreement, passkey and answer measurements
 
     dev = resolve_device(cfg.device)
     with output_dir(out, allowed=RETROFIT_FILES, what="retrofit output", overwrite=cfg.overwrite) as tmp:
