@@ -13,7 +13,11 @@
 # 3. the long-context decode benchmark of random-weight seed-shape models (speed does not depend on what
 #    the weights learned), contexts 256 to 16,384, batch 1 and 8, into <run>/speed/ where the verdict reads it;
 # 4. the cost model's table for the same shapes and contexts, with the GPU's measured bandwidth and matmul rate;
-# 5. the per-context verdict.
+# 5. the per-context verdict;
+# 6. (only when STEPS names it: `STEPS=retrofit`) the hypothesis on SmolLM2-135M-Instruct (issue 16): import,
+#    tokenise the plays and the chat data, and `retrofit` at the full study's budgets (ks 0-20, 20 passkey trials
+#    at 1k-8k, speed at 512-8,192 in float32 and bfloat16). It does not fit the 10 minutes above; RETROFIT_FLAGS
+#    adds flags (e.g. "--ks 0,8,16 --no-checkpoints"). Its pages land in $OUT/retrofit/.
 # Everything lands under $OUT as JSON, text and the rendered pages (markdown and PNG); checkpoints stay in $RUN.
 set -euo pipefail
 OUT=${OUT:-gpu-study}
@@ -49,6 +53,13 @@ step() {  # step NAME COMMAND...: run it (when STEPS names it) and append its wa
   step costs $HG costs --layers AAAA,AAMM --preset "$PRESET" --contexts "$CONTEXTS" --batch-sizes "$BATCHES" \
     --device "$DEVICE" --json > "$OUT/costs.json"
   step verdict $HG verdict --run-dir "$RUN"
+  if [[ " $STEPS " == *" retrofit "* ]]; then
+    step smollm2 $HG import smollm2 --out "$RUN/smollm2/base" --overwrite
+    step smollm2-data $HG prepare --tokenizer "$RUN/smollm2/base" --out "$RUN/smollm2/data"
+    step smollm2-chat $HG prepare-chat --run-dir "$RUN/smollm2"
+    # shellcheck disable=SC2086  # RETROFIT_FLAGS is a list of flags
+    step retrofit $HG retrofit "$RUN/smollm2/base" --device "$DEVICE" --out "$RUN/smollm2/retrofit" ${RETROFIT_FLAGS:-}
+  fi
 } 2>&1 | tee "$OUT/log.txt"
 
 # The results, without the checkpoints (those of the steps that ran).
@@ -59,4 +70,8 @@ for f in results.json report.md hypothesis.json hypothesis.md speed/*.json ablat
     if [[ -f $path ]]; then cp "$path" "$OUT/run/${path#"$RUN"/}"; fi
   done
 done
+if [[ -d $RUN/smollm2/retrofit ]]; then
+  mkdir -p "$OUT/retrofit"
+  cp "$RUN"/smollm2/retrofit/retrofit.* "$RUN"/smollm2/retrofit/*.png "$OUT/retrofit/"
+fi
 echo "results under $OUT"
