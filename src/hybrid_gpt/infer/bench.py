@@ -75,19 +75,60 @@ def entry_name(name: str, dtype: str) -> str:
     return name if dtype == "float32" else f"{name}@{dtype}"
 
 
-def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
-    """Every model in every requested precision (copies; the models passed in are left as they are)."""
+# The precisions bench measures: runtime's dtypes (weights and KV cache in it), and int8 (see quantize_int8).
+BENCH_DTYPES = (*DTYPES, "int8")
+
+
+def precision(model: GPT) -> str:
+    """The precision an entry runs in: "int8" for a :func:`quantize_int8` copy, else its parameters' dtype."""
+    return getattr(model, "bench_precision", None) or str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """A copy of ``model`` (float32, on the CPU) whose linear layers (attention, MLPs, the LM head) are PyTorch's
+    dynamically quantized ones (torch.ao: int8 weights, one scale per output row; each product quantizes its
+    input to int8 on the fly and runs fbgemm/oneDNN's int8 kernels); embeddings, norms and the KV cache stay
+    float32. Why dynamic quantization rather than weight-only int8: it is what CTranslate2's int8 does on the
+    CPU (int8 products with activations quantized per call), so the two int8 rows compare like with like, and
+    it needs no kernel outside PyTorch's own."""
     import copy
 
-    bad = [d for d in dtypes if d not in DTYPES]
+    import torch.ao.nn.quantized.dynamic as qdynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    from hybrid_gpt.model.kernels import Linear
+
+    if precision(model) != "float32" or next(model.parameters()).device.type != "cpu":
+        raise HybridGPTError("int8 needs a float32 model on the CPU (PyTorch's int8 products are CPU kernels)")
+    out = copy.deepcopy(model)
+    for parent in list(out.modules()):
+        for child, module in list(parent.named_children()):
+            if type(module) is Linear:  # from_float takes torch's own nn.Linear only: hand it one
+                plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                plain.load_state_dict(module.state_dict())
+                plain.qconfig = per_channel_dynamic_qconfig
+                setattr(parent, child, qdynamic.Linear.from_float(plain))
+    out.bench_precision = "int8"
+    return out.eval()
+
+
+def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
+    """Every model in every requested precision of BENCH_DTYPES (copies; the models passed in are left as
+    they are)."""
+    import copy
+
+    bad = [d for d in dtypes if d not in BENCH_DTYPES]
     if bad or not dtypes:
-        raise HybridGPTError(f"unknown dtypes {','.join(bad) or '(none)'}; choose from {', '.join(DTYPES)}")
+        raise HybridGPTError(f"unknown dtypes {','.join(bad) or '(none)'}; choose from {', '.join(BENCH_DTYPES)}")
     out = {}
     # Copies made inside inference mode would hold inference tensors, which have no version counter;
     # kernels.Linear then cannot keep a packed weight for them and falls back to F.linear.
     with torch.inference_mode(False):
         for dtype in dtypes:
             for name, model in models.items():
+                if dtype == "int8":
+                    out[entry_name(name, dtype)] = quantize_int8(_as_float32(model))
+                    continue
                 same = next(model.parameters()).dtype == DTYPES[dtype]
                 out[entry_name(name, dtype)] = model if same else copy.deepcopy(model).to(DTYPES[dtype])
     return out
@@ -250,8 +291,12 @@ def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[fl
                       f"by the model's linear layers ({linear_kernels(device)})"}
 
 
-def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float:
-    """Tokens/s at the hardware limit for one cached decode step at ``context`` (infer/costs.py's roofline)."""
+def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float | None:
+    """Tokens/s at the hardware limit for one cached decode step at ``context`` (infer/costs.py's roofline);
+    None for an int8 entry, whose weights (1 byte) and KV cache (4) differ in width, which the cost model,
+    one dtype for both, cannot price."""
+    if precision(model) not in DTYPES:
+        return None
     return batch / roofline_seconds(step_costs(model.config, context=context, batch=batch,
                                                dtype=next(model.parameters()).dtype), hw)
 
@@ -396,8 +441,8 @@ def _transformers_peers(models: dict[str, GPT], standard: list[str], probe: torc
 
     peers, seen = {}, set()
     for of in standard:
-        dtype = str(next(models[of].parameters()).dtype).removeprefix("torch.")
-        if dtype in seen:  # one peer per precision: of the first standard model in it
+        dtype = precision(models[of])
+        if dtype in seen or dtype not in DTYPES:  # one peer per precision (none for int8): of the first in it
             continue
         seen.add(dtype)
         try:
@@ -426,7 +471,7 @@ def _ct2_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor,
         return {}
     from hybrid_gpt.infer.peer import CT2_COMPUTE_TYPES, ct2_agreement, ct2_generator, to_ctranslate2
 
-    of = next((n for n in standard if next(models[n].parameters()).dtype == torch.float32), None)
+    of = next((n for n in standard if precision(models[n]) == "float32"), None)
     if of is None:
         log("ctranslate2 peer: skipped (no float32 standard entry to convert)")
         return {}
@@ -615,12 +660,16 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
                 for fig in ("prefill_ms", "decode_tok_s", "naive_decode_tok_s"):
                     if (name, c, b, fig) in samples:
                         row[fig] = summary(samples[(name, c, b, fig)])
-                row["decode_limit_tok_s"] = decode_limit(model, c, b, hw)
-                row["decode_fraction_of_limit"] = row["decode_tok_s"]["median"] / row["decode_limit_tok_s"]
+                limit = decode_limit(model, c, b, hw)
+                if limit is not None:
+                    row["decode_limit_tok_s"] = limit
+                    row["decode_fraction_of_limit"] = row["decode_tok_s"]["median"] / limit
                 rows.append(row)
-        results["models"][name] = {"layers": mc.layers, "dtype": str(dtype).removeprefix("torch."),
-                                   "compiled": name in compiled_diffs,
-                                   "parameters": model.num_params(), "kv_bytes_per_token": mc.kv_bytes_per_token(dtype),
+        # an int8 copy's packed weights are no parameters: count the float model's
+        base = name.removesuffix("+compile")
+        params = originals[base if base in originals else base.rsplit("@", 1)[0]].num_params()
+        results["models"][name] = {"layers": mc.layers, "dtype": precision(model), "compiled": name in compiled_diffs,
+                                   "parameters": params, "kv_bytes_per_token": mc.kv_bytes_per_token(dtype),
                                    "config": asdict(mc), "rows": rows}
     if peers:
         results["peers"] = {}
