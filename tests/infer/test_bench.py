@@ -92,6 +92,7 @@ def test_bench_cli_json(pretrained, capsys, tmp_path):
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
     assert set(printed["models"]) == {"standard", "hybrid"}
+    assert "peers" not in printed, "--no-peer skips every peer, transformers and CTranslate2 alike"
 
 
 def test_training_throughput_bench_leaves_the_models_untouched():
