@@ -62,7 +62,7 @@ def test_bench_measures_each_precision_side_by_side_with_its_quality_cost(smoke_
     models = {"standard": smoke_model("AA", vocab_size=data.tokenizer.vocab_size),
               "hybrid": smoke_model("AM", vocab_size=data.tokenizer.vocab_size)}
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, naive=False,
-                      dtypes=["float32", "bfloat16"], quality_tokens=512)
+                      dtypes=["float32", "bfloat16"], quality_tokens=512, peers=["transformers"])
     res = run_bench(models, cfg, log=lambda *a: None, val=(data.val, data.tokenizer.token_byte_lengths()))
     assert set(res["models"]) == {"standard", "hybrid", "standard@bfloat16", "hybrid@bfloat16"}
     assert res["models"]["hybrid@bfloat16"]["dtype"] == "bfloat16"
@@ -92,6 +92,7 @@ def test_bench_cli_json(pretrained, capsys, tmp_path):
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
     assert set(printed["models"]) == {"standard", "hybrid"}
+    assert "peers" not in printed, "--no-peer skips every peer, transformers and CTranslate2 alike"
 
 
 def test_training_throughput_bench_leaves_the_models_untouched():

@@ -1,6 +1,6 @@
-"""The benchmark: prefill latency, decode throughput with and without the KV cache, memory, and a
-peer baseline (Hugging Face's model of the same family with the standard model's weights), measured
-side by side.
+"""The benchmark: prefill latency, decode throughput with and without the KV cache, memory, and two
+peer baselines with the standard model's weights (Hugging Face's model of the same family, and
+CTranslate2's C++ engine in float32 and int8), measured side by side.
 
 Every figure is a median over repeats with its min and max; the models are measured interleaved, every
 model once per repeat in an order shuffled anew each repeat (seeded, and recorded), after a warm-up, so that
@@ -9,7 +9,8 @@ two models' figures (stats.ratio_ci: the geometric mean of the per-repeat ratios
 which cancels the machine's drift between repeats. Prefill is one forward over the whole context that
 fills a KV cache and returns the last position's logits (what generation does before its first token).
 Decode is N cached greedy steps from that primed cache, rewound to context - N: prefill excluded by
-construction, for ours and the peer alike.
+construction, for ours and the transformers peer alike (CTranslate2 cannot rewind its cache: see
+_CT2Decoder for what is timed there).
 
 Models can come from checkpoints or from a preset's shape with random weights (:func:`bench_shape`): a
 step's cost depends on the shape, not on what the weights learned.
@@ -37,6 +38,8 @@ from hybrid_gpt.presets import get_preset
 from hybrid_gpt.runtime import DTYPES, ensure_fits
 from hybrid_gpt.stats import format_ratio, ratio_ci
 
+PEERS = ("transformers", "ctranslate2")
+
 
 @dataclass
 class BenchConfig:
@@ -51,7 +54,10 @@ class BenchConfig:
     # Time the prefill. Without it each decoder is primed once per context and batch, untimed, and only the
     # decode is repeated: at long contexts the prefills would take most of the time.
     prefill: bool = True
-    peer: bool = True
+    peer: bool = True  # False: no peer at all
+    # Which peers, each with the standard model's weights: "transformers" (HF's class of its family, in each of
+    # cfg.dtypes) and "ctranslate2" (CTranslate2's C++ engine, float32 and int8), where installed.
+    peers: list[str] = field(default_factory=lambda: list(PEERS))
     seed: int = 0
     # Weight and KV-cache precisions to measure, each model in each; float32 keeps the plain model name,
     # the others are named "<model>@<dtype>" (e.g. "standard@bfloat16").
@@ -69,19 +75,60 @@ def entry_name(name: str, dtype: str) -> str:
     return name if dtype == "float32" else f"{name}@{dtype}"
 
 
-def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
-    """Every model in every requested precision (copies; the models passed in are left as they are)."""
+# The precisions bench measures: runtime's dtypes (weights and KV cache in it), and int8 (see quantize_int8).
+BENCH_DTYPES = (*DTYPES, "int8")
+
+
+def precision(model: GPT) -> str:
+    """The precision an entry runs in: "int8" for a :func:`quantize_int8` copy, else its parameters' dtype."""
+    return getattr(model, "bench_precision", None) or str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """A copy of ``model`` (float32, on the CPU) whose linear layers (attention, MLPs, the LM head) are PyTorch's
+    dynamically quantized ones (torch.ao: int8 weights, one scale per output row; each product quantizes its
+    input to int8 on the fly and runs fbgemm/oneDNN's int8 kernels); embeddings, norms and the KV cache stay
+    float32. Why dynamic quantization rather than weight-only int8: it is what CTranslate2's int8 does on the
+    CPU (int8 products with activations quantized per call), so the two int8 rows compare like with like, and
+    it needs no kernel outside PyTorch's own."""
     import copy
 
-    bad = [d for d in dtypes if d not in DTYPES]
+    import torch.ao.nn.quantized.dynamic as qdynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    from hybrid_gpt.model.kernels import Linear
+
+    if precision(model) != "float32" or next(model.parameters()).device.type != "cpu":
+        raise HybridGPTError("int8 needs a float32 model on the CPU (PyTorch's int8 products are CPU kernels)")
+    out = copy.deepcopy(model)
+    for parent in list(out.modules()):
+        for child, module in list(parent.named_children()):
+            if type(module) is Linear:  # from_float takes torch's own nn.Linear only: hand it one
+                plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                plain.load_state_dict(module.state_dict())
+                plain.qconfig = per_channel_dynamic_qconfig
+                setattr(parent, child, qdynamic.Linear.from_float(plain))
+    out.bench_precision = "int8"
+    return out.eval()
+
+
+def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
+    """Every model in every requested precision of BENCH_DTYPES (copies; the models passed in are left as
+    they are)."""
+    import copy
+
+    bad = [d for d in dtypes if d not in BENCH_DTYPES]
     if bad or not dtypes:
-        raise HybridGPTError(f"unknown dtypes {','.join(bad) or '(none)'}; choose from {', '.join(DTYPES)}")
+        raise HybridGPTError(f"unknown dtypes {','.join(bad) or '(none)'}; choose from {', '.join(BENCH_DTYPES)}")
     out = {}
     # Copies made inside inference mode would hold inference tensors, which have no version counter;
     # kernels.Linear then cannot keep a packed weight for them and falls back to F.linear.
     with torch.inference_mode(False):
         for dtype in dtypes:
             for name, model in models.items():
+                if dtype == "int8":
+                    out[entry_name(name, dtype)] = quantize_int8(_as_float32(model))
+                    continue
                 same = next(model.parameters()).dtype == DTYPES[dtype]
                 out[entry_name(name, dtype)] = model if same else copy.deepcopy(model).to(DTYPES[dtype])
     return out
@@ -186,12 +233,11 @@ def environment(device: torch.device, dtypes: list[str]) -> dict:
            "linear_kernels": linear_kernels(device)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    for package in ("transformers", "ctranslate2"):
+        try:
+            env[package] = __import__(package).__version__
+        except ImportError:
+            pass
     return env
 
 
@@ -245,13 +291,30 @@ def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[fl
                       f"by the model's linear layers ({linear_kernels(device)})"}
 
 
-def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float:
-    """Tokens/s at the hardware limit for one cached decode step at ``context`` (infer/costs.py's roofline)."""
+def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float | None:
+    """Tokens/s at the hardware limit for one cached decode step at ``context`` (infer/costs.py's roofline);
+    None for an int8 entry, whose weights (1 byte) and KV cache (4) differ in width, which the cost model,
+    one dtype for both, cannot price."""
+    if precision(model) not in DTYPES:
+        return None
     return batch / roofline_seconds(step_costs(model.config, context=context, batch=batch,
                                                dtype=next(model.parameters()).dtype), hw)
 
 
-class _OursDecoder:
+class _Stepping:
+    """A decoder driven one step at a time: rewound to ``context - n`` and stepped n times (see decode_rate)."""
+
+    def decode(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        length = tokens.size(1) - n
+        self.rewind(length)
+        token, out = tokens[:, length:length + 1], []
+        for _ in range(n):
+            token = self.step(token)
+            out.append(token)
+        return torch.cat(out, dim=1)
+
+
+class _OursDecoder(_Stepping):
     """Our model's side of the estimator: a prefill that primes a KV cache, then cached greedy steps."""
 
     def __init__(self, model: GPT, batch: int, context: int):
@@ -271,7 +334,7 @@ class _OursDecoder:
         return logits[:, -1].argmax(-1, keepdim=True)
 
 
-class _PeerDecoder:
+class _PeerDecoder(_Stepping):
     """The same for a transformers model: its own cache, cropped back between repeats."""
 
     def __init__(self, hf):
@@ -297,22 +360,45 @@ class _PeerDecoder:
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
+class _CT2Decoder:
+    """CTranslate2's side. Its Generator keeps a KV cache only inside one generate call and has no call that
+    rewinds one; what it does keep between calls is a static prompt's state. So:
+
+    - prefill: one generate call on the whole prompts for one new token (the prompt but its last token
+      forwarded at once, then the last one: what generation does before its first token), as ours;
+    - decode: one generate call from the static prompt ``tokens[0, :context - n]``, its state cached when the
+      decoder is made (untimed) and copied to the batch in every call, with start tokens
+      ``tokens[:, context - n]``, for n greedy tokens (min_length = max_length = n): n forward steps at the
+      positions ours decodes. Timed: the whole call, so CTranslate2's per-call setup and the copy of the cached
+      state count, as our Python per step does. At batch > 1 the rows share row 0's context (a static prompt is
+      one for the batch): a step costs the same whatever the token values."""
+
+    def __init__(self, generator, tokens: torch.Tensor, n: int):
+        from hybrid_gpt.infer.peer import ct2_greedy
+
+        self.generator, self.greedy = generator, ct2_greedy
+        self.decode(tokens, n)  # forward and cache the static prompt now, outside the timed calls
+
+    def prefill(self, tokens: torch.Tensor) -> None:
+        from hybrid_gpt.infer.peer import ct2_tokens
+
+        self.generator.generate_batch([ct2_tokens(row) for row in tokens.tolist()], max_length=1,
+                                      include_prompt_in_result=False, beam_size=1, sampling_topk=1)
+
+    def decode(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        length = tokens.size(1) - n
+        return torch.tensor(self.greedy(self.generator, tokens[0, :length].tolist(), tokens[:, length].tolist(), n))
+
+
 def decode_rate(decoder, tokens: torch.Tensor, n: int, device) -> float:
     """New tokens per second of ``n`` cached greedy steps at batch ``tokens.size(0)``, prefill excluded.
 
     ``decoder`` has been primed by ``prefill(tokens)`` (``tokens`` [B, context]); it is rewound to
     ``context - n`` and steps ``n`` times from there, feeding back its own greedy token, so every repeat
     decodes the same positions at the same cost without a second prefill (which at long contexts costs
-    minutes). Ours and the peer run the same loop: model call, argmax, next call."""
-    length = tokens.size(1) - n
-
-    def steps():
-        decoder.rewind(length)
-        token = tokens[:, length:length + 1]
-        for _ in range(n):
-            token = decoder.step(token)
-
-    return n * tokens.size(0) / _time(steps, device)
+    minutes). Ours and the transformers peer run the same loop (:class:`_Stepping`: model call, argmax, next
+    call); CTranslate2 runs its own loop in C++ (:class:`_CT2Decoder` says what is timed)."""
+    return n * tokens.size(0) / _time(lambda: decoder.decode(tokens, n), device)
 
 
 def naive_rate(model: GPT, tokens: torch.Tensor, n: int, device) -> float:
@@ -327,13 +413,25 @@ def naive_rate(model: GPT, tokens: torch.Tensor, n: int, device) -> float:
     return n * tokens.size(0) / _time(steps, device)
 
 
-def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log) -> dict[str, dict]:
-    """One transformers model of the entry's family (GPT2LMHeadModel, LlamaForCausalLM) with its weights, per
-    standard (all-attention) entry, in that entry's precision."""
+def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log,
+                kinds=PEERS) -> dict[str, dict]:
+    """The peers of ``kinds`` (see BenchConfig.peers) for the standard (all-attention) entries: name -> {"kind",
+    "of" (our entry whose weights it holds), "dtype", "model", "max_abs_logit_diff", "implementation"}."""
+    unknown = [k for k in kinds if k not in PEERS]
+    if unknown:
+        raise HybridGPTError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
     standard = [n for n, m in models.items() if set(m.config.layers) == {"A"}]
     if not standard:
         log("peer: skipped (no standard, all-attention model among the checkpoints)")
         return {}
+    probe = torch.randint(0, vocab, (2, min(block, 64)), generator=gen).to(device)
+    peers = _transformers_peers(models, standard, probe, log) if "transformers" in kinds else {}
+    return peers | (_ct2_peers(models, standard, probe, log) if "ctranslate2" in kinds else {})
+
+
+def _transformers_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor, log) -> dict[str, dict]:
+    """One transformers model of the entry's family (GPT2LMHeadModel, LlamaForCausalLM) with its weights, per
+    precision of the standard entries."""
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -342,10 +440,9 @@ def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log
     from hybrid_gpt.infer.peer import max_logit_difference, to_hf
 
     peers, seen = {}, set()
-    probe = torch.randint(0, vocab, (2, min(block, 64)), generator=gen).to(device)
     for of in standard:
-        dtype = str(next(models[of].parameters()).dtype).removeprefix("torch.")
-        if dtype in seen:  # one peer per precision: of the first standard model in it
+        dtype = precision(models[of])
+        if dtype in seen or dtype not in DTYPES:  # one peer per precision (none for int8): of the first in it
             continue
         seen.add(dtype)
         try:
@@ -355,9 +452,46 @@ def _make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log
             continue
         diff = max_logit_difference(models[of], hf, probe)
         impl = f"transformers {type(hf).__name__}"
-        peers[entry_name("peer", dtype)] = {"of": of, "dtype": dtype, "model": hf, "max_abs_logit_diff": diff,
-                                            "implementation": impl}
+        peers[entry_name("peer", dtype)] = {"kind": "transformers", "of": of, "dtype": dtype, "model": hf,
+                                            "max_abs_logit_diff": diff, "implementation": impl}
         log(f"peer: {impl} with {of}'s weights ({dtype}), max |logit difference| {diff:.2e}")
+    return peers
+
+
+def _ct2_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor, log) -> dict[str, dict]:
+    """CTranslate2's Generator of the first float32 standard entry, converted once (to a temporary directory,
+    removed once loaded), in float32 ("ctranslate2") and int8 ("ctranslate2@int8"), each checked against our
+    logits on ``probe``: max |difference| and the fraction of positions with the same greedy token."""
+    import tempfile
+
+    try:
+        import ctranslate2
+    except ImportError:
+        log("ctranslate2 peer: skipped (ctranslate2 is not installed: `uv sync --extra peer`)")
+        return {}
+    from hybrid_gpt.infer.peer import CT2_COMPUTE_TYPES, ct2_agreement, ct2_generator, to_ctranslate2
+
+    of = next((n for n in standard if precision(models[n]) == "float32"), None)
+    if of is None:
+        log("ctranslate2 peer: skipped (no float32 standard entry to convert)")
+        return {}
+    device = next(models[of].parameters()).device
+    peers = {}
+    with tempfile.TemporaryDirectory(prefix="hybrid-gpt-ct2-") as tmp:
+        try:
+            path = to_ctranslate2(models[of], tmp)
+        except HybridGPTError as e:  # a family CTranslate2 has no converter of: measure ours alone
+            log(f"ctranslate2 peer: skipped for {of} ({e})")
+            return {}
+        for compute in CT2_COMPUTE_TYPES:
+            gen = ct2_generator(path, compute, device.type)
+            check = ct2_agreement(models[of], gen, probe)
+            impl = f"CTranslate2 {ctranslate2.__version__} Generator ({compute})"
+            peers[entry_name("ctranslate2", compute)] = {"kind": "ctranslate2", "of": of, "dtype": compute,
+                                                         "model": gen, "implementation": impl, **check}
+            log(f"ctranslate2 peer: {impl} with {of}'s weights, max |logit difference| "
+                f"{check['max_abs_logit_diff']:.2e}, same greedy token at {100 * check['top1_agreement']:.1f}% "
+                "of positions")
     return peers
 
 
@@ -447,7 +581,7 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
             raise HybridGPTError(f"context {c} must exceed new_tokens {cfg.new_tokens}")
     vocab = min(m.config.vocab_size for m in models.values())
     gen = torch.Generator().manual_seed(cfg.seed)
-    peers = _make_peers(models, vocab, block, gen, device, log) if cfg.peer else {}
+    peers = _make_peers(models, vocab, block, gen, device, log, cfg.peers) if cfg.peer else {}
     compiled_diffs = {}
     if cfg.compile:
         if cfg.warmup < 1:
@@ -480,7 +614,8 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
                         "activations)", device,
                         hint="measure fewer or smaller --contexts and --batch-sizes")
             decoders = {name: _OursDecoder(model.eval(), b, c) for name, model in models.items()}
-            decoders |= {name: _PeerDecoder(peer["model"]) for name, peer in peers.items()}
+            decoders |= {name: _PeerDecoder(peer["model"]) if peer["kind"] == "transformers"
+                         else _CT2Decoder(peer["model"], prompt, n) for name, peer in peers.items()}
             naive = cfg.naive and c <= cfg.naive_max_context
             for name, dec in decoders.items():
                 # The prefill primes the cache the decode steps then read: timed in every repeat, or run once.
@@ -525,12 +660,16 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
                 for fig in ("prefill_ms", "decode_tok_s", "naive_decode_tok_s"):
                     if (name, c, b, fig) in samples:
                         row[fig] = summary(samples[(name, c, b, fig)])
-                row["decode_limit_tok_s"] = decode_limit(model, c, b, hw)
-                row["decode_fraction_of_limit"] = row["decode_tok_s"]["median"] / row["decode_limit_tok_s"]
+                limit = decode_limit(model, c, b, hw)
+                if limit is not None:
+                    row["decode_limit_tok_s"] = limit
+                    row["decode_fraction_of_limit"] = row["decode_tok_s"]["median"] / limit
                 rows.append(row)
-        results["models"][name] = {"layers": mc.layers, "dtype": str(dtype).removeprefix("torch."),
-                                   "compiled": name in compiled_diffs,
-                                   "parameters": model.num_params(), "kv_bytes_per_token": mc.kv_bytes_per_token(dtype),
+        # an int8 copy's packed weights are no parameters: count the float model's
+        base = name.removesuffix("+compile")
+        params = originals[base if base in originals else base.rsplit("@", 1)[0]].num_params()
+        results["models"][name] = {"layers": mc.layers, "dtype": precision(model), "compiled": name in compiled_diffs,
+                                   "parameters": params, "kv_bytes_per_token": mc.kv_bytes_per_token(dtype),
                                    "config": asdict(mc), "rows": rows}
     if peers:
         results["peers"] = {}
@@ -539,9 +678,11 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
                                                   for fig in ("prefill_ms", "decode_tok_s")
                                                   if (name, c, b, fig) in samples}}
                     for c in contexts for b in cfg.batch_sizes]
-            results["peers"][name] = {"implementation": peer["implementation"], "weights_of": peer["of"],
-                                      "dtype": peer["dtype"], "max_abs_logit_diff": peer["max_abs_logit_diff"],
-                                      "rows": rows}
+            results["peers"][name] = {"kind": peer["kind"], "implementation": peer["implementation"],
+                                      "weights_of": peer["of"], "dtype": peer["dtype"],
+                                      "max_abs_logit_diff": peer["max_abs_logit_diff"], "rows": rows}
+            if "top1_agreement" in peer:
+                results["peers"][name]["top1_agreement"] = peer["top1_agreement"]
         # "peer" is the float32 peer (or the only one): what the report and the ratios compare against.
         results["peer"] = results["peers"].get("peer") or next(iter(results["peers"].values()))
     if compiled_diffs:
@@ -632,6 +773,10 @@ def _ratios(results: dict) -> dict:
             out[f"{name}/{ref}"] = [_ratio_row(b, o) for o, b in zip(models[name]["rows"], models[ref]["rows"])]
     peers = results.get("peers", {})
     pairs = [(peer["weights_of"], name) for name, peer in peers.items()]
+    # a peer in a precision our entry was not converted from (CTranslate2's int8): ours in that precision too
+    pairs += [(entry_name(peer["weights_of"], peer["dtype"]), name) for name, peer in peers.items()
+              if entry_name(peer["weights_of"], peer["dtype"]) in models and peer["dtype"] != "float32"
+              and "@" not in peer["weights_of"]]
     pairs += [(f"{of}+compile", name) for of, name in pairs if f"{of}+compile" in models]
     if "peer" in peers:  # lower precisions of ours against the float32 peer, as the issue states its target
         pairs += [(name, "peer") for name, m in models.items()
@@ -648,6 +793,7 @@ def format_table(results: dict) -> str:
     env = results["environment"]
     lines.append(f"device {env['device']}, {env['dtype']}, {env['threads']} threads, torch {env['torch']}"
                  + (f", transformers {env['transformers']}" if "transformers" in env else "")
+                 + (f", ctranslate2 {env['ctranslate2']}" if "ctranslate2" in env else "")
                  + (f"; CPU {env['cpu_model']}" if env.get("cpu_model") and env["device"] == "cpu" else "")
                  + (f"; our linear layers: {env['linear_kernels']}" if "linear_kernels" in env else ""))
     cfg = results["config"]
@@ -697,7 +843,10 @@ def format_table(results: dict) -> str:
                      for k, v in r.items() if k.endswith("speedup")]
             lines.append(f"  context {r['context']}, batch {r['batch']}: " + ", ".join(parts))
     for name, peer in results.get("peers", {}).items():
-        lines.append(f"{name} logits match: max |difference| {peer['max_abs_logit_diff']:.2e}")
+        agree = f", same greedy token at {100 * peer['top1_agreement']:.1f}% of positions" if (
+            "top1_agreement" in peer) else ""
+        lines.append(f"{name} ({peer.get('implementation', 'transformers')}) logits match: max |difference| "
+                     f"{peer['max_abs_logit_diff']:.2e}{agree}")
     for name, c in results.get("compiled", {}).items():
         lines.append(f"{name} (torch.compile, dynamic shapes) logits vs eager: max |difference| "
                      f"{c['max_abs_logit_diff_from_eager']:.2e}")
