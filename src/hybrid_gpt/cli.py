@@ -22,7 +22,7 @@ from hybrid_gpt.analysis.probe import TASK_CHOICES, run_probe
 from hybrid_gpt.analysis.retrofit import RetrofitConfig
 from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.bench import BenchConfig, run_train_bench
+from hybrid_gpt.infer.bench import BENCH_DTYPES, PEERS, BenchConfig, run_train_bench
 from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
 from hybrid_gpt.interop.importer import STORED_DTYPES
 from hybrid_gpt.options import (
@@ -193,14 +193,19 @@ class BenchOptions:
     repeats: int = option(_BENCH.repeats, lo=1, hi=MAX_REPEATS, help="timed repeats (medians are reported)")
     warmup: int = option(_BENCH.warmup, lo=0, hi=MAX_REPEATS)
     naive: bool = option(_BENCH.naive, flags=("--no-naive",), help="skip decoding without the KV cache")
-    peer: bool = option(_BENCH.peer, flags=("--no-peer",), help="skip the transformers peer (same weights)")
+    peer: bool = option(_BENCH.peer, flags=("--no-peer",), help="skip the peers (transformers and CTranslate2)")
+    peers: list[str] = option(default_factory=lambda: list(_BENCH.peers), choices=PEERS,
+                              help="the peers holding the standard model's weights: transformers (Hugging Face's "
+                                   "class of its family) and ctranslate2 (CTranslate2's C++ engine, float32 and "
+                                   "int8), each where installed")
     naive_max_context: int = option(_BENCH.naive_max_context, lo=2, hi=MAX_CONTEXT,
                                     help="decode without the cache only at contexts up to this (each of its steps "
                                          "re-runs the whole sequence)")
     threads: int | None = option(None, lo=1, hi=4096, help="torch CPU threads (default: torch's choice)")
-    dtypes: list[str] = option(default_factory=lambda: list(_BENCH.dtypes), choices=tuple(DTYPES),
-                               help="weight/KV precisions to measure side by side, e.g. float32,bfloat16; "
-                                    "bench also reports each one's bits per byte")
+    dtypes: list[str] = option(default_factory=lambda: list(_BENCH.dtypes), choices=BENCH_DTYPES,
+                               help="precisions to measure side by side, e.g. float32,bfloat16,int8 (int8: "
+                                    "dynamically quantized linear layers, CPU); bench also reports each one's "
+                                    "bits per byte")
 
 
 @dataclass
@@ -414,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
              (None, SampleOptions, dict(only=("checkpoint", "prompt"))),
              ("sampling", Sampling, dict(defaults={"max_new_tokens": SAMPLE_NEW_TOKENS})),
              ("sampling", SampleOptions, dict(exclude=("checkpoint", "prompt"))))
-    _command(sub, "bench", "prefill, cached and naive decode, memory, and a transformers peer, side by side",
+    _command(sub, "bench", "prefill, cached and naive decode, memory, and the transformers and CTranslate2 peers",
              (None, BenchCommand, {}), ("benchmark", BenchOptions, {}))
     _command(sub, "pipeline", "prepare -> pretrain -> SFT -> DPO -> eval -> bench -> report, both models",
              (None, PipelineCommand, {}), ("benchmark", BenchOptions, {}))
