@@ -215,7 +215,14 @@ class TeacherStream(PretrainTask):
         return super().rows(self.first_step + step)
 
 
-class Imitation(TeacherStream):
+class TeacherTargets(TeacherStream):
+    """A TeacherStream whose batches are inputs only: the targets come from a teacher's forward on them."""
+
+    def take(self, offsets, lo: int, hi: int, device):
+        return super().take(offsets, lo, hi, device)[0]
+
+
+class Imitation(TeacherTargets):
     """Distillation as a task of train.loop.train: per step, one teacher forward on the batch gives every
     block's target, and the loss is the sum of each student's MSE to its block's target; evaluation is
     the held-out MSE of each student ("val_mse_<block>")."""
@@ -223,9 +230,6 @@ class Imitation(TeacherStream):
     def __init__(self, teacher: GPT, layers: list[int], held_out: dict[int, tuple], *args):
         super().__init__(*args)
         self.teacher, self.layers, self.held_out = teacher, layers, held_out
-
-    def take(self, offsets, lo: int, hi: int, device):
-        return super().take(offsets, lo, hi, device)[0]  # the inputs; the targets are the teacher's
 
     def loss(self, model, idx):
         acts = mixer_activations(self.teacher, idx, self.layers)
@@ -280,7 +284,7 @@ def distill_layers(teacher: GPT, student: GPT, layers: list[int], data: TokenDat
     return out
 
 
-class LogitMatching(TeacherStream):
+class LogitMatching(TeacherTargets):
     """Healing toward a teacher as a task of train.loop.train: the loss is the mean per-token
     KL(teacher || model) between the next-token distributions on the batch's inputs (one gradient-free
     teacher forward per step), so the model is pulled back to the teacher's whole output distribution
@@ -289,9 +293,6 @@ class LogitMatching(TeacherStream):
     def __init__(self, teacher: GPT, *args):
         super().__init__(*args)
         self.teacher = teacher.eval()
-
-    def take(self, offsets, lo: int, hi: int, device):
-        return super().take(offsets, lo, hi, device)[0]  # the inputs; the targets are the teacher's
 
     def loss(self, model, idx):
         with torch.no_grad():

@@ -295,7 +295,6 @@ class Probes:
     tokenizer: object
     template: object
     answer_tokens: int
-    passkey: object  # the passkey module
 
 
 def score(model: GPT, teacher: Teacher, cfg: RetrofitConfig, probes: Probes, answers: bool, log) -> dict:
@@ -306,17 +305,16 @@ def score(model: GPT, teacher: Teacher, cfg: RetrofitConfig, probes: Probes, ans
     out["agreement"] = probes.reference.compare(model)
     out["passkey"] = []
     for c, trials in probes.trials.items():
-        r = probes.passkey.score_passkey(model, trials)
+        r = passkey.score_passkey(model, trials)
         out["passkey"].append({"context": c, **{k: r[k] for k in ("accuracy", "correct", "n")},
                                "answers": r["answers"]})
     if answers:
-        out["answers"] = probes.passkey.greedy_answers(model, probes.tokenizer, probes.template,
-                                                       questions=probes.passkey.QUESTIONS,
-                                                       max_new_tokens=probes.answer_tokens)
+        out["answers"] = passkey.greedy_answers(model, probes.tokenizer, probes.template,
+                                                questions=passkey.QUESTIONS, max_new_tokens=probes.answer_tokens)
     out["score_s"] = time.time() - t0
-    passkey = ", ".join(f"{p['correct']}/{p['n']} at {p['context']:,}" for p in out["passkey"])
+    keys = ", ".join(f"{p['correct']}/{p['n']} at {p['context']:,}" for p in out["passkey"])
     log(f"  bpb {out['eval']['bpb']:.4f}, top-1 agreement {out['agreement']['top1_agreement']:.3f}, KL "
-        f"{out['agreement']['kl']:.4f}; passkey {passkey} ({out['score_s']:.0f} s)")
+        f"{out['agreement']['kl']:.4f}; passkey {keys} ({out['score_s']:.0f} s)")
     return out
 
 
@@ -451,7 +449,7 @@ def run_retrofit(checkpoint: str | Path, config: RetrofitConfig | None = None, *
     with output_dir(out, allowed=RETROFIT_FILES, what="retrofit output", overwrite=cfg.overwrite) as tmp:
         model, tokenizer, training = load_checkpoint(root, dev)
         teacher = Teacher(model, tokenizer, training, root, checkpoint_data(root, tokenizer, training, cfg.data_dir))
-        result = _retrofit(cfg, teacher, load_sft(chat_file), chat_file, passkey, tmp, out, log, progress)
+        result = _retrofit(cfg, teacher, load_sft(chat_file), chat_file, tmp, out, log, progress)
         result["elapsed_s"] = time.time() - t_start
         result["command"] = command_line(checkpoint, cfg)
         write_json(tmp / "retrofit.json", result)
@@ -483,8 +481,8 @@ def shared_distillation(cfg: RetrofitConfig, teacher: Teacher, union: list[int],
         "layers": [{k: v for k, v in r.items() if k != "index"} for r in rows], "elapsed_s": time.time() - t0}
 
 
-def _retrofit(cfg: RetrofitConfig, teacher: Teacher, conversations: list, chat_file: Path, passkey, tmp: Path,
-              out: Path, log, progress: bool) -> dict:
+def _retrofit(cfg: RetrofitConfig, teacher: Teacher, conversations: list, chat_file: Path, tmp: Path, out: Path,
+              log, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     full = teacher.model
@@ -510,7 +508,7 @@ def _retrofit(cfg: RetrofitConfig, teacher: Teacher, conversations: list, chat_f
     reference = passkey.Reference(full, sequences)
     trials = {c: passkey.passkey_trials(teacher.tokenizer, teacher.data.val, context=c, trials=cfg.passkey_trials,
                                         seed=cfg.seed, template=template) for c in cfg.passkey_contexts}
-    probes = Probes(reference, trials, teacher.tokenizer, template, cfg.answer_tokens, passkey)
+    probes = Probes(reference, trials, teacher.tokenizer, template, cfg.answer_tokens)
     timings["probes_s"] = time.time() - t0
 
     info = {"stage": "retrofit", "teacher": str(teacher.path.resolve()), "data_dir": str(Path(teacher.data.root)),
