@@ -38,7 +38,6 @@ from hybrid_gpt.options import (
     values,
 )
 from hybrid_gpt.presets import DEFAULT_SEED, PRESETS, default_preset
-from hybrid_gpt.runtime import DTYPES
 from hybrid_gpt.train.dpo import DEFAULT_BETA, MAX_BETA
 from hybrid_gpt.train.evaluate import EVAL_TOKENS
 from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig
@@ -228,7 +227,8 @@ class BenchCommand:
     train: bool = option(False, help="also measure training throughput (ours and the peer)")
     train_batch: int = option(_default(run_train_bench, "batch_size"), lo=1, hi=MAX_ROWS,
                               help="rows per training step")
-    compile: bool = option(False, help="also measure every model torch.compile'd (dynamic shapes) as "
+    compile: bool = option(False, help="also measure every model's decode through the static step, "
+                                       "torch.compile'd (CPU: frozen weights, C++ wrapper; GPU: CUDA graphs), as "
                                        "'<name>+compile'")
     json: bool = option(False, help="print the results as JSON")
     out: str | None = option(None, kind="outfile", help="also write the JSON results to this file")
@@ -330,7 +330,9 @@ class CostsOptions:
                                  help="context lengths; with a preset the shape's context becomes the largest of "
                                       "them (costs need no weights), with a checkpoint they must fit its context")
     batch_sizes: list[int] = option(default_factory=lambda: [1, 8], lo=1, hi=MAX_ROWS)
-    dtype: str = option("float32", choices=tuple(DTYPES), help="precision of the weights and the KV cache")
+    dtype: str = option("float32", choices=BENCH_DTYPES,
+                        help="precision of the weights and the KV cache (int8: the linear layers' weights in int8, "
+                             "the rest in float32, as bench's int8)")
     phase: str = option("both", choices=("both", "decode", "prefill"))
     bandwidth: float | None = option(None, lo=0, lo_open=True, hi=MAX_RATE, metavar="GB/S",
                                      help="memory bandwidth of the machine to predict for (with --flops; default: "

@@ -126,8 +126,9 @@ def test_precision_copies_are_ordinary_tensors_even_inside_inference_mode():
     assert next(model.parameters()).dtype == torch.float32
 
 
-def test_bench_measures_compiled_entries_beside_eager():
-    """--compile adds "<name>+compile" entries, checked against eager logits, with their own ratios."""
+def test_bench_measures_compiled_static_steps_beside_eager():
+    """--compile adds "<name>+compile" entries whose decode runs the compiled static step, checked against the
+    eager greedy tokens at every size, with their own ratios and no prefill of their own."""
     import torch
 
     torch._dynamo.reset()
@@ -140,11 +141,20 @@ def test_bench_measures_compiled_entries_beside_eager():
     assert set(res["models"]) == {"standard", "hybrid", "standard+compile", "hybrid+compile"}
     assert res["models"]["standard+compile"]["compiled"] and not res["models"]["standard"]["compiled"]
     for name in ("standard+compile", "hybrid+compile"):
-        assert res["compiled"][name]["max_abs_logit_diff_from_eager"] <= 1e-4
-        assert all(r["decode_tok_s"]["median"] > 0 for r in res["models"][name]["rows"])
+        assert res["compiled"][name]["same_greedy_tokens"] == 1.0
+        assert [(r["context"], r["batch"]) for r in res["compiled"][name]["checks"]] == [(16, 1), (16, 2)]
+        assert all(r["decode_tok_s"]["median"] > 0 and "prefill_ms" not in r for r in res["models"][name]["rows"])
     assert {"hybrid/standard", "hybrid+compile/standard+compile", "standard+compile/standard"} <= set(res["ratios"])
     assert "hybrid+compile/standard" not in res["ratios"], "compiled entries are compared with compiled ones"
-    assert "(torch.compile, dynamic shapes) logits vs eager" in format_table(res)
+    assert "static decode step" in format_table(res)
+
+
+def test_int8_entries_are_not_compiled():
+    from hybrid_gpt.infer.bench import compiled_steps, quantize_int8
+
+    logged = []
+    steps = compiled_steps({"s": smoke_model("AA"), "s@int8": quantize_int8(smoke_model("AA"))}, log=logged.append)
+    assert set(steps) == {"s+compile"} and "s@int8 left out" in logged[0]
 
 
 def test_bench_compile_needs_a_warmup():

@@ -264,3 +264,20 @@ def test_costs_command_bad_input_is_one_line_and_exit_2(argv, message, tmp_path,
     code, err = run_bad(["costs", "--preset", "smoke", *argv] + ([] if "--bandwidth" in argv else GIVEN), capsys)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_int8_prices_linear_weights_at_one_byte_and_the_rest_in_float32():
+    """bench's int8 model (quantize_int8): every linear layer's weight in 1 byte with a float32 scale per output
+    row, biases, norms, tables and the KV cache in float32; its roofline is the faster for it."""
+    from hybrid_gpt.infer.bench import decode_limit, quantize_int8
+
+    model = smoke_model("AAMM")
+    f32, i8 = (step_costs(model.config, context=10, dtype=d)["components"] for d in ("float32", "int8"))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    want = sum(m.weight.numel() + 4 * m.out_features + (4 * m.bias.numel() if m.bias is not None else 0)
+               for m in linears)
+    assert sum(i8[c]["bytes_read"] for c in ("attention_weights", "token_mlp_weights", "ffn_weights",
+                                               "lm_head")) == want
+    assert all(i8[c] == f32[c] for c in ("kv_cache", "norms", "embeddings", "attention_scores"))
+    assert decode_limit(quantize_int8(model), 10, 1, HW) > decode_limit(model, 10, 1, HW)
+    assert "int8 linear weights" in format_costs(costs_table({"m": model.config}, [10], [1], "int8", HW))

@@ -2,7 +2,8 @@ import pytest
 import torch
 from helpers import LLAMA, smoke_model
 
-from hybrid_gpt.infer.engine import KVCache, generate, sample_next
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.infer.engine import KVCache, StaticKVCache, compile_step, generate, sample_next
 
 GQA = dict(LLAMA, n_head=4, n_kv_head=2, rotary_dims=4)  # grouped-query attention, RoPE on half of each head
 # (pattern, config, batch): GPT-2's patterns, then the Llama family with grouped-query (and multi-query)
@@ -176,3 +177,68 @@ def test_single_query_attention_with_grouped_heads_equals_sdpa():
         torch.randn(3, 2, 20, 8, generator=g)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     torch.testing.assert_close(_attend_one(q, k, v), expected, rtol=1e-5, atol=1e-6)
+
+
+def _sharpened(model):
+    """``model`` with larger weights than the init's, so that its greedy tokens depend on the context."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("layers, kw, batch", CACHE_CASES)
+def test_static_steps_equal_the_eager_path(layers, kw, batch):
+    """A StaticKVCache step (positions and mask as tensors, keys written by index, attention over the whole
+    buffer) gives the eager path's logits at every position, after a prefill on the same cache."""
+    model = smoke_model(layers, **kw)
+    T = model.config.block_size
+    idx = torch.randint(0, model.config.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = model(idx)
+        cache = StaticKVCache(model, batch)
+        outs = [model(idx[:, :9], kv_cache=cache)]
+        cache.advance(9)
+        outs += [cache.step(model, idx[:, i:i + 1]) for i in range(9, T)]
+    assert cache.pos == T and cache.mask is None
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_static_generation_equals_eager_past_the_context():
+    model = _sharpened(smoke_model("AAMM", **GQA))
+    idx = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    n = 3 * model.config.block_size  # the window restarts: the static cache is re-primed on its plain path
+    static = torch.cat(list(generate(model, idx, n, temperature=0, step=model)), dim=1)
+    eager = torch.cat(list(generate(model, idx, n, temperature=0)), dim=1)
+    assert torch.equal(static, eager)
+
+
+def test_static_step_refuses_a_full_cache_and_more_than_one_token():
+    model = smoke_model("AA")
+    cache = StaticKVCache(model, 1, max_len=4)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="one token per row"):
+            cache.step(model, torch.zeros(1, 2, dtype=torch.long))
+        cache.advance(4)
+        with pytest.raises(HybridGPTError, match="holds 4 tokens and is full"):
+            cache.step(model, torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs the cache"):
+        list(generate(model, torch.zeros(1, 2, dtype=torch.long), 2, step=model, use_cache=False))
+
+
+@pytest.mark.parametrize("layers, kw, batch", [("AAAA", {}, 1), ("AAMM", GQA, 2)])
+def test_compiled_static_step_gives_the_eager_greedy_tokens(layers, kw, batch):
+    """The compiled step (inductor, frozen weights, C++ wrapper on the CPU) on both patterns and both
+    families, through SDPA (batch 1) and the spelled-out single query (batch 2); the eager model is left as
+    it was."""
+    torch._dynamo.reset()
+    model = _sharpened(smoke_model(layers, **kw))
+    idx = torch.randint(0, model.config.vocab_size, (batch, 7), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        before = model(idx)
+    eager = torch.cat(list(generate(model, idx, 20, temperature=0)), dim=1)
+    compiled = torch.cat(list(generate(model, idx, 20, temperature=0, step=compile_step(model))), dim=1)
+    assert torch.equal(compiled, eager)
+    with torch.inference_mode():
+        assert torch.equal(model(idx), before)

@@ -265,14 +265,14 @@ def test_rope_is_relative_and_offsets_index_the_same_table():
     q, k = torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
 
     def score(m, n):
-        cos, sin = model.rotary(0, model.config.block_size)
+        cos, sin = model.rotary(slice(0, model.config.block_size))
         return (apply_rope(q, cos[m:m + 1], sin[m:m + 1]) * apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum()
 
     torch.testing.assert_close(score(5, 2), score(20, 17), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(score(5, 2), score(5, 3))
     x = torch.randn(1, 2, 20, 16, generator=g)
-    full = apply_rope(x, *model.rotary(0, 20))
-    torch.testing.assert_close(apply_rope(x[:, :, 13:], *model.rotary(13, 7)), full[:, :, 13:], rtol=0, atol=0)
+    full = apply_rope(x, *model.rotary(slice(0, 20)))
+    torch.testing.assert_close(apply_rope(x[:, :, 13:], *model.rotary(slice(13, 20))), full[:, :, 13:], rtol=0, atol=0)
     torch.testing.assert_close(full.double(), _rope_reference(x.double(), model.config), rtol=1e-5, atol=1e-5)
 
 

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from hybrid_gpt.errors import HybridGPTError, RunFailure
-from hybrid_gpt.infer.costs import roofline_seconds, step_costs
-from hybrid_gpt.infer.engine import KVCache, generate
+from hybrid_gpt.infer.costs import PRECISIONS, roofline_seconds, step_costs
+from hybrid_gpt.infer.engine import KVCache, StaticKVCache, compile_step
 from hybrid_gpt.model import kernels
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
@@ -63,10 +63,15 @@ class BenchConfig:
     # the others are named "<model>@<dtype>" (e.g. "standard@bfloat16").
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
     quality_tokens: int = 32768  # validation tokens for each precision's bits per byte (when data is given)
-    # Also measure every entry torch.compile'd (dynamic shapes), as "<entry>+compile": fused kernels and
-    # fewer launches, which matter most on a GPU. On the CPU our layers' oneDNN path is eager-only.
+    # Also measure every float entry's decode through the static step compiled (engine.compile_step: one graph
+    # for every position; CPU: inductor with frozen weights and its C++ wrapper; GPU: CUDA graphs), as
+    # "<entry>+compile". Its prefill is the eager model's, so it is not timed again.
     compile: bool = False
 
+
+# What a "+compile" entry's decode step is, on a GPU (False) and on the CPU (True).
+COMPILED_STEP = {False: "static decode step, torch.compile with CUDA graphs (reduce-overhead)",
+                 True: "static decode step, torch.compile: inductor, frozen weights, C++ wrapper"}
 
 # Keys every result of run_bench holds: what marks a file as one that `bench --out` may replace.
 RESULT_KEYS = ("environment", "config", "hardware", "models")
@@ -75,8 +80,9 @@ def entry_name(name: str, dtype: str) -> str:
     return name if dtype == "float32" else f"{name}@{dtype}"
 
 
-# The precisions bench measures: runtime's dtypes (weights and KV cache in it), and int8 (see quantize_int8).
-BENCH_DTYPES = (*DTYPES, "int8")
+# The precisions bench measures: runtime's dtypes (weights and KV cache in it), and int8 (see quantize_int8),
+# each priced by the cost model.
+BENCH_DTYPES = PRECISIONS
 
 
 def precision(model: GPT) -> str:
@@ -134,29 +140,35 @@ def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
     return out
 
 
-# Graphs one compiled model needs: prefill, cached prefill, decode and naive decode, each at batch 1 and
-# batch > 1 (dynamo specialises sizes 0 and 1). Every entry counts against one limit, as they share
-# GPT.forward's code; past it dynamo would quietly run eager code under a "+compile" label.
-_GRAPHS_PER_MODEL = 8
-
-
-def with_compiled(models: dict[str, GPT], trial: torch.Tensor, log=print) -> tuple[dict, dict]:
-    """Each entry again as "<name>+compile" (torch.compile, dynamic shapes), tried once on the tokens
-    ``trial`` (compiling its prefill and decode graphs) and checked against the eager model's logits."""
-    out, diffs = {}, {}
+def compiled_steps(models: dict[str, GPT], log=print) -> dict[str, Callable]:
+    """{"<name>+compile": engine.compile_step(model)} for every float entry (int8's dynamically quantized
+    layers are eager-only kernels: those entries are left out, with a line in the log). Each compiles at its
+    first step of each batch and context; :func:`_run_bench` checks its greedy tokens against the eager ones
+    there, before anything is timed."""
+    steps = {}
     for name, model in models.items():
-        compiled = torch.compile(model, dynamic=True)
-        try:
-            diff = (compiled(trial).float() - model(trial).float()).abs().max().item()
-            for _ in generate(compiled, trial[:, : max(1, trial.size(1) // 2)], 2, temperature=0):
-                pass
-        except Exception as e:  # a compiler missing or failing here: say so in one line
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise RunFailure(f"--compile: torch.compile failed for {name} ({type(e).__name__}: {first}); "
-                             "run bench without --compile") from e
-        out[f"{name}+compile"], diffs[f"{name}+compile"] = compiled, diff
-        log(f"compile: {name}+compile, max |logit difference| from eager {diff:.2e}")
-    return out, diffs
+        if precision(model) not in DTYPES:
+            log(f"compile: {name} left out ({precision(model)} runs eager kernels only)")
+            continue
+        steps[f"{name}+compile"] = compile_step(model)
+    return steps
+
+
+def _compile_check(eager: "_OursDecoder", compiled: "_OursDecoder", name: str, prompt: torch.Tensor,
+                   n: int) -> float:
+    """The fraction of ``n`` greedy steps at which the compiled decoder picks the eager one's token (the same
+    prompt, rewound to the same positions); its first call compiles, so a compiler failing is said here in
+    one line."""
+    for dec in (eager, compiled):
+        dec.prefill(prompt)
+    want = eager.decode(prompt, n)
+    try:
+        got = compiled.decode(prompt, n)
+    except Exception as e:  # a compiler missing or failing: say so in one line
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise RunFailure(f"--compile: torch.compile failed for {name.removesuffix('+compile')} "
+                         f"({type(e).__name__}: {first}); run bench without --compile") from e
+    return (want == got).float().mean().item()
 
 
 def default_contexts(block_size: int, new_tokens: int) -> list[int]:
@@ -291,14 +303,11 @@ def measure_hardware(device: torch.device, repeats: int = 5, read_rates: list[fl
                       f"by the model's linear layers ({linear_kernels(device)})"}
 
 
-def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float | None:
-    """Tokens/s at the hardware limit for one cached decode step at ``context`` (infer/costs.py's roofline);
-    None for an int8 entry, whose weights (1 byte) and KV cache (4) differ in width, which the cost model,
-    one dtype for both, cannot price."""
-    if precision(model) not in DTYPES:
-        return None
-    return batch / roofline_seconds(step_costs(model.config, context=context, batch=batch,
-                                               dtype=next(model.parameters()).dtype), hw)
+def decode_limit(model: GPT, context: int, batch: int, hw: dict) -> float:
+    """Tokens/s at the hardware limit for one cached decode step at ``context`` (infer/costs.py's roofline), in
+    the entry's precision (int8: 1-byte linear weights, the rest float32)."""
+    return batch / roofline_seconds(step_costs(model.config, context=context, batch=batch, dtype=precision(model)),
+                                    hw)
 
 
 class _Stepping:
@@ -315,10 +324,12 @@ class _Stepping:
 
 
 class _OursDecoder(_Stepping):
-    """Our model's side of the estimator: a prefill that primes a KV cache, then cached greedy steps."""
+    """Our model's side of the estimator: a prefill that primes a KV cache, then cached greedy steps; with a
+    ``static`` step (engine.compile_step), the steps run it on a StaticKVCache instead of the eager path."""
 
-    def __init__(self, model: GPT, batch: int, context: int):
-        self.model, self.cache = model, KVCache(model, batch, max_len=context)
+    def __init__(self, model: GPT, batch: int, context: int, static: Callable | None = None):
+        self.model, self.static = model, static
+        self.cache = (KVCache if static is None else StaticKVCache)(model, batch, max_len=context)
 
     def prefill(self, tokens: torch.Tensor) -> None:
         self.cache.reset()
@@ -329,6 +340,8 @@ class _OursDecoder(_Stepping):
         self.cache.pos = length  # the keys past it are overwritten by the next steps
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
+        if self.static is not None:
+            return self.cache.step(self.static, token)[:, -1].argmax(-1, keepdim=True)
         logits = self.model(token, kv_cache=self.cache, last_only=True)
         self.cache.advance(1)
         return logits[:, -1].argmax(-1, keepdim=True)
@@ -464,12 +477,19 @@ def _ct2_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor,
     logits on ``probe``: max |difference| and the fraction of positions with the same greedy token."""
     import tempfile
 
-    try:
-        import ctranslate2
-    except ImportError:
-        log("ctranslate2 peer: skipped (ctranslate2 is not installed: `uv sync --extra peer`)")
+    from hybrid_gpt.infer.peer import (
+        CT2_COMPUTE_TYPES,
+        CT2_MISSING,
+        ct2_agreement,
+        ct2_generator,
+        ctranslate2_module,
+        to_ctranslate2,
+    )
+
+    ctranslate2 = ctranslate2_module(required=False)
+    if ctranslate2 is None:
+        log(f"ctranslate2 peer: skipped ({CT2_MISSING})")
         return {}
-    from hybrid_gpt.infer.peer import CT2_COMPUTE_TYPES, ct2_agreement, ct2_generator, to_ctranslate2
 
     of = next((n for n in standard if precision(models[n]) == "float32"), None)
     if of is None:
@@ -547,14 +567,16 @@ def bench_shape(preset: str, patterns: list[str], cfg: BenchConfig, *, block_siz
 
 def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | None = None) -> dict:
     """Benchmark ``models`` (name -> model, all on one device), each in every precision of
-    ``cfg.dtypes`` (and compiled, with ``cfg.compile``), and return the results as a dict. With
-    ``val`` = (validation tokens, bytes per token), each entry's bits per byte in its precision is
+    ``cfg.dtypes`` (and its static decode step compiled, with ``cfg.compile``), and return the results as a
+    dict. With ``val`` = (validation tokens, bytes per token), each entry's bits per byte in its precision is
     measured too (the quality cost of bf16)."""
     if not cfg.compile:
         return _run_bench(models, cfg, log, val)
-    # Room for every compiled entry's graphs, and an error (never eager code under a "+compile"
-    # label) should dynamo run out of it anyway.
-    limit = max(torch._dynamo.config.recompile_limit, 2 * _GRAPHS_PER_MODEL * len(models) * len(cfg.dtypes))
+    # Room for every compiled step's graphs (one per entry, batch and context: shapes are static), and an
+    # error (never eager code under a "+compile" label) should dynamo run out of it anyway.
+    block = min((m.config.block_size for m in models.values()), default=1)
+    sizes = len(cfg.contexts or default_contexts(block, cfg.new_tokens)) * len(cfg.batch_sizes)
+    limit = max(torch._dynamo.config.recompile_limit, sizes * len(models) * len(cfg.dtypes) + 1)
     with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
         return _run_bench(models, cfg, log, val)
 
@@ -582,13 +604,12 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
     vocab = min(m.config.vocab_size for m in models.values())
     gen = torch.Generator().manual_seed(cfg.seed)
     peers = _make_peers(models, vocab, block, gen, device, log, cfg.peers) if cfg.peer else {}
-    compiled_diffs = {}
+    steps, agreement = {}, {}  # "<name>+compile" -> its compiled step; -> its greedy agreement per size
     if cfg.compile:
         if cfg.warmup < 1:
             raise HybridGPTError("compile needs warmup 1 or more: the first runs of each shape compile")
-        trial = torch.randint(0, vocab, (2, min(block, 32)), generator=gen).to(device)
-        compiled, compiled_diffs = with_compiled(models, trial, log)
-        models = models | compiled
+        steps = compiled_steps(models, log)
+        models = models | {name: models[name.removesuffix("+compile")] for name in steps}
 
     samples: dict = {}  # (name, context, batch, figure) -> the timed repeats' values, in repeat order
     probe, read_rates = _probe_matrix(device), []
@@ -613,19 +634,25 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
                         f"the KV caches of {len(caches)} models at context {c:,}, batch {b} (and one prefill's "
                         "activations)", device,
                         hint="measure fewer or smaller --contexts and --batch-sizes")
-            decoders = {name: _OursDecoder(model.eval(), b, c) for name, model in models.items()}
+            decoders = {name: _OursDecoder(model.eval(), b, c, steps.get(name)) for name, model in models.items()}
             decoders |= {name: _PeerDecoder(peer["model"]) if peer["kind"] == "transformers"
                          else _CT2Decoder(peer["model"], prompt, n) for name, peer in peers.items()}
             naive = cfg.naive and c <= cfg.naive_max_context
+            for name in steps:
+                same = _compile_check(decoders[name.removesuffix("+compile")], decoders[name], name, prompt, n)
+                agreement.setdefault(name, []).append({"context": c, "batch": b, "same_greedy_tokens": same})
+                log(f"compile: {name} at context {c}, batch {b}: the eager path's greedy token at "
+                    f"{100 * same:.0f}% of {n} steps")
             for name, dec in decoders.items():
-                # The prefill primes the cache the decode steps then read: timed in every repeat, or run once.
-                if cfg.prefill:
+                # The prefill primes the cache the decode steps then read: timed in every repeat, or run once
+                # (a compiled entry's prefill is its eager model's, timed there).
+                if cfg.prefill and name not in steps:
                     runners[name] = {"prefill_ms": lambda d=dec: 1000 * _time(lambda: d.prefill(prompt), device)}
                 else:
                     dec.prefill(prompt)
                     runners[name] = {}
                 runners[name]["decode_tok_s"] = lambda d=dec: decode_rate(d, prompt, n, device)
-                if naive and name in models:
+                if naive and name in models and name not in steps:
                     runners[name]["naive_decode_tok_s"] = lambda m=models[name]: naive_rate(m, prompt, n, device)
             timed = []
             for rep in range(cfg.warmup + cfg.repeats):
@@ -660,15 +687,13 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
                 for fig in ("prefill_ms", "decode_tok_s", "naive_decode_tok_s"):
                     if (name, c, b, fig) in samples:
                         row[fig] = summary(samples[(name, c, b, fig)])
-                limit = decode_limit(model, c, b, hw)
-                if limit is not None:
-                    row["decode_limit_tok_s"] = limit
-                    row["decode_fraction_of_limit"] = row["decode_tok_s"]["median"] / limit
+                row["decode_limit_tok_s"] = limit = decode_limit(model, c, b, hw)
+                row["decode_fraction_of_limit"] = row["decode_tok_s"]["median"] / limit
                 rows.append(row)
         # an int8 copy's packed weights are no parameters: count the float model's
         base = name.removesuffix("+compile")
         params = originals[base if base in originals else base.rsplit("@", 1)[0]].num_params()
-        results["models"][name] = {"layers": mc.layers, "dtype": precision(model), "compiled": name in compiled_diffs,
+        results["models"][name] = {"layers": mc.layers, "dtype": precision(model), "compiled": name in steps,
                                    "parameters": params, "kv_bytes_per_token": mc.kv_bytes_per_token(dtype),
                                    "config": asdict(mc), "rows": rows}
     if peers:
@@ -685,8 +710,10 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
                 results["peers"][name]["top1_agreement"] = peer["top1_agreement"]
         # "peer" is the float32 peer (or the only one): what the report and the ratios compare against.
         results["peer"] = results["peers"].get("peer") or next(iter(results["peers"].values()))
-    if compiled_diffs:
-        results["compiled"] = {name: {"max_abs_logit_diff_from_eager": d} for name, d in compiled_diffs.items()}
+    if steps:
+        results["compiled"] = {name: {"step": COMPILED_STEP[device.type == "cpu"], "checks": rows,
+                                      "same_greedy_tokens": min(r["same_greedy_tokens"] for r in rows)}
+                               for name, rows in agreement.items()}
     if val is not None:
         results["quality"] = precision_quality(originals, models, cfg, val, log)
     results["ratios"] = _ratios(results)
@@ -848,8 +875,8 @@ def format_table(results: dict) -> str:
         lines.append(f"{name} ({peer.get('implementation', 'transformers')}) logits match: max |difference| "
                      f"{peer['max_abs_logit_diff']:.2e}{agree}")
     for name, c in results.get("compiled", {}).items():
-        lines.append(f"{name} (torch.compile, dynamic shapes) logits vs eager: max |difference| "
-                     f"{c['max_abs_logit_diff_from_eager']:.2e}")
+        lines.append(f"{name} ({c['step']}): the eager path's greedy token at {100 * c['same_greedy_tokens']:.0f}% "
+                     "of steps (the lowest over the sizes measured)")
     for name, q in results.get("quality", {}).items():
         lines.append(f"quality {name}: {q['bpb']:.4f} bits per byte on {results['config']['quality_tokens']:,} "
                      f"validation tokens ({q['cost_bpb']:+.4f} vs float32)")

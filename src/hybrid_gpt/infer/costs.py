@@ -59,22 +59,38 @@ TARGETS = (1.25, 1.5)  # the speedups whose first context the table reports
 _FAR = 2**60  # a context far enough out that every cost is its leading term to ~1e-12
 
 
-def dtype_of(dtype) -> torch.dtype:
-    """A precision named as commands name it (runtime.DTYPES) or given as a torch.dtype."""
-    if isinstance(dtype, torch.dtype):
+# The linear layers' weights in int8 with a float32 scale per output row, everything else (embedding tables,
+# norms, biases, the KV cache) in float32: infer/bench.quantize_int8's model. Its weights and its KV cache
+# differ in width, which is why a precision here is a torch.dtype or this name.
+INT8 = "int8"
+PRECISIONS = (*DTYPES, INT8)
+
+
+def dtype_of(dtype) -> torch.dtype | str:
+    """A precision named as commands name it (PRECISIONS) or given as a torch.dtype: a torch.dtype, or INT8."""
+    if isinstance(dtype, torch.dtype) or dtype == INT8:
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise HybridGPTError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    raise HybridGPTError(f"unknown dtype {dtype!r}; choose from {', '.join(PRECISIONS)}")
+
+
+def _widths(dtype: torch.dtype | str) -> tuple[int, torch.dtype]:
+    """(bytes per weight of a linear layer, the dtype of everything else) in a precision of dtype_of."""
+    if dtype == INT8:
+        return 1, torch.float32
+    return torch.empty((), dtype=dtype).element_size(), dtype
 
 
 def _part(flops: int = 0, read: int = 0, written: int = 0, params: int = 0) -> dict:
     return {"flops": flops, "bytes_read": read, "bytes_written": written, "parameters": params}
 
 
-def _components(cfg: GPTConfig, context: int, batch: int, dtype: torch.dtype, phase: str) -> dict[str, dict]:
+def _components(cfg: GPTConfig, context: int, batch: int, dtype: torch.dtype | str, phase: str) -> dict[str, dict]:
     """The components of one step, unchecked (any context: the bound and the searches look past block_size)."""
-    e = torch.empty((), dtype=dtype).element_size()
+    w, rest = _widths(dtype)
+    e = torch.empty((), dtype=rest).element_size()
+    scale = 4 if dtype == INT8 else 0  # int8's float32 scale per output row of each linear layer
     d, v, n = cfg.n_embd, cfg.vocab_size, cfg.n_layer
     h, f = cfg.m_hidden, cfg.ffn_width
     gates = 2 if cfg.ffn == "swiglu" else 1  # SwiGLU's c_fc holds the gate and the up projection
@@ -90,29 +106,37 @@ def _components(cfg: GPTConfig, context: int, batch: int, dtype: torch.dtype, ph
     wte = 0 if cfg.tie_embeddings else v * d
     wpe = cfg.block_size * d if cfg.positions == "learned" else 0
     gathered = (0 if cfg.tie_embeddings else min(rows, v) * d) + (min(new, cfg.block_size) * d if wpe else 0)
-    kv_token = cfg.kv_bytes_per_token(dtype)
+    kv_token = cfg.kv_bytes_per_token(rest)
     pairs = (context + 1) if phase == "decode" else context * (context + 1) // 2  # query-key pairs per row and head
     return {
         "embeddings": _part(read=gathered * e, params=wte + wpe),
-        "attention_weights": _part(2 * rows * attn_w, (attn_w + attn_b) * e, params=attn_w + attn_b),
-        "token_mlp_weights": _part(2 * rows * mlp_w, (mlp_w + mlp_b) * e, params=mlp_w + mlp_b),
-        "ffn_weights": _part(2 * rows * ffn_w, (ffn_w + ffn_b) * e, params=ffn_w + ffn_b),
+        "attention_weights": _part(2 * rows * attn_w, attn_w * w + attn_b * e + n_a * (qkv + d) * scale,
+                                   params=attn_w + attn_b),
+        "token_mlp_weights": _part(2 * rows * mlp_w, mlp_w * w + mlp_b * e + n_m * (gates * h + d) * scale,
+                                   params=mlp_w + mlp_b),
+        "ffn_weights": _part(2 * rows * ffn_w, ffn_w * w + ffn_b * e + n * (gates * f + d) * scale,
+                             params=ffn_w + ffn_b),
         "norms": _part(read=norms * e, params=norms),
-        "lm_head": _part(2 * batch * d * v, v * d * e, params=v * d),  # the last position of each row only
+        "lm_head": _part(2 * batch * d * v, v * d * w + v * scale, params=v * d),  # each row's last position only
         # Decode reads the context cached before it; prefill reads back (once) the context it writes.
         "kv_cache": _part(read=kv_token * batch * context, written=kv_token * rows),
         "attention_scores": _part(4 * batch * cfg.n_head * cfg.head_dim * pairs * n_a),
     }
 
 
-def _totals(cfg: GPTConfig, parts: dict[str, dict], dtype: torch.dtype) -> dict:
+def _totals(cfg: GPTConfig, parts: dict[str, dict], dtype: torch.dtype | str) -> dict:
     read = sum(p["bytes_read"] for p in parts.values())
     written = sum(p["bytes_written"] for p in parts.values())
     params = cfg.num_params()
+    w, rest = _widths(dtype)
+    e = torch.empty((), dtype=rest).element_size()
+    # int8: the linear layers as read, plus the float32 tables (a tied one too: its int8 copy is the output layer's)
+    held = (params * e if dtype != INT8 else sum(parts[c]["bytes_read"] for c in WEIGHT_COMPONENTS if c != "embeddings")
+            + (cfg.vocab_size * cfg.n_embd + (cfg.block_size * cfg.n_embd if cfg.positions == "learned" else 0)) * e)
     return {"flops": sum(p["flops"] for p in parts.values()), "bytes_read": read, "bytes_written": written,
             "bytes": read + written, "weight_bytes": sum(parts[c]["bytes_read"] for c in WEIGHT_COMPONENTS),
             "kv_bytes_read": parts["kv_cache"]["bytes_read"], "parameters": params,
-            "parameter_bytes": params * torch.empty((), dtype=dtype).element_size()}
+            "parameter_bytes": held}
 
 
 def _check_int(name: str, value, lo: int) -> None:
@@ -125,7 +149,8 @@ def step_costs(cfg: GPTConfig, *, context: int, batch: int = 1, dtype="float32",
     flops, bytes_read, bytes_written, parameters) and the totals flops, bytes_read, bytes_written, bytes (read
     + written: what the roofline charges), weight_bytes, kv_bytes_read, parameters, parameter_bytes; with
     ``tokens``, the positions the step computes (batch for decode, batch * context for prefill), the per-token
-    figures are these over it. ``dtype``: a runtime.DTYPES name or a torch.dtype (weights and KV cache)."""
+    figures are these over it. ``dtype``: a PRECISIONS name or a torch.dtype (weights and KV cache; int8: the
+    linear layers' weights, see INT8)."""
     if not isinstance(cfg, GPTConfig):
         raise HybridGPTError(f"step_costs needs a GPTConfig, got {type(cfg).__name__}")
     cfg.validate()
@@ -137,9 +162,16 @@ def step_costs(cfg: GPTConfig, *, context: int, batch: int = 1, dtype="float32",
         raise HybridGPTError(f"context {context:,} is over the model's context of {cfg.block_size:,} tokens")
     torch_dtype = dtype_of(dtype)
     parts = _components(cfg, context, batch, torch_dtype, phase)
-    return {"phase": phase, "context": context, "batch": batch, "dtype": str(torch_dtype).removeprefix("torch."),
+    return {"phase": phase, "context": context, "batch": batch, "dtype": _name(torch_dtype),
             "tokens": batch * (1 if phase == "decode" else context), "components": parts,
             **_totals(cfg, parts, torch_dtype)}
+
+
+_PRECISION_TEXT = {INT8: "int8 linear weights (a float32 scale per row), float32 tables, norms and KV cache"}
+
+
+def _name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_hardware(hardware: dict) -> dict:
@@ -163,7 +195,8 @@ def roofline_seconds(costs: dict, hardware: dict) -> float:
     return _seconds(costs["flops"], costs["bytes"], hardware)
 
 
-def _ratio(base: GPTConfig, other: GPTConfig, context: int, batch: int, dtype: torch.dtype, hardware: dict,
+def _ratio(base: GPTConfig, other: GPTConfig, context: int, batch: int, dtype: torch.dtype | str,
+           hardware: dict,
            phase: str) -> float:
     """predicted_speedup unchecked, at any context."""
     def seconds(cfg):
@@ -264,13 +297,14 @@ def costs_table(configs: dict[str, GPTConfig], contexts, batches, dtype, hardwar
     if not contexts or not batches or not phases:
         raise HybridGPTError("costs_table needs at least one context, batch size and phase")
     limit = limit or min(cfg.block_size for cfg in configs.values())
-    out = {"dtype": str(dtype_of(dtype)).removeprefix("torch."), "hardware": hardware, "contexts": contexts,
+    out = {"dtype": _name(dtype_of(dtype)), "hardware": hardware, "contexts": contexts,
            "batches": batches, "phases": phases, "search_limit": limit, "targets": list(targets),
            "models": {}, "rows": [], "speedups": {}}
     seconds = {}
     for name, cfg in configs.items():
         out["models"][name] = {"layers": cfg.layers, "family": cfg.family, "parameters": cfg.num_params(),
-                               "kv_bytes_per_token": cfg.kv_bytes_per_token(dtype_of(dtype)), "config": cfg.to_dict()}
+                               "kv_bytes_per_token": cfg.kv_bytes_per_token(_widths(dtype_of(dtype))[1]),
+                               "config": cfg.to_dict()}
         for phase in phases:
             for b in batches:
                 for c in contexts:
@@ -319,8 +353,9 @@ def format_costs(table: dict) -> str:
     hw = table["hardware"]
     lines = [f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
              f"{hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({hw.get('method', 'given')})",
-             f"{table['dtype']} weights and KV cache; a step's time is the larger of its bytes / bandwidth and its "
-             "FLOPs / matmul rate; per token = per step / tokens the step computes"]
+             f"{_PRECISION_TEXT.get(table['dtype'], table['dtype'] + ' weights and KV cache')}; a step's time is "
+             "the larger of its bytes / bandwidth and its FLOPs / matmul rate; per token = per step / tokens the "
+             "step computes"]
     for name, m in table["models"].items():
         lines.append(f"  {name}: {m['family']}, context {m['config']['block_size']:,}, {m['parameters']:,} "
                      f"parameters, KV cache {m['kv_bytes_per_token']:,} bytes per token")

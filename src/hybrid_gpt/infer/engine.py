@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
+from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPT
 
 
@@ -20,6 +21,8 @@ class KVCache:
 
     Written in place (no per-token concatenation); ``pos`` counts the tokens already cached.
     """
+
+    mask = None  # a static step's mask of the cache's slots (StaticKVCache); None: the model slices by ``pos``
 
     def __init__(self, model: GPT, batch_size: int, max_len: int | None = None, dtype=None, device=None):
         cfg = model.config
@@ -40,6 +43,10 @@ class KVCache:
         k, v = buf[:, :, :, :end].unbind(0)
         return k, v
 
+    def positions(self, length: int) -> slice:
+        """The positions of ``length`` new tokens, which follow the ``pos`` cached ones."""
+        return slice(self.pos, self.pos + length)
+
     def advance(self, n: int) -> None:
         self.pos += n
 
@@ -48,6 +55,74 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv)
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose decode steps all have one shape, so that one compiled graph (and, on a GPU, one CUDA
+    graph) serves every position: inside :meth:`step` the model reads the new token's position and the mask
+    of the slots written so far from two tensors updated in place, writes its keys and values with an
+    index copy, and attends over the whole ``max_len`` buffer with that mask, never reading the Python int
+    ``pos`` (a guard on it would recompile the graph at every position). Outside ``step`` (a prefill) it is a
+    plain KVCache on the same buffers."""
+
+    def __init__(self, model: GPT, batch_size: int, max_len: int | None = None, dtype=None, device=None):
+        super().__init__(model, batch_size, max_len, dtype, device)
+        device = device or next(model.parameters()).device
+        self._slots = torch.arange(self.max_len, device=device)
+        self._where = torch.zeros(1, dtype=torch.long, device=device)
+        self._mask = torch.zeros(1, self.max_len, dtype=torch.bool, device=device)
+        if self._slots.device.type == "cuda":  # fixed addresses, which CUDA graphs replay; not on the CPU,
+            for t in self.kv + [self._where, self._mask]:  # where freezing would fold such tensors in as constants
+                torch._dynamo.mark_static_address(t)
+
+    def positions(self, length: int) -> slice | torch.Tensor:
+        return self._where if self.mask is not None else super().positions(length)
+
+    def update(self, index: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mask is None:
+            return super().update(index, kv)
+        buf = self.kv[index]
+        buf.index_copy_(3, self._where, kv)
+        k, v = buf.unbind(0)
+        return k, v
+
+    def step(self, forward, token: torch.Tensor) -> torch.Tensor:
+        """``forward(token, kv_cache=self, last_only=True)`` for one token per row ([B, 1]) at position
+        ``pos``, in static mode; the cache then advances by one. ``forward`` is the model, or its compiled
+        step (:func:`compile_step`)."""
+        if token.dim() != 2 or token.size(1) != 1:
+            raise ValueError(f"a static step takes one token per row ([B, 1]), got shape {tuple(token.shape)}")
+        if self.pos >= self.max_len:
+            raise HybridGPTError(f"the static cache holds {self.max_len} tokens and is full")
+        self._where.fill_(self.pos)
+        torch.le(self._slots, self._where, out=self._mask[0])
+        self.mask = self._mask
+        try:
+            logits = forward(token, kv_cache=self, last_only=True)
+        finally:
+            self.mask = None
+        self.advance(1)
+        return logits
+
+
+def compile_step(model: GPT):
+    """``model`` compiled for :class:`StaticKVCache` steps: one graph, shapes fixed, every position.
+
+    On the CPU, inductor with freezing (the weights folded in as constants, the linear layers pre-packed for
+    MKL) and its C++ wrapper (no Python between kernels); on a GPU, CUDA graphs (``reduce-overhead``),
+    which replay a step's kernels in one launch. Call it under no_grad or inference mode; it compiles at the
+    first step of each batch size and cache length. The settings are applied around every call, since
+    compilation happens then and freezing is read from inductor's global config, not from torch.compile's
+    options."""
+    if next(model.parameters()).device.type != "cpu":
+        return torch.compile(model, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+
+    def step(*args, **kwargs):
+        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+            return compiled(*args, **kwargs)
+
+    return step
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -73,7 +148,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.inference_mode()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             use_cache: bool = True, stop_tokens=None) -> Iterator[torch.Tensor]:
+             use_cache: bool = True, stop_tokens=None, step=None) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B, 1] one step at a time (streaming).
 
     ``idx`` [B, T] must fit the context. Past the context the model sees a window that restarts:
@@ -83,20 +158,27 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     window every step, so both compute the same function and ``use_cache`` changes speed only.
     Generation ends once every row has produced one of ``stop_tokens``; a row that has stopped
     repeats its stop token. The model is put in eval mode and given back in the mode it was in.
+
+    ``step``: the static decode path. The cache is then a :class:`StaticKVCache` and every one-token step runs
+    ``step`` (the model itself, or :func:`compile_step` of it) on it; prompts and re-primed windows still run
+    the model on the cache's plain path. The tokens are the eager path's.
     """
+    if step is not None and not use_cache:
+        raise ValueError("a static decode step needs the cache (use_cache=True)")
     block = model.config.block_size
     if idx.size(1) > block:
         raise ValueError(f"prompt of {idx.size(1)} tokens exceeds the context of {block}; crop it first")
     was_training = model.training
     model.eval()
     try:
-        yield from _generate(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop_tokens)
+        yield from _generate(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop_tokens,
+                             step)
     finally:
         model.train(was_training)
 
 
 def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-              top_p: float | None, seed: int | None, use_cache: bool, stop_tokens) -> Iterator[torch.Tensor]:
+              top_p: float | None, seed: int | None, use_cache: bool, stop_tokens, step) -> Iterator[torch.Tensor]:
     block = model.config.block_size
     generator = None
     if seed is not None:
@@ -106,7 +188,8 @@ def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: f
     stops = torch.tensor(sorted(stop_tokens or []), dtype=torch.long, device=idx.device)
     finished = torch.zeros_like(done, dtype=torch.long)  # the stop token each finished row produced
     # As long as generation needs, never longer than the context (a long context's full cache is large).
-    cache = KVCache(model, idx.size(0), max_len=min(block, idx.size(1) + max_new_tokens)) if use_cache else None
+    length = min(block, idx.size(1) + max_new_tokens)
+    cache = (StaticKVCache if step is not None else KVCache)(model, idx.size(0), max_len=length) if use_cache else None
     pending = idx  # tokens not yet fed to the cache
     start = 0  # where the window the model sees begins in seq
     for _ in range(max_new_tokens):
@@ -117,6 +200,8 @@ def _generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: f
                 pending = seq[:, start:]
         if cache is None:
             logits = model(seq[:, start:], last_only=True)[:, -1]
+        elif step is not None and pending.size(1) == 1:
+            logits = cache.step(step, pending)[:, -1]
         else:
             logits = model(pending, kv_cache=cache, last_only=True)[:, -1]
             cache.advance(pending.size(1))

@@ -69,11 +69,18 @@ def max_logit_difference(model: GPT, hf, idx: torch.Tensor) -> float:
 CT2_COMPUTE_TYPES = ("float32", "int8")  # the precisions its peer runs in (int8: weights quantized when loaded)
 
 
-def _ctranslate2():
+CT2_MISSING = "the CTranslate2 peer needs `ctranslate2`: install it with `uv sync --extra peer`"
+
+
+def ctranslate2_module(required: bool = True):
+    """The ``ctranslate2`` module (the peer extra); where it is not installed, a one-line error, or None when not
+    ``required`` (bench then measures without it)."""
     try:
         import ctranslate2
     except ImportError as e:
-        raise HybridGPTError("the CTranslate2 peer needs `ctranslate2`: install it with `uv sync --extra peer`") from e
+        if not required:
+            return None
+        raise HybridGPTError(CT2_MISSING) from e
     return ctranslate2
 
 
@@ -102,7 +109,7 @@ def to_ctranslate2(model: GPT, directory) -> str:
     import copy
     from pathlib import Path
 
-    _ctranslate2()
+    ctranslate2_module()
     from ctranslate2.converters import TransformersConverter
 
     hf = to_hf(copy.deepcopy(model).float().cpu())
@@ -122,7 +129,7 @@ def to_ctranslate2(model: GPT, directory) -> str:
 def ct2_generator(path: str, compute_type: str = "float32", device: str = "cpu", threads: int | None = None):
     """A CTranslate2 Generator of the converted model at ``path``, in ``compute_type`` (float32 or int8), using
     ``threads`` threads (default torch's, as our model uses)."""
-    ctranslate2 = _ctranslate2()
+    ctranslate2 = ctranslate2_module()
     if compute_type not in CT2_COMPUTE_TYPES:
         raise HybridGPTError(f"CTranslate2 compute type {compute_type!r}: choose from {', '.join(CT2_COMPUTE_TYPES)}")
     return ctranslate2.Generator(path, device=device, compute_type=compute_type, inter_threads=1,
@@ -135,7 +142,7 @@ def ct2_logits(generator, idx: torch.Tensor) -> torch.Tensor:
 
     out = generator.forward_batch(idx.tolist())
     if generator.device != "cpu":
-        out = out.to_device(_ctranslate2().Device.cpu)
+        out = out.to_device(ctranslate2_module().Device.cpu)
     return torch.as_tensor(np.asarray(out)).float()
 
 

@@ -194,8 +194,9 @@ class GPTConfig:
         return per_layer * self.layers.count("A") * torch.empty((), dtype=dtype).element_size()
 
 
-def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per head over the cache, spelled out, with the softmax in float32.
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per head over the cache, spelled out, with the softmax in float32; ``mask``
+    ([1, cache length] bool, a static step's) hides the slots not yet written.
 
     Used on the CPU at batch > 1 and in bfloat16 at any batch, where PyTorch's scaled_dot_product_attention
     kernel is the slower for a single query; float32 at batch 1 keeps SDPA, the faster there (the
@@ -207,6 +208,8 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     if groups > 1:  # query head h reads key/value head h // groups, as SDPA's enable_gqa
         q = q.reshape(B, k.size(1), groups, D)
     scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.size(-1)))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     y = torch.softmax(scores, dim=-1).to(v.dtype) @ v
     return y.view(B, H, 1, D) if groups > 1 else y
 
@@ -261,9 +264,10 @@ class Rotary(nn.Module):
             self.cos, self.sin = (t.to(self.cos.device) for t in self._tables())
         return self
 
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of positions start..start+length-1, [length, rope_dims] each."""
-        return self.cos[start:start + length], self.sin[start:start + length]
+    def forward(self, positions: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) at ``positions`` (a slice, or a tensor of T positions, a static step's), [T, rope_dims]
+        each."""
+        return self.cos[positions], self.sin[positions]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -299,7 +303,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         B, T, C = x.shape
-        start = kv_cache.pos if kv_cache is not None else 0
+        # A static step (engine.StaticKVCache) gives its positions and mask as tensors and keeps its int ``pos``
+        # out of the model, so that one compiled graph serves every position.
+        static = kv_cache is not None and kv_cache.mask is not None
+        start = 0 if kv_cache is None or static else kv_cache.pos
         qkv = self.c_attn(x)
         if not self.gqa:
             # One view and one permute give q, k, v as [B, heads, T, head_dim] each, and k, v side by side
@@ -313,18 +320,19 @@ class CausalSelfAttention(nn.Module):
             kv = qkv[:, :, self.n_head:].view(B, T, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             k, v = kv.unbind(0)
         if self.rotary is not None:
-            cos, sin = self.rotary(start, T)
+            cos, sin = self.rotary(kv_cache.positions(T) if kv_cache is not None else slice(0, T))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kv = torch.stack((k, v))
         if kv_cache is not None:
             k, v = kv_cache.update(self.cache_index, kv)
         p = self.dropout if self.training else 0.0
-        if start == 0:
+        mask = kv_cache.mask if static else None  # a static step attends over the whole cache, masked
+        if start == 0 and not static:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=self.gqa)
         elif T == 1 and q.is_cpu and p == 0.0 and (B > 1 or q.dtype != torch.float32):
-            y = _attend_one(q, k, v)
-        elif T == 1:  # one new token attends to everything cached: no mask needed
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=self.gqa)
+            y = _attend_one(q, k, v, mask)
+        elif T == 1 or static:  # one new token attends to everything cached (or to the mask's slots)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=self.gqa)
         else:  # a chunk appended to a cache: query i sees keys up to start + i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=self.gqa)
@@ -443,18 +451,23 @@ class GPT(nn.Module):
         """Logits [B, T, vocab]; with ``targets`` also the cross-entropy loss (targets < 0 are ignored).
 
         With a ``kv_cache`` the tokens are taken to follow the ``kv_cache.pos`` tokens already cached;
-        the caller advances the cache afterwards. ``last_only`` returns the logits of the last position
-        alone ([B, 1, vocab]): generation needs no more, and a prompt's vocabulary projection is costly.
+        the caller advances the cache afterwards. The cache's interface: ``pos``, ``positions(T)`` (the new
+        tokens' positions), ``update`` and ``mask`` (None, or a static step's mask of the cache's slots).
+        ``last_only`` returns the logits of the last position alone ([B, 1, vocab]): generation needs no
+        more, and a prompt's vocabulary projection is costly.
         """
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise HybridGPTError(
-                f"sequence of {start + T} tokens exceeds the model's context of {self.config.block_size}"
-            )
+        if kv_cache is None or kv_cache.mask is None:  # a static step's cache checks its own length
+            start = kv_cache.pos if kv_cache is not None else 0
+            if start + T > self.config.block_size:
+                raise HybridGPTError(
+                    f"sequence of {start + T} tokens exceeds the model's context of {self.config.block_size}"
+                )
         if self.rotary is None:
-            # Slicing the position table is the lookup of positions start..start+T-1, with less per-call work.
-            x = self.transformer.wte(idx) + self.transformer.wpe.weight[start:start + T]
+            # Indexing the position table by a slice is the lookup of positions start..start+T-1 with less
+            # per-call work; a static step indexes it by a tensor.
+            positions = kv_cache.positions(T) if kv_cache is not None else slice(0, T)
+            x = self.transformer.wte(idx) + self.transformer.wpe.weight[positions]
         else:  # rotary positions act inside attention
             x = self.transformer.wte(idx)
         x = dropout(x, self.config.dropout, self.training)
