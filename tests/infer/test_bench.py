@@ -149,14 +149,6 @@ def test_bench_measures_compiled_static_steps_beside_eager():
     assert "static decode step" in format_table(res)
 
 
-def test_int8_entries_are_not_compiled():
-    from hybrid_gpt.infer.bench import compiled_steps, quantize_int8
-
-    logged = []
-    steps = compiled_steps({"s": smoke_model("AA"), "s@int8": quantize_int8(smoke_model("AA"))}, log=logged.append)
-    assert set(steps) == {"s+compile"} and "s@int8 left out" in logged[0]
-
-
 def test_bench_compile_needs_a_warmup():
     with pytest.raises(HybridGPTError, match="needs warmup 1"):
         run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, warmup=0, peer=False,

@@ -36,7 +36,7 @@ def test_int8_logits_are_close_to_float32s(make):
     assert 0 < err <= RELATIVE_TOLERANCE * ref.abs().max().item(), "rounded, but only a little"
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= AGREEMENT
     assert precision(q) == "int8" and precision(model) == "float32"
-    assert type(model.lm_head).__name__ == "Linear" and "quantized" in type(q.lm_head).__module__
+    assert type(model.lm_head).__name__ == "Linear" and type(q.lm_head).__name__ == "Int8Linear"
     # generation through the KV cache works on the int8 copy
     with torch.inference_mode():
         tokens = torch.cat(list(generate(q, idx[:, :8], 6, temperature=0)), dim=1)
@@ -74,3 +74,21 @@ def test_bench_measures_int8_with_its_quality_cost(smoke_run):
     assert 0 < abs(q["standard@int8"]["cost_bpb"]) < 0.1 and q["standard@int8"]["bpb_float32"] == q["standard"]["bpb"]
     text = format_table(res)
     assert "quality standard@int8" in text and "standard@int8" in text
+
+
+def test_int8_static_step_compiles_and_gives_the_eager_tokens():
+    """The int8 products are a custom operator the compiler calls: the compiled static step decodes the eager
+    int8 model's greedy tokens, on both patterns, and copies keep their own packed weights."""
+    import copy
+
+    from hybrid_gpt.infer.engine import compile_step, generate
+
+    torch._dynamo.reset()
+    for layers in ("AAAA", "AAMM"):
+        model = quantize_int8(smoke_model(layers))
+        twin = copy.deepcopy(model)
+        del model  # the twin's packed weights outlive the original's
+        idx = torch.randint(0, twin.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+        eager = torch.cat(list(generate(twin, idx, 12, temperature=0)), dim=1)
+        compiled = torch.cat(list(generate(twin, idx, 12, temperature=0, step=compile_step(twin))), dim=1)
+        assert torch.equal(compiled, eager)

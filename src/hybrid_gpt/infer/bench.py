@@ -91,29 +91,23 @@ def precision(model: GPT) -> str:
 
 
 def quantize_int8(model: GPT) -> GPT:
-    """A copy of ``model`` (float32, on the CPU) whose linear layers (attention, MLPs, the LM head) are PyTorch's
-    dynamically quantized ones (torch.ao: int8 weights, one scale per output row; each product quantizes its
-    input to int8 on the fly and runs fbgemm/oneDNN's int8 kernels); embeddings, norms and the KV cache stay
+    """A copy of ``model`` (float32, on the CPU) whose linear layers (attention, MLPs, the LM head) are
+    kernels.Int8Linear: int8 weights, one scale per output row; each product quantizes its input to int8 on the
+    fly and runs fbgemm's int8 kernel (torch.ao's dynamic quantization); embeddings, norms and the KV cache stay
     float32. Why dynamic quantization rather than weight-only int8: it is what CTranslate2's int8 does on the
     CPU (int8 products with activations quantized per call), so the two int8 rows compare like with like, and
-    it needs no kernel outside PyTorch's own."""
+    it needs no kernel outside PyTorch's own. Its static decode step compiles (compile_step), as float32's."""
     import copy
 
-    import torch.ao.nn.quantized.dynamic as qdynamic
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
-    from hybrid_gpt.model.kernels import Linear
+    from hybrid_gpt.model.kernels import Int8Linear, Linear
 
     if precision(model) != "float32" or next(model.parameters()).device.type != "cpu":
         raise HybridGPTError("int8 needs a float32 model on the CPU (PyTorch's int8 products are CPU kernels)")
     out = copy.deepcopy(model)
     for parent in list(out.modules()):
         for child, module in list(parent.named_children()):
-            if type(module) is Linear:  # from_float takes torch's own nn.Linear only: hand it one
-                plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-                plain.load_state_dict(module.state_dict())
-                plain.qconfig = per_channel_dynamic_qconfig
-                setattr(parent, child, qdynamic.Linear.from_float(plain))
+            if type(module) is Linear:
+                setattr(parent, child, Int8Linear(module))
     out.bench_precision = "int8"
     return out.eval()
 
@@ -140,18 +134,11 @@ def with_dtypes(models: dict[str, GPT], dtypes: list[str]) -> dict[str, GPT]:
     return out
 
 
-def compiled_steps(models: dict[str, GPT], log=print) -> dict[str, Callable]:
-    """{"<name>+compile": engine.compile_step(model)} for every float entry (int8's dynamically quantized
-    layers are eager-only kernels: those entries are left out, with a line in the log). Each compiles at its
-    first step of each batch and context; :func:`_run_bench` checks its greedy tokens against the eager ones
-    there, before anything is timed."""
-    steps = {}
-    for name, model in models.items():
-        if precision(model) not in DTYPES:
-            log(f"compile: {name} left out ({precision(model)} runs eager kernels only)")
-            continue
-        steps[f"{name}+compile"] = compile_step(model)
-    return steps
+def compiled_steps(models: dict[str, GPT]) -> dict[str, Callable]:
+    """{"<name>+compile": engine.compile_step(model)} for every entry, int8's too (its products are a custom
+    operator the compiler calls). Each compiles at its first step of each batch and context;
+    :func:`_run_bench` checks its greedy tokens against the eager ones there, before anything is timed."""
+    return {f"{name}+compile": compile_step(model) for name, model in models.items()}
 
 
 def _compile_check(eager: "_OursDecoder", compiled: "_OursDecoder", name: str, prompt: torch.Tensor,
@@ -608,7 +595,7 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
     if cfg.compile:
         if cfg.warmup < 1:
             raise HybridGPTError("compile needs warmup 1 or more: the first runs of each shape compile")
-        steps = compiled_steps(models, log)
+        steps = compiled_steps(models)
         models = models | {name: models[name.removesuffix("+compile")] for name in steps}
 
     samples: dict = {}  # (name, context, batch, figure) -> the timed repeats' values, in repeat order
@@ -805,9 +792,11 @@ def _ratios(results: dict) -> dict:
               if entry_name(peer["weights_of"], peer["dtype"]) in models and peer["dtype"] != "float32"
               and "@" not in peer["weights_of"]]
     pairs += [(f"{of}+compile", name) for of, name in pairs if f"{of}+compile" in models]
-    if "peer" in peers:  # lower precisions of ours against the float32 peer, as the issue states its target
-        pairs += [(name, "peer") for name, m in models.items()
-                  if m.get("dtype", "float32") != "float32" and set(m["layers"]) == {"A"}]
+    for float_peer in ("peer", "ctranslate2"):  # lower precisions of ours against each float32 peer
+        if float_peer in peers:
+            pairs += [(name, float_peer) for name, m in models.items()
+                      if m.get("dtype", "float32") != "float32" and set(m["layers"]) == {"A"}
+                      and (name, float_peer) not in pairs]
     for of, peer_name in pairs:
         out[f"{of}/{peer_name}"] = [_ratio_row(p, o) for o, p in zip(models[of]["rows"], peers[peer_name]["rows"])]
     return out

@@ -22,8 +22,11 @@ bfloat16 on a CPU without AVX-512) it is plain ``F.linear``. ``HYBRID_GPT_ONEDNN
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import os
+import weakref
 
 import torch
 import torch.nn as nn
@@ -195,3 +198,60 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed)
+
+
+# --- int8: dynamically quantized linear layers that torch.compile can take in -----------------------------------
+
+_PACKED: dict[int, object] = {}  # handle -> fbgemm's packed int8 weight (a TorchScript object), one per Int8Linear
+_handles = itertools.count()
+
+
+@torch.library.custom_op("hybrid_gpt::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """x @ W.T + b with the int8 weight packed under ``handle``: ``x`` quantized to 8 bits per call (its own range),
+    an int8 product, float32 out (PyTorch's quantized::linear_dynamic, as torch.ao's dynamic Linear runs it)."""
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[handle], True)
+
+
+@int8_linear.register_fake
+def _int8_linear_shape(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class Int8Linear(nn.Module):
+    """A float32 linear layer as int8 weights (symmetric, one scale per output row, torch.ao's per-channel weight
+    observer) and float32 bias, applied by :func:`int8_linear`: torch.ao's dynamic quantization, on the CPU.
+
+    Why a custom operator rather than torch.ao's module: dynamo cannot trace that module's packed-weight
+    object, so it could never be part of a compiled decode step; a custom operator holding only an int handle
+    is opaque to the compiler and compiles. The packed weight lives in a registry while the module lives."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        from torch.ao.quantization.observer import default_per_channel_weight_observer
+
+        weight = linear.weight.detach().float().cpu()
+        observer = default_per_channel_weight_observer()
+        observer(weight)
+        scale, zero = observer.calculate_qparams()
+        qweight = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._register(torch.ops.quantized.linear_prepack(qweight, bias))
+
+    def _register(self, packed) -> None:
+        self.handle = next(_handles)
+        _PACKED[self.handle] = packed
+        weakref.finalize(self, _PACKED.pop, self.handle, None)
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)  # the module's own state (hooks, flags); the packed weight is shared, read-only
+        new.__dict__ = {k: copy.copy(v) for k, v in self.__dict__.items()}
+        new._register(_PACKED[self.handle])
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.handle, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
