@@ -218,7 +218,7 @@ def test_static_step_refuses_a_full_cache_and_more_than_one_token():
     model = smoke_model("AA")
     cache = StaticKVCache(model, 1, max_len=4)
     with torch.inference_mode():
-        with pytest.raises(ValueError, match="one token per row"):
+        with pytest.raises(ValueError, match=r"one token per row \(\(1, 1\)\), got shape \(1, 2\)"):
             cache.step(model, torch.zeros(1, 2, dtype=torch.long))
         cache.advance(4)
         with pytest.raises(HybridGPTError, match="holds 4 tokens and is full"):

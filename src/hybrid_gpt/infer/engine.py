@@ -71,8 +71,11 @@ class StaticKVCache(KVCache):
         self._slots = torch.arange(self.max_len, device=device)
         self._where = torch.zeros(1, dtype=torch.long, device=device)
         self._mask = torch.zeros(1, self.max_len, dtype=torch.bool, device=device)
+        # The step's input token, copied in: one address and one layout (a token sliced from a prompt has the
+        # prompt's strides, and a compiled graph specialises on strides).
+        self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         if self._slots.device.type == "cuda":  # fixed addresses, which CUDA graphs replay; not on the CPU,
-            for t in self.kv + [self._where, self._mask]:  # where freezing would fold such tensors in as constants
+            for t in self.kv + [self._where, self._mask, self._token]:  # where freezing would fold them in
                 torch._dynamo.mark_static_address(t)
 
     def positions(self, length: int) -> slice | torch.Tensor:
@@ -90,15 +93,17 @@ class StaticKVCache(KVCache):
         """``forward(token, kv_cache=self, last_only=True)`` for one token per row ([B, 1]) at position
         ``pos``, in static mode; the cache then advances by one. ``forward`` is the model, or its compiled
         step (:func:`compile_step`)."""
-        if token.dim() != 2 or token.size(1) != 1:
-            raise ValueError(f"a static step takes one token per row ([B, 1]), got shape {tuple(token.shape)}")
+        if token.shape != self._token.shape:
+            raise ValueError(f"a static step takes one token per row ({tuple(self._token.shape)}), got shape "
+                             f"{tuple(token.shape)}")
         if self.pos >= self.max_len:
             raise HybridGPTError(f"the static cache holds {self.max_len} tokens and is full")
         self._where.fill_(self.pos)
         torch.le(self._slots, self._where, out=self._mask[0])
+        self._token.copy_(token)
         self.mask = self._mask
         try:
-            logits = forward(token, kv_cache=self, last_only=True)
+            logits = forward(self._token, kv_cache=self, last_only=True)
         finally:
             self.mask = None
         self.advance(1)
