@@ -17,7 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 from hybrid_gpt.infer.bench import quantize_int8, shape_models
 from hybrid_gpt.infer.engine import KVCache, StaticKVCache
 
-GROUPS = {"linear layers": ("linear", "addmm", "aten::mm", "quantized::"), "attention": ("scaled_dot_product", "bmm", "softmax"),
+GROUPS = {"linear layers": ("linear", "addmm", "aten::mm", "quantized::"),
+          "attention": ("scaled_dot_product", "bmm", "softmax"),
           "compiled kernels (fused elementwise)": ("CompiledFxGraph",),
           "dispatch and Python around the graph": ("Dynamo", "Torch-Compiled Region", "Pregraph", "AOTDispatcher")}
 
