@@ -128,8 +128,7 @@ def _totals(cfg: GPTConfig, parts: dict[str, dict], dtype: torch.dtype | str) ->
     read = sum(p["bytes_read"] for p in parts.values())
     written = sum(p["bytes_written"] for p in parts.values())
     params = cfg.num_params()
-    w, rest = _widths(dtype)
-    e = torch.empty((), dtype=rest).element_size()
+    e = torch.empty((), dtype=_widths(dtype)[1]).element_size()
     # int8: the linear layers as read, plus the float32 tables (a tied one too: its int8 copy is the output layer's)
     held = (params * e if dtype != INT8 else sum(parts[c]["bytes_read"] for c in WEIGHT_COMPONENTS if c != "embeddings")
             + (cfg.vocab_size * cfg.n_embd + (cfg.block_size * cfg.n_embd if cfg.positions == "learned" else 0)) * e)
@@ -196,8 +195,7 @@ def roofline_seconds(costs: dict, hardware: dict) -> float:
 
 
 def _ratio(base: GPTConfig, other: GPTConfig, context: int, batch: int, dtype: torch.dtype | str,
-           hardware: dict,
-           phase: str) -> float:
+           hardware: dict, phase: str) -> float:
     """predicted_speedup unchecked, at any context."""
     def seconds(cfg):
         totals = _totals(cfg, _components(cfg, context, batch, dtype, phase), dtype)

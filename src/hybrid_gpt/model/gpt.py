@@ -304,9 +304,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         B, T, C = x.shape
         # A static step (engine.StaticKVCache) gives its positions and mask as tensors and keeps its int ``pos``
-        # out of the model, so that one compiled graph serves every position.
-        static = kv_cache is not None and kv_cache.mask is not None
-        start = 0 if kv_cache is None or static else kv_cache.pos
+        # out of the model, so that one compiled graph serves every position; it attends over the whole
+        # cache, masked.
+        mask = kv_cache.mask if kv_cache is not None else None
+        start = 0 if kv_cache is None or mask is not None else kv_cache.pos
         qkv = self.c_attn(x)
         if not self.gqa:
             # One view and one permute give q, k, v as [B, heads, T, head_dim] each, and k, v side by side
@@ -326,12 +327,11 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.cache_index, kv)
         p = self.dropout if self.training else 0.0
-        mask = kv_cache.mask if static else None  # a static step attends over the whole cache, masked
-        if start == 0 and not static:
+        if start == 0 and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=self.gqa)
         elif T == 1 and q.is_cpu and p == 0.0 and (B > 1 or q.dtype != torch.float32):
             y = _attend_one(q, k, v, mask)
-        elif T == 1 or static:  # one new token attends to everything cached (or to the mask's slots)
+        elif T == 1 or mask is not None:  # one new token attends to everything cached (or to the mask's slots)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=self.gqa)
         else:  # a chunk appended to a cache: query i sees keys up to start + i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
