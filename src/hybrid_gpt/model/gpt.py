@@ -494,9 +494,10 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def mixer_activations(model: GPT, idx: torch.Tensor, blocks: Iterable[int]) -> dict[int, tuple]:
+def mixer_activations(model: GPT, idx: torch.Tensor, blocks: Iterable[int], normed: bool = False) -> dict[int, tuple]:
     """{block: (x, mixer(ln_1(x)))} for the given blocks (0-based): the residual stream entering each and its
-    token mixer's output (before the block's dropout), from one forward of ``model`` on ``idx``.
+    token mixer's output (before the block's dropout), from one forward of ``model`` on ``idx``; with
+    ``normed``, the mixer's own input ln_1(x) in place of x.
 
     Hooks read them during the model's own forward, so nothing re-implements a block and GPT.forward
     carries no extra argument; the pass stops after the last block asked for. It runs in the model's
@@ -516,7 +517,7 @@ def mixer_activations(model: GPT, idx: torch.Tensor, blocks: Iterable[int]) -> d
 
     def mixed(i):
         def hook(mixer, args, output):
-            out[i] = (out[i], output)
+            out[i] = (args[0] if normed else out[i], output)
             if i == blocks[-1]:
                 raise _Captured
         return hook

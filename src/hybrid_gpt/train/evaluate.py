@@ -66,12 +66,16 @@ def evaluate_lm(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_to
         return _evaluate_lm(model, tokens, byte_lengths, max_tokens, batch_size, autocast, context)
 
 
-def windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: int = 16) -> Iterator[torch.Tensor]:
+def windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: int = 16,
+            spread: bool = False) -> Iterator[torch.Tensor]:
     """Batches [rows, T + 1] (int64, on the CPU) of the windows every held-out measurement reads.
 
     Windows of T = ``block_size`` targets tile the split from its start without overlap, up to
     ``max_tokens`` targets: inputs are ``[:, :-1]`` and targets ``[:, 1:]``, so each token is predicted
     once. When the split (or ``max_tokens``) is shorter than one context, one shorter window holds them all.
+    With ``spread``, the same number of windows starts at evenly spaced offsets over the whole split
+    instead (still without overlap), so that a budget smaller than the split samples all of its documents
+    rather than the first.
     """
     if len(tokens) < 2:
         raise HybridGPTError(f"the split has {len(tokens)} tokens; at least 2 are needed to predict one")
@@ -82,9 +86,12 @@ def windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: in
     n_windows = targets // T
     if n_windows < 1:
         T, n_windows = targets, 1
-    for start in range(0, n_windows, batch_size):
-        rows = range(start, min(start + batch_size, n_windows))
-        yield torch.from_numpy(np.stack([tokens[r * T : r * T + T + 1] for r in rows]).astype(np.int64))
+    starts = [r * T for r in range(n_windows)]
+    if spread and n_windows > 1:
+        stride = (len(tokens) - 1 - T) / (n_windows - 1)  # >= T: n_windows * T <= len(tokens) - 1
+        starts = [round(r * stride) for r in range(n_windows)]
+    for lo in range(0, n_windows, batch_size):
+        yield torch.from_numpy(np.stack([tokens[s : s + T + 1] for s in starts[lo:lo + batch_size]]).astype(np.int64))
 
 
 def model_windows(model: GPT, tokens: np.ndarray, max_tokens: int, batch_size: int = 16,

@@ -73,6 +73,10 @@ class TrainConfig:
     eval_at_start: bool = option(False, cli=False)
     skip_nonfinite: bool = option(False, help="skip (and count) a batch whose loss or gradient is not finite, "
                                               "instead of stopping")
+    # Early stopping (in-memory runs on one process): stop once the evaluated ``val_<stop_metric>`` has not
+    # improved for this many evaluations in a row, and put back the weights of its best evaluation (0: never).
+    patience: int = option(0, lo=0, hi=MAX_STEPS, cli=False)
+    stop_metric: str = option("loss", cli=False)
 
     def validate(self) -> "TrainConfig":
         check_fields(self)  # types, finite numbers, ranges
@@ -102,6 +106,8 @@ class TrainResult:
     interrupted: bool
     elapsed: float
     metrics: list[dict] = field(default_factory=list)
+    best_step: int | None = None  # with early stopping: the evaluation whose weights the model holds
+    stopped_early: bool = False  # the metric stopped improving before max_steps
 
     @property
     def final_eval(self) -> dict:
@@ -185,6 +191,8 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None,
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is None and resume_state is not None:
         raise HybridGPTError("a resumed run needs its checkpoint directory")
+    if cfg.patience and (out_dir is not None or distributed_env()[2] > 1 or getattr(task, "evaluate", None) is None):
+        raise HybridGPTError("early stopping (patience) needs an in-memory run on one process with an evaluated task")
     info = dict(info or {})
     device = device if device is not None else next(model.parameters()).device
     rank, _, world = distributed_env()
@@ -241,20 +249,33 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None,
         save_checkpoint(out_dir, raw_model, tokenizer, training, trainer_state=state,
                         files={"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)})
 
-    def run_eval(final: bool) -> None:
-        if master and evaluate is not None:
-            res = evaluate(raw_model, final, autocast)
-            rec = {"step": step, **{f"val_{k}": v for k, v in res.items()}}
-            metrics.append(rec)
-            if any(k in rec for k in SHOWN):
-                bar.write(f"step {step}: {format_eval(rec)}")
+    best = {"value": math.inf, "step": None, "state": None, "misses": 0}
+
+    def run_eval(final: bool) -> bool:
+        """Evaluate; True when early stopping says to stop."""
+        if not (master and evaluate is not None):
+            return False
+        res = evaluate(raw_model, final, autocast)
+        rec = {"step": step, **{f"val_{k}": v for k, v in res.items()}}
+        metrics.append(rec)
+        if any(k in rec for k in SHOWN):
+            bar.write(f"step {step}: {format_eval(rec)}")
+        if not cfg.patience:
+            return False
+        value = rec[f"val_{cfg.stop_metric}"]
+        if value < best["value"]:
+            best.update(value=value, step=step, misses=0,
+                        state={k: v.detach().clone() for k, v in raw_model.state_dict().items()})
+            return False
+        best["misses"] += 1
+        return best["misses"] >= cfg.patience
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and master), unit="step",
                dynamic_ncols=True, desc=info.get("stage", "train"))
     stop = _StopFlag()
-    interrupted = False
+    interrupted = stopped_early = False
     t_start = time.time()
     elapsed_before = float(resume_state.get("elapsed", 0.0)) if resume_state else 0.0
     model.train()
@@ -307,8 +328,9 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None,
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_sec']:,.0f}")
             last = step == cfg.max_steps
-            if step % cfg.eval_interval == 0 or last:
-                run_eval(final=last)
+            if (step % cfg.eval_interval == 0 or last) and run_eval(final=last):
+                stopped_early = True
+                break
             save_every = cfg.save_interval or cfg.eval_interval
             requested = stop.signal is not None or (cfg.stop_after and step >= cfg.stop_after)
             if world > 1:  # every rank must agree to stop, or the others would hang in all_reduce
@@ -323,5 +345,7 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None,
                 interrupted = True
                 break
     bar.close()
+    if best["state"] is not None:
+        raw_model.load_state_dict(best["state"])
     return TrainResult(step=step, interrupted=interrupted, elapsed=elapsed_before + time.time() - t_start,
-                       metrics=metrics)
+                       metrics=metrics, best_step=best["step"], stopped_early=stopped_early)
