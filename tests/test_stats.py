@@ -6,7 +6,7 @@ from hybrid_gpt.stats import judge_difference, mean_ci
 def test_mean_ci_uses_student_t():
     s = mean_ci([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0
-    assert s["ci95"] == pytest.approx([2.0 - 4.303 / 3 ** 0.5, 2.0 + 4.303 / 3 ** 0.5])
+    assert s["ci95"] == pytest.approx([2.0 - 4.302653 / 3 ** 0.5, 2.0 + 4.302653 / 3 ** 0.5])
     assert mean_ci([5.0])["ci95"] is None
 
 
@@ -29,7 +29,7 @@ def test_ratio_ci_on_constructed_timings():
     assert r["ratio"] == pytest.approx(2.0) and r["ci95"] == pytest.approx([2.0, 2.0])
     # log-ratios 0, log 2, log 4: mean log 2, t(2) * sd / sqrt 3 on the log scale
     r = ratio_ci([1.0, 2.0, 4.0], [1.0, 1.0, 1.0])
-    half = 4.303 * math.log(2) / math.sqrt(3)
+    half = 4.302653 * math.log(2) / math.sqrt(3)
     assert r["ratio"] == pytest.approx(2.0)
     assert r["ci95"] == pytest.approx([2 * math.exp(-half), 2 * math.exp(half)])
     # the interval of b/a is the reciprocal of a/b's
@@ -65,3 +65,28 @@ def test_judge_interval_is_three_valued():
     assert judge_interval([1.0, 1.2], 1.25, higher_is_better=True) is False
     assert judge_interval([1.2, 1.3], 1.25, higher_is_better=True) is None
     assert judge_interval(None, 1.25, higher_is_better=True) is None
+
+
+@pytest.mark.parametrize("dof, quantile", [(1, 12.706205), (2, 4.302653), (5, 2.570582), (30, 2.042272),
+                                           (31, 2.039513), (45, 2.014103), (60, 2.000298), (1000, 1.962339),
+                                           (2.5, 3.574655)])
+def test_t_quantile_is_exact_at_any_degrees_of_freedom(dof, quantile):
+    """Published 97.5% quantiles (R's qt; 2.5: the density integrated numerically): beyond 30 degrees of freedom too, and at fractional ones."""
+    from hybrid_gpt.stats import t_cdf, t_quantile
+
+    assert t_quantile(dof) == pytest.approx(quantile, abs=2e-6)
+    assert t_cdf(t_quantile(dof), dof) == pytest.approx(0.975, abs=1e-9)
+
+
+def test_seed_window_interval_covers_both_sources_of_variance():
+    from hybrid_gpt.stats import mean_ci, seed_window_ci
+
+    windows = [0.1, -0.05, 0.2, 0.0, 0.05, 0.15]
+    one = seed_window_ci([windows])
+    assert one["ci95"] == pytest.approx(mean_ci(windows)["ci95"]) and one["se_seeds"] == 0
+    # a second seed shifted by a constant: the windows agree, the seeds do not, so the interval widens
+    two = seed_window_ci([windows, [w + 0.3 for w in windows]])
+    assert two["mean"] == pytest.approx(0.0750 + 0.15) and two["se_seeds"] > 0
+    assert two["ci95"][1] - two["ci95"][0] > one["ci95"][1] - one["ci95"][0]
+    with pytest.raises(ValueError):
+        seed_window_ci([[0.1]])

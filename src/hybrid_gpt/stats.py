@@ -7,14 +7,56 @@ from __future__ import annotations
 import math
 import statistics
 
-# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom; 1.96 beyond.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
 
 
-def t_quantile(dof: int) -> float:
-    return _T975[dof - 1] if 1 <= dof <= len(_T975) else 1.96
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function, for x in [0, 1]."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, dof: float) -> float:
+    """P(T <= t) for Student's t with ``dof`` (> 0, not necessarily whole) degrees of freedom."""
+    tail = 0.5 * _betainc(dof / 2.0, 0.5, dof / (dof + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(dof: float, level: float = 0.975) -> float:
+    """The ``level`` quantile of Student's t with ``dof`` degrees of freedom, exact to about 1e-10 for any
+    dof > 0 (whole or fractional, as Welch-Satterthwaite gives): the two-sided 95% intervals use 0.975."""
+    if not dof > 0:
+        raise ValueError(f"t_quantile needs dof > 0, got {dof}")
+    if not 0.5 <= level < 1:
+        raise ValueError(f"t_quantile needs a level in [0.5, 1), got {level}")
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, dof) < level:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if t_cdf(mid, dof) < level else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return (lo + hi) / 2.0
 
 
 def mean_ci(values: list[float]) -> dict:
@@ -25,6 +67,30 @@ def mean_ci(values: list[float]) -> dict:
         return {"mean": mean, "ci95": None, "n": n, "values": values}
     half = t_quantile(n - 1) * statistics.stdev(values) / math.sqrt(n)
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": n, "values": values}
+
+
+def seed_window_ci(diffs: list[list[float]]) -> dict:
+    """Mean and 95% interval of a paired difference measured on the same windows under several training seeds
+    (``diffs[s][w]``: seed s, window w), covering both sources of variance: the squared standard error is
+    var_w(mean over seeds) / W + var_s(mean over windows) / S, which counts the interaction twice (so it errs
+    wide), with Welch-Satterthwaite degrees of freedom. One seed gives the windows' t-interval alone.
+
+    Returns {"mean", "ci95", "dof", "se_windows", "se_seeds", "seeds", "windows"}."""
+    S, W = len(diffs), len(diffs[0]) if diffs else 0
+    if not S or W < 2 or any(len(row) != W for row in diffs):
+        raise ValueError("seed_window_ci needs at least 2 windows, the same number for every seed")
+    by_window = [statistics.fmean(row[w] for row in diffs) for w in range(W)]
+    by_seed = [statistics.fmean(row) for row in diffs]
+    v_w = statistics.variance(by_window) / W
+    v_s = statistics.variance(by_seed) / S if S > 1 else 0.0
+    mean = statistics.fmean(by_window)
+    out = {"mean": mean, "ci95": None, "dof": None, "se_windows": math.sqrt(v_w), "se_seeds": math.sqrt(v_s),
+           "seeds": S, "windows": W}
+    if v_w + v_s <= 0:
+        return out | {"ci95": [mean, mean]}
+    dof = (v_w + v_s) ** 2 / (v_w ** 2 / (W - 1) + (v_s ** 2 / (S - 1) if S > 1 else 0.0))
+    half = t_quantile(dof) * math.sqrt(v_w + v_s)
+    return out | {"ci95": [mean - half, mean + half], "dof": dof}
 
 
 def ratio_ci(base_times: list[float], other_times: list[float]) -> dict:

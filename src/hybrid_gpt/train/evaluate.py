@@ -66,6 +66,26 @@ def evaluate_lm(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_to
         return _evaluate_lm(model, tokens, byte_lengths, max_tokens, batch_size, autocast, context)
 
 
+def window_starts(n_tokens: int, block_size: int, max_tokens: int, spread: bool = False) -> tuple[int, list[int]]:
+    """(T, starts) of the windows :func:`windows` reads from a split of ``n_tokens`` tokens: windows of T =
+    ``block_size`` targets (one shorter window when the split or ``max_tokens`` is shorter than one), as many
+    as ``max_tokens`` holds, tiling the split from its start or, with ``spread``, starting at evenly spaced
+    offsets over the whole split (still without overlap)."""
+    if n_tokens < 2:
+        raise HybridGPTError(f"the split has {n_tokens} tokens; at least 2 are needed to predict one")
+    if max_tokens < 1:
+        raise HybridGPTError(f"the number of tokens to evaluate must be at least 1, got {max_tokens}")
+    targets = min(max_tokens, n_tokens - 1)
+    T = block_size
+    n_windows = targets // T
+    if n_windows < 1:
+        T, n_windows = targets, 1
+    if spread and n_windows > 1:
+        stride = (n_tokens - 1 - T) / (n_windows - 1)  # >= T: n_windows * T <= n_tokens - 1
+        return T, [round(r * stride) for r in range(n_windows)]
+    return T, [r * T for r in range(n_windows)]
+
+
 def windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: int = 16,
             spread: bool = False) -> Iterator[torch.Tensor]:
     """Batches [rows, T + 1] (int64, on the CPU) of the windows every held-out measurement reads.
@@ -74,23 +94,11 @@ def windows(tokens: np.ndarray, block_size: int, max_tokens: int, batch_size: in
     ``max_tokens`` targets: inputs are ``[:, :-1]`` and targets ``[:, 1:]``, so each token is predicted
     once. When the split (or ``max_tokens``) is shorter than one context, one shorter window holds them all.
     With ``spread``, the same number of windows starts at evenly spaced offsets over the whole split
-    instead (still without overlap), so that a budget smaller than the split samples all of its documents
+    instead (:func:`window_starts`), so that a budget smaller than the split samples all of its documents
     rather than the first.
     """
-    if len(tokens) < 2:
-        raise HybridGPTError(f"the split has {len(tokens)} tokens; at least 2 are needed to predict one")
-    if max_tokens < 1:
-        raise HybridGPTError(f"the number of tokens to evaluate must be at least 1, got {max_tokens}")
-    targets = min(max_tokens, len(tokens) - 1)
-    T = block_size
-    n_windows = targets // T
-    if n_windows < 1:
-        T, n_windows = targets, 1
-    starts = [r * T for r in range(n_windows)]
-    if spread and n_windows > 1:
-        stride = (len(tokens) - 1 - T) / (n_windows - 1)  # >= T: n_windows * T <= len(tokens) - 1
-        starts = [round(r * stride) for r in range(n_windows)]
-    for lo in range(0, n_windows, batch_size):
+    T, starts = window_starts(len(tokens), block_size, max_tokens, spread)
+    for lo in range(0, len(starts), batch_size):
         yield torch.from_numpy(np.stack([tokens[s : s + T + 1] for s in starts[lo:lo + batch_size]]).astype(np.int64))
 
 
