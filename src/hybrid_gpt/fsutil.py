@@ -484,6 +484,7 @@ def _check_existing(final: Path, allowed: Collection[str], what: str, overwrite:
     if not (overwrite or resume):
         raise HybridGPTError(f"{final} already exists; {exists_hint}")
     check_replaceable(final, allowed, what)
+    check_replaceable(_old(final), allowed, what)  # the swap deletes it: refused now, not after the work
     return True
 
 
