@@ -222,7 +222,7 @@ CASES = {
     "distill over a user's folder": Case(lambda t, r: (["distill", r / "pretrain-standard", "--layers", "AM",
                                                          "--out", _notes_dir(t), "--overwrite"],
                                                         "is not a distill output")),
-    "output name too long": Case(lambda t, r: (_pretrain(r, "--out", t / ("x" * 300)), "File name too long")),
+    "output name too long": Case(lambda t, r: (_pretrain(r, "--out", t / ("x" * 300)), "takes names of at most")),
     "overwrite a file": Case(lambda t, r: (_pretrain(r, "--out", _jsonl(t, "mine\n", "notes.txt"), "--overwrite"),
                                            "exists and is not a directory")),
     "sft overwrite a user's folder": Case(lambda t, r: (_sft(r, "--out", _notes_dir(t), "--overwrite"),

@@ -3,16 +3,19 @@ so that a crash leaves either the old complete artifact or the new complete one.
 
 Directories (checkpoints, prepared data, analysis outputs) are built whole in a hidden sibling and
 swapped in by :func:`replace_dir`; :func:`output_dir` is the one sequence every writer of a directory
-uses (lock, stale temporaries, recovery of a half-finished swap, refusal of a directory that is not
-ours, swap). An OSError from a write becomes one line naming the file and the reason (:class:`WriteError`).
+uses (lock, stale temporaries, recovery of a half-finished swap, refusal of a directory that holds,
+at any depth, anything the command's tree spec of what it writes does not name, swap). An OSError
+from a write becomes one line naming the file and the reason (:class:`WriteError`).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
+import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Collection
@@ -22,7 +25,8 @@ from pathlib import Path
 from hybrid_gpt.errors import HybridGPTError, RunFailure
 
 JSON_LIMIT = 64 << 20  # bytes; our JSON files are kilobytes, so anything near this is not one of them
-TEMP_PATTERN = ".*.tmp-*"  # the hidden temporaries of atomic_path and staged_dir, owned by whoever holds the lock
+NAME_MAX = 255  # bytes in one file name, where the file system does not say (ext4, XFS, btrfs, tmpfs, APFS)
+PID_DIGITS = 7  # Linux's largest pid_max, 4,194,304: the room a hidden temporary's name leaves for its pid
 
 
 def clip(value, limit: int = 60) -> str:
@@ -53,6 +57,47 @@ def _quietly(fn, *args) -> None:
         fn(*args)
     except OSError:
         pass
+
+
+def name_max(folder: str | Path) -> int:
+    """The longest file name, in bytes, that the file system of ``folder`` (or of its nearest existing
+    ancestor) takes."""
+    folder = Path(os.path.abspath(folder))
+    for d in (folder, *folder.parents):
+        try:
+            return int(os.pathconf(d, "PC_NAME_MAX"))
+        except (OSError, ValueError):
+            continue
+    return NAME_MAX
+
+
+def _sibling(final: Path, prefix: str, suffix: str, room: int = 0) -> Path:
+    """The sibling of ``final`` named ``prefix + name + suffix`` (and up to ``room`` bytes more); where that is
+    longer than the file system takes, the name is cut and a hash of the whole stands for the rest, so that
+    every name the file system takes can be written (a 245-byte --out once failed at its first save)."""
+    name, limit = final.name, name_max(final.parent)
+    fixed = len(os.fsencode(prefix + suffix)) + room
+    if len(os.fsencode(name)) + fixed > limit:
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        while name and len(os.fsencode(name)) + fixed + len(digest) + 1 > limit:
+            name = name[:-1]
+        name = f"{name}~{digest}"
+    return final.with_name(prefix + name + suffix)
+
+
+def _temp(final: Path) -> Path:
+    """The hidden temporary of ``final`` (atomic_path, staged_dir) of this process; the stale ones of killed
+    processes match ``_temp_glob(final)``."""
+    base = _sibling(final, ".", ".tmp-", PID_DIGITS)
+    return base.with_name(f"{base.name}{os.getpid()}")
+
+
+def _temp_glob(final: Path) -> str:
+    return glob.escape(_sibling(final, ".", ".tmp-", PID_DIGITS).name) + "*"
+
+
+def _lock(target: Path) -> Path:
+    return _sibling(target, ".", ".lock")
 
 
 def _remove(path: Path) -> None:
@@ -90,7 +135,7 @@ def atomic_path(final: str | Path):
     An OSError on the way (read-only file system, disk full) becomes a :class:`WriteError` naming ``final``.
     """
     final = _named(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = _temp(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
@@ -186,27 +231,90 @@ def _named(path: str | Path) -> Path:
 
 
 def _old(final: Path) -> Path:
-    return final.with_name(final.name + ".old")
+    return _sibling(final, "", ".old")
 
 
 def _listing(names: list[str], shown: int = 4) -> str:
-    text = ", ".join(clip(n, 40) for n in names[:shown])
+    text = ", ".join(clip(n, 80) for n in names[:shown])
     return text + (f" and {len(names) - shown:,} more" if len(names) > shown else "")
 
 
+def nested(prefix: str, spec: Collection[str]) -> tuple[str, ...]:
+    """``spec`` (a tree spec: see :func:`check_replaceable`) moved under the directory pattern ``prefix``:
+    ``nested("arms/*", CHECKPOINT_FILES)`` is a checkpoint in every directory under arms/."""
+    return tuple(f"{prefix}/{p}" for p in spec)
+
+
+def _stands_for(name: str, is_dir: bool) -> list[str]:
+    """The names an entry may stand for: itself, and for our hidden siblings (``.X.tmp-PID`` of atomic_path
+    and staged_dir, ``X.old`` of an interrupted swap) the X they are a version of."""
+    names = [name]
+    tmp = re.fullmatch(r"\.(.+)\.tmp-\d+", name, re.DOTALL)
+    if tmp:
+        names.append(tmp[1])
+    if is_dir and name.endswith(".old") and len(name) > 4:
+        names.append(name[:-4])
+    return names
+
+
+def _contents(name: str, is_dir: bool, patterns: list[tuple[str, ...]]) -> list[tuple[str, ...]] | None:
+    """None if the entry ``name`` is not ours among ``patterns``; else the patterns of what it may hold
+    (empty for a file)."""
+    names = _stands_for(name, is_dir)
+    if not is_dir:
+        lock = re.fullmatch(r"\.(.+)\.lock", name, re.DOTALL)  # the lock of a sibling (exclusive_writer)
+        if lock and any(fnmatch.fnmatchcase(lock[1], p[0]) for p in patterns):
+            return []
+        return [] if any(len(p) == 1 and fnmatch.fnmatchcase(n, p[0]) for n in names for p in patterns) else None
+    inner = [p[1:] for p in patterns if len(p) > 1 and any(fnmatch.fnmatchcase(n, p[0]) for n in names)]
+    return inner or None
+
+
+def foreign_entries(path: Path, allowed: Collection[str]) -> list[str]:
+    """Every entry under the directory ``path`` that the tree spec ``allowed`` does not name, as a path
+    relative to it ('/'-separated; a directory ends in '/', and what is in it is not listed): see
+    :func:`check_replaceable`. No symbolic link is followed."""
+    patterns = [tuple(p.split("/")) for p in allowed]
+    foreign: list[str] = []
+
+    def walk(folder: Path, rel: str, patterns: list[tuple[str, ...]]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            raise HybridGPTError(f"cannot read {folder}: {os_reason(e)}") from e
+        for entry in entries:
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:  # gone since the listing
+                continue
+            is_dir = stat.S_ISDIR(mode)
+            inner = _contents(entry.name, is_dir, patterns) if is_dir or stat.S_ISREG(mode) else None
+            if inner is None:  # not ours, or a link, FIFO, socket or device: we write none of those
+                foreign.append(rel + entry.name + ("/" if is_dir else ""))
+            elif is_dir:
+                walk(Path(entry.path), f"{rel}{entry.name}/", inner)
+
+    walk(path, "", patterns)
+    return foreign
+
+
 def check_replaceable(path: Path, allowed: Collection[str], what: str) -> None:
-    """Refuse to replace ``path`` unless it is missing or a directory holding only names matching ``allowed``
-    (glob patterns): replacing deletes it, so it must be one of ours (an empty directory holds nothing to lose)."""
+    """Refuse to replace (or delete in) ``path`` unless it is missing, or a directory whose every entry, at
+    every depth, is one the tool writes: replacing deletes it all, so all of it must be ours.
+
+    ``allowed`` is the tool's tree spec: '/'-separated paths of the files it writes, relative to ``path``,
+    each component a glob pattern ("arms/*/config.json"; :func:`nested`); the directories on the way are
+    implied. Also ours: the hidden siblings that our own writes leave after a kill (``.X.tmp-PID``,
+    ``X.old``, ``.X.lock``) of an entry the spec names. ``path`` itself may be a link to a directory (only
+    the link is replaced). A symbolic link, a FIFO or a device is never ours, nor a
+    directory where the spec has a file. Why a spec and not a manifest of what was written: it also judges
+    directories written in place (ablate, static) or by earlier versions, and it is the one description of
+    each layout (an empty directory holds nothing to lose)."""
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_dir():
         raise HybridGPTError(f"{path} is a file, not a {what}; it is left untouched (choose another output path)")
-    try:
-        names = sorted(os.listdir(path))
-    except OSError as e:
-        raise HybridGPTError(f"cannot read {path}: {os_reason(e)}") from e
-    patterns = (*allowed, TEMP_PATTERN)
-    foreign = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    foreign = foreign_entries(path, allowed)
     if foreign:
         raise HybridGPTError(f"{path} is not a {what}: it holds {_listing(foreign)}; it is left untouched "
                              "(move those away, or choose another output path)")
@@ -231,8 +339,9 @@ def replace_dir(tmp_dir: Path, final: Path, allowed: Collection[str] | None = No
     """Swap a fully written directory into place.
 
     The previous directory is first renamed to ``final.old``; a crash between the two renames
-    leaves ``final.old`` complete, and :func:`recover_dir` puts it back. With ``allowed``, a previous
-    directory that holds anything else is refused (see :func:`check_replaceable`) and nothing moves.
+    leaves ``final.old`` complete, and :func:`recover_dir` puts it back. With ``allowed`` (a tree spec), a
+    previous directory that holds anything else at any depth is refused (see :func:`check_replaceable`) and
+    nothing moves.
     """
     old = _old(final)
     if allowed is not None:
@@ -254,7 +363,7 @@ def _try_lock(target: Path):
     """(the lock file of ``target``, held exclusively, None) or (None, the pid written by the process that holds it)."""
     import fcntl
 
-    lock = target.with_name(f".{target.name}.lock")
+    lock = _lock(target)
     try:
         f = open(lock, "a+")
     except OSError as e:
@@ -272,7 +381,7 @@ def _try_lock(target: Path):
 def _unlock(f, target: Path) -> None:
     import fcntl
 
-    _quietly(target.with_name(f".{target.name}.lock").unlink, True)  # while held: no one sees it held, then gone
+    _quietly(_lock(target).unlink, True)  # while held: no one sees it held, then gone
     fcntl.flock(f, fcntl.LOCK_UN)
     f.close()
 
@@ -349,7 +458,7 @@ def staged_dir(final: str | Path, allowed: Collection[str], what: str):
     """Yield an empty hidden sibling directory to build ``final`` in; on success swap it in whole
     (:func:`replace_dir`), on failure remove it. The caller holds ``final``'s lock (:func:`claimed_dir`)."""
     final = _named(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = _temp(final)
     try:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
@@ -368,24 +477,30 @@ def staged_dir(final: str | Path, allowed: Collection[str], what: str):
 
 
 def _check_existing(final: Path, allowed: Collection[str], what: str, overwrite: bool, resume: bool,
-                    exists_hint: str) -> None:
+                    exists_hint: str) -> bool:
+    """Whether ``final`` exists, refusing it unless ``overwrite`` or ``resume`` and it is ours."""
     if not (final.exists() or final.is_symlink()):
-        return
+        return False
     if not (overwrite or resume):
         raise HybridGPTError(f"{final} already exists; {exists_hint}")
     check_replaceable(final, allowed, what)
+    check_replaceable(_old(final), allowed, what)  # the swap deletes it: refused now, not after the work
+    return True
 
 
 @contextmanager
 def claimed_dir(final: str | Path, *, allowed: Collection[str], what: str, overwrite: bool = False,
-                resume: bool = False, exists_hint: str = "pass --overwrite to replace it", writer: bool = True):
+                resume: bool = False, exists_hint: str = "pass --overwrite to replace it", writer: bool = True,
+                in_place: bool = False):
     """Hold the directory ``final`` for writing; the one sequence before any directory is written.
 
     A half-finished swap is recovered, then an existing ``final`` is refused unless ``overwrite`` or
-    ``resume``, and also then when it holds anything but names matching ``allowed``: first without the
-    lock (so that a refused command leaves no trace), then again under it, after removing the stale
-    temporaries of killed writers (the lock makes them ours). ``writer=False`` (a DDP rank other than
-    0) only checks.
+    ``resume``, and also then when anything in it, at any depth, is not named by the tree spec ``allowed``
+    (:func:`check_replaceable`): first without the lock (so that a refused command leaves no trace), then
+    again under it, after removing the stale temporaries of killed writers (the lock makes them ours).
+    ``in_place`` (a writer that fills ``final`` itself instead of swapping a staged copy in): ``overwrite``
+    deletes the existing ``final`` right after that check, under the lock (no link is followed).
+    ``writer=False`` (a DDP rank other than 0) only checks.
     """
     final = _named(final)
     try:
@@ -400,10 +515,14 @@ def claimed_dir(final: str | Path, *, allowed: Collection[str], what: str, overw
         yield final
         return
     with exclusive_writer(final):
-        for stale in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        for stale in final.parent.glob(_temp_glob(final)):
             _quietly(_remove, stale)
         _recover(final)
-        _check_existing(final, allowed, what, overwrite, resume, exists_hint)
+        if _check_existing(final, allowed, what, overwrite, resume, exists_hint) and in_place and overwrite:
+            try:
+                _remove(final)
+            except OSError as e:
+                raise WriteError(final, os_reason(e), "it may be partly deleted") from e
         yield final
 
 

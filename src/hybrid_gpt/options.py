@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -20,6 +21,7 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.fsutil import name_max
 
 MAX_SEED = 2**32 - 1  # what every generator we seed (torch, numpy, random) accepts
 MAX_TEXT_CHARS = 1_000_000  # a longer message or prompt is refused rather than tokenised
@@ -147,7 +149,12 @@ def _text_problem(text: str, kind: str, spec: Spec) -> str | None:
 
 
 def _path_problem(path: Path, kind: str) -> str | None:
-    """An existing path of the wrong type, caught before any work starts."""
+    """An existing path of the wrong type, or an output name longer than its file system takes, caught
+    before any work starts."""
+    if kind in ("outdir", "outfile"):
+        size, limit = len(os.fsencode(path.name)), name_max(path.parent)
+        if size > limit:
+            return f"has a name of {size:,} bytes; its file system takes names of at most {limit:,} bytes"
     try:
         try:
             path.resolve()

@@ -23,7 +23,8 @@ from pathlib import Path
 from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import check_replaceable, read_json, write_json, write_text
+from hybrid_gpt.checkpoint import CHECKPOINT_FILES
+from hybrid_gpt.fsutil import check_replaceable, nested, read_json, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.stats import format_ci, judge_interval, judge_pair, mean_ci, seeds_needed
@@ -47,7 +48,8 @@ class Variant:
 
 
 # What an ablate output directory holds (its runs are "<pattern>-steps<N>-seed<S>" checkpoints).
-ABLATE_FILES = ("ablate.json", "ablate.md", "ablate-*.png", "calibration-*.json", "*-steps*-seed*")
+ABLATE_FILES = ("ablate.json", "ablate.md", "ablate-*.png", "calibration-*.json",
+                *nested("*-steps*-seed*", CHECKPOINT_FILES))
 
 def _config(values: dict, vocab_size: int, layers: str, mlp_hidden: int = 0) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, block_size=values["block_size"], n_embd=values["n_embd"],

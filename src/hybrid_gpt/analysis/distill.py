@@ -24,11 +24,12 @@ import torch.nn.functional as F
 
 from hybrid_gpt.analysis.ablate import decode_speeds
 from hybrid_gpt.analysis.plots import save_plot, smooth
-from hybrid_gpt.checkpoint import checkpoint_data, is_checkpoint, load_checkpoint, read_config, save_checkpoint
+from hybrid_gpt.checkpoint import (CHECKPOINT_FILES, checkpoint_data, is_checkpoint, load_checkpoint, read_config,
+                                   save_checkpoint)
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import output_dir, write_json, write_text
+from hybrid_gpt.fsutil import nested, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, mixer_activations, parse_layers
 from hybrid_gpt.options import MAX_REPEATS, MAX_TOKENS, MAX_WIDTH, option, pattern_problem
 from hybrid_gpt.presets import DEFAULT_SEED
@@ -50,7 +51,8 @@ DEFAULTS = {
 }
 DECODE_REPEATS = 5
 # What a distill output directory may hold: anything else means it is not ours to replace.
-DISTILL_FILES = ("distill.json", "distill.md", "distill-*.png", "distilled", "distilled-finetuned", "drop-finetuned")
+DISTILL_FILES = ("distill.json", "distill.md", "distill-*.png", *nested("distilled", CHECKPOINT_FILES),
+                 *nested("distilled-finetuned", CHECKPOINT_FILES), *nested("drop-finetuned", CHECKPOINT_FILES))
 ARMS = {  # result key -> label, in the order of the tables
     "teacher": "teacher",
     "distilled": "distilled",

@@ -46,10 +46,11 @@ from hybrid_gpt.analysis.distill import Teacher, _pct, _phase, _sci, _total, dis
 from hybrid_gpt.analysis.importance import attention_layers, attention_stats
 from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE, SPEED_GAIN, STATES
-from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint, read_config, resolve, save_checkpoint
+from hybrid_gpt.checkpoint import (CHECKPOINT_FILES, checkpoint_data, load_checkpoint, read_config, resolve,
+                                   save_checkpoint)
 from hybrid_gpt.data.chat_data import load_sft
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
+from hybrid_gpt.fsutil import check_replaceable, nested, output_dir, write_json, write_text
 from hybrid_gpt.infer.bench import BenchConfig, entry_name, run_bench
 from hybrid_gpt.infer.costs import predicted_speedup
 from hybrid_gpt.model.gpt import GPT
@@ -90,7 +91,7 @@ DEFAULTS = {
 # Below this accuracy of the full model, a passkey length tests nothing: an arm cannot lose what is not there.
 PASSKEY_FLOOR = 0.5
 # What a retrofit output directory may hold: anything else means it is not ours to replace.
-RETROFIT_FILES = ("retrofit.json", "retrofit.md", "retrofit-*.png", "arms")
+RETROFIT_FILES = ("retrofit.json", "retrofit.md", "retrofit-*.png", *nested("arms/*", CHECKPOINT_FILES))
 FULL = "full"
 
 

@@ -28,7 +28,6 @@ replacement study to use.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from hybrid_gpt.analysis.importance import attention_layers
 from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import atomic_path, claimed_dir, read_json, write_json
+from hybrid_gpt.fsutil import atomic_path, claimed_dir, nested, read_json, write_json
 from hybrid_gpt.model.gpt import GPT, GPTConfig, TokenMLP, mixer_activations
 from hybrid_gpt.options import MAX_CONTEXT, MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, check_fields, option
 from hybrid_gpt.presets import DEFAULT_SEED
@@ -50,7 +49,8 @@ from hybrid_gpt.train.evaluate import windows
 from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig, train
 
 # What a staticness output directory may hold: anything else means it is not ours to resume or replace.
-STATIC_FILES = ("static.json", "static.md", "static-*.png", "state.json", "captures", "fits")
+STATIC_FILES = ("static.json", "static.md", "static-*.png", "state.json", "fits/*.safetensors",
+                *nested("captures/*", ("in-*.npy", "out-*.npy", "done.json")))
 # Windows of a split captured together: one forward's activations of every layer must fit in memory.
 CAPTURE_ROWS = 1
 # The smallest budgets that mean anything: a fit needs more tokens than the MLP has inputs, and R^2 needs
@@ -431,9 +431,8 @@ def run_static(checkpoint: str | Path, config: StaticConfig | None = None, *, lo
     out = Path(config.out_dir) if config.out_dir else ckpt.parent / "static"
     fingerprint = {**config.fingerprint(), "checkpoint": str(ckpt.resolve()), "data": str(data.root.resolve())}
     with claimed_dir(out, allowed=STATIC_FILES, what="staticness map", overwrite=config.overwrite,
-                     resume=config.resume, exists_hint="pass --resume to continue it or --overwrite to replace it"):
-        if config.overwrite and out.is_dir():  # claimed_dir checked that it holds only what a map writes
-            shutil.rmtree(out)
+                     resume=config.resume, exists_hint="pass --resume to continue it or --overwrite to replace it",
+                     in_place=True):
         out.mkdir(parents=True, exist_ok=True)
         state = State(out / "state.json", fingerprint)
         if state.data["options"] != fingerprint:
