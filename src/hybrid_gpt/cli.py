@@ -635,14 +635,15 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _validation_tokens(ckpt: Path, tokenizer, training: dict, log):
-    """(validation tokens, bytes per token) of a checkpoint's prepared data, for the precision cost; None if absent."""
+def _validation_tokens(ckpt: Path, name: str, tokenizer, training: dict, log):
+    """(validation tokens, bytes per token) of a checkpoint's own prepared data (checked to be of its tokenizer),
+    for the precision cost; None, said before any timing, if it has none."""
     from hybrid_gpt.checkpoint import checkpoint_data
 
     try:
         data = checkpoint_data(ckpt if ckpt.is_dir() else ckpt.parent, tokenizer, training)
     except HybridGPTError as e:
-        log(f"quality: skipped ({e})")
+        log(f"quality of {name}: skipped ({one_line(str(e))})")
         return None
     return data.val, tokenizer.token_byte_lengths()
 
@@ -685,7 +686,7 @@ def cmd_bench(args) -> int:
     if args.shape and not args.layers:
         raise HybridGPTError("--shape needs --layers, e.g. --layers AAAA,AAMM")
     device = resolve_device(args.device)
-    models, val = {}, None
+    models, val = {}, {}
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if args.shape:
         models = shape_models(args.shape, args.layers, block_size=args.block_size, contexts=args.contexts,
@@ -696,8 +697,10 @@ def cmd_bench(args) -> int:
         if name in models:
             name = Path(path).name
         models[name] = model
-        if val is None and args.dtypes != ["float32"]:
-            val = _validation_tokens(Path(path), tokenizer, training, log)
+        if args.dtypes != ["float32"]:  # each model's quality on its own data
+            own = _validation_tokens(Path(path), name, tokenizer, training, log)
+            if own is not None:
+                val[name] = own
     cfg = _bench_config(args, min(m.config.block_size for m in models.values()))
     results = run_bench(models, cfg, log=log, val=val)
     if args.shape:
