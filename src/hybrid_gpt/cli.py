@@ -25,6 +25,8 @@ from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.bench import BENCH_DTYPES, PEERS, BenchConfig, run_train_bench
 from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
+from hybrid_gpt.infer.costs import BANDWIDTH_GBS, FLOPS_GFLOPS
+from hybrid_gpt.infer.costs import CONTEXTS as COST_CONTEXTS
 from hybrid_gpt.interop.importer import STORED_DTYPES
 from hybrid_gpt.options import (
     MAX_CONTEXT,
@@ -321,7 +323,6 @@ class ImportOptions:
 
 # costs: the cost model (infer/costs.py) -- its options, command and registration are this block and its
 # entries in build_parser and COMMANDS.
-MAX_RATE = 1e12  # GB/s or GFLOP/s: far beyond any machine, so that a typo is refused, not divided by
 
 
 @dataclass
@@ -334,25 +335,27 @@ class CostsOptions:
                                help="layer patterns to compare, the first one the base, e.g. AAAA,AAMM; standard "
                                     "and hybrid name the all-attention and half-attention patterns of the shape's "
                                     "depth")
-    contexts: list[int] = option(default_factory=lambda: [256, 1024, 4096, 16384], lo=1, hi=MAX_CONTEXT,
-                                 help="context lengths; with a preset the shape's context becomes the largest of "
-                                      "them (costs need no weights), with a checkpoint they must fit its context")
+    contexts: list[int] | None = option(None, lo=1, hi=MAX_CONTEXT,
+                                        help=f"context lengths (default: {','.join(map(str, COST_CONTEXTS))}; "
+                                             "with a checkpoint those within its context, and its context); with a "
+                                             "preset the shape's context becomes the largest of them (costs need no "
+                                             "weights), with a checkpoint they must fit its context")
     batch_sizes: list[int] = option(default_factory=lambda: [1, 8], lo=1, hi=MAX_ROWS)
     dtype: str = option("float32", choices=BENCH_DTYPES,
                         help="precision of the weights and the KV cache (int8: the linear layers' weights in int8, "
                              "the rest in float32, as bench's int8)")
     phase: str = option("both", choices=("both", "decode", "prefill"))
-    bandwidth: float | None = option(None, lo=0, lo_open=True, hi=MAX_RATE, metavar="GB/S",
+    bandwidth: float | None = option(None, lo=BANDWIDTH_GBS[0], hi=BANDWIDTH_GBS[1], metavar="GB/S",
                                      help="memory bandwidth of the machine to predict for (with --flops; default: "
                                           "measured here)")
-    flops: float | None = option(None, lo=0, lo_open=True, hi=MAX_RATE, metavar="GFLOP/S",
+    flops: float | None = option(None, lo=FLOPS_GFLOPS[0], hi=FLOPS_GFLOPS[1], metavar="GFLOP/S",
                                  help="matmul rate of the machine to predict for (with --bandwidth; default: "
                                       "measured here, in float32)")
     json: bool = option(False, help="print JSON")
 
 
 def cmd_costs(args) -> int:
-    from hybrid_gpt.infer.costs import PHASES, costs_table, format_costs, pattern_configs
+    from hybrid_gpt.infer.costs import PHASES, costs_table, default_contexts, format_costs, pattern_configs
     from hybrid_gpt.model.gpt import GPTConfig
 
     if (args.bandwidth is None) != (args.flops is None):
@@ -361,11 +364,13 @@ def cmd_costs(args) -> int:
         from hybrid_gpt.checkpoint import read_config, resolve
 
         base, limit = read_config(resolve(args.checkpoint)[0])[0], None
+        contexts = args.contexts or default_contexts(base.block_size)  # the checkpoint's, by default
     else:
         from hybrid_gpt.presets import get_preset
 
         p = get_preset(args.preset or default_preset())
-        base = GPTConfig(vocab_size=p["vocab_size"], block_size=max(p["block_size"], *args.contexts),
+        contexts = args.contexts or list(COST_CONTEXTS)
+        base = GPTConfig(vocab_size=p["vocab_size"], block_size=max(p["block_size"], *contexts),
                          n_embd=p["n_embd"], n_head=p["n_head"], layers="A" * p["n_layer"])
         limit = MAX_CONTEXT  # a shape, not a trained model: the crossings are searched as far as a context goes
     configs = pattern_configs(base, args.layers)
@@ -379,7 +384,7 @@ def cmd_costs(args) -> int:
     else:
         hardware = {"memory_bandwidth_bytes_per_s": args.bandwidth * 1e9, "matmul_flops_per_s": args.flops * 1e9,
                     "method": "given with --bandwidth and --flops"}
-    table = costs_table(configs, args.contexts, args.batch_sizes, args.dtype, hardware, limit=limit,
+    table = costs_table(configs, contexts, args.batch_sizes, args.dtype, hardware, limit=limit,
                         phases=PHASES if args.phase == "both" else (args.phase,))
     print(json.dumps(table) if args.json else format_costs(table))
     return 0
