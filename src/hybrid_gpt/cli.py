@@ -587,6 +587,7 @@ def cmd_sample(args) -> int:
     sampling = Sampling(**values(args, Sampling)).validate()
     device = resolve_device(args.device)
     model, tok, _ = load_checkpoint(args.checkpoint, device)
+    sampling.validate(model.config.block_size)  # before the prompt is echoed
     ids = tok.prompt_ids(args.prompt)  # the template's BOS, if it has one
     block = model.config.block_size
     if len(ids) > block - 1:
