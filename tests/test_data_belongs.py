@@ -5,6 +5,7 @@ records, wherever it was written."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from helpers import quiet, run_bad, smoke_config, smoke_model, tiny_chat_files
@@ -180,3 +181,13 @@ def test_token_ids_of_the_other_order_never_reach_an_embedding(pretrained, other
         _, tok, training = load_checkpoint(model_dir)
         with pytest.raises(HybridGPTError, match="differs"):
             checkpoint_data(model_dir, tok, training, data_dir)
+
+
+def test_a_relative_recorded_data_dir_is_found_from_where_it_was_given(tmp_path, monkeypatch):
+    """Older retrofit arms recorded the data directory as the user typed it (relative to where it ran)."""
+    (tmp_path / "work" / "run" / "data").mkdir(parents=True)
+    (tmp_path / "work" / "run" / "data" / "meta.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "work")
+    ckpt = tmp_path / "elsewhere" / "arm"
+    assert checkpoint_data_dir(ckpt, {"data_dir": "run/data"}) == Path("run/data")
+    assert checkpoint_data_dir(ckpt, {"data_dir": "nowhere/data"}) == ckpt.parent / "data"

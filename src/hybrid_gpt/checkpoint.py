@@ -262,10 +262,10 @@ def _recorded_data_dir(ckpt: Path, training: dict) -> Path | None:
     seen = set()
     for _ in range(MAX_LINEAGE):
         recorded = training.get("data_dir")
-        if isinstance(recorded, str) and recorded:
-            path = Path(recorded) if Path(recorded).is_absolute() else ckpt / recorded
-            if (path / "meta.json").is_file():
-                return path
+        if isinstance(recorded, str) and recorded:  # a relative one (older retrofit arms): from here, or ckpt
+            for path in dict.fromkeys((Path(recorded), ckpt / recorded)):
+                if (path / "meta.json").is_file():
+                    return path
         parent = next((training[k] for k in PARENT_KEYS if isinstance(training.get(k), str) and training[k]), None)
         if parent is None or parent in seen or not (Path(parent) / "config.json").is_file():
             return None

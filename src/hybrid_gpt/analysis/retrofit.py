@@ -527,7 +527,8 @@ def _retrofit(cfg: RetrofitConfig, teacher: Teacher, inputs: tuple, chat_file: P
     probes = Probes(passkey.Reference(full, sequences), trials, teacher.tokenizer, template, cfg.answer_tokens)
     timings["probes_s"] = time.time() - t0
 
-    info = {"stage": "retrofit", "teacher": str(teacher.path.resolve()), "data_dir": str(Path(teacher.data.root)),
+    info = {"stage": "retrofit", "teacher": str(teacher.path.resolve()),
+            "data_dir": str(Path(teacher.data.root).resolve()),
             "data_tokenizer_sha256": teacher.data.meta["tokenizer_sha256"], "seed": cfg.seed}
     results: dict[str, dict] = {}
     done: dict[tuple, str] = {}  # (kind, layers) -> the arm that already measured it
