@@ -107,7 +107,7 @@ BAD_INPUTS = {
     "corrupt config": lambda t, r: (["sample", _damaged(t, r, "config.json", text="{oops")], "not valid JSON"),
     "weights of another model": lambda t, r: (["eval", _swapped_weights(t, r)], "do not match its config.json"),
     "data of another vocabulary": lambda t, r: (["eval", r / "pretrain-hybrid", "--data", _other_vocab_data(t)],
-                                                "tokenizer differs"),
+                                                "differs from the one the data in"),
     "malformed dpo jsonl": lambda t, r: (["dpo", "--run-dir", r, "--preset", "smoke", "--init", r / "pretrain-hybrid",
                                           "--dpo-data", _text_file(t, '{"prompt": "p", "chosen": "c"}\n')],
                                          ":1: missing rejected"),

@@ -250,19 +250,72 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model, tokenizer, training
 
 
+# Keys of a checkpoint's "training" that name the checkpoint it was made from (SFT/DPO: init; distill and
+# retrofit: teacher): a checkpoint that records no data of its own was evaluated on that one's.
+PARENT_KEYS = ("init", "teacher")
+MAX_LINEAGE = 16  # checkpoints followed back before giving up (a cycle of configs cannot loop forever)
+
+
+def _recorded_data_dir(ckpt: Path, training: dict) -> Path | None:
+    """The data directory ``training`` (or, failing that, the checkpoint it was made from, and so on) records,
+    where it still holds prepared data; None if none does."""
+    seen = set()
+    for _ in range(MAX_LINEAGE):
+        recorded = training.get("data_dir")
+        if isinstance(recorded, str) and recorded:  # a relative one (older retrofit arms): from here, or ckpt
+            for path in dict.fromkeys((Path(recorded), ckpt / recorded)):
+                if (path / "meta.json").is_file():
+                    return path
+        parent = next((training[k] for k in PARENT_KEYS if isinstance(training.get(k), str) and training[k]), None)
+        if parent is None or parent in seen or not (Path(parent) / "config.json").is_file():
+            return None
+        seen.add(parent)
+        try:
+            ckpt, training = Path(parent), read_config(Path(parent))[1]
+        except HybridGPTError:  # a damaged ancestor: only its data was wanted
+            return None
+    return None
+
+
 def checkpoint_data_dir(ckpt: Path, training: dict) -> Path:
-    """Where a checkpoint's validation data lives: recorded at training time, else ``<ckpt>/../data``."""
-    recorded = training.get("data_dir")
-    if recorded and (Path(recorded) / "meta.json").is_file():
-        return Path(recorded)
-    return ckpt.parent / "data"
+    """Where a checkpoint's validation data lives: the data directory its config.json records (or that of the
+    checkpoint it was fine-tuned or distilled from, followed back), else ``<ckpt>/../data``. Recorded paths
+    are absolute, so a checkpoint written with --out anywhere still finds its data."""
+    return _recorded_data_dir(ckpt, training) or ckpt.parent / "data"
 
 
 def checkpoint_data(ckpt: Path, tokenizer, training: dict, data_dir: str | Path | None = None) -> TokenData:
     """The prepared data a checkpoint is evaluated on (``data_dir``, else :func:`checkpoint_data_dir`),
-    refused when it was tokenized with another tokenizer: its token ids would mean other text."""
-    data = TokenData.open(data_dir or checkpoint_data_dir(ckpt, training))
-    if data.meta["tokenizer_sha256"] != tokenizer.sha256():
-        raise HybridGPTError(f"the checkpoint's tokenizer differs from the one in {data.root}; "
-                             "pass --data with the data it was trained on")
+    refused when it was tokenized with another tokenizer: its token ids would mean other text.
+
+    The one check every analysis that reads a model's tokens goes through (eval, bench, importance, distill,
+    retrofit, probe, static), called before any work, so that no figure is computed on data that is not the
+    model's and no error comes after minutes of work."""
+    root = Path(data_dir) if data_dir is not None else checkpoint_data_dir(ckpt, training)
+    if data_dir is None and not (root / "meta.json").is_file():
+        recorded = training.get("data_dir")
+        said = (f"its config.json records data {clip(recorded)}, which holds no prepared data now, and "
+                if recorded else "its config.json records no data directory, and ")
+        raise HybridGPTError(f"no prepared data for the checkpoint {ckpt}: {said}{root} holds none; pass --data "
+                             "with the directory it was trained on (from `hybrid-gpt prepare`), or prepare data "
+                             f"with its tokenizer: `hybrid-gpt prepare --tokenizer {ckpt}`")
+    data = TokenData.open(root)
+    check_data_tokenizer(data, tokenizer, f"the checkpoint {ckpt}")
     return data
+
+
+def check_data_tokenizer(data: TokenData, tokenizer, whose: str) -> None:
+    """HybridGPTError unless ``data`` was tokenized with ``tokenizer`` (the same sha256): ids of another
+    tokenizer are other text, and scoring a model on them gives a plausible, wrong figure."""
+    if data.meta["tokenizer_sha256"] != tokenizer.sha256():
+        raise HybridGPTError(f"the tokenizer of {whose} differs from the one the data in {data.root} was tokenized "
+                             "with; pass --data with the data it was trained on, or prepare some with "
+                             "`hybrid-gpt prepare --tokenizer CKPT`")
+
+
+def open_checkpoint_data(path: str | Path, data_dir: str | Path | None = None) -> TokenData:
+    """:func:`checkpoint_data` of the checkpoint at ``path`` from its config.json and tokenizer alone (no
+    weights are loaded): the up-front check of a command that loads the model later."""
+    root, _ = resolve(path)
+    _, training = read_config(root)
+    return checkpoint_data(root, load_tokenizer(root), training, data_dir)

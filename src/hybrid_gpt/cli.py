@@ -26,6 +26,8 @@ from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.bench import BENCH_DTYPES, PEERS, BenchConfig, run_train_bench
 from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
+from hybrid_gpt.infer.costs import BANDWIDTH_GBS, FLOPS_GFLOPS
+from hybrid_gpt.infer.costs import CONTEXTS as COST_CONTEXTS
 from hybrid_gpt.interop.importer import STORED_DTYPES
 from hybrid_gpt.options import (
     MAX_CONTEXT,
@@ -329,7 +331,6 @@ class ImportOptions:
 
 # costs: the cost model (infer/costs.py) -- its options, command and registration are this block and its
 # entries in build_parser and COMMANDS.
-MAX_RATE = 1e12  # GB/s or GFLOP/s: far beyond any machine, so that a typo is refused, not divided by
 
 
 @dataclass
@@ -342,25 +343,27 @@ class CostsOptions:
                                help="layer patterns to compare, the first one the base, e.g. AAAA,AAMM; standard "
                                     "and hybrid name the all-attention and half-attention patterns of the shape's "
                                     "depth")
-    contexts: list[int] = option(default_factory=lambda: [256, 1024, 4096, 16384], lo=1, hi=MAX_CONTEXT,
-                                 help="context lengths; with a preset the shape's context becomes the largest of "
-                                      "them (costs need no weights), with a checkpoint they must fit its context")
+    contexts: list[int] | None = option(None, lo=1, hi=MAX_CONTEXT,
+                                        help=f"context lengths (default: {','.join(map(str, COST_CONTEXTS))}; "
+                                             "with a checkpoint those within its context, and its context); with a "
+                                             "preset the shape's context becomes the largest of them (costs need no "
+                                             "weights), with a checkpoint they must fit its context")
     batch_sizes: list[int] = option(default_factory=lambda: [1, 8], lo=1, hi=MAX_ROWS)
     dtype: str = option("float32", choices=BENCH_DTYPES,
                         help="precision of the weights and the KV cache (int8: the linear layers' weights in int8, "
                              "the rest in float32, as bench's int8)")
     phase: str = option("both", choices=("both", "decode", "prefill"))
-    bandwidth: float | None = option(None, lo=0, lo_open=True, hi=MAX_RATE, metavar="GB/S",
+    bandwidth: float | None = option(None, lo=BANDWIDTH_GBS[0], hi=BANDWIDTH_GBS[1], metavar="GB/S",
                                      help="memory bandwidth of the machine to predict for (with --flops; default: "
                                           "measured here)")
-    flops: float | None = option(None, lo=0, lo_open=True, hi=MAX_RATE, metavar="GFLOP/S",
+    flops: float | None = option(None, lo=FLOPS_GFLOPS[0], hi=FLOPS_GFLOPS[1], metavar="GFLOP/S",
                                  help="matmul rate of the machine to predict for (with --bandwidth; default: "
                                       "measured here, in float32)")
     json: bool = option(False, help="print JSON")
 
 
 def cmd_costs(args) -> int:
-    from hybrid_gpt.infer.costs import PHASES, costs_table, format_costs, pattern_configs
+    from hybrid_gpt.infer.costs import PHASES, costs_table, default_contexts, format_costs, pattern_configs
     from hybrid_gpt.model.gpt import GPTConfig
 
     if (args.bandwidth is None) != (args.flops is None):
@@ -369,11 +372,13 @@ def cmd_costs(args) -> int:
         from hybrid_gpt.checkpoint import read_config, resolve
 
         base, limit = read_config(resolve(args.checkpoint)[0])[0], None
+        contexts = args.contexts or default_contexts(base.block_size)  # the checkpoint's, by default
     else:
         from hybrid_gpt.presets import get_preset
 
         p = get_preset(args.preset or default_preset())
-        base = GPTConfig(vocab_size=p["vocab_size"], block_size=max(p["block_size"], *args.contexts),
+        contexts = args.contexts or list(COST_CONTEXTS)
+        base = GPTConfig(vocab_size=p["vocab_size"], block_size=max(p["block_size"], *contexts),
                          n_embd=p["n_embd"], n_head=p["n_head"], layers="A" * p["n_layer"])
         limit = MAX_CONTEXT  # a shape, not a trained model: the crossings are searched as far as a context goes
     configs = pattern_configs(base, args.layers)
@@ -387,7 +392,7 @@ def cmd_costs(args) -> int:
     else:
         hardware = {"memory_bandwidth_bytes_per_s": args.bandwidth * 1e9, "matmul_flops_per_s": args.flops * 1e9,
                     "method": "given with --bandwidth and --flops"}
-    table = costs_table(configs, args.contexts, args.batch_sizes, args.dtype, hardware, limit=limit,
+    table = costs_table(configs, contexts, args.batch_sizes, args.dtype, hardware, limit=limit,
                         phases=PHASES if args.phase == "both" else (args.phase,))
     print(json.dumps(table) if args.json else format_costs(table))
     return 0
@@ -594,6 +599,7 @@ def cmd_sample(args) -> int:
     sampling = Sampling(**values(args, Sampling)).validate()
     device = resolve_device(args.device)
     model, tok, _ = load_checkpoint(args.checkpoint, device)
+    sampling.validate(model.config.block_size)  # before the prompt is echoed
     ids = tok.prompt_ids(args.prompt)  # the template's BOS, if it has one
     block = model.config.block_size
     if len(ids) > block - 1:
@@ -647,14 +653,15 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _validation_tokens(ckpt: Path, tokenizer, training: dict, log):
-    """(validation tokens, bytes per token) of a checkpoint's prepared data, for the precision cost; None if absent."""
+def _validation_tokens(ckpt: Path, name: str, tokenizer, training: dict, log):
+    """(validation tokens, bytes per token) of a checkpoint's own prepared data (checked to be of its tokenizer),
+    for the precision cost; None, said before any timing, if it has none."""
     from hybrid_gpt.checkpoint import checkpoint_data
 
     try:
         data = checkpoint_data(ckpt if ckpt.is_dir() else ckpt.parent, tokenizer, training)
     except HybridGPTError as e:
-        log(f"quality: skipped ({e})")
+        log(f"quality of {name}: skipped ({one_line(str(e))})")
         return None
     return data.val, tokenizer.token_byte_lengths()
 
@@ -697,7 +704,7 @@ def cmd_bench(args) -> int:
     if args.shape and not args.layers:
         raise HybridGPTError("--shape needs --layers, e.g. --layers AAAA,AAMM")
     device = resolve_device(args.device)
-    models, val = {}, None
+    models, val = {}, {}
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if args.shape:
         models = shape_models(args.shape, args.layers, block_size=args.block_size, contexts=args.contexts,
@@ -708,8 +715,10 @@ def cmd_bench(args) -> int:
         if name in models:
             name = Path(path).name
         models[name] = model
-        if val is None and args.dtypes != ["float32"]:
-            val = _validation_tokens(Path(path), tokenizer, training, log)
+        if args.dtypes != ["float32"]:  # each model's quality on its own data
+            own = _validation_tokens(Path(path), name, tokenizer, training, log)
+            if own is not None:
+                val[name] = own
     cfg = _bench_config(args, min(m.config.block_size for m in models.values()))
     results = run_bench(models, cfg, log=log, val=val)
     if args.shape:

@@ -120,6 +120,25 @@ def judge_interval(ci: list | None, threshold: float, higher_is_better: bool) ->
     return True if hi <= threshold else False if lo > threshold else None
 
 
+NOT_MEASURABLE = "not measurable"
+
+
+def ratio_over_difference(numerator: float, denominator: dict | None) -> float | None:
+    """``numerator / denominator["mean"]``, where ``denominator`` is a :func:`mean_ci` of a difference (such as
+    quality kept = (drop - model) / (drop - teacher)); None, "not measurable", when that difference has no 95%
+    interval or its interval reaches 0: a ratio over a difference within noise can come out as any number
+    (437%, -2058%) and would look as meaningful as a real one. The one rule of every ratio of differences."""
+    ci = (denominator or {}).get("ci95")
+    if not ci or ci[0] <= 0 <= ci[1] or not denominator.get("mean"):
+        return None
+    return numerator / denominator["mean"]
+
+
+def format_share(x: float | None, digits: int = 1) -> str:
+    """``43.2%`` for a ratio of :func:`ratio_over_difference`; NOT_MEASURABLE for None."""
+    return NOT_MEASURABLE if x is None else f"{100 * x:.{digits}f}%"
+
+
 def format_ratio(r: dict | None, digits: int = 2) -> str:
     """``1.23x [1.10, 1.37]`` for a :func:`ratio_ci` result (the ratio alone without an interval; "-" for none)."""
     if not r or r.get("ratio") is None:

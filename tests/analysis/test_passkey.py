@@ -92,7 +92,7 @@ def test_filler_holding_the_key_gets_another_key(tok, filler):
 
 
 def test_too_short_context_or_filler_is_a_clear_error(tok, filler):
-    with pytest.raises(HybridGPTError, match="longer context"):
+    with pytest.raises(HybridGPTError, match="give passkey contexts of at least 196 tokens"):
         passkey_trials(tok, filler, context=150, trials=1, seed=0, template=tok.template)
     with pytest.raises(HybridGPTError, match="filler has"):
         passkey_trials(tok, filler[:100], context=400, trials=1, seed=0)

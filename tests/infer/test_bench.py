@@ -63,7 +63,8 @@ def test_bench_measures_each_precision_side_by_side_with_its_quality_cost(smoke_
               "hybrid": smoke_model("AM", vocab_size=data.tokenizer.vocab_size)}
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, naive=False,
                       dtypes=["float32", "bfloat16"], quality_tokens=512, peers=["transformers"])
-    res = run_bench(models, cfg, log=lambda *a: None, val=(data.val, data.tokenizer.token_byte_lengths()))
+    res = run_bench(models, cfg, log=lambda *a: None, val={name: (data.val, data.tokenizer.token_byte_lengths())
+                                                            for name in models})
     assert set(res["models"]) == {"standard", "hybrid", "standard@bfloat16", "hybrid@bfloat16"}
     assert res["models"]["hybrid@bfloat16"]["dtype"] == "bfloat16"
     # Half the bytes per KV entry, so the limit of the bf16 model is higher.

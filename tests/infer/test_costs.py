@@ -252,7 +252,7 @@ def test_costs_command_measures_this_machine_by_default(monkeypatch, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--layers", "AAXM"], "has letters 'X'"),
     (["--bandwidth", "50"], "give both --bandwidth and --flops"),
-    (["--bandwidth", "0", "--flops", "1"], "--bandwidth: must be in (0, 1e+12]"),
+    (["--bandwidth", "0", "--flops", "1"], "--bandwidth: must be in [0.001, 1e+06]"),
     (["--dtype", "float64"], "invalid choice"),
     (["--contexts", "0"], "--contexts: has 0, which must be at least 1"),
     (["CKPT", "--contexts", "64"], "context 64 is over the model's context of 32 tokens"),

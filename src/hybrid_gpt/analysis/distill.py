@@ -24,9 +24,16 @@ import torch.nn.functional as F
 
 from hybrid_gpt.analysis.ablate import decode_speeds
 from hybrid_gpt.analysis.plots import save_plot, smooth
-from hybrid_gpt.checkpoint import (CHECKPOINT_FILES, checkpoint_data, is_checkpoint, load_checkpoint, read_config,
-                                   save_checkpoint)
-from hybrid_gpt.data.tokenizer import Tokenizer
+from hybrid_gpt.analysis.verdict import gap_sentence, quality_kept
+from hybrid_gpt.checkpoint import (
+    CHECKPOINT_FILES,
+    checkpoint_data,
+    is_checkpoint,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+)
+from hybrid_gpt.data.tokenizer import Tokenizer, load_tokenizer
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import nested, output_dir, write_json, write_text
@@ -34,8 +41,8 @@ from hybrid_gpt.model.gpt import GPT, GPTConfig, mixer_activations, parse_layers
 from hybrid_gpt.options import MAX_REPEATS, MAX_TOKENS, MAX_WIDTH, option, pattern_problem
 from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import resolve_device
-from hybrid_gpt.stats import format_ratio
-from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm, windows
+from hybrid_gpt.stats import format_ratio, format_share, ratio_over_difference
+from hybrid_gpt.train.evaluate import EVAL_TOKENS, bpb_difference, check_budget, evaluate_lm, windows
 from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig, train
 from hybrid_gpt.train.pretrain import PretrainTask
 
@@ -64,7 +71,9 @@ ARMS = {  # result key -> label, in the order of the tables
 KIND = {"A": "attention (A)", "M": "a per-token MLP (M)", "N": "no mixer (N)"}
 QUALITY_KEPT = ("quality kept = (bpb of attention-drop - bpb of the model) / (bpb of attention-drop - bpb of the "
                 "teacher), with attention-drop before any fine-tune: 1 is the teacher's quality, 0 is no better "
-                "than deleting those attention layers, above 1 better than the teacher")
+                "than deleting those attention layers, above 1 better than the teacher; not measurable when "
+                "attention-drop is within noise of the teacher (the 95% interval of their per-window difference "
+                "reaches 0), since a ratio over noise can be any number")
 
 
 @dataclass
@@ -350,11 +359,11 @@ def _find_scratch(run_dir: Path, target: str, tokenizer_sha: str) -> tuple[Path 
         path = run_dir / name
         if not is_checkpoint(path):
             continue
-        config, training = read_config(path)
+        config, _ = read_config(path)
         if config.layers != target:
             notes.append(f"{path} has pattern {config.layers}, not {target}")
-        elif training.get("data_tokenizer_sha256") not in (None, tokenizer_sha):
-            notes.append(f"{path} was trained on other data")
+        elif load_tokenizer(path).sha256() != tokenizer_sha:  # its own tokenizer: a record may be missing
+            notes.append(f"{path} has another tokenizer than the teacher's data")
         else:
             return path, f"{path}"
     return None, "; ".join(notes) or f"no {run_dir}/pretrain-hybrid or pretrain-{target} checkpoint"
@@ -382,6 +391,8 @@ def run_distill(checkpoint: str | Path, config: DistillConfig | None = None, *, 
     cfg = replace(config, layers=target).resolved(training.get("preset"), log)
     out = Path(cfg.out_dir) if cfg.out_dir else ckpt.parent / f"distill-{target}"
     teacher = Teacher(model, tokenizer, training, ckpt, checkpoint_data(ckpt, tokenizer, training, cfg.data_dir))
+    for name in ("eval_tokens", "mse_tokens"):  # before the work: a figure from a token or two means nothing
+        check_budget(name, getattr(cfg, name), len(teacher.data.val), model.config.block_size)
     # Locked, recovered, and swapped in whole on success; a directory that is not a distill output is refused.
     with output_dir(out, allowed=DISTILL_FILES, what="distill output", overwrite=cfg.overwrite) as tmp:
         result = _distill(cfg, teacher, distilled, dev, tmp, out, log, progress)
@@ -426,16 +437,16 @@ def _distill(cfg: DistillConfig, teacher: Teacher, distilled: list[int], dev: to
         models["scratch"], _, scratch_training = load_checkpoint(scratch_path, dev)
 
     byte_lengths = teacher.tokenizer.token_byte_lengths()
-    arms = {}
+    arms, evals = {}, {}
     for name, model in models.items():
-        ev = evaluate_lm(model, data.val, byte_lengths, cfg.eval_tokens)
+        ev = evals[name] = evaluate_lm(model, data.val, byte_lengths, cfg.eval_tokens, per_window=True)
         arms[name] = {"label": ARMS[name], "layers": model.config.layers, "parameters": model.num_params(),
                       "kv_bytes_per_token": model.config.kv_bytes_per_token(), "loss": ev["loss"], "bpb": ev["bpb"],
                       "eval_tokens": ev["tokens"], "eval_bytes": ev["bytes"]}
         log(f"{ARMS[name]:<28} {model.config.layers}  val loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
-    gap = arms["drop"]["bpb"] - arms["teacher"]["bpb"]
-    for arm in arms.values():
-        arm["quality_kept"] = (arms["drop"]["bpb"] - arm["bpb"]) / gap if abs(gap) > 1e-12 else None
+    gap = _interval(bpb_difference(evals["drop"], evals["teacher"]))
+    for name, arm in arms.items():
+        arm["quality_kept"] = ratio_over_difference(bpb_difference(evals["drop"], evals[name])["mean"], gap)
 
     # What each arm cost: optimizer steps x tokens per step, with ~6 x parameters FLOPs per trained token;
     # a distillation step runs the frozen teacher forward (2 x its blocks' parameters per token) up to the
@@ -490,7 +501,7 @@ def _distill(cfg: DistillConfig, teacher: Teacher, distilled: list[int], dev: to
         "distillation": {"layers": rows, "elapsed_s": distill_s},
         "finetune": {"steps": cfg.finetune_steps, "lr": cfg.finetune_lr, "elapsed_s": finetune_s,
                      "loss_curves": finetune_curves},
-        "arms": arms, "quality_kept_definition": QUALITY_KEPT,
+        "arms": arms, "quality_kept_definition": QUALITY_KEPT, "quality_gap": gap,
         "scratch": {"checkpoint": str(scratch_path) if scratch_path else None, "note": scratch_note},
         "decode": decode, "checkpoints": checkpoints,
         "plots": {"mse": "distill-mse.png", "bpb": "distill-bpb.png"},
@@ -540,6 +551,11 @@ def plot_bpb(result: dict, path: Path) -> str:
         return fig
 
     return save_plot(path, draw)
+
+
+def _interval(d: dict) -> dict:
+    """A mean_ci without its values: what a result keeps of a difference."""
+    return {k: d[k] for k in ("mean", "ci95", "n")}
 
 
 def _pct(x: float | None) -> str:
@@ -596,7 +612,7 @@ def render_distill_markdown(result: dict) -> str:
         if k in arms:
             a = arms[k]
             lines.append(f"| {a['label']} | {a['layers']} | {a['bpb']:.4f} | {a['loss']:.4f} | "
-                         f"{_pct(a['quality_kept'])} | {_num(a['compute']['tokens'])} | "
+                         f"{format_share(quality_kept(result, k))} | {_num(a['compute']['tokens'])} | "
                          f"{_sci(a['compute']['approx_flops'])} | {a['parameters']:,} |")
     lines += ["", "Compute by phase:", ""]
     for k in ARMS:
@@ -632,19 +648,27 @@ def quality_sentences(result: dict) -> str:
         word = "lower" if d < 0 else "higher"
         return f"{abs(d):.4f} bits per byte {word} than the {arms[b]['label']}"
 
-    out = [f"Before any fine-tune the distilled model keeps {_pct(arms['distilled']['quality_kept'])} of the "
+    def kept(arm: str) -> str:
+        return format_share(quality_kept(result, arm))
+
+    why = gap_sentence(result)
+    out = [f"Before any fine-tune the distilled model keeps {kept('distilled')} of the "
            f"teacher's quality ({compare('distilled', 'teacher')}; {compare('distilled', 'drop')})."]
+    if why:
+        out = [f"Before any fine-tune the distilled model is {compare('distilled', 'teacher')} "
+               f"({compare('distilled', 'drop')}); {why}."]
     if "distilled_finetuned" in arms:
-        out.append(f"After the same {result['finetune']['steps']}-step fine-tune it keeps "
-                   f"{_pct(arms['distilled_finetuned']['quality_kept'])} and attention-drop "
-                   f"{_pct(arms['drop_finetuned']['quality_kept'])}: the distilled model ends "
-                   f"{compare('distilled_finetuned', 'drop_finetuned')}, with the same fine-tune budget.")
+        out.append(f"After the same {result['finetune']['steps']}-step fine-tune "
+                   + (f"it keeps {kept('distilled_finetuned')} and attention-drop {kept('drop_finetuned')}: "
+                      if not why else "")
+                   + f"the distilled model ends {compare('distilled_finetuned', 'drop_finetuned')}, with the same "
+                     "fine-tune budget.")
     else:
         out.append("No fine-tune was run (finetune_steps 0).")
     if "scratch" in arms:
         best = "distilled_finetuned" if "distilled_finetuned" in arms else "distilled"
         out.append(f"The {arms[best]['label']} model is {compare(best, 'scratch')} "
-                   f"(`{result['scratch']['checkpoint']}`, quality kept {_pct(arms['scratch']['quality_kept'])}).")
+                   f"(`{result['scratch']['checkpoint']}`, quality kept {kept('scratch')}).")
     else:
         out.append(f"No from-scratch model to compare: {result['scratch']['note']}.")
     return " ".join(out)

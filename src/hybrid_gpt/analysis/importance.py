@@ -27,7 +27,14 @@ from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, mixer_activations
-from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm, evaluating, model_windows, window_length
+from hybrid_gpt.train.evaluate import (
+    EVAL_TOKENS,
+    check_budget,
+    evaluate_lm,
+    evaluating,
+    model_windows,
+    window_length,
+)
 
 INTERVENTIONS = ("drop", "mean")
 
@@ -145,6 +152,8 @@ def analyse(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens
     k = max(1, len(attn) // 2) if replace is None else replace
     if not 1 <= k <= len(attn):
         raise HybridGPTError(f"replace {k} must be between 1 and the model's {len(attn)} attention layers")
+    # From one token every mean-output loss is exactly the intact one: a ranking of nothing, refused.
+    check_budget("max_tokens", max_tokens, len(tokens), window_length(model, context))
 
     def evaluate(kind=None, layers=()):
         if kind is None:

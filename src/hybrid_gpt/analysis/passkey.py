@@ -94,7 +94,8 @@ def passkey_trials(tokenizer: Tokenizer, filler: np.ndarray, *, context: int, tr
             n = context - len(head) - len(needle) - len(tail)
             if n < MIN_FILLER:
                 raise HybridGPTError(f"a passkey prompt of {context} tokens leaves {max(n, 0)} for the filler; "
-                                     f"it needs at least {MIN_FILLER}: use a longer context")
+                                     f"it needs at least {MIN_FILLER}: give passkey contexts of at least "
+                                     f"{context - n + MIN_FILLER:,} tokens (within the model's context)")
             if n > len(filler):
                 raise HybridGPTError(f"a passkey prompt of {context} tokens needs {n:,} filler tokens; "
                                      f"the filler has {len(filler):,}")

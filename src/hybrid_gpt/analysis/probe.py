@@ -44,7 +44,14 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_gpt.analysis.plots import save_plot
-from hybrid_gpt.checkpoint import checkpoint_data, is_checkpoint, load_checkpoint, resolve
+from hybrid_gpt.checkpoint import (
+    checkpoint_data,
+    is_checkpoint,
+    load_checkpoint,
+    open_checkpoint_data,
+    read_config,
+    resolve,
+)
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
@@ -354,6 +361,17 @@ def _gap(per_window: torch.Tensor) -> dict:
             "bucket_ci": [_ci(b) for b in buckets], "last_minus_first": _ci(buckets[-1] - buckets[0])}
 
 
+def check_position_data(path: Path, max_tokens: int) -> None:
+    """HybridGPTError unless the checkpoint at ``path`` has prepared data of its own tokenizer holding the whole
+    windows :func:`window_losses` reads: checked from its config.json and data, before any probe trains."""
+    data = open_checkpoint_data(path)
+    T = read_config(resolve(path)[0])[0].block_size
+    if min(max_tokens, len(data.val) - 1) < T:
+        raise HybridGPTError(f"loss by position of {path} needs whole windows of its context, {T} tokens: its "
+                             f"validation split in {data.root} has {len(data.val):,} tokens and the budget is "
+                             f"{max_tokens:,}; prepare a larger corpus or leave it out of --checkpoints")
+
+
 def position_losses(checkpoints: dict[str, Path], max_tokens: int, device="cpu", log=print) -> dict:
     """Loss-by-position curves of each checkpoint on its own validation split, and the gap of every other
     model to the first all-attention one: only between models of the same data and context, since losses
@@ -465,12 +483,12 @@ def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str =
         for c in map(Path, checkpoints):
             labelled[_label(c) if _label(c) not in labelled else str(c)] = c
         checkpoints = labelled
-    for path in checkpoints.values():
-        resolve(path)  # a missing checkpoint is an error now, not after minutes of training
+    position_tokens = PROBE_POSITION_TOKENS[preset]
+    for path in checkpoints.values():  # a missing checkpoint or its data is an error now, not after the training
+        check_position_data(path, position_tokens)
     device = resolve_device(device) if isinstance(device, str) else device
 
     blocks = {t: _probe_task(specs[t], settings[t], patterns, seeds, preset, device, log, progress) for t in tasks}
-    position_tokens = PROBE_POSITION_TOKENS[preset]
     positions = position_losses(checkpoints, position_tokens, device, log) if checkpoints else None
     first = blocks[tasks[0]]
     result = {

@@ -34,7 +34,6 @@ study's three-valued rule (stats.judge_interval, verdict.QUALITY_TOLERANCE, verd
 from __future__ import annotations
 
 import gc
-import math
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -46,13 +45,21 @@ from hybrid_gpt.analysis.distill import Teacher, _pct, _phase, _sci, _total, dis
 from hybrid_gpt.analysis.importance import attention_layers, attention_stats
 from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE, SPEED_GAIN, STATES
-from hybrid_gpt.checkpoint import (CHECKPOINT_FILES, checkpoint_data, load_checkpoint, read_config, resolve,
-                                   save_checkpoint)
+from hybrid_gpt.checkpoint import (
+    CHECKPOINT_FILES,
+    load_checkpoint,
+    open_checkpoint_data,
+    read_config,
+    resolve,
+    save_checkpoint,
+)
 from hybrid_gpt.data.chat_data import load_sft
+from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, nested, output_dir, write_json, write_text
 from hybrid_gpt.infer.bench import BenchConfig, entry_name, run_bench
 from hybrid_gpt.infer.costs import predicted_speedup
+from hybrid_gpt.infer.engine import check_new_tokens
 from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.options import (
     MAX_CONTEXT,
@@ -66,8 +73,8 @@ from hybrid_gpt.options import (
 )
 from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import DTYPES, resolve_device
-from hybrid_gpt.stats import format_ratio, judge_interval, mean_ci
-from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm
+from hybrid_gpt.stats import format_ratio, judge_interval
+from hybrid_gpt.train.evaluate import EVAL_TOKENS, bpb_difference, check_budget, evaluate_lm
 from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS
 
 CHOICES = ("deepest", "importance")
@@ -88,6 +95,7 @@ DEFAULTS = {
                  passkey_trials=20, answer_tokens=48, speed_contexts=[512, 2048, 8192], batch_sizes=[1, 8],
                  dtypes=["float32", "bfloat16"], speed_repeats=5, decode_tokens=24),
 }
+ANSWER_KS = (8, 16)  # the k whose arms answer the fixed questions, where the study has them
 # Below this accuracy of the full model, a passkey length tests nothing: an arm cannot lose what is not there.
 PASSKEY_FLOOR = 0.5
 # What a retrofit output directory may hold: anything else means it is not ours to replace.
@@ -147,8 +155,10 @@ class RetrofitConfig:
                                                 help=_budget("passkey prompt lengths", "passkey_contexts"))
     passkey_trials: int | None = option(None, lo=1, hi=MAX_REPEATS,
                                         help=_budget("passkey trials per context", "passkey_trials"))
-    answer_ks: list[int] = option(default_factory=lambda: [8, 16], lo=1, hi=MAX_LAYERS, unique=True,
-                                  help="the k whose arms answer the fixed questions, beside the full model")
+    answer_ks: list[int] | None = option(None, lo=1, hi=MAX_LAYERS, unique=True,
+                                         help="the k whose arms answer the fixed questions, beside the full model; "
+                                              "each must be one of --ks (default: those of "
+                                              f"{', '.join(map(str, ANSWER_KS))} that --ks studies)")
     answer_tokens: int | None = option(None, lo=1, hi=MAX_CONTEXT,
                                        help=_budget("new tokens of each greedy answer", "answer_tokens"))
     speed_contexts: list[int] | None = option(None, lo=2, hi=MAX_CONTEXT, unique=True,
@@ -175,6 +185,11 @@ class RetrofitConfig:
     overwrite: bool = option(False, help="replace an earlier retrofit output in --out")
 
     @property
+    def answering(self) -> list[int]:
+        """The k whose arms answer the fixed questions: answer_ks, by default those of ANSWER_KS in ks."""
+        return self.answer_ks if self.answer_ks is not None else [k for k in ANSWER_KS if k in self.ks]
+
+    @property
     def mode(self) -> str:
         return "quick" if self.quick else "full"
 
@@ -194,6 +209,10 @@ class RetrofitConfig:
             if not 0 <= k <= n_attn:
                 raise HybridGPTError(f"k = {k}: the model has {n_attn} attention layers; give ks between 0 and "
                                      f"{n_attn}")
+        unstudied = [k for k in self.answer_ks or [] if k not in self.ks]
+        if unstudied:  # else the study would end without those answers, silently
+            raise HybridGPTError(f"answer_ks {unstudied[0]} is not one of ks ({', '.join(map(str, self.ks))}): no "
+                                 "arm of it is built to answer; add it to --ks or leave it out of --answer-ks")
         if "heal" in self.treatments and not {"drop", "distil"} & set(self.treatments):
             raise HybridGPTError("heal fine-tunes the drop and distil arms; list drop or distil with it")
         for name in ("eval_context", "tokens_per_row"):
@@ -203,11 +222,10 @@ class RetrofitConfig:
             over = [c for c in getattr(self, name) if c > block_size]
             if over:
                 raise HybridGPTError(f"{name}: {over[0]:,} exceeds the model's context of {block_size:,}")
+        check_new_tokens(self.answer_tokens, block_size, "answer_tokens")
         short = [c for c in self.speed_contexts if c <= self.decode_tokens]
         if short:
             raise HybridGPTError(f"speed context {short[0]} must exceed decode_tokens {self.decode_tokens}")
-        if self.eval_tokens < self.eval_context:
-            raise HybridGPTError(f"eval_tokens {self.eval_tokens:,} is less than one window of {self.eval_context:,}")
 
 
 @dataclass
@@ -266,25 +284,12 @@ def plan_arms(cfg: RetrofitConfig, attention: list[int], similarity: list[float 
 
 def window_bpb(model: GPT, tokens, byte_lengths, max_tokens: int, context: int) -> dict:
     """Bits per byte over the windows of ``context`` tokens that tile ``tokens`` from its start (``max_tokens``
-    targets at most), each window scored by evaluate_lm on its own, with every window's bits and bytes, which
-    pair window by window with another model's."""
+    targets at most), with every window's bits and bytes (evaluate_lm's ``per_window``), which pair window by
+    window with another model's (:func:`bpb_difference`)."""
     n = min(max_tokens, len(tokens) - 1) // context
     if n < 1:
         raise HybridGPTError(f"the held-out split has {len(tokens):,} tokens: not one window of {context:,}")
-    bits, nbytes, loss = [], [], 0.0
-    for r in range(n):
-        ev = evaluate_lm(model, tokens[r * context:(r + 1) * context + 1], byte_lengths, context, context=context)
-        loss += ev["loss"] * ev["tokens"]
-        bits.append(ev["loss"] * ev["tokens"] / math.log(2))
-        nbytes.append(ev["bytes"])
-    return {"bpb": sum(bits) / max(sum(nbytes), 1), "loss": loss / (n * context), "tokens": n * context,
-            "bytes": sum(nbytes), "windows": n, "window_bits": bits, "window_bytes": nbytes}
-
-
-def bpb_difference(arm: dict, full: dict) -> dict:
-    """mean_ci of the per-window bits-per-byte differences arm - full (paired by window)."""
-    return mean_ci([a / max(b, 1) - f / max(b, 1)
-                    for a, f, b in zip(arm["window_bits"], full["window_bits"], full["window_bytes"])])
+    return {**evaluate_lm(model, tokens, byte_lengths, n * context, context=context, per_window=True), "windows": n}
 
 
 @dataclass
@@ -446,11 +451,20 @@ def run_retrofit(checkpoint: str | Path, config: RetrofitConfig | None = None, *
         raise HybridGPTError(f"no held-out chat transcripts at {chat_file}: run `hybrid-gpt prepare-chat` for this "
                              "run, or pass --chat-data with a directory it wrote")
 
+    # Everything that can fail on the inputs is built now, before the model loads and minutes of work start:
+    # the data (of the model's tokenizer), the budgets against it, the passkey prompts and the chat sequences.
+    data = open_checkpoint_data(root, cfg.data_dir)
+    for name, split, window in (("eval_tokens", data.val, cfg.eval_context),
+                                ("similarity_tokens", data.train, cfg.eval_context),
+                                ("mse_tokens", data.val, cfg.tokens_per_row)):
+        check_budget(name, getattr(cfg, name), len(split), window)
+    inputs = probe_inputs(cfg, data, load_sft(chat_file))
+
     dev = resolve_device(cfg.device)
     with output_dir(out, allowed=RETROFIT_FILES, what="retrofit output", overwrite=cfg.overwrite) as tmp:
         model, tokenizer, training = load_checkpoint(root, dev)
-        teacher = Teacher(model, tokenizer, training, root, checkpoint_data(root, tokenizer, training, cfg.data_dir))
-        result = _retrofit(cfg, teacher, load_sft(chat_file), chat_file, tmp, out, log, progress)
+        teacher = Teacher(model, tokenizer, training, root, data)
+        result = _retrofit(cfg, teacher, inputs, chat_file, tmp, out, log, progress)
         result["elapsed_s"] = time.time() - t_start
         result["command"] = command_line(checkpoint, cfg)
         write_json(tmp / "retrofit.json", result)
@@ -482,7 +496,19 @@ def shared_distillation(cfg: RetrofitConfig, teacher: Teacher, union: list[int],
         "layers": [{k: v for k, v in r.items() if k != "index"} for r in rows], "elapsed_s": time.time() - t0}
 
 
-def _retrofit(cfg: RetrofitConfig, teacher: Teacher, conversations: list, chat_file: Path, tmp: Path, out: Path,
+def probe_inputs(cfg: RetrofitConfig, data: TokenData, conversations: list) -> tuple[list, dict[int, list]]:
+    """(the held-out chat sequences of the agreement, the passkey trials per context), built from the data's
+    tokenizer alone: a prompt that cannot be built (a passkey context that leaves no room for the filler) is a
+    one-line error before any work."""
+    template = data.tokenizer.chat_template()
+    sequences = passkey.chat_sequences(data.tokenizer, template, conversations, max_tokens=cfg.agreement_tokens,
+                                       block_size=cfg.eval_context)
+    trials = {c: passkey.passkey_trials(data.tokenizer, data.val, context=c, trials=cfg.passkey_trials,
+                                        seed=cfg.seed, template=template) for c in cfg.passkey_contexts}
+    return sequences, trials
+
+
+def _retrofit(cfg: RetrofitConfig, teacher: Teacher, inputs: tuple, chat_file: Path, tmp: Path, out: Path,
               log, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
@@ -504,15 +530,12 @@ def _retrofit(cfg: RetrofitConfig, teacher: Teacher, conversations: list, chat_f
     timings["distillation_s"] = distillation["elapsed_s"] if distillation else 0.0
 
     t0 = time.time()
-    sequences = passkey.chat_sequences(teacher.tokenizer, template, conversations, max_tokens=cfg.agreement_tokens,
-                                       block_size=cfg.eval_context)
-    reference = passkey.Reference(full, sequences)
-    trials = {c: passkey.passkey_trials(teacher.tokenizer, teacher.data.val, context=c, trials=cfg.passkey_trials,
-                                        seed=cfg.seed, template=template) for c in cfg.passkey_contexts}
-    probes = Probes(reference, trials, teacher.tokenizer, template, cfg.answer_tokens)
+    sequences, trials = inputs
+    probes = Probes(passkey.Reference(full, sequences), trials, teacher.tokenizer, template, cfg.answer_tokens)
     timings["probes_s"] = time.time() - t0
 
-    info = {"stage": "retrofit", "teacher": str(teacher.path.resolve()), "data_dir": str(Path(teacher.data.root)),
+    info = {"stage": "retrofit", "teacher": str(teacher.path.resolve()),
+            "data_dir": str(Path(teacher.data.root).resolve()),
             "data_tokenizer_sha256": teacher.data.meta["tokenizer_sha256"], "seed": cfg.seed}
     results: dict[str, dict] = {}
     done: dict[tuple, str] = {}  # (kind, layers) -> the arm that already measured it
@@ -539,7 +562,7 @@ def _retrofit(cfg: RetrofitConfig, teacher: Teacher, conversations: list, chat_f
                                       seed=cfg.seed, first_step=first_heal, desc=f"heal {arm.name}",
                                       progress=progress, teacher=full, context=cfg.tokens_per_row)
         build_s = time.time() - t0
-        scores = score(model, teacher, cfg, probes, arm.kind == FULL or arm.k in cfg.answer_ks, log)
+        scores = score(model, teacher, cfg, probes, arm.kind == FULL or arm.k in cfg.answering, log)
         if arm.kind == FULL:
             scores_full = scores
         row |= {"parameters": model.num_params(), "kv_bytes_per_token": model.config.kv_bytes_per_token(),
@@ -571,7 +594,8 @@ def _retrofit(cfg: RetrofitConfig, teacher: Teacher, conversations: list, chat_f
     timings["speed_s"] = time.time() - t0
 
     settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("out_dir", "overwrite")}
-    settings |= {"mode": cfg.mode, "data_dir": str(teacher.data.root), "chat_file": str(chat_file),
+    settings |= {"mode": cfg.mode, "answer_ks": cfg.answering, "data_dir": str(teacher.data.root),
+                 "chat_file": str(chat_file),
                  "chat_dir": str(chat_file.parent), "device": str(next(full.parameters()).device),
                  "threads": torch.get_num_threads(), "mlp_hidden": replace(full.config, mlp_hidden=mlp_hidden).m_hidden,
                  "teacher_steps": teacher.steps,

@@ -28,7 +28,18 @@ from pathlib import Path
 from hybrid_gpt.analysis.longcontext import pair_names, plot_speed_context, render_markdown, summarize
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import JSON_LIMIT, read_json, read_text, write_json, write_text
-from hybrid_gpt.stats import format_ci, format_ratio, judge_interval, mean_ci, sample_size, seeds_needed, t_quantile
+from hybrid_gpt.stats import (
+    NOT_MEASURABLE,
+    format_ci,
+    format_ratio,
+    format_share,
+    judge_interval,
+    mean_ci,
+    ratio_over_difference,
+    sample_size,
+    seeds_needed,
+    t_quantile,
+)
 
 QUALITY_TOLERANCE = 0.01  # 1% of the standard model's bits per byte
 SPEED_GAIN = 1.25
@@ -97,11 +108,35 @@ _SHAPES = {
     "importance": ("recommendation with pattern, same_as_deep and deep_pattern",
                    lambda d: isinstance(r := d.get("recommendation"), dict) and isinstance(r.get("pattern"), str)
                    and isinstance(r.get("same_as_deep"), bool) and isinstance(r.get("deep_pattern"), str)),
-    "distill": ("arms, each an object whose quality_kept is a number or null",
+    "distill": ("arms, each an object whose quality_kept is a number or null (and quality_gap, if there, with a "
+                "mean, ci95 and n)",
                 lambda d: isinstance(d.get("arms"), dict) and all(
                     isinstance(a, dict) and (a.get("quality_kept") is None or _number(a["quality_kept"]))
-                    for a in d["arms"].values())),
+                    for a in d["arms"].values())
+                and ("quality_gap" not in d or isinstance(g := d["quality_gap"], dict) and _number(g.get("mean"))
+                     and (g.get("ci95") is None or isinstance(g["ci95"], list) and len(g["ci95"]) == 2
+                          and all(map(_number, g["ci95"]))) and _number(g.get("n"), True, True))),
 }
+
+
+def quality_kept(result: dict, arm: str) -> float | None:
+    """The quality kept by ``arm`` of a distill result, None when not measurable: also for a result written
+    before distill recorded the noise of its denominator ("quality_gap"), whose figure cannot be trusted."""
+    return result["arms"].get(arm, {}).get("quality_kept") if "quality_gap" in result else None
+
+
+def gap_sentence(result: dict) -> str:
+    """Why quality kept is not measurable, or "" when it is."""
+    gap = result.get("quality_gap")
+    if gap is None:
+        return ("quality kept is not measurable: this distill.json was written before distill recorded the noise "
+                "of attention-drop's difference from the teacher; re-run `hybrid-gpt distill`")
+    if ratio_over_difference(1.0, gap) is not None:
+        return ""
+    ci = f" [{gap['ci95'][0]:+.4f}, {gap['ci95'][1]:+.4f}]" if gap["ci95"] else " (no interval: one window)"
+    return (f"quality kept is {NOT_MEASURABLE}: attention-drop - teacher = {gap['mean']:+.4f} bits per byte{ci} "
+            f"over {gap['n']:,} held-out windows is within noise, so a share of it can be any number; raise "
+            "--eval-tokens, or replace more layers")
 
 
 def _check_shape(name: str, path: Path, data) -> None:
@@ -387,12 +422,15 @@ def sentences(found: dict) -> list[str]:
                    + (", the original's choice of the deepest layers." if rec["same_as_deep"] else
                       f", not the deepest layers ({rec['deep_pattern']})."))
     if "distill" in found:
-        arms = found["distill"]["data"]["arms"]
-        kept = arms.get("distilled", {}).get("quality_kept")
-        tuned = arms.get("distilled_finetuned", {}).get("quality_kept")
-        if kept is not None:
-            after = f", {100 * tuned:.0f}% after the fine-tune." if tuned is not None else "."
-            out.append(f"Distilling the deep attention into per-token MLPs recovers {100 * kept:.0f}% of the "
+        data = found["distill"]["data"]
+        kept, tuned = quality_kept(data, "distilled"), quality_kept(data, "distilled_finetuned")
+        why = gap_sentence(data)
+        if why:  # a share of a difference within noise is no figure to repeat
+            out.append(f"Distilling the deep attention into per-token MLPs: {why}.")
+        elif kept is not None:
+            after = (f", {format_share(tuned, 0)} after the fine-tune." if "distilled_finetuned" in data["arms"]
+                     else ".")
+            out.append(f"Distilling the deep attention into per-token MLPs recovers {format_share(kept, 0)} of the "
                        "quality that attention-drop loses" + after)
     if ctx is None:
         out.append("No verdict: it needs the ablation of AAAA and AAMM (`hybrid-gpt ablate`).")

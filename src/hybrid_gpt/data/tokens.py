@@ -95,11 +95,29 @@ def _field(obj, key: str, t: type, where: str):
     return value
 
 
+# A file that only another kind of directory holds, and what that directory is.
+OTHER_KINDS = {"sft_train.jsonl": "a chat data directory (from `hybrid-gpt prepare-chat`)",
+               "dpo_train.jsonl": "a chat data directory (from `hybrid-gpt prepare-chat`)",
+               "model.safetensors": "a checkpoint", "config.json": "a checkpoint"}
+
+
+def _other_kind(root: Path) -> str | None:
+    """What ``root`` is when it is a directory of another kind than prepared data (chat data, a checkpoint),
+    so that the error names the mix-up instead of calling its meta.json damaged."""
+    if (root / "train.bin").is_file():
+        return None
+    return next((what for name, what in OTHER_KINDS.items() if (root / name).is_file()), None)
+
+
 def read_meta(root: str | Path) -> dict:
     """meta.json of a prepared data directory, checked for the fields every reader relies on."""
     root = Path(root)
     recover_dir(root)
     where = f"{root}/meta.json"
+    other = _other_kind(root)
+    if other:
+        raise HybridGPTError(f"{root} is {other}, not prepared token data: give a directory written by "
+                             "`hybrid-gpt prepare` instead (by default <run-dir>/data), e.g. with --data")
     if not (root / "meta.json").is_file():
         raise HybridGPTError(f"no prepared data in {root}; run `hybrid-gpt prepare` first (or pass --data DIR)")
     meta = read_json(root / "meta.json", "data meta file")

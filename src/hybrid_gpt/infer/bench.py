@@ -552,11 +552,15 @@ def bench_shape(preset: str, patterns: list[str], cfg: BenchConfig, *, block_siz
     return run_bench(models, cfg, log=log) | note
 
 
-def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | None = None) -> dict:
+def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: dict[str, tuple] | None = None) -> dict:
     """Benchmark ``models`` (name -> model, all on one device), each in every precision of
     ``cfg.dtypes`` (and its static decode step compiled, with ``cfg.compile``), and return the results as a
-    dict. With ``val`` = (validation tokens, bytes per token), each entry's bits per byte in its precision is
-    measured too (the quality cost of bf16)."""
+    dict. With ``val`` = {model name: (its validation tokens, its bytes per token)}, the bits per byte of each
+    model so given in each precision are measured too (the quality cost of bf16): each model on its own data,
+    since another tokenizer's ids are other text (checkpoint.checkpoint_data gives a checkpoint's)."""
+    unknown = sorted(set(val or {}) - set(models))
+    if unknown:  # before any timing: a typo would otherwise fail after minutes of it
+        raise HybridGPTError(f"validation data given for {', '.join(unknown)}, which bench does not measure")
     if not cfg.compile:
         return _run_bench(models, cfg, log, val)
     # Room for every compiled step's graphs (one per entry, batch and context: shapes are static), and an
@@ -569,7 +573,7 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: tuple | 
 
 
 @torch.inference_mode()
-def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None) -> dict:
+def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: dict[str, tuple] | None) -> dict:
     if not models:
         raise HybridGPTError("bench needs at least one model")
     originals = models
@@ -704,7 +708,7 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
         results["compiled"] = {name: {"step": COMPILED_STEP[device.type == "cpu"], "checks": rows,
                                       "same_greedy_tokens": min(r["same_greedy_tokens"] for r in rows)}
                                for name, rows in agreement.items()}
-    if val is not None:
+    if val:
         results["quality"] = precision_quality(originals, models, cfg, val, log)
     results["ratios"] = _ratios(results)
     if device.type == "cuda":
@@ -715,17 +719,18 @@ def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: tuple | None)
     return results
 
 
-def precision_quality(originals: dict[str, GPT], models: dict[str, GPT], cfg: BenchConfig, val: tuple,
+def precision_quality(originals: dict[str, GPT], models: dict[str, GPT], cfg: BenchConfig, val: dict[str, tuple],
                       log=print) -> dict:
-    """Bits per byte of every entry in its precision, and the cost against the same model in float32."""
+    """Bits per byte of every entry of the models in ``val`` in its precision, each on that model's own
+    (validation tokens, bytes per token), and the cost against the same model in float32."""
     from hybrid_gpt.train.evaluate import evaluate_lm
 
-    tokens, byte_lengths = val
-    reference = {name: evaluate_lm(_as_float32(model), tokens, byte_lengths,
-                                   cfg.quality_tokens)["bpb"] for name, model in originals.items()}
+    reference = {name: evaluate_lm(_as_float32(originals[name]), *val[name], cfg.quality_tokens)["bpb"]
+                 for name in originals if name in val}
     out = {}
     for dtype in cfg.dtypes:
-        for name in originals:
+        for name in reference:
+            tokens, byte_lengths = val[name]
             entry = entry_name(name, dtype)
             bpb = reference[name] if dtype == "float32" else evaluate_lm(models[entry], tokens, byte_lengths,
                                                                         cfg.quality_tokens)["bpb"]

@@ -56,6 +56,12 @@ WEIGHT_COMPONENTS = ("embeddings", "attention_weights", "token_mlp_weights", "ff
 COMPONENTS = (*WEIGHT_COMPONENTS, "kv_cache", "attention_scores")
 HARDWARE_KEYS = ("memory_bandwidth_bytes_per_s", "matmul_flops_per_s")
 TARGETS = (1.25, 1.5)  # the speedups whose first context the table reports
+# Physical bounds of a machine's figures, in GB/s and GFLOP/s: from a microcontroller's (1 MB/s, 1 MFLOP/s) to
+# far beyond any accelerator (1 PB/s, 1 EFLOP/s; an H200 moves 4.8 TB/s): a figure outside is a typo, whose
+# step times would print hundreds of digits.
+BANDWIDTH_GBS = (1e-3, 1e6)
+FLOPS_GFLOPS = (1e-3, 1e9)
+CONTEXTS = (256, 1024, 4096, 16384)  # the contexts of a table by default, up to the model's (default_contexts)
 _FAR = 2**60  # a context far enough out that every cost is its leading term to ~1e-12
 
 
@@ -173,8 +179,15 @@ def _name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def default_contexts(block_size: int) -> list[int]:
+    """The contexts of a table when none are given: those of CONTEXTS that a model of ``block_size`` holds, and
+    its own context (at most the last of CONTEXTS), so that a short-context checkpoint gets a table too."""
+    return sorted({c for c in CONTEXTS if c <= block_size} | {min(block_size, CONTEXTS[-1])})
+
+
 def check_hardware(hardware: dict) -> dict:
-    """``hardware`` itself if it holds a positive, finite figure for each of HARDWARE_KEYS."""
+    """``hardware`` itself if it holds a positive, finite figure for each of HARDWARE_KEYS (any such: the model
+    is arithmetic; a user's figures are held to BANDWIDTH_GBS and FLOPS_GFLOPS by the command's options)."""
     for key in HARDWARE_KEYS:
         value = hardware.get(key) if isinstance(hardware, dict) else None
         if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)

@@ -13,6 +13,30 @@ import torch
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPT
 
+# How long one generation may run: past its context a model sees only a sliding window, so a request of a
+# million tokens from a 32-token model is a typo that would run for a quarter of an hour. At most
+# GENERATION_CONTEXTS times the model's context, never less than MIN_GENERATION_LIMIT (a short-context model
+# may still write a page), never more than MAX_NEW_TOKENS.
+MAX_NEW_TOKENS = 100_000
+GENERATION_CONTEXTS = 32
+MIN_GENERATION_LIMIT = 1024
+GENERATION_RULE = (f"at most {GENERATION_CONTEXTS} x the model's context or {MIN_GENERATION_LIMIT:,}, whichever is "
+                   f"more, and {MAX_NEW_TOKENS:,} at the most")
+
+
+def generation_limit(block_size: int) -> int:
+    """The most new tokens one generation by a model of context ``block_size`` may ask for (GENERATION_RULE)."""
+    return min(MAX_NEW_TOKENS, max(MIN_GENERATION_LIMIT, GENERATION_CONTEXTS * block_size))
+
+
+def check_new_tokens(n: int, block_size: int, name: str = "max_new_tokens") -> None:
+    """HybridGPTError, naming ``name``, unless ``n`` new tokens are within :func:`generation_limit`: checked
+    before anything is generated, by generate itself and up front by the commands that generate."""
+    limit = generation_limit(block_size)
+    if n > limit:
+        raise HybridGPTError(f"{name} {n:,} is more than a model of context {block_size:,} may generate at once: "
+                             f"{limit:,} ({GENERATION_RULE}); ask for fewer")
+
 
 class KVCache:
     """Static per-layer key/value buffers for attention layers only: one [2, B, kv_heads, max_len, head_dim]
@@ -150,11 +174,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-@torch.inference_mode()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              use_cache: bool = True, stop_tokens=None, step=None) -> Iterator[torch.Tensor]:
-    """Yield the next token ids [B, 1] one step at a time (streaming).
+    """Yield the next token ids [B, 1] one step at a time (streaming). ``max_new_tokens`` is bounded by
+    :func:`generation_limit`; it and the prompt are checked when generate is called, before any token.
 
     ``idx`` [B, T] must fit the context. Past the context the model sees a window that restarts:
     once the window would exceed ``block_size`` it restarts at the last ``block_size // 2`` tokens
@@ -173,11 +197,17 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     block = model.config.block_size
     if idx.size(1) > block:
         raise ValueError(f"prompt of {idx.size(1)} tokens exceeds the context of {block}; crop it first")
+    check_new_tokens(max_new_tokens, block)
+    return _streamed(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop_tokens, step)
+
+
+@torch.inference_mode()
+def _streamed(model: GPT, *args) -> Iterator[torch.Tensor]:
+    """_generate in eval mode, the model given back in the mode it was in."""
     was_training = model.training
     model.eval()
     try:
-        yield from _generate(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop_tokens,
-                             step)
+        yield from _generate(model, *args)
     finally:
         model.train(was_training)
 

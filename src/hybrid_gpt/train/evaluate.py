@@ -11,10 +11,13 @@ import torch
 
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.stats import mean_ci
 
 # The documented default: the first 131,072 predicted tokens of the validation split (or all of it,
 # if shorter), in non-overlapping windows of the model's full context.
 EVAL_TOKENS = 131072
+# An analysis's held-out budget covers at least this many whole windows of its context (check_budget).
+MIN_WINDOWS = 2
 # Float32 logits one evaluation batch may hold: a batch of long windows over a large vocabulary has fewer rows.
 LOGITS_BUDGET = 2**28
 
@@ -54,16 +57,41 @@ def evaluating(model):
 
 @torch.no_grad()
 def evaluate_lm(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens: int = EVAL_TOKENS,
-                batch_size: int = 16, autocast=nullcontext, context: int | None = None) -> dict:
+                batch_size: int = 16, autocast=nullcontext, context: int | None = None,
+                per_window: bool = False) -> dict:
     """Mean next-token loss (nats), perplexity and bits per byte.
 
     Over the windows of :func:`windows` (``context`` tokens long, the model's full context when None), so
     each token is predicted once; bits per byte divide the summed
     loss by the UTF-8 bytes of exactly those targets (special tokens count zero bytes), which makes models
-    with different tokenizers comparable.
+    with different tokenizers comparable. With ``per_window``, also each window's bits and bytes
+    ("window_bits", "window_bytes"), which pair window by window with another model's
+    (:func:`bpb_difference`): the noise of a difference between two models.
     """
     with evaluating(model) as model:
-        return _evaluate_lm(model, tokens, byte_lengths, max_tokens, batch_size, autocast, context)
+        return _evaluate_lm(model, tokens, byte_lengths, max_tokens, batch_size, autocast, context, per_window)
+
+
+def bpb_difference(a: dict, b: dict) -> dict:
+    """stats.mean_ci of the per-window bits-per-byte differences a - b of two :func:`evaluate_lm` results with
+    ``per_window`` over the same windows (paired by window): the difference and its 95% t-interval (None from
+    a single window), the one measure of whether two models' quality differs beyond noise."""
+    if len(a["window_bits"]) != len(b["window_bits"]):
+        raise HybridGPTError(f"paired windows differ in number ({len(a['window_bits'])} vs {len(b['window_bits'])})")
+    return mean_ci([(x - y) / max(n, 1) for x, y, n in zip(a["window_bits"], b["window_bits"], b["window_bytes"])])
+
+
+def check_budget(name: str, tokens: int, split_tokens: int, context: int) -> None:
+    """HybridGPTError unless a held-out budget of ``tokens`` (of a split of ``split_tokens``) fills at least
+    MIN_WINDOWS whole windows of ``context``: a figure from less (one token, part of one window) has no
+    spread to judge its noise by, and looks as meaningful as any other. The message states the minimum."""
+    need = MIN_WINDOWS * context
+    have = min(tokens, split_tokens - 1)
+    if have < need:
+        short = f"--{name.replace('_', '-')} {tokens:,}" if tokens < need else \
+            f"the validation split's {split_tokens:,} tokens"
+        raise HybridGPTError(f"{short} cannot give a figure that means anything: {name} must cover at least "
+                             f"{MIN_WINDOWS} whole windows of {context:,} tokens ({need:,} tokens)")
 
 
 def window_starts(n_tokens: int, block_size: int, max_tokens: int, spread: bool = False) -> tuple[int, list[int]]:
@@ -111,21 +139,30 @@ def model_windows(model: GPT, tokens: np.ndarray, max_tokens: int, batch_size: i
 
 
 def _evaluate_lm(model: GPT, tokens, byte_lengths, max_tokens: int, batch_size: int, autocast,
-                 context: int | None) -> dict:
+                 context: int | None, per_window: bool) -> dict:
     device = next(model.parameters()).device
     total_loss, total_bytes, count = 0.0, 0, 0
+    window_bits, window_bytes = [], []
     for chunk in model_windows(model, tokens, max_tokens, batch_size, context):
         x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)
         with autocast():
-            _, loss = model(x, y, loss_reduction="sum")
+            _, loss = model(x, y, loss_reduction="none" if per_window else "sum")
+        if per_window:
+            rows = loss.double().view(y.shape).sum(1).cpu()
+            window_bits += (rows / math.log(2)).tolist()
+            window_bytes += byte_lengths[chunk[:, 1:].numpy()].sum(1).tolist()
+            loss = rows.sum()
         total_loss += loss.item()
         total_bytes += int(byte_lengths[chunk[:, 1:].numpy()].sum())
         count += y.numel()
     mean = total_loss / count
-    return {
+    out = {
         "loss": mean,
         "perplexity": math.exp(min(mean, 700.0)),
         "bpb": total_loss / (math.log(2) * max(total_bytes, 1)),
         "tokens": count,
         "bytes": total_bytes,
     }
+    if per_window:
+        out |= {"window_bits": window_bits, "window_bytes": [int(b) for b in window_bytes]}
+    return out
