@@ -323,11 +323,11 @@ CASES = {
     "config model a string": Case(lambda t, r: (["eval", _with_config(t, r, lambda c: _set(c, "model", "AAMM"))],
                                                 "no 'model' object")),
     "config model n_embd text": Case(lambda t, r: (["eval", _with_config(t, r, lambda c: _set(
-        c, "model", {**c["model"], "n_embd": "x" * 100_000}))], "n_embd must be an integer")),
+        c, "model", {**c["model"], "n_embd": "x" * 100_000}))], "n_embd must be a whole number")),
     "config model many unknown keys": Case(lambda t, r: (["eval", _with_config(t, r, lambda c: _set(
         c, "model", {**c["model"], **{f"k{i}": i for i in range(20_000)}}))], "unknown keys")),
     "config 20,000-letter pattern": Case(lambda t, r: (["sample", _with_config(t, r, lambda c: _set(
-        c, "model", {**c["model"], "layers": "AM" * 10_000}))], "20,000 blocks is over the limit")),
+        c, "model", {**c["model"], "layers": "AM" * 10_000}))], "has 20,000 letters; the limit is 1,024")),
     "config nested too deeply": Case(lambda t, r: (["eval", _nested_config(t, r)], "nested too deeply")),
     "meta.json a list": Case(lambda t, r: (_pretrain(r, "--data", _with_meta(t, r, lambda m: [m]), "--out", t / "o"),
                                            "meta.json is damaged: it must be a JSON object")),

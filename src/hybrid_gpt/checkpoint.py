@@ -23,7 +23,6 @@ from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.fsutil import clip, read_json, recover_dir, staged_dir, write_bytes, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig
-from hybrid_gpt.options import MAX_LAYERS
 from hybrid_gpt.runtime import ensure_fits
 
 FORMAT = "hybrid-gpt-checkpoint"
@@ -119,10 +118,7 @@ def read_config(path: Path) -> tuple[GPTConfig, dict]:
         value = training.get(key)
         if value is not None and (not isinstance(value, t) or (t is int and isinstance(value, bool))):
             raise HybridGPTError(f"{where}: training.{key} must be {_type_name(t)}, got {clip(json.dumps(value))}")
-    layers = raw["model"].get("layers")
-    if isinstance(layers, str) and len(layers) > MAX_LAYERS:
-        raise HybridGPTError(f"{where}: a layer pattern of {len(layers):,} blocks is over the limit of {MAX_LAYERS}")
-    try:
+    try:  # every field's type and range (its layer pattern's length too) before anything is computed from it
         config = GPTConfig.from_dict(raw["model"])
     except (HybridGPTError, TypeError) as e:  # bounded: the error may quote the file's values
         raise HybridGPTError(f"{where}: {clip(e, 200)}") from e

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import io
 import json
+import os
 import sys
 from dataclasses import dataclass, fields, make_dataclass
 from pathlib import Path
@@ -23,7 +25,8 @@ from hybrid_gpt.analysis.retrofit import RetrofitConfig
 from hybrid_gpt.analysis.replace import ReplaceConfig
 from hybrid_gpt.analysis.static import StaticConfig
 from hybrid_gpt.data.tokenizer import MAX_VOCAB
-from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.errors import HybridGPTError, RunFailure
+from hybrid_gpt.fsutil import os_reason
 from hybrid_gpt.infer.bench import BENCH_DTYPES, PEERS, BenchConfig, run_train_bench
 from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
 from hybrid_gpt.infer.costs import BANDWIDTH_GBS, FLOPS_GFLOPS
@@ -867,19 +870,100 @@ COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, 
             "import": cmd_import, "costs": cmd_costs}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class OutputError(RunFailure):
+    """Standard output or standard error refused a write (a full disk, a closed pipe, a device error)."""
+
+    def __init__(self, stream: "_Guarded", error: OSError):
+        super().__init__(f"cannot write to standard {stream.name}: {os_reason(error)}")
+        self.stream, self.broken_pipe = stream, isinstance(error, BrokenPipeError)
+
+
+class _Guarded:
+    """A text stream whose failed writes raise OutputError naming it, so that main can end the command with
+    one line and exit status 1 instead of a traceback; everything else is the stream's own."""
+
+    def __init__(self, stream, name: str):
+        self._stream, self.name = stream, name
+
+    def _guard(self, method: str, *args):
+        try:
+            return getattr(self._stream, method)(*args)
+        except OSError as e:
+            raise OutputError(self, e) from e
+
+    def write(self, text: str):
+        return self._guard("write", text)
+
+    def writelines(self, lines):
+        return self._guard("writelines", lines)
+
+    def flush(self):
+        return self._guard("flush")
+
+    def silence(self) -> None:
+        """Point the stream's file descriptor at /dev/null, so that what is still buffered, flushed at exit,
+        goes nowhere instead of failing again ("Exception ignored ... BrokenPipeError")."""
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # no descriptor (a test's capture)
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _say(text: str) -> None:
+    """One line on standard error, if standard error still takes it."""
     try:
-        return COMMANDS[args.command](args)
+        print(text, file=sys.stderr, flush=True)
+    except OutputError as e:
+        e.stream.silence()
+
+
+def _output_failed(e: OutputError, command: str) -> int:
+    """Exit status 1 for a refused write; its line on standard error unless the reader closed the pipe."""
+    e.stream.silence()
+    if not e.broken_pipe:
+        _say(f"{command}: error: {one_line(str(e))}")
+    return e.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `hybrid-gpt` command: bad input is one line and exit 2, a run that cannot finish exit 1. Output
+    never raises a traceback: characters the terminal's encoding lacks are replaced, and a refused write to
+    standard output or error (`> /dev/full`, a closed pipe) ends the command with exit 1 and one line on
+    standard error where it can still be written (none for a closed pipe, which a reader such as `head`
+    closes on purpose)."""
+    streams = sys.stdout, sys.stderr
+    for stream in streams:
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")  # PYTHONIOENCODING=ascii and "héllo ✓": "h?llo ?"
+    sys.stdout, sys.stderr = _Guarded(streams[0], "output"), _Guarded(streams[1], "error")
+    command = PROG
+    try:
+        args = build_parser().parse_args(argv)
+        command = f"{PROG} {args.command}"
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, not at exit: a full disk is reported like any other refused write
+        return code
+    except OutputError as e:
+        return _output_failed(e, command)
     except HybridGPTError as e:
-        print(f"{PROG} {args.command}: error: {one_line(str(e))}", file=sys.stderr)
+        _say(f"{command}: error: {one_line(str(e))}")
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        _say(f"{command}: interrupted")
         return 130
-    except BrokenPipeError:
-        return 0
+    except SystemExit:  # argparse's --help, --version and usage errors: what they printed is flushed here too
+        try:
+            sys.stdout.flush()
+        except OutputError as e:
+            return _output_failed(e, command)
+        raise
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ MAX_LIST = 1024  # entries in a comma-separated list
 # Upper bounds that keep a typo from allocating the machine away; each is far beyond any real use here.
 MAX_LAYERS = 1024  # blocks; also bounds a config.json's pattern before it is validated
 MAX_WIDTH = 2**17
+MAX_MODEL_VOCAB = 2**24  # rows of a model's embedding (an imported model's may exceed a prepared vocabulary's 2**16)
 MAX_CONTEXT = 2**20
 MAX_TOKENS = 2**40
 MAX_REPEATS = 10_000
@@ -201,7 +202,7 @@ def check_value(value, kind: str, spec: Spec = Spec()):
             return "repeats a seed" if kind == "seeds" else "repeats a value"
         return None
     if not isinstance(value, str):
-        return "must be text"
+        return "must be text" if spec.choices is None else f"must be one of {', '.join(map(str, spec.choices))}"
     problem = _text_problem(value, kind, spec)
     if problem:
         return problem
@@ -221,11 +222,18 @@ def require(name: str, value, kind: str, spec: Spec = Spec()) -> None:
         raise HybridGPTError(f"{name} {problem}, got {shown(value)}")
 
 
-def check_fields(obj) -> None:
-    """HybridGPTError for the first field of dataclass ``obj`` outside its spec, naming the field."""
+_UNSET = object()  # stands for None where None is not a value: check_value then names what is expected
+
+
+def check_fields(obj, prefix: str = "", *, none: bool = True) -> None:
+    """HybridGPTError for the first field of dataclass ``obj`` outside its spec, naming the field after
+    ``prefix``. ``none``: None is valid in every field (an option left unset); else in none."""
     kind_of = kinds(type(obj))
     for f in dataclasses.fields(obj):
-        require(f.name, getattr(obj, f.name), kind_of[f.name], spec_of(f))
+        value = getattr(obj, f.name)
+        problem = check_value(_UNSET if value is None and not none else value, kind_of[f.name], spec_of(f))
+        if problem:
+            raise HybridGPTError(f"{prefix}{f.name} {problem}, got {shown(value)}")
 
 
 def _parse(text: str, kind: str):

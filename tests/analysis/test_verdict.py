@@ -177,3 +177,37 @@ def test_pipeline_hypothesis_tests_end_to_end_on_smoke(pretrained, tmp_path):
     for link in re.findall(r"\]\(([^)]+\.png)\)", md):
         assert (run_dir / link).is_file(), link
     assert json.loads((run_dir / "hypothesis.json").read_text())["sentences"] == result["sentences"]
+
+
+def _bench_of(pairs: dict[str, tuple[str, str]], models: dict[str, dict]) -> dict:
+    """A bench result of ``models`` whose ratio rows (batch 1, contexts 256 and 4096) are under ``pairs``'
+    keys, as bench writes them for any pattern it was given."""
+    rows = [{"context": c, "batch": 1, "decode_speedup": r, "decode_speedup_ci95": [r - 0.1, r + 0.1]}
+            for c, r in ((256, 1.1), (4096, 1.7))]
+    return {"weights": "random", "models": models, "ratios": {key: rows for key in pairs}}
+
+
+@pytest.mark.parametrize("models, keys, shown", [
+    ({"AAAA": {"layers": "AAAA"}, "ANNN": {"layers": "ANNN"}}, ["ANNN/AAAA"], "ANNN / AAAA"),
+    ({"AMAM": {"layers": "AMAM"}, "MMMM": {"layers": "MMMM"}}, ["MMMM/AMAM"], "MMMM / AMAM"),
+    ({"AAAA": {"layers": "AAAA"}, "AAMM": {"layers": "AAMM"}}, ["AAMMvsAAAA"], None),  # a key without "/"
+    ({"AAAA": {"layers": "AAAA"}, "AAMM": {"layers": "AAMM"}}, ["/", "AAMM/", "a/b/c"], None),
+    ({"AAAA": {"layers": "AAAA"}, "AAMM@bfloat16": {"layers": "AAMM", "dtype": "bfloat16"}},
+     ["AAMM@bfloat16/AAAA"], None),  # no float32 pair to show
+    ({"x/y": {"layers": "AAAA"}, "z": {"layers": "ANAN"}}, ["z/x/y"], "ANAN / AAAA"),  # names holding "/"
+    ({"AAAA": {"layers": "AAAA"}, "A2": {"layers": "AAAA"}}, ["A2/AAAA"], "A2 / AAAA"),  # one pattern twice
+])
+def test_the_verdict_takes_a_bench_of_any_pattern_pair_and_odd_keys(tmp_path, models, keys, shown):
+    (tmp_path / "ablate").mkdir()
+    (tmp_path / "ablate" / "ablate.json").write_text(json.dumps(_ablate(TIGHT, TOK)["data"]))
+    (tmp_path / "speed").mkdir()
+    (tmp_path / "speed" / "other.json").write_text(json.dumps(_bench_of(dict.fromkeys(keys), models)))
+    result = write_verdict(tmp_path)
+    md = (tmp_path / "hypothesis.md").read_text()
+    assert result["long_context"]["other"]["pair"] == shown
+    if shown:
+        assert f"other, {shown}, batch 1" in md and (tmp_path / "speed-context.png").is_file()
+    else:
+        assert "no speedup between two float32 models to show" in md
+    # the hypothesis itself is AAMM against AAAA only: another pair never feeds it
+    assert all(p["source"] == "ablate/ablate.json" for p in result["per_context"]["rows"])

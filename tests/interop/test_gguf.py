@@ -100,7 +100,7 @@ def _q8_1_bytes(n: int) -> tuple[np.ndarray, object]:
     (dict(tensors={"blk.1.attn_k.weight": (np.zeros((24, 64), np.float32), None)}),
      r"blk.1.attn_k.weight has shape \(24, 64\), not 2 heads of 16 rows"),
     (dict(tensors={"blk.1.ffn_up.weight": (np.zeros((90, 64), np.float32), None)}),
-     r"up_proj.weight has shape \(90, 64\), not the 96 rows"),
+     r"up_proj.weight has shape \(90, 64\), not \(96, 64\)"),
     (dict(meta=lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.YARN)), "RoPE scaling 'yarn'"),
 ])
 def test_files_we_cannot_read_are_one_line_errors(bpe, tmp_path, kw, message):

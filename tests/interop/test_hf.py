@@ -70,7 +70,7 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_s
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE scaling 'yarn'"),
     ({"head_dim": 32}, "head_dim 32"),
     ({"attention_bias": True}, "attention_bias and mlp_bias differ"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"hidden_act": "gelu"}, "hidden_act must be one of silu, got 'gelu'"),
     ({"hidden_size": "64"}, "hidden_size must be a whole number"),
     ({"num_hidden_layers": True}, "num_hidden_layers must be a whole number"),
     ({"hidden_size": 63}, "divisible"),
@@ -82,7 +82,7 @@ def test_configs_we_cannot_compute_are_one_line_errors(change, message):
 
 def test_gpt2_variants_we_cannot_compute_are_refused():
     gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
-    with pytest.raises(HybridGPTError, match="activation_function 'relu'"):
+    with pytest.raises(HybridGPTError, match="activation_function must be one of gelu_new, .*got 'relu'"):
         config_from_hf({**gpt2, "activation_function": "relu"}, "config.json")
     with pytest.raises(HybridGPTError, match="attention-scaling"):
         config_from_hf({**gpt2, "scale_attn_by_inverse_layer_idx": True}, "config.json")

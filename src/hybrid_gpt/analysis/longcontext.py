@@ -32,9 +32,29 @@ def pair_names(bench: dict, other: str = HYBRID, base: str = STANDARD) -> tuple[
     return (o, b) if o and b and f"{o}/{b}" in bench.get("ratios", {}) else None
 
 
-def series(bench: dict, batch: int) -> list[dict]:
-    """[{context, ratio, ci95, predicted}] of hybrid/standard cached decode at ``batch``, ascending context."""
+def speed_pair(bench: dict) -> tuple[str, str] | None:
+    """The (other, base) entries whose speedup this section reports: AAMM against AAAA where the result holds
+    that ratio, else the first ratio bench wrote between two float32, uncompiled entries, whatever their
+    patterns (bench's base is the first pattern listed); None when it wrote none. A ratio key that names no
+    such pair (no "/", another precision) is passed over."""
     names = pair_names(bench)
+    if names:
+        return names
+    plain = [n for n, m in bench["models"].items() if m.get("dtype", "float32") == "float32" and not m.get("compiled")]
+    pairs = {f"{o}/{b}": (o, b) for o in plain for b in plain if o != b}
+    return next((pairs[key] for key in bench.get("ratios", {}) if key in pairs), None)
+
+
+def pair_label(bench: dict, names: tuple[str, str]) -> str:
+    """"AAMM / AAAA": the layer patterns of a pair (names where two entries share a pattern)."""
+    other, base = (bench["models"][n]["layers"] for n in names)
+    return f"{other} / {base}" if other != base else f"{names[0]} / {names[1]}"
+
+
+def series(bench: dict, batch: int, names: tuple[str, str] | None = None) -> list[dict]:
+    """[{context, ratio, ci95, predicted}] of the pair's (default :func:`speed_pair`) cached decode speedup at
+    ``batch``, ascending context."""
+    names = names or speed_pair(bench)
     if names is None:
         return []
     rows = [r for r in bench["ratios"][f"{names[0]}/{names[1]}"] if r["batch"] == batch]
@@ -65,31 +85,37 @@ def measured_crossing(points: list[dict], level: float) -> dict:
     return {"estimate": estimate, "clears_from": clears}
 
 
-def _configs(bench: dict):
+def _configs(bench: dict, names: tuple[str, str] | None):
+    """The pair's model configs, validated; None where the result lacks them or one is not a valid config."""
+    from hybrid_gpt.errors import HybridGPTError
     from hybrid_gpt.model.gpt import GPTConfig
 
-    names = pair_names(bench)
     if names is None or not all(isinstance(bench["models"][n].get("config"), dict) for n in names):
         return None
-    return tuple(GPTConfig(**bench["models"][n]["config"]) for n in names)
+    try:
+        return tuple(GPTConfig.from_dict(bench["models"][n]["config"]) for n in names)
+    except HybridGPTError:
+        return None
 
 
-def _prediction_inputs(bench: dict, top: int):
-    """(standard config, hybrid config, dtype, hardware) for the cost model, the configs' context raised to
-    ``top`` (costs need no weights); None when the result lacks the models' configs or its hardware."""
+def _prediction_inputs(bench: dict, top: int, names: tuple[str, str] | None = None):
+    """(base config, other config, dtype, hardware) of the pair (default :func:`speed_pair`) for the cost model,
+    the configs' context raised to ``top`` (costs need no weights); None when the result lacks the models'
+    configs or its hardware."""
     from dataclasses import replace
 
-    cfgs, hw = _configs(bench), bench.get("hardware")
+    names = names or speed_pair(bench)
+    cfgs, hw = _configs(bench, names), bench.get("hardware")
     if cfgs is None or not isinstance(hw, dict):
         return None
     hybrid, standard = (replace(c, block_size=max(c.block_size, top)) for c in cfgs)
-    return standard, hybrid, bench["models"][pair_names(bench)[1]].get("dtype", "float32"), hw
+    return standard, hybrid, bench["models"][names[1]].get("dtype", "float32"), hw
 
 
-def prediction(bench: dict, batch: int, top: int) -> list[tuple[int, float]]:
-    """The cost model's hybrid/standard decode speedup on a fine grid of contexts up to ``top``, with the
-    bench's measured hardware: [(context, speedup)], empty when the result lacks the models' configs."""
-    inputs = _prediction_inputs(bench, top)
+def prediction(bench: dict, batch: int, top: int, names: tuple[str, str] | None = None) -> list[tuple[int, float]]:
+    """The cost model's decode speedup of the pair (default :func:`speed_pair`) on a fine grid of contexts up to
+    ``top``, with the bench's measured hardware: [(context, speedup)], empty when the result lacks the configs."""
+    inputs = _prediction_inputs(bench, top, names)
     if inputs is None:
         return []
     from hybrid_gpt.infer.costs import predicted_speedup
@@ -101,10 +127,12 @@ def prediction(bench: dict, batch: int, top: int) -> list[tuple[int, float]]:
             for c in grid]
 
 
-def predicted_crossing(bench: dict, batch: int, level: float, top: int) -> int | None:
-    """The shortest context (up to ``top``) at which the cost model predicts ``level``: costs'
-    first_context_reaching, exact to the token; None without configs or when it is not reached."""
-    inputs = _prediction_inputs(bench, top)
+def predicted_crossing(bench: dict, batch: int, level: float, top: int,
+                       names: tuple[str, str] | None = None) -> int | None:
+    """The shortest context (up to ``top``) at which the cost model predicts ``level`` for the pair (default
+    :func:`speed_pair`): costs' first_context_reaching, exact to the token; None without configs or when it is
+    not reached."""
+    inputs = _prediction_inputs(bench, top, names)
     if inputs is None:
         return None
     from hybrid_gpt.infer.costs import first_context_reaching
@@ -114,28 +142,34 @@ def predicted_crossing(bench: dict, batch: int, level: float, top: int) -> int |
 
 
 def summarize(bench: dict, top: int | None = None) -> dict:
-    """Per batch: the measured series, the prediction on its grid (up to ``top``, default the longest measured
-    context x 4), and the crossings of each of LEVELS, measured and predicted."""
+    """The pair (:func:`speed_pair`, "AAMM / AAAA" or whatever pair the bench holds; None: none) and, per batch,
+    its measured series, the prediction on its grid (up to ``top``, default the longest measured context x 4),
+    and the crossings of each of LEVELS, measured and predicted."""
     note = bench.get("weights")
+    names = speed_pair(bench)
     out = {"weights": "random" if isinstance(note, str) and note.startswith("random") else "trained",
-           "weights_note": note, "batches": {}}
+           "weights_note": note, "pair": pair_label(bench, names) if names else None, "batches": {}}
     for batch in sorted({r["batch"] for rows in bench.get("ratios", {}).values() for r in rows}):
-        points = series(bench, batch)
+        points = series(bench, batch, names)
         if not points:
             continue
         limit = top or 4 * points[-1]["context"]
-        grid = prediction(bench, batch, limit)
+        grid = prediction(bench, batch, limit, names)
         out["batches"][str(batch)] = {
             "series": points, "prediction": [{"context": c, "predicted": r} for c, r in grid],
             "crossings": {f"{level:g}": measured_crossing(points, level) | {"predicted": predicted_crossing(
-                bench, batch, level, limit)} for level in LEVELS}}
+                bench, batch, level, limit, names)} for level in LEVELS}}
     return out
 
 
-def plot_speed_context(summaries: dict[str, dict], path: Path) -> str:
-    """Measured (markers, 95% intervals) and predicted (lines) hybrid/standard decode speedup against context,
-    log x, one panel per batch size, one colour per shape; the LEVELS as dotted lines."""
+def plot_speed_context(summaries: dict[str, dict], path: Path) -> str | None:
+    """Measured (markers, 95% intervals) and predicted (lines) decode speedup of each result's pair against
+    context, log x, one panel per batch size, one colour per shape; the LEVELS as dotted lines. None (no plot)
+    when no result has a pair to show."""
     batches = sorted({int(b) for s in summaries.values() for b in s["batches"]})
+    if not batches:
+        return None
+    pairs = sorted({str(s.get("pair")) for s in summaries.values() if s["batches"]})
 
     def draw(plt):
         fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
@@ -150,7 +184,7 @@ def plot_speed_context(summaries: dict[str, dict], path: Path) -> str:
                 lo = [p["ratio"] - p["ci95"][0] if p["ci95"] else 0 for p in b["series"]]
                 hi = [p["ci95"][1] - p["ratio"] if p["ci95"] else 0 for p in b["series"]]
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=colour, capsize=3,
-                            label=f"{shape}: measured ({s['weights']} weights)")
+                            label=f"{shape} ({s.get('pair')}): measured ({s['weights']} weights)")
                 if b["prediction"]:
                     ax.plot([p["context"] for p in b["prediction"]], [p["predicted"] for p in b["prediction"]],
                             "--", color=colour, label=f"{shape}: predicted (roofline)")
@@ -159,7 +193,7 @@ def plot_speed_context(summaries: dict[str, dict], path: Path) -> str:
             ax.axhline(1.0, color="black", linewidth=0.5)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("context (tokens)")
-            ax.set_ylabel(f"{HYBRID} / {STANDARD} cached decode speed")
+            ax.set_ylabel(f"{pairs[0] if len(pairs) == 1 else 'first / second'} cached decode speed")
             ax.set_title(f"batch {batch}")
             ax.legend(fontsize=7)
         return fig
@@ -175,8 +209,10 @@ def render_markdown(summaries: dict[str, dict], plot: str | None = None) -> str:
     for shape, s in summaries.items():
         if s.get("weights_note"):
             L.append(f"`{shape}`: {s['weights_note']}.\n")
+        if not s["batches"]:
+            L.append(f"`{shape}`: no speedup between two float32 models to show.\n")
         for batch, b in s["batches"].items():
-            L += [f"**{shape}, batch {batch}** ({s['weights']} weights):\n",
+            L += [f"**{shape}, {s.get('pair')}, batch {batch}** ({s['weights']} weights):\n",
                   "| context | measured (95% CI) | predicted |", "| --- | --- | --- |"]
             for p in b["series"]:
                 pred = f"{p['predicted']:.2f}x" if p.get("predicted") else "-"

