@@ -74,6 +74,10 @@ def _bases(inputs) -> dict[str, list[str]]:
         "pipeline": ["--preset", "smoke"], "ablate": ["--preset", "smoke"], "probe": ["--preset", "smoke"],
         "distill": [ckpt, "--layers", "AM"], "dpo": ["--preset", "smoke"], "prepare-chat": [],
         "retrofit": [str(inputs / "pretrain-standard"), "--quick", "--ks", "0,1", "--out", "retro"],
+        "static": [str(inputs / "pretrain-standard"), "--context", "16", "--train-tokens", "4096", "--stop-tokens",
+                   "1024", "--eval-tokens", "1024", "--widths", "4", "--short-context", "0", "--max-epochs", "1",
+                   "--out", "static"],
+        "replace": [str(inputs / "pretrain-standard"), "--ks", "1", "--out", "replace"],  # no map: refused early
     }
 
 

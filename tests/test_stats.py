@@ -71,7 +71,8 @@ def test_judge_interval_is_three_valued():
                                            (31, 2.039513), (45, 2.014103), (60, 2.000298), (1000, 1.962339),
                                            (2.5, 3.574655)])
 def test_t_quantile_is_exact_at_any_degrees_of_freedom(dof, quantile):
-    """Published 97.5% quantiles (R's qt; 2.5: the density integrated numerically): beyond 30 degrees of freedom too, and at fractional ones."""
+    """Published 97.5% quantiles (R's qt; at 2.5 the density integrated numerically): beyond 30 degrees of
+    freedom too, and at fractional ones."""
     from hybrid_gpt.stats import t_cdf, t_quantile
 
     assert t_quantile(dof) == pytest.approx(quantile, abs=2e-6)

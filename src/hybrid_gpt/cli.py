@@ -21,8 +21,8 @@ from pathlib import Path
 from hybrid_gpt.analysis.ablate import run_ablate
 from hybrid_gpt.analysis.distill import DistillConfig
 from hybrid_gpt.analysis.probe import TASK_CHOICES, run_probe
-from hybrid_gpt.analysis.retrofit import RetrofitConfig
 from hybrid_gpt.analysis.replace import ReplaceConfig
+from hybrid_gpt.analysis.retrofit import RetrofitConfig
 from hybrid_gpt.analysis.static import StaticConfig
 from hybrid_gpt.data.tokenizer import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError, RunFailure
@@ -865,8 +865,8 @@ def cmd_import(args) -> int:
 COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, "sample": cmd_sample,
             "prepare-chat": cmd_prepare_chat, "sft": cmd_sft, "dpo": cmd_dpo, "chat": cmd_chat,
             "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance,
-            "probe": cmd_probe, "distill": cmd_distill, "retrofit": cmd_retrofit, "static": cmd_static, "replace": cmd_replace,
-            "verdict": cmd_verdict,
+            "probe": cmd_probe, "distill": cmd_distill, "retrofit": cmd_retrofit, "static": cmd_static,
+            "replace": cmd_replace, "verdict": cmd_verdict,
             "import": cmd_import, "costs": cmd_costs}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 
+
 def _betacf(a: float, b: float, x: float) -> float:
     """The continued fraction of the regularized incomplete beta function (modified Lentz)."""
     tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)

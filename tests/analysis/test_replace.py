@@ -36,7 +36,8 @@ def test_held_out_windows_are_spread_and_disjoint():
     w = held_out_windows(100_000, 2048, 8, 16)
     assert len(w["select"]) == 8 and len(w["test"]) == 16
     starts = sorted(w["select"] + w["test"])
-    assert starts[0] == 0 and starts[-1] == 100_000 - 1 - 2048 and all(b - a >= 2048 for a, b in zip(starts, starts[1:]))
+    assert starts[0] == 0 and starts[-1] == 100_000 - 1 - 2048
+    assert all(b - a >= 2048 for a, b in zip(starts, starts[1:]))
     assert not set(w["select"]) & set(w["test"])
     assert min(w["select"]) > 0 and max(w["select"]) < starts[-1]  # dealt through the split, not its ends
     with pytest.raises(HybridGPTError, match="lower --select-windows"):
@@ -173,7 +174,7 @@ def test_the_linear_control_is_the_map_s_ridge_fit(mapped, tmp_path):
     (["--passkey-contexts", "252"], "leaves no room for the answer"),
     (["--eval-context", "512"], "exceeds the model's context"),
     (["--test-windows", "9000", "--eval-context", "200"], "lower --select-windows"),
-    (["--passkey-contexts", "8"], "use a longer context"),
+    (["--passkey-contexts", "8"], "leaves 0 for the filler"),
 ])
 def test_bad_options_are_one_line_errors_before_any_work(mapped, tmp_path, capsys, argv, message):
     argv = [str(tmp_path / a) if a == "NOWHERE" else a for a in argv]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
-from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.checkpoint import CHECKPOINT_FILES
+from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, nested, read_json, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset

@@ -29,7 +29,6 @@ Every finished arm is recorded in state.json at once, so an interrupted study re
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 import sys
 import time
@@ -58,7 +57,10 @@ from hybrid_gpt.stats import judge_interval, mean_ci, seed_window_ci
 from hybrid_gpt.train.evaluate import evaluate_lm, window_starts
 from hybrid_gpt.train.loop import MAX_ROWS, TrainConfig, train
 
-REPLACE_FILES = ("replace.json", "replace.md", "replace-*.png", "state.json", "fits", "speed")
+# What a replacement study's directory may hold (a tree spec, fsutil.check_replaceable): anything else, at any
+# depth, means it is not ours to resume or replace.
+REPLACE_FILES = ("replace.json", "replace.md", "replace-*.png", "state.json", "fits/*.safetensors", "fits/*.json",
+                 "speed/run-*.json")
 KINDS = ("drop", "constant", "linear", "distil", "matched", "drop+heal", "distil+heal")
 FULL = "full"
 
@@ -372,9 +374,8 @@ def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, 
     trials = {c: passkey.passkey_trials(tokenizer, data.val, context=c, trials=cfg.passkey_trials, seed=cfg.seed,
                                         template=tokenizer.chat_template()) for c in cfg.passkey_contexts}
     with claimed_dir(out, allowed=REPLACE_FILES, what="replacement study", overwrite=cfg.overwrite,
-                     resume=cfg.resume, exists_hint="pass --resume to continue it or --overwrite to replace it"):
-        if cfg.overwrite and out.is_dir():  # claimed_dir checked that it holds only what a study writes
-            shutil.rmtree(out)
+                     resume=cfg.resume, exists_hint="pass --resume to continue it or --overwrite to replace it",
+                     in_place=True):
         out.mkdir(parents=True, exist_ok=True)
         study = Study(out / "state.json", fingerprint)
         if study.data["options"] != fingerprint:
@@ -541,7 +542,8 @@ class _Runner:
         shapes = {FULL: self.full.config.layers}
         for k in sorted(cfg.ks):
             deep = choose_layers("deepest", k, self.attention, [])
-            shapes[f"k{k}-M{cfg.width}"] = "".join("M" if i in deep else c for i, c in enumerate(self.full.config.layers))
+            layers = self.full.config.layers
+            shapes[f"k{k}-M{cfg.width}"] = "".join("M" if i in deep else c for i, c in enumerate(layers))
         runs = self.study.get("speed") or {"shapes": shapes, "runs": []}
         for i in range(len(runs["runs"]), cfg.speed_runs):
             spec = self.out / "speed" / f"run-{i + 1}.json"
