@@ -210,3 +210,17 @@ def test_an_output_directory_that_is_not_a_map_is_refused(ckpt, tmp_path):
     with pytest.raises(HybridGPTError, match="notes.txt"):
         run_static(ckpt, StaticConfig(out_dir=out, overwrite=True, **TINY), log=quiet, progress=False)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_fit_cut_short_by_a_signal_is_never_a_result(monkeypatch):
+    """The shared loop turns Ctrl-C or SIGTERM into an interrupted result; fit_mlp must not record it as a fit."""
+    from hybrid_gpt.analysis import static
+    from hybrid_gpt.model.gpt import GPTConfig
+    from hybrid_gpt.train.loop import TrainResult
+
+    monkeypatch.setattr(static, "train", lambda *a, **k: TrainResult(step=3, interrupted=True, elapsed=0.1))
+    config = GPTConfig(vocab_size=11, block_size=8, n_embd=8, n_head=2, layers="A", ffn="swiglu", norm="rmsnorm",
+                       positions="rope", bias=False)
+    data = {"fit": (torch.randn(64, 8), torch.randn(64, 8)), "stop": (torch.randn(32, 8), torch.randn(32, 8))}
+    with pytest.raises(KeyboardInterrupt):
+        fit_mlp(config, 4, data, StaticConfig(batch_tokens=16, max_epochs=1), progress=False)
