@@ -148,6 +148,8 @@ def test_speed_runs_in_separate_processes(mapped, tmp_path):
     assert len(speed["runs"]) == 2 and speed["pooled"]["n"] == 2
     assert speed["spread"][0] <= speed["pooled"]["ratio"] <= speed["spread"][1]
     assert all(r["decode"]["ratio"] > 0 and r["context"] == 32 for r in speed["runs"])
+    control = result["speed"]["shapes"]["full-copy"]  # the A/A control: the full pattern, rebuilt like the shapes
+    assert control["predicted"] == pytest.approx(1.0) and len(control["runs"]) == 2
     assert result["ks"][0]["speed_state"] in ("holds", "does not hold", "cannot be told")
     assert "Speed at the same context" in (tmp_path / "s" / "replace.md").read_text()
 

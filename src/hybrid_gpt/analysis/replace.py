@@ -539,7 +539,9 @@ class _Runner:
     # -- speed, in separate processes --
     def speed(self, root: Path, publish) -> None:
         cfg = self.cfg
-        shapes = {FULL: self.full.config.layers}
+        # full-copy: the full pattern rebuilt like every other shape (an A/A control: its ratio should be 1.00x;
+        # a baseline that is not built like the shapes it is compared with would show here)
+        shapes = {FULL: self.full.config.layers, "full-copy": self.full.config.layers}
         for k in sorted(cfg.ks):
             deep = choose_layers("deepest", k, self.attention, [])
             layers = self.full.config.layers
