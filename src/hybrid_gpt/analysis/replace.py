@@ -385,10 +385,10 @@ def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, 
                                  "same options to resume it, --overwrite to replace it, or another --out")
         runner = _Runner(cfg, model, tokenizer, data, windows, trials, source, study, out, log, progress)
 
-        sentence = _map_sentence(source.root)
+        sentence, map_r2 = _map_view(source.root)
 
         def publish(complete: bool = False) -> dict:
-            result = runner.result(complete) | {"map_sentence": sentence, "out_dir": str(out)}
+            result = runner.result(complete) | {"map_sentence": sentence, "map_r2": map_r2, "out_dir": str(out)}
             result["plots"] = write_outputs(result, out, sentence)
             return result
 
@@ -400,13 +400,15 @@ def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, 
     return result
 
 
-def _map_sentence(root: Path) -> str | None:
-    """The map's own sentence on how static the deep layers are, when its static.json is there."""
+def _map_view(root: Path) -> tuple[str | None, dict]:
+    """The map's own sentence on how static the deep layers are, and its held-out R^2 per layer (numbered from
+    1), when its static.json is there."""
     from hybrid_gpt.analysis.static_report import map_sentence
 
     if not (root / "static.json").is_file():
-        return None
-    return map_sentence(read_json(root / "static.json", "the staticness map"))
+        return None, {}
+    found = read_json(root / "static.json", "the staticness map")
+    return map_sentence(found), {str(r["layer"]): r["r2"] for r in found.get("layers", [])}
 
 
 class _Runner:

@@ -89,6 +89,7 @@ def render_markdown(result: dict, map_sentence: str | None = None) -> str:
                                              a["seed"] or 0))]
         lines += [markdown_table(["arm", "treatment", "layers", "mixer parameters", "test bpb",
                                   "- full [95% CI]", "quality", "passkey"], table), ""]
+        lines += _beats(result, e, rows)
         curves = [a for a in rows if a.get("curve")]
         if curves:
             lines += ["Healing curves (test bits per byte minus the full model's, by training tokens):", "",
@@ -109,6 +110,32 @@ def render_markdown(result: dict, map_sentence: str | None = None) -> str:
                                    f"{v['predicted']:.2f}x"] for n, v in s["shapes"].items()]), ""]
     lines += [f"Wall time so far: {result['elapsed_s'] / 60:.0f} min.", ""]
     return "\n".join(lines)
+
+
+def _beats(result: dict, entry: dict, rows: list[dict]) -> list[str]:
+    """Whether each replaced layer's distilled MLP beats the constant and the linear predictor on the map's
+    held-out tokens, from the map's R^2: said per layer, and loudly where it does not."""
+    width = result["options"]["width"]
+    distil = next((a for a in rows if a["kind"] == "distil" and a["choice"] == entry["choice"]), None)
+    if not distil or not result.get("map_r2"):
+        return []
+    cells, losers = [], []
+    for layer in distil["layers"]:
+        r2 = result["map_r2"].get(str(layer), {})
+        mlp, lin, const = r2.get(f"mlp{width}"), r2.get("linear"), r2.get("constant")
+        if None in (mlp, lin, const):
+            continue
+        cells.append(f"{layer}: {mlp:.3f} against {lin:.3f} linear, {const:.3f} constant")
+        if mlp <= max(lin, const):
+            losers.append(str(layer))
+    if not cells:
+        return []
+    head = (f"The distilled MLPs (width {width}) on the map's held-out tokens, R^2 by layer: " + "; ".join(cells)
+            + ". ")
+    tail = ("Each beats both the constant and the linear predictor." if not losers else
+            f"**Layer{'s' if len(losers) > 1 else ''} {', '.join(losers)}: the distilled MLP does not beat the "
+            "linear or the constant predictor.**")
+    return [head + tail, ""]
 
 
 def plot_curves(result: dict, k: int, path: Path) -> str:
