@@ -64,7 +64,7 @@ def test_the_study_end_to_end(mapped, tmp_path, monkeypatch):
     window is read."""
     out = tmp_path / "study"
     reads, choices_made = [], []
-    real_score, real_put = rp.score_windows, rp.Study.put
+    real_score, real_put = rp.score_windows, rp.RunState.put
 
     def score(model, tokens, byte_lengths, starts, context):
         reads.append(("choice made" if choices_made else "before", tuple(starts)))
@@ -76,7 +76,7 @@ def test_the_study_end_to_end(mapped, tmp_path, monkeypatch):
         return real_put(self, key, value, elapsed)
 
     monkeypatch.setattr(rp, "score_windows", score)
-    monkeypatch.setattr(rp.Study, "put", put)
+    monkeypatch.setattr(rp.RunState, "put", put)
     result = run_replace(mapped, ReplaceConfig(out_dir=out, **TINY), log=quiet, progress=False)
     windows = result["windows"]
     test = tuple(windows["test"])

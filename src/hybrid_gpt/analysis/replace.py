@@ -44,11 +44,12 @@ from hybrid_gpt.analysis import passkey
 from hybrid_gpt.analysis.distill import LogitMatching, transplant
 from hybrid_gpt.analysis.importance import ConstantMixer, attention_layers, attention_stats, swapped_mixers
 from hybrid_gpt.analysis.retrofit import CHOICES, choose_layers
+from hybrid_gpt.analysis.runstate import RunState, resumable_dir
 from hybrid_gpt.analysis.static import Linear, StaticConfig, fit_mlp, load_fit, load_layer, save_fit
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE, SPEED_GAIN, STATES
 from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import claimed_dir, read_json, write_json
+from hybrid_gpt.fsutil import read_json, write_json
 from hybrid_gpt.model.gpt import GPT, GPTConfig, TokenMLP
 from hybrid_gpt.options import MAX_CONTEXT, MAX_LAYERS, MAX_REPEATS, MAX_TOKENS, MAX_WIDTH, check_fields, option
 from hybrid_gpt.presets import DEFAULT_SEED
@@ -301,24 +302,6 @@ def heal(model: GPT, teacher: GPT, data, cfg: ReplaceConfig, steps: list[int], s
 
 # ---- the study -------------------------------------------------------------------------------------------------
 
-class Study:
-    """state.json: the options' fingerprint and every finished record, rewritten atomically after each."""
-
-    def __init__(self, path: Path, fingerprint: dict):
-        self.path = path
-        self.data = {"options": fingerprint, "records": {}, "elapsed_s": 0.0}
-        if path.is_file():
-            self.data = read_json(path, "the replacement study's state")
-
-    def get(self, key: str):
-        return self.data["records"].get(key)
-
-    def put(self, key: str, value, elapsed: float) -> None:
-        self.data["records"][key] = value
-        self.data["elapsed_s"] = self.data.get("elapsed_s", 0.0) + elapsed
-        write_json(self.path, self.data)
-
-
 def arm_name(k: int, choice: str, kind: str, seed: int | None = None) -> str:
     name = f"{choice}-k{k}-{kind.replace('+', '-')}"
     return f"{name}-seed{seed}" if seed is not None else name
@@ -373,16 +356,8 @@ def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, 
     windows = held_out_windows(len(data.val), cfg.eval_context, cfg.select_windows, cfg.test_windows)
     trials = {c: passkey.passkey_trials(tokenizer, data.val, context=c, trials=cfg.passkey_trials, seed=cfg.seed,
                                         template=tokenizer.chat_template()) for c in cfg.passkey_contexts}
-    with claimed_dir(out, allowed=REPLACE_FILES, what="replacement study", overwrite=cfg.overwrite,
-                     resume=cfg.resume, exists_hint="pass --resume to continue it or --overwrite to replace it",
-                     in_place=True):
-        out.mkdir(parents=True, exist_ok=True)
-        study = Study(out / "state.json", fingerprint)
-        if study.data["options"] != fingerprint:
-            changed = sorted(k for k in {*fingerprint, *study.data["options"]}
-                             if fingerprint.get(k) != study.data["options"].get(k))
-            raise HybridGPTError(f"{out} holds a study made with other options ({', '.join(changed)}); pass the "
-                                 "same options to resume it, --overwrite to replace it, or another --out")
+    with resumable_dir(out, allowed=REPLACE_FILES, what="replacement study", fingerprint=fingerprint,
+                       overwrite=cfg.overwrite, resume=cfg.resume) as study:
         runner = _Runner(cfg, model, tokenizer, data, windows, trials, source, study, out, log, progress)
 
         sentence, map_r2 = _map_view(source.root)
@@ -415,7 +390,7 @@ class _Runner:
     """The study's steps over one loaded teacher; each step reads its record from the study or makes it."""
 
     def __init__(self, cfg: ReplaceConfig, full: GPT, tokenizer, data, windows: dict, trials: dict,
-                 source: MapSource, study: Study, out: Path, log, progress: bool):
+                 source: MapSource, study: RunState, out: Path, log, progress: bool):
         self.cfg, self.full, self.tokenizer, self.data = cfg, full, tokenizer, data
         self.source, self.study, self.out, self.log, self.progress = source, study, out, log, progress
         self.bytes = tokenizer.token_byte_lengths()

@@ -38,9 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybrid_gpt.analysis.importance import attention_layers
+from hybrid_gpt.analysis.runstate import RunState, resumable_dir
 from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import atomic_path, claimed_dir, nested, read_json, write_json
+from hybrid_gpt.fsutil import atomic_path, nested, read_json, write_json
 from hybrid_gpt.model.gpt import GPT, GPTConfig, TokenMLP, mixer_activations
 from hybrid_gpt.options import MAX_CONTEXT, MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, check_fields, option
 from hybrid_gpt.presets import DEFAULT_SEED
@@ -383,20 +384,14 @@ def _blocks(model: GPT, wanted: list[int] | None) -> list[int]:
     return sorted(b - 1 for b in wanted)
 
 
-class State:
-    """state.json: the fingerprint of the options and every finished fit, rewritten atomically after each."""
-
-    def __init__(self, path: Path, fingerprint: dict):
-        self.path = path
-        self.data = {"options": fingerprint, "layers": {}, "elapsed_s": 0.0}
-        if path.is_file():
-            self.data = read_json(path, "the staticness map's state")
+class State(RunState):
+    """The map's state.json (analysis/runstate.py), its records per layer: {"<block number>": {predictor: record}}."""
 
     def get(self, block: int, key: str):
-        return self.data["layers"].get(str(block + 1), {}).get(key)
+        return self.records.get(str(block + 1), {}).get(key)
 
     def put(self, block: int, key: str, value, elapsed: float) -> None:
-        self.data["layers"].setdefault(str(block + 1), {})[key] = value
+        self.records.setdefault(str(block + 1), {})[key] = value
         self.data["elapsed_s"] = self.data.get("elapsed_s", 0.0) + elapsed
         write_json(self.path, self.data)
 
@@ -430,16 +425,9 @@ def run_static(checkpoint: str | Path, config: StaticConfig | None = None, *, lo
                 "one layer's captured activations in float32", hint="lower --train-tokens or --eval-tokens")
     out = Path(config.out_dir) if config.out_dir else ckpt.parent / "static"
     fingerprint = {**config.fingerprint(), "checkpoint": str(ckpt.resolve()), "data": str(data.root.resolve())}
-    with claimed_dir(out, allowed=STATIC_FILES, what="staticness map", overwrite=config.overwrite,
-                     resume=config.resume, exists_hint="pass --resume to continue it or --overwrite to replace it",
-                     in_place=True):
-        out.mkdir(parents=True, exist_ok=True)
-        state = State(out / "state.json", fingerprint)
-        if state.data["options"] != fingerprint:
-            changed = sorted(k for k in {*fingerprint, *state.data["options"]}
-                             if fingerprint.get(k) != state.data["options"].get(k))
-            raise HybridGPTError(f"{out} holds a map made with other options ({', '.join(changed)}); pass the same "
-                                 "options to resume it, --overwrite to replace it, or another --out")
+    with resumable_dir(out, allowed=STATIC_FILES, what="staticness map", fingerprint=fingerprint,
+                       overwrite=config.overwrite, resume=config.resume, section="layers") as base:
+        state = State(base.path, fingerprint, "staticness map", "layers")
 
         def publish(complete: bool = False) -> dict:
             result = {"checkpoint": str(ckpt), "out_dir": str(out), "pattern": model.config.layers,

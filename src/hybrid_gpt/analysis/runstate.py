@@ -1,0 +1,55 @@
+"""The state of a resumable analysis (the staticness map, the replacement study): one state.json in its output
+directory holding the fingerprint of the options it was started with and every record finished so far,
+rewritten atomically after each, so that an interrupted run resumes where it stopped and never mixes options."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Collection
+
+from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.fsutil import claimed_dir, read_json, write_json
+
+
+class RunState:
+    """state.json: {"options": fingerprint, <section>: {key: record}, "elapsed_s": seconds of finished work}."""
+
+    def __init__(self, path: Path, fingerprint: dict, what: str, section: str = "records"):
+        self.path, self.section = path, section
+        self.data = {"options": fingerprint, section: {}, "elapsed_s": 0.0}
+        if path.is_file():
+            self.data = read_json(path, f"the {what}'s state")
+            if not isinstance(self.data, dict) or not isinstance(self.data.get(section), dict):
+                raise HybridGPTError(f"{path} is not the state of a {what}; pass --overwrite to start again")
+
+    @property
+    def records(self) -> dict:
+        return self.data[self.section]
+
+    def get(self, key: str):
+        return self.records.get(key)
+
+    def put(self, key: str, value, elapsed: float) -> None:
+        self.records[key] = value
+        self.data["elapsed_s"] = self.data.get("elapsed_s", 0.0) + elapsed
+        write_json(self.path, self.data)
+
+
+@contextmanager
+def resumable_dir(out: Path, *, allowed: Collection[str], what: str, fingerprint: dict, overwrite: bool,
+                  resume: bool, section: str = "records"):
+    """Claim ``out`` (fsutil.claimed_dir: refused when it holds anything at any depth that ``allowed`` does not
+    name; replaced in place with ``overwrite``; continued with ``resume``) and yield its RunState, refusing a
+    state made with other options, naming them."""
+    with claimed_dir(out, allowed=allowed, what=what, overwrite=overwrite, resume=resume, in_place=True,
+                     exists_hint="pass --resume to continue it or --overwrite to replace it"):
+        out.mkdir(parents=True, exist_ok=True)
+        state = RunState(out / "state.json", fingerprint, what, section)
+        theirs = state.data.get("options")
+        if theirs != fingerprint:
+            theirs = theirs if isinstance(theirs, dict) else {}
+            changed = sorted(k for k in {*fingerprint, *theirs} if fingerprint.get(k) != theirs.get(k))
+            raise HybridGPTError(f"{out} holds a {what} made with other options ({', '.join(changed)}); pass the "
+                                 "same options to resume it, --overwrite to replace it, or another --out")
+        yield state
