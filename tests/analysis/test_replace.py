@@ -171,7 +171,6 @@ def test_the_linear_control_is_the_map_s_ridge_fit(mapped, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--map", "NOWHERE"], "no staticness map"),
-    (["--width", "9"], "not one of the map's widths"),
     (["--ks", "4"], "the model has 3 attention layers"),
     (["--passkey-contexts", "252"], "leaves no room for the answer"),
     (["--eval-context", "512"], "exceeds the model's context"),

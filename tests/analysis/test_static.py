@@ -149,6 +149,11 @@ def test_the_map_end_to_end_resumes_and_writes_its_results(ckpt, tmp_path):
     assert again["layers"] == result["layers"] and (out / "state.json").read_text() == state
     with pytest.raises(HybridGPTError, match="other options"):
         run_static(ckpt, StaticConfig(out_dir=out, resume=True, **{**TINY, "ridge": 0.5}), log=quiet, progress=False)
+    # the widths may change on resume: only the new one is fitted, and every finished one stays in the table
+    more = run_static(ckpt, StaticConfig(out_dir=out, resume=True, **{**TINY, "widths": [8, 12]}), log=quiet,
+                      progress=False)
+    assert more["widths"] == [8, 12, 16] and all(set(r["r2"]) >= {"mlp8", "mlp12", "mlp16"} for r in more["layers"])
+    assert all(r["r2"]["mlp16"] == old["r2"]["mlp16"] for r, old in zip(more["layers"], result["layers"]))
 
 
 def test_an_interrupted_map_resumes_from_its_finished_fits(ckpt, tmp_path, monkeypatch):

@@ -80,7 +80,8 @@ class ReplaceConfig:
     choices: list[str] = option(default_factory=lambda: list(CHOICES), choices=CHOICES, unique=True,
                                 help="which layers: the k deepest, and/or the k least important by residual "
                                      "similarity on the training split; chosen per k on the selection slice")
-    width: int = option(144, lo=1, hi=MAX_WIDTH, help="hidden width of the distilled M blocks (a map width)")
+    width: int = option(144, lo=1, hi=MAX_WIDTH, help="hidden width of the distilled M blocks (the map's fits where "
+                                                     "it has them, else fitted here by its recipe)")
     seeds: list[int] = option(default_factory=lambda: [DEFAULT_SEED, DEFAULT_SEED + 1], lo=0, hi=2**32 - 1,
                               unique=True, help="training seeds of the distil + heal arm (MLP fit and healing "
                                                 "data order); the first also seeds every other arm")
@@ -345,8 +346,6 @@ def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, 
     model_config, _ = read_config(root)
     check_config(cfg, model_config)
     source = MapSource.open(Path(cfg.map_dir) if cfg.map_dir else root.parent / "static", root)
-    if cfg.width not in source.recipe.widths:
-        raise HybridGPTError(f"--width {cfg.width} is not one of the map's widths ({source.recipe.widths})")
     out = Path(cfg.out_dir) if cfg.out_dir else root.parent / "replace"
     t_start = time.time()
     dev = resolve_device(cfg.device)

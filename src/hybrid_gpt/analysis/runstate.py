@@ -38,18 +38,22 @@ class RunState:
 
 @contextmanager
 def resumable_dir(out: Path, *, allowed: Collection[str], what: str, fingerprint: dict, overwrite: bool,
-                  resume: bool, section: str = "records"):
+                  resume: bool, section: str = "records", free: Collection[str] = (), kind: type = RunState):
     """Claim ``out`` (fsutil.claimed_dir: refused when it holds anything at any depth that ``allowed`` does not
     name; replaced in place with ``overwrite``; continued with ``resume``) and yield its RunState, refusing a
-    state made with other options, naming them."""
+    state made with other options, naming them; the options named in ``free`` may differ between runs (they
+    choose what more to do, not how the finished records were made). ``kind``: the RunState subclass to yield."""
     with claimed_dir(out, allowed=allowed, what=what, overwrite=overwrite, resume=resume, in_place=True,
                      exists_hint="pass --resume to continue it or --overwrite to replace it"):
         out.mkdir(parents=True, exist_ok=True)
-        state = RunState(out / "state.json", fingerprint, what, section)
+        state = kind(out / "state.json", fingerprint, what, section)
         theirs = state.data.get("options")
+        changed = []
         if theirs != fingerprint:
             theirs = theirs if isinstance(theirs, dict) else {}
-            changed = sorted(k for k in {*fingerprint, *theirs} if fingerprint.get(k) != theirs.get(k))
+            changed = sorted(k for k in {*fingerprint, *theirs} - set(free) if fingerprint.get(k) != theirs.get(k))
+        if changed:
             raise HybridGPTError(f"{out} holds a {what} made with other options ({', '.join(changed)}); pass the "
                                  "same options to resume it, --overwrite to replace it, or another --out")
+        state.data["options"] = fingerprint
         yield state

@@ -426,12 +426,12 @@ def run_static(checkpoint: str | Path, config: StaticConfig | None = None, *, lo
     out = Path(config.out_dir) if config.out_dir else ckpt.parent / "static"
     fingerprint = {**config.fingerprint(), "checkpoint": str(ckpt.resolve()), "data": str(data.root.resolve())}
     with resumable_dir(out, allowed=STATIC_FILES, what="staticness map", fingerprint=fingerprint,
-                       overwrite=config.overwrite, resume=config.resume, section="layers") as base:
-        state = State(base.path, fingerprint, "staticness map", "layers")
+                       overwrite=config.overwrite, resume=config.resume, section="layers", free=("widths",),
+                       kind=State) as state:
 
         def publish(complete: bool = False) -> dict:
             result = {"checkpoint": str(ckpt), "out_dir": str(out), "pattern": model.config.layers,
-                      **plan_summary(plan, config),
+                      **plan_summary(plan, config, state),
                       "options": fingerprint, "layers": layer_rows(state, blocks, config),
                       "complete": complete, "elapsed_s": state.data["elapsed_s"]}
             result["plots"] = write_outputs(result, out)
@@ -443,19 +443,26 @@ def run_static(checkpoint: str | Path, config: StaticConfig | None = None, *, lo
     return result
 
 
-def plan_summary(plan: dict, cfg: StaticConfig) -> dict:
+def all_widths(state: State, cfg: StaticConfig) -> list[int]:
+    """The widths this run fits and those an earlier run of the same map fitted: --widths may change on resume."""
+    done = {int(k[3:]) for entry in state.records.values() for k in entry if k.startswith("mlp")}
+    return sorted(set(cfg.widths) | done)
+
+
+def plan_summary(plan: dict, cfg: StaticConfig, state: State) -> dict:
     fit_rows, stop_rows = _split_rows(plan)
     T = plan["context"]
     return {"context": T, "fit_tokens": len(fit_rows) * T, "stop_tokens": len(stop_rows) * T,
             "eval_tokens": plan["eval_windows"] * T, "short_context": cfg.short_context or None,
-            "widths": list(cfg.widths)}
+            "widths": all_widths(state, cfg)}
 
 
 def layer_rows(state: State, blocks: list[int], cfg: StaticConfig) -> list[dict]:
     rows = []
+    names = predictor_names(all_widths(state, cfg))
     for b in blocks:
         entry = state.data["layers"].get(str(b + 1), {})
-        r2 = {name: entry[name]["r2"] for name in predictor_names(cfg.widths) if name in entry}
+        r2 = {name: entry[name]["r2"] for name in names if name in entry}
         row = {"layer": b + 1, "r2": r2, "var": entry.get("var")}
         if "short_linear" in entry:
             row["r2_short"] = {"linear": entry["short_linear"]["r2"]}
