@@ -12,15 +12,15 @@ from hypothesis import strategies as st
 
 from hybrid_gpt.cli import build_parser
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.engine import (
+from hybrid_gpt.infer.config import (
     GENERATION_CONTEXTS,
     GENERATION_RULE,
     MAX_NEW_TOKENS,
     MIN_GENERATION_LIMIT,
     check_new_tokens,
-    generate,
     generation_limit,
 )
+from hybrid_gpt.infer.engine import generate
 from hybrid_gpt.model.gpt import GPT
 
 
