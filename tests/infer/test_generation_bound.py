@@ -1,4 +1,4 @@
-"""Issue 27, class 7: generation is bounded by what a user would mean (engine.generation_limit: a multiple of
+"""Issue 27, class 7: generation is bounded by what a user would mean (infer.config.generation_limit: a multiple of
 the model's context, never under a page, never over MAX_NEW_TOKENS), checked before the first token by
 generate itself, and up front by sample and chat; --help says so."""
 

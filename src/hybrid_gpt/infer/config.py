@@ -73,7 +73,7 @@ class Sampling:
 
     def validate(self, block_size: int | None = None) -> "Sampling":
         """These settings within their options' ranges, and with ``block_size`` within what a model of that
-        context may generate (engine.generation_limit): a one-line error before anything is generated."""
+        context may generate (:func:`generation_limit`): a one-line error before anything is generated."""
         check_fields(self)
         if block_size is not None:
             check_new_tokens(self.max_new_tokens, block_size)

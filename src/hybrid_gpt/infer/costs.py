@@ -175,7 +175,8 @@ def default_contexts(block_size: int) -> list[int]:
 
 def check_hardware(hardware: dict) -> dict:
     """``hardware`` itself if it holds a positive, finite figure for each of HARDWARE_KEYS (any such: the model
-    is arithmetic; a user's figures are held to BANDWIDTH_GBS and FLOPS_GFLOPS by the command's options)."""
+    is arithmetic; a user's figures are held to BANDWIDTH_GBS and FLOPS_GFLOPS, in infer.config, by the
+    command's options)."""
     for key in HARDWARE_KEYS:
         value = hardware.get(key) if isinstance(hardware, dict) else None
         if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)

@@ -155,7 +155,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              use_cache: bool = True, stop_tokens=None, step=None) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B, 1] one step at a time (streaming). ``max_new_tokens`` is bounded by
-    :func:`generation_limit`; it and the prompt are checked when generate is called, before any token.
+    infer.config.generation_limit; it and the prompt are checked when generate is called, before any token.
 
     ``idx`` [B, T] must fit the context. Past the context the model sees a window that restarts:
     once the window would exceed ``block_size`` it restarts at the last ``block_size // 2`` tokens
