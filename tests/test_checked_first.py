@@ -9,7 +9,8 @@ from helpers import run_bad, tiny_chat_files
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hybrid_gpt.analysis.retrofit import ANSWER_KS, RetrofitConfig, command_line
+from hybrid_gpt.analysis.retrofit import RetrofitConfig, command_line
+from hybrid_gpt.analysis.retrofit_config import ANSWER_KS
 from hybrid_gpt.cli import build_parser, main
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.costs import CONTEXTS, default_contexts

@@ -18,7 +18,7 @@ from hybrid_gpt.analysis.verdict import sentences
 from hybrid_gpt.checkpoint import load_checkpoint, save_checkpoint
 from hybrid_gpt.cli import main
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.costs import BANDWIDTH_GBS, FLOPS_GFLOPS
+from hybrid_gpt.infer.config import BANDWIDTH_GBS, FLOPS_GFLOPS
 from hybrid_gpt.stats import NOT_MEASURABLE, format_share, mean_ci, ratio_over_difference
 from hybrid_gpt.train.evaluate import MIN_WINDOWS, check_budget
 

@@ -3,16 +3,27 @@
     from hybrid_gpt import load
     model, tokenizer = load("runs/cpu/pretrain-hybrid")
     logits = model(idx)            # idx: LongTensor [B, T] -> logits [B, T, vocab]
+
+The public names are loaded on first use (PEP 562), so that importing the package, and with it the CLI's
+`--help`, loads no torch.
 """
 
 from __future__ import annotations
 
+import importlib
+
+from hybrid_gpt.errors import HybridGPTError
+
 __version__ = "0.1.0"
 
-from hybrid_gpt.data.tokenizer import Tokenizer
-from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.engine import KVCache, generate
-from hybrid_gpt.model.gpt import GPT, GPTConfig
+# Each lazily loaded public name -> the module that defines it.
+_LAZY = {
+    "GPT": "hybrid_gpt.model.gpt",
+    "GPTConfig": "hybrid_gpt.model.gpt",
+    "KVCache": "hybrid_gpt.infer.engine",
+    "Tokenizer": "hybrid_gpt.data.tokenizer",
+    "generate": "hybrid_gpt.infer.engine",
+}
 
 
 def load(path, device: str = "cpu"):
@@ -24,6 +35,19 @@ def load(path, device: str = "cpu"):
 
     model, tokenizer, _ = load_checkpoint(path, device)
     return model, tokenizer
+
+
+def __getattr__(name: str):
+    """A public name of ``_LAZY``, imported from its module on first use and kept here; AttributeError else."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "Tokenizer", "HybridGPTError", "generate", "load", "__version__"]

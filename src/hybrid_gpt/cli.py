@@ -10,7 +10,6 @@ Run it under torchrun for DDP: `torchrun --nproc_per_node 2 -m hybrid_gpt.cli pr
 from __future__ import annotations
 
 import argparse
-import inspect
 import io
 import json
 import os
@@ -18,20 +17,28 @@ import sys
 from dataclasses import dataclass, fields, make_dataclass
 from pathlib import Path
 
-from hybrid_gpt.analysis.ablate import run_ablate
-from hybrid_gpt.analysis.distill import DistillConfig
-from hybrid_gpt.analysis.probe import TASK_CHOICES, run_probe
-from hybrid_gpt.analysis.replace import ReplaceConfig
-from hybrid_gpt.analysis.retrofit import RetrofitConfig
-from hybrid_gpt.analysis.static import StaticConfig
-from hybrid_gpt.data.tokenizer import MAX_VOCAB
+# Only torch-free modules at the top (tests/test_light_imports.py): `hybrid-gpt --help` loads no torch, and
+# each command imports its heavy modules inside its handler.
+from hybrid_gpt.analysis import ablate_config, probe_config
+from hybrid_gpt.analysis.distill_config import DistillConfig
+from hybrid_gpt.analysis.replace_config import ReplaceConfig
+from hybrid_gpt.analysis.retrofit_config import RetrofitConfig
+from hybrid_gpt.analysis.static_config import StaticConfig
+from hybrid_gpt.data.config import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.fsutil import os_reason
-from hybrid_gpt.infer.bench import BENCH_DTYPES, PEERS, BenchConfig, run_train_bench
-from hybrid_gpt.infer.chat import MAX_NEW_TOKENS, Sampling
-from hybrid_gpt.infer.costs import BANDWIDTH_GBS, FLOPS_GFLOPS
-from hybrid_gpt.infer.costs import CONTEXTS as COST_CONTEXTS
-from hybrid_gpt.interop.importer import STORED_DTYPES
+from hybrid_gpt.infer.config import (
+    BANDWIDTH_GBS,
+    BENCH_DTYPES,
+    FLOPS_GFLOPS,
+    MAX_NEW_TOKENS,
+    PEERS,
+    TRAIN_BENCH_BATCH,
+    BenchConfig,
+    Sampling,
+)
+from hybrid_gpt.infer.config import CONTEXTS as COST_CONTEXTS
+from hybrid_gpt.interop.config import STORED_DTYPES
 from hybrid_gpt.options import (
     MAX_CONTEXT,
     MAX_LAYERS,
@@ -45,16 +52,9 @@ from hybrid_gpt.options import (
     values,
 )
 from hybrid_gpt.presets import DEFAULT_SEED, PRESETS, default_preset
-from hybrid_gpt.train.dpo import DEFAULT_BETA, MAX_BETA
-from hybrid_gpt.train.evaluate import EVAL_TOKENS
-from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig
+from hybrid_gpt.train.config import DEFAULT_BETA, EVAL_TOKENS, MAX_BETA, MAX_ROWS, MAX_STEPS, TrainConfig
 
 PROG = "hybrid-gpt"
-
-
-def _default(fn, name: str):
-    """The default of parameter ``name`` of library function ``fn``: the flag's default, defined there once."""
-    return inspect.signature(fn).parameters[name].default
 
 
 # ---- the option dataclasses: one per group of flags --------------------------------------------------------
@@ -232,7 +232,7 @@ class BenchCommand:
                            help="do not time the prefill: prime each model's cache once per context and batch, "
                                 "and repeat only the decode (long contexts)")
     train: bool = option(False, help="also measure training throughput (ours and the peer)")
-    train_batch: int = option(_default(run_train_bench, "batch_size"), lo=1, hi=MAX_ROWS,
+    train_batch: int = option(TRAIN_BENCH_BATCH, lo=1, hi=MAX_ROWS,
                               help="rows per training step")
     compile: bool = option(False, help="also measure every model's decode through the static step, "
                                        "torch.compile'd (CPU: frozen weights, C++ wrapper; GPU: CUDA graphs), as "
@@ -251,12 +251,12 @@ class PipelineCommand:
 
 @dataclass
 class AblateOptions:
-    patterns: list[str] = option(_default(run_ablate, "patterns"),
+    patterns: list[str] = option(ablate_config.DEFAULT_VARIANTS,
                                  help="comma-separated variants: PATTERN, PATTERN:H (M hidden width) or "
                                       "PATTERN:matched")
-    budget: str = option(_default(run_ablate, "budget"), choices=("steps", "time"),
+    budget: str = option(ablate_config.DEFAULT_BUDGET, choices=ablate_config.BUDGETS,
                          help="equal optimizer steps, or equal wall-clock time (cheaper patterns get more steps)")
-    seeds: list[int] = option(_default(run_ablate, "seeds"), kind="seeds", unique=True, help="comma-separated seeds")
+    seeds: list[int] = option(ablate_config.DEFAULT_SEEDS, kind="seeds", unique=True, help="comma-separated seeds")
     steps: int | None = option(None, lo=1, hi=MAX_STEPS, help="steps per run (default: the preset's; --quick: fewer)")
     quick: bool = option(False, help="a short budget (150 steps on cpu) into <run-dir>/ablate-quick")
     out_dir: str | None = option(None, kind="outdir", flags=("--out",),
@@ -280,12 +280,12 @@ class ImportanceOptions:
 
 @dataclass
 class ProbeOptions:
-    patterns: list[str] = option(_default(run_probe, "patterns"), help="comma-separated layer patterns")
-    seeds: list[int] = option(default_factory=lambda: list(_default(run_probe, "seeds")), kind="seeds", unique=True,
+    patterns: list[str] = option(probe_config.DEFAULT_PATTERNS, help="comma-separated layer patterns")
+    seeds: list[int] = option(default_factory=lambda: list(probe_config.DEFAULT_SEEDS), kind="seeds", unique=True,
                               help="comma-separated seeds")
     steps: int | None = option(None, lo=1, hi=MAX_STEPS,
                                help="training steps per pattern and task (default: the preset's)")
-    task: str = option(_default(run_probe, "task"), choices=TASK_CHOICES,
+    task: str = option(probe_config.DEFAULT_TASK, choices=probe_config.TASK_CHOICES,
                        help="recall (one hop, the control), two-hop (needs depth), or both")
     checkpoints: list[str] | None = option(None, kind="input", nargs="*", metavar="CKPT",
                                            help="models for the loss-by-position curves "
@@ -761,6 +761,8 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_ablate(args) -> int:
+    from hybrid_gpt.analysis.ablate import run_ablate
+
     preset, run_dir = _run_dir(args)
     result = run_ablate(run_dir=run_dir, preset=preset, device=args.device, **values(args, AblateOptions,
                                                                                       skip_none=True))
@@ -783,6 +785,8 @@ def cmd_importance(args) -> int:
 
 
 def cmd_probe(args) -> int:
+    from hybrid_gpt.analysis.probe import run_probe
+
     preset, run_dir = _run_dir(args)
     opts = values(args, ProbeOptions, skip_none=True)
     opts["checkpoints"] = opts.get("checkpoints") or None  # an empty --checkpoints means the default ones
@@ -796,7 +800,7 @@ def cmd_probe(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from hybrid_gpt.analysis.distill import DistillConfig, quality_sentences, run_distill
+    from hybrid_gpt.analysis.distill import quality_sentences, run_distill
 
     cfg = DistillConfig(**values(args, DistillConfig, skip_none=True))
     result = run_distill(args.checkpoint, cfg, progress=args.progress)
@@ -806,7 +810,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_retrofit(args) -> int:
-    from hybrid_gpt.analysis.retrofit import RetrofitConfig, run_retrofit
+    from hybrid_gpt.analysis.retrofit import run_retrofit
 
     result = run_retrofit(args.checkpoint, RetrofitConfig(**values(args, RetrofitConfig, skip_none=True)),
                           progress=args.progress)

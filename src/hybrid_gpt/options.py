@@ -34,6 +34,9 @@ MAX_MODEL_VOCAB = 2**24  # rows of a model's embedding (an imported model's may 
 MAX_CONTEXT = 2**20
 MAX_TOKENS = 2**40
 MAX_REPEATS = 10_000
+# Precisions by the names commands take (bench --dtypes, import --dtype), torch-free so the CLI's choices need
+# no torch; runtime.DTYPES maps each to its torch.dtype.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 SHOWN_CHARS = 80  # user input echoed in a message is cut to this
 MAX_MESSAGE_CHARS = 600  # and a whole error line to this
 

@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.options import DTYPE_NAMES
 
 # Precisions by the names commands take (bench --dtypes, import --dtype): the one table of them.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

@@ -13,7 +13,6 @@ from hybrid_gpt.analysis import retrofit
 from hybrid_gpt.analysis.distill import finetune, transplant
 from hybrid_gpt.analysis.importance import attention_layers, attention_stats
 from hybrid_gpt.analysis.retrofit import (
-    DEFAULTS,
     RetrofitConfig,
     bpb_difference,
     choose_layers,
@@ -23,6 +22,7 @@ from hybrid_gpt.analysis.retrofit import (
     run_retrofit,
     window_bpb,
 )
+from hybrid_gpt.analysis.retrofit_config import DEFAULTS
 from hybrid_gpt.checkpoint import load_checkpoint, save_checkpoint
 from hybrid_gpt.cli import build_parser, main
 from hybrid_gpt.data.tokens import TokenData

@@ -1,4 +1,4 @@
-"""Issue 27, class 7: generation is bounded by what a user would mean (engine.generation_limit: a multiple of
+"""Issue 27, class 7: generation is bounded by what a user would mean (infer.config.generation_limit: a multiple of
 the model's context, never under a page, never over MAX_NEW_TOKENS), checked before the first token by
 generate itself, and up front by sample and chat; --help says so."""
 
@@ -12,15 +12,15 @@ from hypothesis import strategies as st
 
 from hybrid_gpt.cli import build_parser
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.engine import (
+from hybrid_gpt.infer.config import (
     GENERATION_CONTEXTS,
     GENERATION_RULE,
     MAX_NEW_TOKENS,
     MIN_GENERATION_LIMIT,
     check_new_tokens,
-    generate,
     generation_limit,
 )
+from hybrid_gpt.infer.engine import generate
 from hybrid_gpt.model.gpt import GPT
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybrid_gpt.analysis.ablate_config import BUDGETS, DEFAULT_BUDGET, DEFAULT_SEEDS, DEFAULT_VARIANTS
 from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
 from hybrid_gpt.checkpoint import CHECKPOINT_FILES
@@ -29,9 +30,7 @@ from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.stats import format_ci, judge_interval, judge_pair, mean_ci, seeds_needed
 
-DEFAULT_VARIANTS = ("AAAA", "AAMM", "AANN", "MMAA", "AA", "AAMM:matched")
 QUICK_STEPS = {"smoke": 10, "cpu": 150, "seed": 1000}  # --quick: 3 seeds x 6 variants well inside 20 min on cpu
-BUDGETS = ("steps", "time")
 DECODE_NEW_TOKENS = 24  # tokens decoded per timed run, ending at the full context
 CURVE_POINTS = 8  # validation evaluations per run (plus the final one): the learning curves' points
 
@@ -104,8 +103,8 @@ def calibrate_steps(variants: list[Variant], values: dict, vocab_size: int, step
             "steps": {k: max(1, round(steps * r / tok_s[ref])) for k, r in tok_s.items()}}
 
 
-def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VARIANTS, budget: str = "steps",
-               seeds=(1, 2, 3), steps: int | None = None, quick: bool = False, out_dir: str | Path | None = None,
+def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VARIANTS, budget: str = DEFAULT_BUDGET,
+               seeds=DEFAULT_SEEDS, steps: int | None = None, quick: bool = False, out_dir: str | Path | None = None,
                device: str = "auto", bench_repeats: int = 5, progress: bool = False, log=print) -> dict:
     """Train every variant for every seed under one budget (skipping runs already complete), then
     measure their cached decode speed side by side; write ablate.json, ablate.md and two PNGs."""

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_gpt.analysis.plots import save_plot
+from hybrid_gpt.analysis.probe_config import DEFAULT_PATTERNS, DEFAULT_SEEDS, DEFAULT_TASK, TASK_CHOICES, TASKS
 from hybrid_gpt.checkpoint import (
     checkpoint_data,
     is_checkpoint,
@@ -60,10 +61,6 @@ from hybrid_gpt.runtime import resolve_device
 from hybrid_gpt.stats import format_ci, mean_ci
 from hybrid_gpt.train.evaluate import evaluating, windows
 from hybrid_gpt.train.loop import TrainConfig, train
-
-TASKS = ("recall", "two-hop")
-TASK_CHOICES = (*TASKS, "both")
-DEFAULT_PATTERNS = ("AAAA", "AAMM", "AANN", "MMAA", "AA")
 
 # The probe's own budget per preset and task; the model width comes from the preset itself.
 PROBE_SETTINGS: dict[str, dict[str, dict]] = {
@@ -446,8 +443,8 @@ def _probe_task(spec: RecallSpec, settings: dict, patterns: list[str], seeds: li
             "learned_threshold": learned_threshold(spec.in_context_chance), "patterns": results}
 
 
-def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str = "cpu", seeds=(1, 2, 3),
-              steps: int | None = None, task: str = "both", checkpoints=None, device="cpu", log=print,
+def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str = "cpu", seeds=DEFAULT_SEEDS,
+              steps: int | None = None, task: str = DEFAULT_TASK, checkpoints=None, device="cpu", log=print,
               progress: bool = True) -> dict:
     """Train every pattern on the recall probe(s), measure loss by position of the checkpoints, write
     probe.json, probe.md and the PNGs into ``out_dir`` (default ``run_dir/probe``), return the results.

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,66 +39,21 @@ import torch.nn.functional as F
 
 from hybrid_gpt.analysis.importance import attention_layers
 from hybrid_gpt.analysis.runstate import RunState, resumable_dir
+from hybrid_gpt.analysis.static_config import StaticConfig
 from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import atomic_path, nested, read_json, write_json
 from hybrid_gpt.model.gpt import GPT, GPTConfig, TokenMLP, mixer_activations
-from hybrid_gpt.options import MAX_CONTEXT, MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, check_fields, option
-from hybrid_gpt.presets import DEFAULT_SEED
+from hybrid_gpt.options import check_fields
 from hybrid_gpt.runtime import ensure_fits, resolve_device
 from hybrid_gpt.train.evaluate import windows
-from hybrid_gpt.train.loop import MAX_ROWS, MAX_STEPS, TrainConfig, train
+from hybrid_gpt.train.loop import TrainConfig, train
 
 # What a staticness output directory may hold: anything else means it is not ours to resume or replace.
 STATIC_FILES = ("static.json", "static.md", "static-*.png", "state.json", "fits/*.safetensors",
                 *nested("captures/*", ("in-*.npy", "out-*.npy", "done.json")))
 # Windows of a split captured together: one forward's activations of every layer must fit in memory.
 CAPTURE_ROWS = 1
-# The smallest budgets that mean anything: a fit needs more tokens than the MLP has inputs, and R^2 needs
-# several windows of held-out text.
-MIN_FIT_TOKENS = 4096
-MIN_EVAL_TOKENS = 1024
-
-
-@dataclass
-class StaticConfig:
-    """Every option of a staticness map, each with its default once."""
-
-    out_dir: str | Path | None = option(None, kind="outdir", flags=("--out",),
-                                        help="output directory (default: <checkpoint's parent>/static)")
-    context: int = option(2048, lo=2, hi=MAX_CONTEXT, help="tokens per captured window")
-    train_tokens: int = option(131072, lo=MIN_FIT_TOKENS, hi=MAX_TOKENS,
-                               help="training-split tokens the predictors are fitted on")
-    stop_tokens: int = option(16384, lo=MIN_EVAL_TOKENS, hi=MAX_TOKENS,
-                              help="training-split tokens, apart from the fit, that stop the MLPs early")
-    eval_tokens: int = option(32768, lo=MIN_EVAL_TOKENS, hi=MAX_TOKENS,
-                              help="held-out tokens the R^2 is scored on, in windows spread over the whole split")
-    widths: list[int] = option(default_factory=lambda: [144, 576, 2304], lo=1, hi=MAX_WIDTH, unique=True,
-                               help="hidden widths of the per-token MLP predictors")
-    short_context: int = option(256, lo=0, hi=MAX_CONTEXT,
-                                help="also fit and score the linear predictor at this context (0: not)")
-    blocks: list[int] | None = option(None, lo=1, hi=MAX_LAYERS, unique=True,
-                                      help="the attention blocks to map, numbered from 1 (default: every one)")
-    lr: float = option(1e-3, lo=0, lo_open=True, help="peak learning rate of the MLP fits")
-    batch_tokens: int = option(1024, lo=1, hi=MAX_ROWS, help="tokens per MLP training step")
-    max_epochs: int = option(40, lo=1, hi=MAX_STEPS, help="the most passes over the fit tokens an MLP may take")
-    patience: int = option(4, lo=1, hi=MAX_STEPS,
-                           help="stop an MLP after this many evaluations (two per epoch) without a better "
-                                "stopping-slice MSE")
-    ridge: float = option(1e-4, lo=0, help="ridge penalty, relative to the mean input variance")
-    seed: int = option(DEFAULT_SEED, kind="seed", help="random seed")
-    data_dir: str | Path | None = option(None, kind="input", flags=("--data",),
-                                         help="prepared data directory (default: the checkpoint's)")
-    device: str = option("auto", metavar="NAME", help="auto, cpu, cuda or mps")
-    resume: bool = option(False, help="continue an unfinished map in --out (the same options)")
-    overwrite: bool = option(False, help="replace an earlier map in --out")
-
-    def fingerprint(self) -> dict:
-        """What the results depend on: a resumed map must match it."""
-        skip = {"out_dir", "device", "resume", "overwrite", "data_dir"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
-
-
 def predictor_names(widths: list[int]) -> list[str]:
     return ["zero", "constant", "linear", *(f"mlp{w}" for w in widths)]
 

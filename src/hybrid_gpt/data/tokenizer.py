@@ -25,11 +25,11 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from hybrid_gpt.data.config import MAX_VOCAB
 from hybrid_gpt.data.template import HYBRID_TEMPLATE, ROLES, SPECIAL_TOKENS, ChatTemplate
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip, read_json, read_text, write_json, write_text
 
-MAX_VOCAB = 2**16  # token files are uint16
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the special tokens and one merge
 TOKENIZER_LIMIT = 64 << 20  # bytes of tokenizer.json; one of MAX_VOCAB tokens is a few MB
 DOC_END = "<|endoftext|>"  # starts documents in token files when the tokenizer has no chat template (GPT-2)

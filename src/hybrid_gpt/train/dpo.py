@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from hybrid_gpt.data.template import render, training_example
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.train.config import DEFAULT_BETA, MAX_BETA
 from hybrid_gpt.train.evaluate import evaluating
 from hybrid_gpt.train.finetune import LazyExamples, pad_batch
 from hybrid_gpt.train.loop import TrainResult
@@ -28,8 +29,6 @@ from hybrid_gpt.train.stage import Stage, run_stage
 EVAL_PAIRS = 512  # held-out pairs scored at each periodic evaluation
 FINAL_EVAL_PAIRS = 4096  # ... and at the final one (all of them, if fewer)
 EVAL_BATCH = 32  # pairs per forward pass when evaluating
-DEFAULT_BETA = 0.1
-MAX_BETA = 100.0  # beta x a log-probability margin must stay finite in float32
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,8 @@ import torch
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.stats import mean_ci
+from hybrid_gpt.train.config import EVAL_TOKENS
 
-# The documented default: the first 131,072 predicted tokens of the validation split (or all of it,
-# if shorter), in non-overlapping windows of the model's full context.
-EVAL_TOKENS = 131072
 # An analysis's held-out budget covers at least this many whole windows of its context (check_budget).
 MIN_WINDOWS = 2
 # Float32 logits one evaluation batch may hold: a batch of long windows over a large vocabulary has fewer rows.

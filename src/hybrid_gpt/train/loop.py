@@ -31,9 +31,8 @@ from hybrid_gpt.checkpoint import save_checkpoint
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.model.gpt import GPT
-from hybrid_gpt.options import MAX_TOKENS, check_fields, option
-from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import distributed_env
+from hybrid_gpt.train.config import TrainConfig
 
 # Validation metrics printed after each evaluation (all of them go to metrics.jsonl).
 SHOWN = ("val_loss", "val_bpb", "val_rewards/accuracies", "val_rewards/margins")
@@ -41,52 +40,6 @@ SHOWN = ("val_loss", "val_bpb", "val_rewards/accuracies", "val_rewards/margins")
 
 def format_eval(ev: dict) -> str:
     return "validation " + ", ".join(f"{k.removeprefix('val_')} {ev[k]:.4f}" for k in SHOWN if k in ev)
-
-
-MAX_STEPS = 10**9
-MAX_ROWS = 2**16  # rows per forward pass
-MAX_GLOBAL_ROWS = 2**20  # rows per optimizer step (batch_size x grad_accum), drawn before any step runs
-
-
-@dataclass
-class TrainConfig:
-    """One training run's settings. Each field's metadata is its help and valid range: the CLI's flags are
-    built from it, and :meth:`validate` holds library callers to the same ranges, naming the field."""
-
-    max_steps: int = option(1000, lo=1, hi=MAX_STEPS, help="optimizer steps")
-    batch_size: int = option(32, lo=1, hi=MAX_ROWS, help="rows per forward pass")
-    grad_accum: int = option(1, lo=1, hi=MAX_GLOBAL_ROWS, help="micro-batches per optimizer step")
-    lr: float = option(3e-3, lo=0, lo_open=True, help="peak learning rate")
-    min_lr_ratio: float = option(0.1, lo=0, hi=1, help="the cosine schedule decays to lr x this")
-    warmup_steps: int = option(100, lo=0, hi=MAX_STEPS, help="steps of linear warmup")
-    weight_decay: float = option(0.1, lo=0, help="AdamW's decoupled weight decay (biases and norms excluded)")
-    grad_clip: float = option(1.0, lo=0, help="clip the gradient norm to this (0: no clipping)")
-    eval_interval: int = option(250, lo=1, hi=MAX_STEPS, help="steps between evaluations")
-    eval_tokens: int = option(32768, lo=1, hi=MAX_TOKENS, help="validation tokens per periodic evaluation")
-    save_interval: int = option(0, lo=0, hi=MAX_STEPS, help="steps between checkpoints (0: at each evaluation)")
-    seed: int = option(DEFAULT_SEED, kind="seed", help="random seed")
-    compile: bool = option(False, help="torch.compile the model")
-    progress: bool = option(True, flags=("--no-progress",), help="no progress bar")
-    # Stop (as if interrupted) after this step; simulates an interruption in tests of --resume.
-    stop_after: int = option(0, lo=0, hi=MAX_STEPS, flags=("--stop-after-steps",), hidden=True)
-    # Also evaluate before the first step (the baseline a fine-tune starts from).
-    eval_at_start: bool = option(False, cli=False)
-    skip_nonfinite: bool = option(False, help="skip (and count) a batch whose loss or gradient is not finite, "
-                                              "instead of stopping")
-    # Early stopping (in-memory runs on one process): stop once the evaluated ``val_<stop_metric>`` has not
-    # improved for this many evaluations in a row, and put back the weights of its best evaluation (0: never).
-    patience: int = option(0, lo=0, hi=MAX_STEPS, cli=False)
-    stop_metric: str = option("loss", cli=False)
-
-    def validate(self) -> "TrainConfig":
-        check_fields(self)  # types, finite numbers, ranges
-        if self.batch_size * self.grad_accum > MAX_GLOBAL_ROWS:
-            raise HybridGPTError(f"batch_size x grad_accum = {self.batch_size * self.grad_accum:,} rows per step; "
-                                 f"the limit is {MAX_GLOBAL_ROWS:,}")
-        if self.lr * self.weight_decay >= 1:
-            raise HybridGPTError(f"weight_decay {self.weight_decay:g} x lr {self.lr:g} must be below 1: each step "
-                                 "multiplies the weights by 1 - lr x weight_decay")
-        return self
 
 
 def cosine_lr(step: int, max_steps: int, lr: float, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> float:
