@@ -134,7 +134,7 @@ def test_learning_curves_mean_and_interval_per_step(tmp_path):
     assert a["mean"] == pytest.approx([3.1, 2.6, 2.1])
     for ci, values in zip(a["ci95"], ([3.0, 3.2], [2.5, 2.7], [2.0, 2.2])):
         assert ci == pytest.approx(mean_ci(values)["ci95"])  # t with 1 degree of freedom: 12.706 * 0.1
-        assert ci[1] - ci[0] == pytest.approx(2 * 12.706 * 0.1)
+        assert ci[1] - ci[0] == pytest.approx(2 * 12.706205 * 0.1)
     assert a["final"] == {"step": 40, "mean": pytest.approx(2.2), "ci95": pytest.approx(mean_ci([2.1, 2.3])["ci95"]),
                           "n": 2}  # on more tokens: a point apart, not the curve's
     b = curves["AA"]
@@ -154,7 +154,7 @@ def test_power_lines_from_constructed_numbers():
     assert set(power) == {("AAMM", "AAAA"), ("AA", "AAMM")}  # only questions with both patterns present
     p = power[("AAMM", "AAAA")]
     assert p["difference"]["mean"] == pytest.approx(0.01)
-    assert p["half_width"] == pytest.approx(4.303 * 0.005 / 3 ** 0.5)
+    assert p["half_width"] == pytest.approx(4.302653 * 0.005 / 3 ** 0.5)
     assert p["tolerance"] == pytest.approx(QUALITY_TOLERANCE * 2.0)  # 0.02
     assert not p["decided"]  # [-0.0024, +0.0224] straddles 0.02, the verdict's "cannot be told"
     # the fewest n with t(n-1) * 0.005 / sqrt(n) <= 0.02 - 0.01: n = 4 gives 0.0080; n = 3 gives 0.0124
