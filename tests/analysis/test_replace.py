@@ -159,7 +159,7 @@ def test_the_linear_control_is_the_map_s_ridge_fit(mapped, tmp_path):
     from hybrid_gpt.checkpoint import load_checkpoint
 
     source = rp.MapSource.open(mapped.parent / "static", mapped)
-    mean, linear = rp._closed_form(source, 2, source.recipe.ridge)
+    mean, linear = rp.closed_form(*source.fit(2), source.recipe.ridge)
     model, _, _ = load_checkpoint(mapped)
     x = torch.randn(5, model.config.n_embd)
     mixer = rp.LinearMixer(linear.weight, linear.bias)

@@ -46,7 +46,16 @@ from hybrid_gpt.analysis.importance import ConstantMixer, attention_layers, atte
 from hybrid_gpt.analysis.replace_config import ReplaceConfig
 from hybrid_gpt.analysis.retrofit import choose_layers
 from hybrid_gpt.analysis.runstate import RunState, resumable_dir
-from hybrid_gpt.analysis.static import Linear, StaticConfig, fit_mlp, load_fit, load_layer, save_fit
+from hybrid_gpt.analysis.static import (
+    StaticConfig,
+    capture_plan,
+    closed_form,
+    fit_mlp,
+    load_fit,
+    load_layer,
+    save_fit,
+    split_rows,
+)
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE, SPEED_GAIN, STATES
 from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
 from hybrid_gpt.errors import HybridGPTError
@@ -55,7 +64,7 @@ from hybrid_gpt.model.gpt import GPT, GPTConfig, TokenMLP
 from hybrid_gpt.options import check_fields
 from hybrid_gpt.runtime import resolve_device
 from hybrid_gpt.stats import judge_interval, mean_ci, seed_window_ci
-from hybrid_gpt.train.evaluate import evaluate_lm, window_starts
+from hybrid_gpt.train.evaluate import bpb_difference, evaluate_lm, window_differences, window_starts
 from hybrid_gpt.train.loop import TrainConfig, train
 
 # What a replacement study's directory may hold (a tree spec, fsutil.check_replaceable): anything else, at any
@@ -103,8 +112,6 @@ class MapSource:
 
     @classmethod
     def open(cls, root: Path, checkpoint: Path) -> "MapSource":
-        from hybrid_gpt.analysis.static import _split_rows, capture_plan
-
         if not (root / "state.json").is_file():
             raise HybridGPTError(f"no staticness map at {root}: run `hybrid-gpt static {checkpoint}` first, or "
                                  "pass --map with the directory it wrote")
@@ -117,7 +124,7 @@ class MapSource:
             raise HybridGPTError(f"the map at {root} is of {options.get('checkpoint')}, not {checkpoint}; map this "
                                  "checkpoint or pass --map with its map")
         recipe = StaticConfig(**{k: v for k, v in options.items() if k in StaticConfig.__dataclass_fields__})
-        fit_rows, stop_rows = _split_rows(capture_plan(recipe, recipe.context, 2**62, 2**62))
+        fit_rows, stop_rows = split_rows(capture_plan(recipe, recipe.context))
         source = cls(root, recipe, fit_rows, stop_rows)
         if not (source.captures / "done.json").is_file():
             raise HybridGPTError(f"the map at {root} has no complete captures of the training split: run "
@@ -129,8 +136,11 @@ class MapSource:
         return self.root / "captures" / f"{self.recipe.context}-train"
 
     def fit_data(self, block: int) -> dict:
-        return {"fit": load_layer(self.captures, block, self.fit_rows),
-                "stop": load_layer(self.captures, block, self.stop_rows)}
+        return {"fit": self.fit(block), "stop": load_layer(self.captures, block, self.stop_rows)}
+
+    def fit(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's captured (u, a) on the map's fit windows."""
+        return load_layer(self.captures, block, self.fit_rows)
 
 
 def _mlp(source: MapSource, config: GPTConfig, block: int, width: int, seed: int, out: Path, log,
@@ -153,15 +163,6 @@ def _mlp(source: MapSource, config: GPTConfig, block: int, width: int, seed: int
     log(f"fitted block {block + 1} at width {width}, seed {seed}: {record['epochs']:.1f} epochs "
         f"({'stopped early' if record['stopped_early'] else 'hit the epoch cap'}), {time.time() - t0:.0f} s")
     return mlp
-
-
-def _closed_form(source: MapSource, block: int, ridge: float) -> tuple[torch.Tensor, Linear]:
-    """The block's training mean output and its ridge fit, from the map's fit windows."""
-    x, y = source.fit_data(block)["fit"]
-    linear = Linear(x.shape[1], y.shape[1])
-    for i in range(0, len(x), 8192):
-        linear.add(x[i:i + 8192], y[i:i + 8192])
-    return y.float().mean(0), linear.solve(ridge)
 
 
 # ---- held-out windows ------------------------------------------------------------------------------------------
@@ -190,11 +191,6 @@ def score_windows(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, star
         bits.append(ev["loss"] * ev["tokens"] / math.log(2))
         nbytes.append(ev["bytes"])
     return {"bpb": sum(bits) / max(sum(nbytes), 1), "window_bits": bits, "window_bytes": nbytes}
-
-
-def window_differences(arm: dict, full: dict) -> list[float]:
-    """Per window, arm - full bits per byte (paired by window)."""
-    return [(a - f) / max(b, 1) for a, f, b in zip(arm["window_bits"], full["window_bits"], full["window_bytes"])]
 
 
 def select_choice(candidates: dict[str, dict], full_select: dict) -> str:
@@ -435,7 +431,7 @@ class _Runner:
         if kind in ("constant", "linear"):
             mixers = {}
             for i in layers:
-                mean, linear = _closed_form(self.source, i, self.source.recipe.ridge)
+                mean, linear = closed_form(*self.source.fit(i), self.source.recipe.ridge)
                 mixers[i] = ConstantMixer(mean) if kind == "constant" else LinearMixer(linear.weight, linear.bias)
             return full, swapped_mixers(full, mixers), {}
         if kind.startswith("drop"):
@@ -503,7 +499,7 @@ def summarise(state: dict, cfg: ReplaceConfig, windows: dict, complete: bool) ->
     for rec in records.values():
         if not isinstance(rec, dict) or "kind" not in rec or "test" not in rec["scores"]:
             continue
-        diff = mean_ci(window_differences(rec["scores"]["test"], full["test"]))
+        diff = bpb_difference(rec["scores"]["test"], full["test"])
         row = {k: rec.get(k) for k in ("name", "k", "choice", "kind", "layers", "seed", "width", "mixer_params",
                                        "pattern", "passkey", "seconds")}
         row |= {"select_bpb": rec["scores"]["select"]["bpb"], "test_bpb": rec["scores"]["test"]["bpb"],
@@ -511,8 +507,8 @@ def summarise(state: dict, cfg: ReplaceConfig, windows: dict, complete: bool) ->
         if "curve" in rec:
             row["curve"] = [{"step": p["step"], "tokens": p["tokens"], "select_bpb": p["select_bpb"],
                              "test_bpb": p["test_bpb"],
-                             "delta_bpb": mean_ci([(a - f) / max(b, 1) for a, f, b in zip(
-                                 p["test_window_bits"], full["test"]["window_bits"], full["test"]["window_bytes"])])}
+                             "delta_bpb": mean_ci(window_differences({"window_bits": p["test_window_bits"]},
+                                                                     full["test"]))}
                             for p in rec["curve"]]
         out["arms"].append(row)
     speed = records.get("speed")

@@ -164,6 +164,15 @@ class Regression:
         return {"loss": mse(model, self.x_stop, self.y_stop)}
 
 
+def closed_form(x: torch.Tensor, y: torch.Tensor, ridge: float, chunk: int = 8192) -> tuple[torch.Tensor, Linear]:
+    """The closed-form predictors of y from x: the mean of y (float32) and the ridge fit (:class:`Linear`),
+    accumulated chunk by chunk so that float16 captures are widened a piece at a time."""
+    linear = Linear(x.shape[1], y.shape[1])
+    for i in range(0, len(x), chunk):
+        linear.add(x[i:i + chunk], y[i:i + chunk])
+    return y.float().mean(0), linear.solve(ridge)
+
+
 @torch.no_grad()
 def mse(fn, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> float:
     total = sum(F.mse_loss(fn(x[i:i + chunk].float()), y[i:i + chunk].float(), reduction="sum").item()
@@ -221,16 +230,17 @@ class Split:
     windows: int
 
 
-def capture_plan(cfg: StaticConfig, context: int, n_train: int, n_val: int) -> dict:
+def capture_plan(cfg: StaticConfig, context: int, n_train: int | None = None, n_val: int | None = None) -> dict:
     """The windows of one context: fit + stop windows spread over the training split (every few-th one goes to
-    the stopping slice), eval windows spread over the held-out split. Checked against the splits' sizes."""
+    the stopping slice), eval windows spread over the held-out split. Checked against the splits' sizes where
+    they are given (a reader of a finished map needs only which windows were which)."""
     def count(tokens: int) -> int:
         return max(1, math.ceil(tokens / context))
 
     fit, stop, held = count(cfg.train_tokens), count(cfg.stop_tokens), count(cfg.eval_tokens)
     for what, n, have, flag in (("training", fit + stop, n_train, "--train-tokens/--stop-tokens"),
                                 ("held-out", held, n_val, "--eval-tokens")):
-        if n * context > have - 1:
+        if have is not None and n * context > have - 1:
             raise HybridGPTError(f"{n} windows of {context:,} tokens need {n * context + 1:,} {what} tokens but the "
                                  f"split has {have:,}; lower {flag} or --context")
     every = (fit + stop) // stop
@@ -238,7 +248,8 @@ def capture_plan(cfg: StaticConfig, context: int, n_train: int, n_val: int) -> d
     return {"context": context, "train_windows": fit + stop, "stop_rows": stop_rows, "eval_windows": held}
 
 
-def _split_rows(plan: dict) -> tuple[list[int], list[int]]:
+def split_rows(plan: dict) -> tuple[list[int], list[int]]:
+    """The captured training windows of the fit, and those of the stopping slice."""
     stop = set(plan["stop_rows"])
     return [i for i in range(plan["train_windows"]) if i not in stop], sorted(stop)
 
@@ -299,7 +310,7 @@ def streamed_linear(model: GPT, data, blocks: list[int], cfg: StaticConfig, cont
     from tqdm.auto import tqdm
 
     plan = capture_plan(cfg, context, len(data.train), len(data.val))
-    fit_rows, _ = _split_rows(plan)
+    fit_rows, _ = split_rows(plan)
     d = model.config.n_embd
     fits = {b: Linear(d, d) for b in blocks}
     device = next(model.parameters()).device
@@ -346,9 +357,8 @@ class State(RunState):
         return self.records.get(str(block + 1), {}).get(key)
 
     def put(self, block: int, key: str, value, elapsed: float) -> None:
-        self.records.setdefault(str(block + 1), {})[key] = value
-        self.data["elapsed_s"] = self.data.get("elapsed_s", 0.0) + elapsed
-        write_json(self.path, self.data)
+        entry = self.records.get(str(block + 1), {})
+        super().put(str(block + 1), {**entry, key: value}, elapsed)
 
 
 def run_static(checkpoint: str | Path, config: StaticConfig | None = None, *, log=print, progress: bool = True,
@@ -405,7 +415,7 @@ def all_widths(state: State, cfg: StaticConfig) -> list[int]:
 
 
 def plan_summary(plan: dict, cfg: StaticConfig, state: State) -> dict:
-    fit_rows, stop_rows = _split_rows(plan)
+    fit_rows, stop_rows = split_rows(plan)
     T = plan["context"]
     return {"context": T, "fit_tokens": len(fit_rows) * T, "stop_tokens": len(stop_rows) * T,
             "eval_tokens": plan["eval_windows"] * T, "short_context": cfg.short_context or None,
@@ -440,7 +450,7 @@ def _map(model: GPT, data, blocks: list[int], plan: dict, cfg: StaticConfig, out
             log(f"capturing {n} windows of {T:,} tokens of the {split} split, {len(blocks)} layers")
             capture(model, tokens, n, T, blocks, cap[split], progress, desc=f"capture {split}")
             log(f"captured {split} in {time.time() - t0:.0f} s")
-    fit_rows, stop_rows = _split_rows(plan)
+    fit_rows, stop_rows = split_rows(plan)
 
     def layer_data(b: int) -> dict:
         return {"fit": load_layer(cap["train"], b, fit_rows), "stop": load_layer(cap["train"], b, stop_rows),
@@ -450,13 +460,8 @@ def _map(model: GPT, data, blocks: list[int], plan: dict, cfg: StaticConfig, out
         if state.get(b, "linear") is not None:
             continue
         t0 = time.time()
-        data_b = layer_data(b)
-        (x, y), (xe, ye) = data_b["fit"], data_b["eval"]
-        mean = y.float().mean(0)
-        linear = Linear(x.shape[1], y.shape[1])
-        for i in range(0, len(x), 8192):
-            linear.add(x[i:i + 8192], y[i:i + 8192])
-        linear.solve(cfg.ridge)
+        xe, ye = load_layer(cap["eval"], b)
+        mean, linear = closed_form(*load_layer(cap["train"], b, fit_rows), cfg.ridge)
         r2 = {"zero": score(lambda u: torch.zeros(len(u), ye.shape[1]), xe, ye),
               "constant": score(lambda u: mean.expand(len(u), -1), xe, ye),
               "linear": score(linear, xe, ye)}

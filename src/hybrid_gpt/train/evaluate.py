@@ -74,9 +74,14 @@ def bpb_difference(a: dict, b: dict) -> dict:
     """stats.mean_ci of the per-window bits-per-byte differences a - b of two :func:`evaluate_lm` results with
     ``per_window`` over the same windows (paired by window): the difference and its 95% t-interval (None from
     a single window), the one measure of whether two models' quality differs beyond noise."""
+    return mean_ci(window_differences(a, b))
+
+
+def window_differences(a: dict, b: dict) -> list[float]:
+    """Per window, a - b in bits per byte (each window's bits over ``b``'s bytes of it), paired by window."""
     if len(a["window_bits"]) != len(b["window_bits"]):
         raise HybridGPTError(f"paired windows differ in number ({len(a['window_bits'])} vs {len(b['window_bits'])})")
-    return mean_ci([(x - y) / max(n, 1) for x, y, n in zip(a["window_bits"], b["window_bits"], b["window_bytes"])])
+    return [(x - y) / max(n, 1) for x, y, n in zip(a["window_bits"], b["window_bits"], b["window_bytes"])]
 
 
 def check_budget(name: str, tokens: int, split_tokens: int, context: int) -> None:
