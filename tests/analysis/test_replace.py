@@ -195,3 +195,11 @@ def test_a_map_of_another_checkpoint_is_refused(mapped, smoke_run, tmp_path):
     with pytest.raises(HybridGPTError, match="not .*other"):
         run_replace(other, ReplaceConfig(out_dir=tmp_path / "o", map_dir=mapped.parent / "static", **TINY),
                     log=quiet, progress=False)
+
+
+def test_a_shape_added_on_resume_is_pooled_over_the_runs_that_have_it():
+    run = {"decode": {"ratio": 1.1, "ci95": [1.0, 1.2]}, "predicted": 1.05}
+    speed = {"shapes": {"full": "AA", "k1-M8": "AM", "full-copy": "AA"},
+             "runs": [{"shapes": {"k1-M8": run}}, {"shapes": {"k1-M8": run, "full-copy": run}}]}
+    shapes = rp.speed_summary(speed)["shapes"]
+    assert shapes["k1-M8"]["pooled"]["n"] == 2 and shapes["full-copy"]["pooled"]["n"] == 1

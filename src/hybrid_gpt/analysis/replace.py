@@ -457,7 +457,9 @@ class _Runner:
             deep = choose_layers("deepest", k, self.attention, [])
             layers = self.full.config.layers
             shapes[f"k{k}-M{cfg.width}"] = "".join("M" if i in deep else c for i, c in enumerate(layers))
-        runs = self.study.get("speed") or {"shapes": shapes, "runs": []}
+        runs = self.study.get("speed") or {"shapes": {}, "runs": []}
+        runs["shapes"] = {**runs["shapes"], **shapes}  # runs made before a shape was added lack it; the summary
+        # pools each shape over the runs that have it
         for i in range(len(runs["runs"]), cfg.speed_runs):
             spec = self.out / "speed" / f"run-{i + 1}.json"
             spec.parent.mkdir(parents=True, exist_ok=True)
