@@ -6,9 +6,9 @@ import json
 import math
 from pathlib import Path
 
-from hybrid_gpt.analysis.plots import save_plot, smooth
 from hybrid_gpt.fsutil import write_json, write_text
 from hybrid_gpt.infer.bench import format_table
+from hybrid_gpt.present.plots import save_plot, smooth
 from hybrid_gpt.stats import format_ci, format_ratio, judge_difference, mean_ci
 
 ORIGINAL = {"val_loss": (5.02, 5.09), "prefill_s": (0.0047, 0.0029), "decode_tok_s": (206.27, 326.11)}

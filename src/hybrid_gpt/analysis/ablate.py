@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_gpt.analysis.ablate_config import BUDGETS, DEFAULT_BUDGET, DEFAULT_SEEDS, DEFAULT_VARIANTS
-from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
 from hybrid_gpt.checkpoint import CHECKPOINT_FILES
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, nested, read_json, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
+from hybrid_gpt.present.plots import save_plot
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.stats import format_ci, judge_interval, judge_pair, mean_ci, seeds_needed
 

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from hybrid_gpt.analysis.ablate import decode_speeds
 from hybrid_gpt.analysis.distill_config import DEFAULTS, DistillConfig
-from hybrid_gpt.analysis.plots import save_plot, smooth
 from hybrid_gpt.analysis.verdict import gap_sentence, quality_kept
 from hybrid_gpt.checkpoint import (
     CHECKPOINT_FILES,
@@ -38,6 +37,8 @@ from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import nested, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, mixer_activations, parse_layers
+from hybrid_gpt.present.numbers import count, pct, sci
+from hybrid_gpt.present.plots import save_plot, smooth
 from hybrid_gpt.runtime import resolve_device
 from hybrid_gpt.stats import format_ratio, format_share, ratio_over_difference
 from hybrid_gpt.train.evaluate import bpb_difference, check_budget, evaluate_lm, windows
@@ -228,7 +229,7 @@ def distill_layers(teacher: GPT, student: GPT, layers: list[int], data: TokenDat
                "held_out_tokens": int(val[i][1].shape[0] * val[i][1].shape[1]),
                "train_mse": [m[f"mse_{i}"] for m in metrics if "loss" in m], "val_curve": val_curve}
         log(f"block {i + 1}: held-out MSE {before:.5f} -> {after:.5f} (predicting zero: "
-            f"{stats[i]['mse_zero']:.5f}); variance explained {_pct(row['fve_after'])}")
+            f"{stats[i]['mse_zero']:.5f}); variance explained {pct(row['fve_after'])}")
         out.append(row)
     return out
 
@@ -270,7 +271,7 @@ def finetune(model: GPT, data: TokenData, *, steps: int, lr: float, batch_size: 
     return [m["loss"] for m in result.metrics]
 
 
-def _phase(name: str, steps: int | None, tokens_per_step: int | None, flops_per_token: float | None) -> dict:
+def phase(name: str, steps: int | None, tokens_per_step: int | None, flops_per_token: float | None) -> dict:
     tokens = steps * tokens_per_step if steps is not None and tokens_per_step is not None else None
     return {"phase": name, "steps": steps, "tokens_per_step": tokens_per_step, "tokens": tokens,
             "approx_flops": tokens * flops_per_token if tokens is not None and flops_per_token else None}
@@ -279,10 +280,10 @@ def _phase(name: str, steps: int | None, tokens_per_step: int | None, flops_per_
 def _pretrain_phase(training: dict, params: int, name: str) -> dict:
     steps, seen = training.get("step"), training.get("tokens_seen")
     per_step = seen // steps if steps and seen is not None else None
-    return _phase(f"{name} ({training.get('stage', 'pretrain')})", steps, per_step, 6 * params)
+    return phase(f"{name} ({training.get('stage', 'pretrain')})", steps, per_step, 6 * params)
 
 
-def _total(phases: list[dict]) -> dict:
+def total_compute(phases: list[dict]) -> dict:
     def add(key):
         values = [p[key] for p in phases]
         return None if any(v is None for v in values) else sum(values)
@@ -394,16 +395,16 @@ def _distill(cfg: DistillConfig, teacher: Teacher, distilled: list[int], dev: to
     prefix = sum(p.numel() for p in teacher.model.transformer.h[: max(distilled) + 1].parameters())
     blocks = [student.transformer.h[i] for i in distilled]
     student_params = sum(p.numel() for b in blocks for m in (b.ln_1, b.mixer) for p in m.parameters())
-    distill_phase = _phase("distillation", cfg.steps, tokens_per_step, 2 * prefix + 6 * student_params)
+    distill_phase = phase("distillation", cfg.steps, tokens_per_step, 2 * prefix + 6 * student_params)
     phases = {"teacher": [teacher_phase], "drop": [teacher_phase], "distilled": [teacher_phase, distill_phase]}
     for name in ("distilled", "drop"):
         if f"{name}_finetuned" in models:
-            ft = _phase("fine-tune", cfg.finetune_steps, tokens_per_step, 6 * models[name].num_params())
+            ft = phase("fine-tune", cfg.finetune_steps, tokens_per_step, 6 * models[name].num_params())
             phases[f"{name}_finetuned"] = phases[name] + [ft]
     if scratch_training is not None:
         phases["scratch"] = [_pretrain_phase(scratch_training, models["scratch"].num_params(), "from scratch")]
     for name, arm in arms.items():
-        arm["compute"] = _total(phases[name])
+        arm["compute"] = total_compute(phases[name])
 
     log("decode speed (KV cache, batch 1): measuring teacher, distilled, attention-drop")
     # The teacher first: decode_speeds' ratios are against the first model, paired repeat by repeat.
@@ -496,18 +497,6 @@ def _interval(d: dict) -> dict:
     return {k: d[k] for k in ("mean", "ci95", "n")}
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: int | None) -> str:
-    return "n/a" if x is None else f"{x:,}"
-
-
-def _sci(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2e}"
-
-
 def render_distill_markdown(result: dict) -> str:
     """The distill section of a report, from distill.json's contents alone."""
     s, arms, dec = result["settings"], result["arms"], result["decode"]
@@ -529,13 +518,13 @@ def render_distill_markdown(result: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['block']} | {r['var_target']:.4g} | {r['mse_zero']:.4g} | {r['mse_before']:.4g} | "
-                     f"{r['mse_after']:.4g} | {_pct(r['fve_before'])} | {_pct(r['fve_after'])} |")
+                     f"{r['mse_after']:.4g} | {pct(r['fve_before'])} | {pct(r['fve_after'])} |")
     lower = [r for r in rows if r["mse_after"] < r["mse_before"]]
     lines += ["", f"Distillation lowered the held-out MSE in {len(lower)} of {len(rows)} block(s); after it the "
-              "MLP explains " + ", ".join(f"{_pct(r['fve_after'])} (block {r['block']})" for r in rows)
+              "MLP explains " + ", ".join(f"{pct(r['fve_after'])} (block {r['block']})" for r in rows)
               + " of the variance of the attention output. Variance explained is 1 - MSE / variance, the variance "
               "taken around the target's mean in each dimension: predicting that mean scores 0%, and predicting zero "
-              "(attention-drop) scores " + ", ".join(f"{_pct(r['fve_zero'])} (block {r['block']})" for r in rows)
+              "(attention-drop) scores " + ", ".join(f"{pct(r['fve_zero'])} (block {r['block']})" for r in rows)
               + ", below 0% because the attention output's mean is not zero.", ""]
 
     lines += ["### Quality and compute", "",
@@ -550,12 +539,12 @@ def render_distill_markdown(result: dict) -> str:
         if k in arms:
             a = arms[k]
             lines.append(f"| {a['label']} | {a['layers']} | {a['bpb']:.4f} | {a['loss']:.4f} | "
-                         f"{format_share(quality_kept(result, k))} | {_num(a['compute']['tokens'])} | "
-                         f"{_sci(a['compute']['approx_flops'])} | {a['parameters']:,} |")
+                         f"{format_share(quality_kept(result, k))} | {count(a['compute']['tokens'])} | "
+                         f"{sci(a['compute']['approx_flops'])} | {a['parameters']:,} |")
     lines += ["", "Compute by phase:", ""]
     for k in ARMS:
         if k in arms:
-            phases = "; ".join(f"{p['phase']}: {_num(p['steps'])} steps x {_num(p['tokens_per_step'])} tokens"
+            phases = "; ".join(f"{p['phase']}: {count(p['steps'])} steps x {count(p['tokens_per_step'])} tokens"
                                for p in arms[k]["compute"]["phases"])
             lines.append(f"- {arms[k]['label']}: {phases}")
     lines += ["", quality_sentences(result), ""]

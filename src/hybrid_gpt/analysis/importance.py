@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, mixer_activations
+from hybrid_gpt.present.plots import save_plot
 from hybrid_gpt.train.evaluate import (
     EVAL_TOKENS,
     check_budget,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from hybrid_gpt.analysis.plots import save_plot
+from hybrid_gpt.present.plots import save_plot
 from hybrid_gpt.stats import format_ratio, judge_interval
 
 STANDARD, HYBRID = "AAAA", "AAMM"

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.probe_config import DEFAULT_PATTERNS, DEFAULT_SEEDS, DEFAULT_TASK, TASK_CHOICES, TASKS
 from hybrid_gpt.checkpoint import (
     checkpoint_data,
@@ -56,6 +55,7 @@ from hybrid_gpt.checkpoint import (
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
+from hybrid_gpt.present.plots import save_plot
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.runtime import resolve_device
 from hybrid_gpt.stats import format_ci, mean_ci

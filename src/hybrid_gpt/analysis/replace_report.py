@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hybrid_gpt.analysis.plots import save_plot
-from hybrid_gpt.analysis.static_report import markdown_table
 from hybrid_gpt.fsutil import write_json, write_text
+from hybrid_gpt.present.plots import save_plot
+from hybrid_gpt.present.tables import markdown_table
 from hybrid_gpt.stats import format_ci
 
 LABELS = {"drop": "drop (N)", "constant": "constant (training mean)", "linear": "linear (ridge)",

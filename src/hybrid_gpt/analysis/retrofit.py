@@ -41,9 +41,8 @@ from pathlib import Path
 import torch
 
 from hybrid_gpt.analysis import passkey
-from hybrid_gpt.analysis.distill import Teacher, _pct, _phase, _sci, _total, distill_layers, finetune, transplant
+from hybrid_gpt.analysis.distill import Teacher, distill_layers, finetune, phase, total_compute, transplant
 from hybrid_gpt.analysis.importance import attention_layers, attention_stats
-from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.analysis.retrofit_config import TREATMENTS, RetrofitConfig
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE, SPEED_GAIN, STATES
 from hybrid_gpt.checkpoint import (
@@ -64,6 +63,8 @@ from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.options import (
     spec_of,
 )
+from hybrid_gpt.present.numbers import pct, sci
+from hybrid_gpt.present.plots import save_plot
 from hybrid_gpt.runtime import resolve_device
 from hybrid_gpt.stats import format_ratio, judge_interval
 from hybrid_gpt.train.evaluate import bpb_difference, check_budget, evaluate_lm
@@ -225,10 +226,10 @@ def measure_speed(teacher: GPT, shapes: dict[str, str], cfg: RetrofitConfig, mlp
                     q = ratios[i]
                     row["decode"] = {"ratio": q.get("decode_speedup"), "ci95": q.get("decode_speedup_ci95")}
                     row["prefill"] = {"ratio": q.get("prefill_speedup"), "ci95": q.get("prefill_speedup_ci95")}
-                for phase in ("decode", "prefill"):
-                    row[f"predicted_{phase}"] = predicted_speedup(
+                for kind in ("decode", "prefill"):
+                    row[f"predicted_{kind}"] = predicted_speedup(
                         models[FULL].config, models[name].config, context=r["context"], batch=r["batch"],
-                        dtype=dtype, hardware=hw, phase=phase)
+                        dtype=dtype, hardware=hw, phase=kind)
                 rows.append(row)
         out[name] = {"layers": pattern, "attention_layers": pattern.count("A"),
                      "kv_bytes_per_token": models[name].config.kv_bytes_per_token(), "rows": rows}
@@ -477,14 +478,14 @@ def _compute(arm: Arm, cfg: RetrofitConfig, model: GPT, full: GPT, distillation:
         share = len(arm.layers) / union
         own = sum(p.numel() for i in arm.layers for part in ("ln_1", "mixer")
                   for p in getattr(model.transformer.h[i], part).parameters())
-        p = _phase("distillation (shared)", distillation["steps"], per_step,
+        p = phase("distillation (shared)", distillation["steps"], per_step,
                    share * 2 * distillation["teacher_forward_params"] + 6 * own)
         phases.append(p | {"teacher_forwards": distillation["steps"], "share": share,
                            "note": f"{len(arm.layers)} of the {union} layers distilled together"})
     if arm.healed:
-        p = _phase("heal (KL to the teacher)", cfg.heal_steps, per_step, 6 * model.num_params() + 2 * full.num_params())
+        p = phase("heal (KL to the teacher)", cfg.heal_steps, per_step, 6 * model.num_params() + 2 * full.num_params())
         phases.append(p | {"teacher_forwards": cfg.heal_steps})
-    total = _total(phases) if phases else {"phases": [], "steps": 0, "tokens": 0, "approx_flops": 0}
+    total = total_compute(phases) if phases else {"phases": [], "steps": 0, "tokens": 0, "approx_flops": 0}
     total["teacher_forwards"] = sum(p["teacher_forwards"] for p in phases)
     return total
 
@@ -677,7 +678,7 @@ def render_retrofit_markdown(result: dict) -> str:
                  "-" if a["kind"] == FULL else _delta(a["delta_bpb"]),
                  "reference" if a["kind"] == FULL else STATES[a["quality"]],
                  f"{a['agreement']['top1_agreement']:.3f}", f"{a['agreement']['kl']:.4f}"]
-        cells += [_pct(p["accuracy"]) for p in a["passkey"]]
+        cells += [pct(p["accuracy"]) for p in a["passkey"]]
         cells += [format_ratio(x) for x in a["speed"]]
         cells += [f"{a['compute']['tokens']:,}", f"{a['compute']['teacher_forwards']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -687,16 +688,16 @@ def render_retrofit_markdown(result: dict) -> str:
     lines += ["### Passkey retrieval", "",
               "A random 5-digit key stated once in held-out play text, asked for at the end; "
               f"{_count(pk['trials'], 'trial')} per length, greedy, exact match. A length where the full model "
-              f"scores below {_pct(pk['floor'])} "
+              f"scores below {pct(pk['floor'])} "
               "tests nothing: an arm cannot lose what the model does not have.", ""]
     for c in pk["contexts"]:
         if not c["tests_something"]:
-            lines.append(f"- At {c['context']:,} tokens the full model gets {_pct(c['full_accuracy'])}: this length "
+            lines.append(f"- At {c['context']:,} tokens the full model gets {pct(c['full_accuracy'])}: this length "
                          "tests nothing.")
     lines += ["", "| arm | " + " | ".join(f"{c['context']:,}" for c in pk["contexts"]) + " |",
               "|" + " --- |" * (len(pk["contexts"]) + 1)]
     for name in arms:
-        lines.append(f"| {name} | " + " | ".join(_pct(c["accuracy"][name]) for c in pk["contexts"]) + " |")
+        lines.append(f"| {name} | " + " | ".join(pct(c["accuracy"][name]) for c in pk["contexts"]) + " |")
 
     ans = result["answers"]
     lines += ["", "### Greedy answers", "", "For people to read, not a metric: the full model and the arms at k = "
@@ -736,15 +737,15 @@ def render_retrofit_markdown(result: dict) -> str:
                   "| --- | --- | --- | --- | --- |"]
         for r in d["layers"]:
             lines.append(f"| {r['block']} | {r['mse_zero']:.4g} | {r['mse_before']:.4g} | {r['mse_after']:.4g} | "
-                         f"{_pct(r['fve_after'])} |")
+                         f"{pct(r['fve_after'])} |")
         lines.append("")
     lines += ["| arm | phases | steps | tokens | teacher forwards | approx. FLOPs |", "|" + " --- |" * 6]
     for name, a in arms.items():
         c = a["compute"]
-        phases = "; ".join(p["phase"] + (f" ({_pct(p['share'])} share)" if "share" in p else "")
+        phases = "; ".join(p["phase"] + (f" ({pct(p['share'])} share)" if "share" in p else "")
                            for p in c["phases"]) or "none"
         lines.append(f"| {name} | {phases} | {c['steps']:,} | {c['tokens']:,} | {c['teacher_forwards']:,} | "
-                     f"{_sci(c['approx_flops'])} |")
+                     f"{sci(c['approx_flops'])} |")
 
     lines += ["", "### Layer choices", "",
               "Residual similarity (cosine before/after the attention sub-layer; high = least important) over "

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hybrid_gpt.analysis.plots import save_plot
 from hybrid_gpt.fsutil import write_json, write_text
+from hybrid_gpt.present.plots import save_plot
+from hybrid_gpt.present.tables import markdown_table
 
 LABELS = {"zero": "zero (drop)", "constant": "constant (training mean)", "linear": "linear (ridge)"}
 
@@ -42,11 +43,6 @@ def map_sentence(result: dict, deep_from: int | None = None) -> str:
             f"explains at most {100 * best_per_token(top):.0f}% of an attention layer's output (layer "
             f"{top['layer']}; {100 * mean:.0f}% on average), on {result['eval_tokens']:,} held-out tokens at context "
             f"{result['context']:,}: what a per-token replacement of these layers can be expected to keep.")
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def render_markdown(result: dict) -> str:
