@@ -41,7 +41,7 @@ def test_ratio_ci_on_constructed_timings():
         ratio_ci([1.0, 2.0], [1.0])
 
 
-def test_seeds_needed_for_a_tolerance():
+def test_seeds_needed_for_a_tolerance_at_80_percent_power():
     import math
     import statistics
 
@@ -50,9 +50,37 @@ def test_seeds_needed_for_a_tolerance():
     values = [0.01, 0.03, -0.02]
     sd = statistics.stdev(values)
     n = seeds_needed(values, 0.023)
-    assert t_quantile(n - 1) * sd / math.sqrt(n) <= 0.023 < t_quantile(n - 2) * sd / math.sqrt(n - 1)
+
+    def reach(k):
+        return (t_quantile(k - 1) + t_quantile(k - 1, 0.8)) * sd / math.sqrt(k)
+
+    assert reach(n) <= 0.023 < reach(n - 1)
+    assert seeds_needed(values, 0.023, power=0.5) < n  # the expected interval merely touching: half the power
     assert seeds_needed([0.5, 0.5], 0.01) == 2  # no spread: two seeds suffice
     assert seeds_needed([0.01], 0.01) is None
+
+
+@pytest.mark.parametrize("effect, n", [(1.0, 10), (0.5, 34), (0.8, 15)])
+def test_sample_size_matches_the_known_one_sample_t_case(effect, n):
+    """pwr.t.test(d = effect, sig.level = 0.05, power = 0.8, type = "one.sample") gives n = 9.94, 33.4 and
+    14.3: rounded up, 10, 34 and 15."""
+    from hybrid_gpt.stats import sample_size
+
+    assert sample_size(1.0, effect) == n
+
+
+def test_sample_size_delivers_its_power_by_simulation():
+    import random
+
+    from hybrid_gpt.stats import mean_ci, sample_size
+
+    n = sample_size(1.0, 0.8)
+    rng = random.Random(0)
+    decided = 0
+    for _ in range(4000):
+        ci = mean_ci([rng.gauss(0.8, 1.0) for _ in range(n)])["ci95"]
+        decided += ci[0] > 0  # the criterion (0) lies 0.8 sd below the true mean
+    assert 0.78 <= decided / 4000 <= 0.86
 
 
 def test_judge_interval_is_three_valued():

@@ -1,6 +1,6 @@
 """Means and 95% confidence intervals (Student's t) over seeds or repeats, paired speed ratios, the seeds a
-tolerance needs, and the sentence that judges noise. At the start of the flow: the benchmark (infer/) and the
-analyses both use it."""
+tolerance needs at 80% power, and the sentence that judges noise. At the start of the flow: the benchmark (infer/)
+and the analyses both use it."""
 
 from __future__ import annotations
 
@@ -150,22 +150,32 @@ def format_ratio(r: dict | None, digits: int = 2) -> str:
     return text
 
 
-def seeds_needed(values: list[float], half_width: float, most: int = 1000) -> int | None:
-    """The fewest seeds whose 95% interval of the mean would be at most ``half_width`` wide on each side, if the
-    spread between seeds stays that of ``values`` (their sample standard deviation); None from fewer than 2
-    values, or when even ``most`` seeds would not do."""
+POWER = 0.8  # every sample size the toolkit states is the one that decides at this power
+
+
+def seeds_needed(values: list[float], effect: float, power: float = POWER, most: int = 1000) -> int | None:
+    """The fewest seeds that decide, with probability ``power``, whether the mean lies on one side of a
+    criterion ``effect`` away from it, if the spread between seeds stays that of ``values`` (their sample
+    standard deviation): :func:`sample_size` of that spread. None from fewer than 2 values, or when even
+    ``most`` seeds would not do."""
     if len(values) < 2:
         return None
-    return sample_size(statistics.stdev(values), half_width, most)
+    return sample_size(statistics.stdev(values), effect, power, most)
 
 
-def sample_size(sd: float, half_width: float, most: int = 1000) -> int | None:
-    """The fewest samples (>= 2) whose 95% t-interval of the mean is at most ``half_width`` on each side, for
-    samples of standard deviation ``sd``; None when even ``most`` would not do."""
-    if half_width <= 0:
+def sample_size(sd: float, effect: float, power: float = POWER, most: int = 1000) -> int | None:
+    """The fewest samples n (>= 2) for which a two-sided 95% t-interval of the mean excludes a criterion at
+    distance ``effect`` from the true mean with probability ``power``, for samples of standard deviation ``sd``:
+    the smallest n with (t(0.975, n-1) + t(power, n-1)) * sd / sqrt(n) <= effect (the usual t approximation to
+    the noncentral-t power; n = 10 for effect = sd at 80%, as pwr.t.test gives). At power 0.5 it is the n whose
+    expected interval just touches the criterion, which decides only half the time. None when even ``most``
+    would not do."""
+    if effect <= 0:
         return None
+    if not 0.5 <= power < 1:
+        raise ValueError(f"sample_size needs a power in [0.5, 1), got {power}")
     for n in range(2, most + 1):
-        if t_quantile(n - 1) * sd / math.sqrt(n) <= half_width:
+        if (t_quantile(n - 1) + t_quantile(n - 1, power)) * sd / math.sqrt(n) <= effect:
             return n
     return None
 

@@ -54,54 +54,85 @@ def test_the_verdict_follows_the_numbers():
     assert "No verdict" in sentences({"probe": {"path": "p", "data": {"patterns": [], "chance": 0.1}}})[-1]
 
 
-def test_the_verdict_per_context_in_each_of_its_three_states():
-    from hybrid_gpt.analysis.verdict import speed_points
+def test_the_verdict_never_pairs_contexts():
+    """Quality (measured at the ablation's context, 128) pairs only with a speed of trained weights at 128; the
+    long-context speeds of random weights are shown, each row saying quality "not measured"."""
+    from hybrid_gpt.analysis.verdict import NOT_MEASURED, speed_points
 
     long = {256: (1.05, [1.0, 1.1]), 1024: (1.3, [1.2, 1.4]), 4096: (1.4, [1.3, 1.5]), 16384: (1.7, [1.6, 1.9])}
     found = {"ablate": _ablate(TIGHT, TOK), "speed": _speed(long)}
     points = speed_points(found)
-    assert [p["context"] for p in points] == [256, 1024, 4096, 16384] and points[0]["weights"] == "random"
+    assert [p["context"] for p in points] == [128, 256, 1024, 4096, 16384]
+    assert [p["weights"] for p in points] == ["trained"] + ["random"] * 4
     ctx = per_context(found)
-    assert [r["speed"] for r in ctx["rows"]] == [False, None, True, True] and ctx["quality"] is True
-    assert [r["state"] for r in ctx["rows"]] == [False, None, True, True]
-    assert ctx["answer"]["state"] == "holds" and ctx["answer"]["from_context"] == 4096
-    assert "holds from context 4,096 on (measured up to 16,384)" in "\n".join(sentences(found))
-    # the per-context table leads with the answer
+    assert ctx["quality"] is True and ctx["quality_context"] == 128
+    for r in ctx["rows"]:
+        if r["quality_context"] is not None and r["speed_context"] is not None:
+            assert r["quality_context"] == r["speed_context"] and r["weights"] == "trained"
+        else:
+            assert r["quality"] == NOT_MEASURED and r["state"] == NOT_MEASURED
+    assert [r["quality_context"] for r in ctx["rows"]] == [128, None, None, None, None]
+    # the long contexts' 1.4x-1.7x never lend the verdict a speed: at 128 the ratio of medians has no interval
+    assert ctx["answer"]["state"] == "cannot be told" and ctx["answer"]["context"] == 128
+    assert "speed alone was measured at 256, 1,024, 4,096, 16,384 tokens" in ctx["answer"]["text"]
     md = render_verdict_markdown({"sources": {}, "table": table(found), "sentences": sentences(found),
                                   "per_context": ctx})
-    assert md.splitlines()[2] == "**The hypothesis holds from context 4,096 on (measured up to 16,384).**"
-    assert "| 16,384 | random | +0.0010 ± 0.0000 | holds | 1.70x [1.60, 1.90] | - | holds | holds |" in md
+    assert "| 16,384 | random | not measured | not measured | 1.70x [1.60, 1.90] | - | holds | not measured |" in md
+    assert "quality not measured at this context" in "\n".join(sentences(found))
+
+
+def _trained_at_128(ratio: float, ci: list) -> list:
+    return _speed({128: (ratio, ci), 4096: (1.9, [1.8, 2.0])}, weights=False)
+
+
+def test_the_verdict_at_the_paired_context_in_each_of_its_three_states():
+    found = {"ablate": _ablate(TIGHT, TOK), "speed": _trained_at_128(1.4, [1.3, 1.5])}
+    ctx = per_context(found)
+    assert [r["state"] for r in ctx["rows"]] == [True, "not measured"]  # trained at 4,096, but no quality there
+    assert ctx["answer"]["state"] == "holds" and ctx["answer"]["context"] == 128
+    assert ctx["answer"]["text"].startswith("holds at context 128")
+    md = render_verdict_markdown({"sources": {}, "table": table(found), "sentences": sentences(found),
+                                  "per_context": ctx})
+    assert md.splitlines()[2].startswith("**The hypothesis holds at context 128")
+    assert "| 128 | trained | +0.0010 ± 0.0000 | holds | 1.40x [1.30, 1.50] | - | holds | holds |" in md
 
     # does not hold: the quality cost's whole interval exceeds the tolerance, whatever the speed
-    worse = {"ablate": _ablate({"AAAA": [2.30, 2.31, 2.29], "AAMM": [2.50, 2.51, 2.50]}, TOK), "speed": _speed(long)}
+    worse = {"ablate": _ablate({"AAAA": [2.30, 2.31, 2.29], "AAMM": [2.50, 2.51, 2.50]}, TOK),
+             "speed": _trained_at_128(1.4, [1.3, 1.5])}
     ans = per_context(worse)["answer"]
     assert ans["state"] == "does not hold" and "loses more than 1%" in ans["text"]
-    # does not hold: quality fine, but the speed gain stays below the criterion at every context
-    slow = {"ablate": _ablate(TIGHT, TOK), "speed": _speed({256: (1.0, [0.9, 1.1]), 4096: (1.1, [1.05, 1.2])})}
-    assert per_context(slow)["answer"]["text"].startswith("does not hold at the contexts measured (up to 4,096)")
+    # does not hold: quality fine, but the speed gain at the paired context stays below the criterion
+    slow = {"ablate": _ablate(TIGHT, TOK), "speed": _trained_at_128(1.1, [1.05, 1.15])}
+    assert per_context(slow)["answer"]["text"].startswith("does not hold at context 128, where quality and speed")
 
     # cannot be told: the quality interval straddles the tolerance; the budget names the seeds that would tell
-    noisy = {"ablate": _ablate({"AAAA": [2.30, 2.32, 2.28], "AAMM": [2.33, 2.32, 2.31]}, TOK), "speed": _speed(long)}
+    noisy = {"ablate": _ablate({"AAAA": [2.30, 2.32, 2.28], "AAMM": [2.33, 2.32, 2.31]}, TOK),
+             "speed": _trained_at_128(1.4, [1.3, 1.5])}
     ctx = per_context(noisy)
     assert ctx["quality"] is None and ctx["answer"]["state"] == "cannot be told"
     n = ctx["budget"]["seeds"]
-    assert isinstance(n, int) and n > 3 and f"{n} seeds" in ctx["answer"]["text"]
-    assert "the speed gain holds from context 4,096 on" in ctx["answer"]["text"]
-    # ... or the speed interval straddles the criterion at the longest context: the repeats that would tell
-    unsure = {"ablate": _ablate(TIGHT, TOK), "speed": _speed({256: (1.0, [0.9, 1.1]), 4096: (1.3, [1.1, 1.5])})}
+    assert isinstance(n, int) and n > 3 and f"{n} seeds (80% power)" in ctx["answer"]["text"]
+    # ... or the speed interval straddles the criterion at the paired context: the repeats that would tell
+    unsure = {"ablate": _ablate(TIGHT, TOK), "speed": _trained_at_128(1.3, [1.1, 1.5])}
     ctx = per_context(unsure)
-    assert ctx["answer"]["state"] == "cannot be told" and ctx["budget"]["repeats"][4096] > 5
-    assert "paired repeats per context" in ctx["answer"]["text"]
-    # a benchmark of another shape (its standard has other parameters, or another preset) is not this ablation's
-    assert speed_points({"ablate": _ablate(TIGHT, TOK), "speed": _speed(long, params=5)})[0]["source"] == \
-        "ablate/ablate.json"
+    assert ctx["answer"]["state"] == "cannot be told" and ctx["budget"]["repeats"][128] > 5
+    assert "paired repeats (80% power)" in ctx["answer"]["text"]
+
+
+def test_a_benchmark_of_another_shape_is_not_the_ablation_s():
+    from hybrid_gpt.analysis.verdict import speed_points
+
+    long = {256: (1.05, [1.0, 1.1]), 4096: (1.4, [1.3, 1.5])}
+    # its standard has other parameters, or another preset: only the ablation's own point is left
+    assert [p["source"] for p in speed_points({"ablate": _ablate(TIGHT, TOK), "speed": _speed(long, params=5)})] \
+        == ["ablate/ablate.json"]
     shaped = _speed(long, params=5)
     shaped[0]["data"]["shape"] = {"preset": "cpu"}
     ablation = _ablate(TIGHT, TOK)
     ablation["data"]["preset"] = "cpu"
-    assert speed_points({"ablate": ablation, "speed": shaped})[0]["source"] == "speed/cpu.json"
+    assert speed_points({"ablate": ablation, "speed": shaped})[1]["source"] == "speed/cpu.json"
     ablation["data"]["preset"] = "seed"
-    assert speed_points({"ablate": ablation, "speed": shaped})[0]["source"] == "ablate/ablate.json"
+    assert len(speed_points({"ablate": ablation, "speed": shaped})) == 1
 
 
 def test_the_verdict_reads_speed_files_and_refuses_damaged_ones(tmp_path):
@@ -110,7 +141,9 @@ def test_the_verdict_reads_speed_files_and_refuses_damaged_ones(tmp_path):
     (tmp_path / "speed").mkdir()
     (tmp_path / "speed" / "cpu.json").write_text(json.dumps(_speed({4096: (1.6, [1.5, 1.7])})[0]["data"]))
     result = write_verdict(tmp_path)
-    assert result["per_context"]["answer"]["state"] == "holds" and "speed:cpu" in result["sources"]
+    rows = result["per_context"]["rows"]  # the random-weight 4,096 is read and shown, never paired
+    assert [(r["context"], r["quality_context"]) for r in rows] == [(128, 128), (4096, None)]
+    assert result["per_context"]["answer"]["state"] == "cannot be told" and "speed:cpu" in result["sources"]
     (tmp_path / "speed" / "cpu.json").write_text(json.dumps({"models": {}, "ratios": {"a/b": [{"context": 1}]}}))
     with pytest.raises(HybridGPTError, match=r"cpu.json is damaged: .*hybrid-gpt bench"):
         write_verdict(tmp_path)

@@ -227,7 +227,7 @@ def power_lines(result: dict) -> list[dict]:
     """For each question of :data:`QUESTIONS` whose two patterns were run: other - base bits per byte paired by
     seed, the half-width of its 95% interval now, the tolerance (the verdict's QUALITY_TOLERANCE of the base's mean
     bpb), whether the interval is decided (wholly below or above the tolerance, the verdict's rule), and how many
-    seeds would decide it at the spread seen (a half-width under the distance from the mean to the tolerance)."""
+    seeds would decide it at 80% power at the spread seen (stats.sample_size)."""
     by_layers: dict[str, dict] = {}
     for e in result["variants"]:
         by_layers.setdefault(e["layers"], e)  # the first variant of a pattern, as in the sentences
@@ -391,7 +391,8 @@ def plot_curves(result: dict, out: Path) -> str:
 def power_table(power: list[dict], seeds: int) -> list[str]:
     """The power lines as markdown: is the interval of each difference clear of the tolerance, and if not,
     how many seeds would make it so."""
-    L = ["| question | difference (bpb) | half-width now | tolerance (1% of base) | decided | seeds to decide |",
+    L = ["| question | difference (bpb) | half-width now | tolerance (1% of base) | decided | "
+         "seeds to decide (80% power) |",
          "| --- | --- | --- | --- | --- | --- |"]
     for p in power:
         half = "-" if p["half_width"] is None else f"{p['half_width']:.4f}"
@@ -425,7 +426,9 @@ def render_ablate_markdown(result: dict) -> str:
     if result.get("power"):
         L.append(f"Power: each difference's 95% interval over {len(seeds)} seed(s) against the tolerance it must "
                  f"resolve ({100 * QUALITY_TOLERANCE:.0f}% of the base's bits per byte, the verdict's), and the "
-                 "seeds that would resolve it at the spread seen between seeds.\n")
+                 "seeds that would resolve it with 80% power at the spread seen between seeds (a count to fix before "
+                 "a new run, not to top this one up: adding seeds until an interval decides is optional "
+                 "stopping).\n")
         L += power_table(result["power"], len(seeds))
         L.append("")
     L.append(f"![quality vs speed]({result['plots']['pareto']})\n\n![bits per byte]({result['plots']['bpb']})\n")

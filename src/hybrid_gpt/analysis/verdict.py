@@ -13,9 +13,12 @@ fixed criteria printed with the verdict:
                             above SPEED_GAIN at that context (fails when it lies below; between, more repeats)
     the MLP does something  the hybrid is measurably better than attention-drop (AANN); a qualifier of the answer
 
-The answer is per context (quality is measured at the models' training context and holds for every context the
-speed is measured at: the from-scratch models are too small to train at long context), then one plain line:
-"holds from context X on", "does not hold", or "cannot be told" with the seeds and repeats that would tell.
+The answer compares like with like: quality and speed are paired only where both were measured on the same
+trained models at the same context (the ablation's quality at its training context, beside a decode speed of
+trained weights at that context). A row where one of them is missing says "not measured" and never borrows the
+other context's figure; a speed of random weights is a property of the shape and is shown, never paired. Then one
+plain line: "holds at context X", "does not hold", or "cannot be told" with the seeds (at 80% power) and repeats
+that would tell.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ QUALITY_TOLERANCE = 0.01  # 1% of the standard model's bits per byte
 SPEED_GAIN = 1.25
 STANDARD, HYBRID, DROP = "AAAA", "AAMM", "AANN"
 SPEED_DIR = "speed"  # <run-dir>/speed/*.json: bench results read per context
-STATES = {True: "holds", False: "does not hold", None: "cannot be told"}
+NOT_MEASURED = "not measured"
+STATES = {True: "holds", False: "does not hold", None: "cannot be told", NOT_MEASURED: NOT_MEASURED}
 
 
 def _read(path: Path) -> dict | None:
@@ -216,9 +220,10 @@ def _same_shape(found: dict, bench: dict, standard: str, params: int | None) -> 
 
 def speed_points(found: dict) -> list[dict]:
     """Measured hybrid/standard cached decode speedups at batch 1, one per context, ascending: from the benchmarks
-    under speed/ of models of the ablation's shape (any shape without an ablation), else the ablation's own decode
-    measurement. Each: context, ratio, ci95 (or None), repeats,
-    predicted (the cost model's roofline ratio, when the benchmark gives it), weights, source."""
+    under speed/ of models of the ablation's shape (any shape without an ablation) and the ablation's own decode
+    measurement of its trained models at their training context (which wins at its context over a benchmark of
+    random weights). Each: context, ratio, ci95 (or None), repeats, predicted (the cost model's roofline ratio,
+    when the benchmark gives it), weights ("trained" or "random"), source."""
     variants = _variants(found)
     params = variants[STANDARD]["parameters"] if STANDARD in variants else None
     points: dict[int, dict] = {}
@@ -237,17 +242,25 @@ def speed_points(found: dict) -> list[dict]:
                         row.get("predicted_decode_speedup"), True) else None,
                     "weights": "random" if str(bench.get("weights", "")).startswith("random") else "trained",
                     "source": entry["path"]}
-    if not points and STANDARD in variants and HYBRID in variants:
-        decode = found["ablate"]["data"]["decode"]
-        measured = decode.get("ratios", {}).get(variants[HYBRID].get("slug", HYBRID)) if isinstance(
-            decode.get("ratios"), dict) else None
-        if isinstance(measured, dict) and _number(measured.get("ratio"), True) and _ci_or_none(measured.get("ci95")):
-            ratio, ci, n = measured["ratio"], measured.get("ci95"), measured.get("n")
-        else:  # an ablation written before decode speeds had intervals: the ratio of medians alone
-            ratio, ci, n = variants[HYBRID]["decode_tok_s"] / variants[STANDARD]["decode_tok_s"], None, None
-        points[decode["context"]] = {"context": decode["context"], "ratio": ratio, "ci95": ci, "repeats": n,
-                                     "predicted": None, "weights": "trained", "source": found["ablate"]["path"]}
+    own = _ablation_speed(found, variants)
+    if own and points.get(own["context"], {}).get("weights") != "trained":
+        points[own["context"]] = own
     return [points[c] for c in sorted(points)]
+
+
+def _ablation_speed(found: dict, variants: dict) -> dict | None:
+    """The ablation's own paired decode speedup of its trained AAMM over AAAA at their training context."""
+    if STANDARD not in variants or HYBRID not in variants:
+        return None
+    decode = found["ablate"]["data"]["decode"]
+    measured = decode.get("ratios", {}).get(variants[HYBRID].get("slug", HYBRID)) if isinstance(
+        decode.get("ratios"), dict) else None
+    if isinstance(measured, dict) and _number(measured.get("ratio"), True) and _ci_or_none(measured.get("ci95")):
+        ratio, ci, n = measured["ratio"], measured.get("ci95"), measured.get("n")
+    else:  # an ablation written before decode speeds had intervals: the ratio of medians alone
+        ratio, ci, n = variants[HYBRID]["decode_tok_s"] / variants[STANDARD]["decode_tok_s"], None, None
+    return {"context": decode["context"], "ratio": ratio, "ci95": ci, "repeats": n, "predicted": None,
+            "weights": "trained", "source": found["ablate"]["path"]}
 
 
 def _repeats_needed(point: dict) -> int | None:
@@ -262,7 +275,10 @@ def _repeats_needed(point: dict) -> int | None:
 
 
 def per_context(found: dict) -> dict | None:
-    """The verdict at each measured context, and the plain answer; None without the AAAA/AAMM ablation."""
+    """The verdict at each measured context, and the plain answer; None without the AAAA/AAMM ablation.
+
+    Each row carries ``quality_context`` and ``speed_context``: where both are set they are equal and the speed is
+    of trained weights; elsewhere the missing one is None and the row's verdict is "not measured"."""
     variants = _variants(found)
     if STANDARD not in variants or HYBRID not in variants:
         return None
@@ -270,62 +286,55 @@ def per_context(found: dict) -> dict | None:
     d = _diff(h, s)
     tol = QUALITY_TOLERANCE * s["val_bpb"]["mean"]
     quality = judge_interval(d["ci95"], tol, higher_is_better=False)
+    q_ctx = found["ablate"]["data"]["decode"]["context"]  # the ablation evaluates and decodes at its block size
     rows = []
     for p in speed_points(found):
         speed = judge_interval(p["ci95"], SPEED_GAIN, higher_is_better=True)
-        state = False if False in (quality, speed) else True if quality and speed else None
-        rows.append(p | {"speed": speed, "quality": quality, "state": state})
+        paired = p["context"] == q_ctx and p["weights"] == "trained"
+        row = p | {"speed_context": p["context"], "quality_context": q_ctx if paired else None, "speed": speed,
+                   "quality": quality if paired else NOT_MEASURED}
+        row["state"] = (False if False in (quality, speed) else True if quality and speed else None) if paired \
+            else NOT_MEASURED
+        rows.append(row)
     budget = {}
     if quality is None:
         budget["seeds"] = seeds_needed(d["values"], abs(d["mean"] - tol)) if d["n"] >= 2 else None
-    undecided = [r for r in rows if r["speed"] is None]
+    undecided = [r for r in rows if r["speed"] is None and r["quality_context"] is not None]
     if undecided:
         budget["repeats"] = {r["context"]: _repeats_needed(r) for r in undecided}
     answer = _answer(quality, rows, budget, d, tol)
-    return {"quality_cost_bpb": d, "tolerance_bpb": tol, "quality": quality,
-            "training_context": found["ablate"]["data"]["decode"]["context"], "rows": rows, "budget": budget,
-            "answer": answer}
+    return {"quality_cost_bpb": d, "tolerance_bpb": tol, "quality": quality, "quality_context": q_ctx,
+            "rows": rows, "budget": budget, "answer": answer}
 
 
 def _answer(quality: bool | None, rows: list[dict], budget: dict, d: dict, tol: float) -> dict:
-    """{"state": "holds" | "does not hold" | "cannot be told", "from_context", "text"}."""
+    """{"state": "holds" | "does not hold" | "cannot be told", "context", "text"}, from the paired rows alone."""
     if quality is False:
-        return {"state": "does not hold", "from_context": None,
+        return {"state": "does not hold", "context": None,
                 "text": f"does not hold: the hybrid loses more than {100 * QUALITY_TOLERANCE:.0f}% in bits per byte "
                         f"({d['mean']:+.4f} against a tolerance of {tol:.4f}), whatever the speed"}
-    if not rows:
-        return {"state": "cannot be told", "from_context": None,
-                "text": "cannot be told: no decode speed was measured (run `hybrid-gpt bench --shape ... --out "
-                        f"<run-dir>/{SPEED_DIR}/NAME.json` or `ablate`)"}
-    suffix = []
-    for r in reversed(rows):  # the longest run of contexts, ending at the longest, where the speed gain holds
-        if r["speed"] is not True:
-            break
-        suffix.insert(0, r)
-    top = rows[-1]["context"]
-    if quality and suffix:
-        return {"state": "holds", "from_context": suffix[0]["context"],
-                "text": f"holds from context {suffix[0]['context']:,} on (measured up to {top:,})"}
-    if all(r["speed"] is False for r in rows):
-        return {"state": "does not hold", "from_context": None,
-                "text": f"does not hold at the contexts measured (up to {top:,}): the decode speed gain stays "
-                        f"below {SPEED_GAIN:.2f}x"}
+    # the ablation measures both at its context, so one row always pairs them
+    r = next(r for r in rows if r["quality_context"] is not None)
+    unpaired = [f"{x['speed_context']:,}" for x in rows if x["quality_context"] is None]
+    elsewhere = (f" (speed alone was measured at {', '.join(unpaired)} tokens, where quality was not: those rows "
+                 "pair nothing)") if unpaired else ""
+    at = f"at context {r['context']:,}"
+    if quality and r["speed"]:
+        return {"state": "holds", "context": r["context"], "text": f"holds {at}{elsewhere}"}
+    if r["speed"] is False:
+        return {"state": "does not hold", "context": r["context"],
+                "text": f"does not hold {at}, where quality and speed were measured on the same models: the decode "
+                        f"speed gain there is {r['ratio']:.2f}x, below {SPEED_GAIN:.2f}x{elsewhere}"}
     needs = []
     if quality is None:
         n = budget.get("seeds")
-        needs.append(f"{n} seeds to tell the quality cost from the tolerance" if n else
+        needs.append(f"{n} seeds (80% power) to tell the quality cost from the tolerance" if n else
                      "more seeds (or a longer budget) to tell the quality cost from the tolerance")
-    repeats = {c: n for c, n in budget.get("repeats", {}).items()}
-    if repeats and not (quality and suffix):
-        needs.append("paired repeats per context to tell the speed gain from the criterion: " + ", ".join(
-            f"{n if n else 'more'} at {c:,}" for c, n in repeats.items()))
-    if suffix and quality is None:
-        lead = f"cannot be told: the speed gain holds from context {suffix[0]['context']:,} on, but the quality cost"
-        lead += " straddles the tolerance"
-    else:
-        lead = "cannot be told at this noise"
-    return {"state": "cannot be told", "from_context": None, "text": lead + "; the budget that would tell: "
-            + "; ".join(needs)}
+    if r["speed"] is None:
+        n = budget.get("repeats", {}).get(r["context"])
+        needs.append(f"{n if n else 'more'} paired repeats (80% power) to tell the speed gain from the criterion")
+    return {"state": "cannot be told", "context": r["context"],
+            "text": f"cannot be told {at}; the budget that would tell: " + "; ".join(needs) + elsewhere}
 
 
 def _decode_ratio(found: dict, e: dict, base: dict | None) -> dict | None:
@@ -440,7 +449,8 @@ def sentences(found: dict) -> list[str]:
                    f"{format_ratio({'ratio': r['ratio'], 'ci95': r['ci95']})} the standard's"
                    + (f" (the cost model predicts {r['predicted']:.2f}x)" if r["predicted"] else "")
                    + f": a large speed gain {STATES[r['speed']]}"
-                   + ("" if r["ci95"] else " (no interval: one repeat, or a result written before intervals)") + ".")
+                   + ("" if r["ci95"] else " (no interval: one repeat, or a result written before intervals)")
+                   + ("" if r["quality_context"] else "; quality not measured at this context") + ".")
     qualifier = ""
     if mlp_matters is False:
         qualifier = (f" (but {HYBRID} is not measurably better than {DROP}: dropping the deep attention does as "
@@ -477,13 +487,16 @@ def render_verdict_markdown(result: dict) -> str:
     L.append("")
     if ctx and ctx["rows"]:
         d = ctx["quality_cost_bpb"]
-        L += [f"Per context (quality: {HYBRID} - {STANDARD} bits per byte, measured at the training context "
-              f"{ctx['training_context']:,}, tolerance {ctx['tolerance_bpb']:.4f}; speed: hybrid/standard cached "
-              "decode at batch 1, 95% interval over paired repeats):\n",
+        L += [f"Per context, like with like (quality: {HYBRID} - {STANDARD} bits per byte of the trained models, "
+              f"measured at context {ctx['quality_context']:,}, tolerance {ctx['tolerance_bpb']:.4f}; speed: "
+              "hybrid/standard cached decode at batch 1, 95% interval over paired repeats; a row pairs the two only "
+              "where both were measured on the same trained models at its context):\n",
               "| context | weights | quality cost (95% CI) | little loss | decode speedup (95% CI) | predicted | "
               "large gain | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in ctx["rows"]:
-            L.append(f"| {r['context']:,} | {r['weights']} | {format_ci(d, signed=True)} | {STATES[r['quality']]} | "
+            measured = r["quality_context"] is not None
+            L.append(f"| {r['context']:,} | {r['weights']} | "
+                     f"{format_ci(d, signed=True) if measured else NOT_MEASURED} | {STATES[r['quality']]} | "
                      f"{format_ratio({'ratio': r['ratio'], 'ci95': r['ci95']})} | "
                      f"{num(r['predicted'], '.2f') + ('x' if r['predicted'] else '')} | {STATES[r['speed']]} | "
                      f"{STATES[r['state']]} |")
