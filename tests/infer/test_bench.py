@@ -6,7 +6,8 @@ from helpers import smoke_model
 from hybrid_gpt.cli import main
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer import bench
-from hybrid_gpt.infer.bench import BenchConfig, bench_shape, default_contexts, format_table, run_bench, shape_models
+from hybrid_gpt.infer.bench import BenchConfig, bench_shape, default_contexts, run_bench, shape_models
+from hybrid_gpt.present.bench import format_table
 from hybrid_gpt.stats import ratio_ci
 
 
@@ -100,7 +101,8 @@ def test_training_throughput_bench_leaves_the_models_untouched():
     pytest.importorskip("transformers")
     import torch
 
-    from hybrid_gpt.infer.bench import format_train_table, run_train_bench
+    from hybrid_gpt.infer.bench import run_train_bench
+    from hybrid_gpt.present.bench import format_train_table
 
     models = {"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in models.items()}

@@ -16,7 +16,6 @@ from hybrid_gpt.infer.costs import (
     amdahl_bound,
     costs_table,
     first_context_reaching,
-    format_costs,
     pattern_configs,
     predicted_speedup,
     roofline_seconds,
@@ -26,6 +25,7 @@ from hybrid_gpt.infer.engine import KVCache
 from hybrid_gpt.model import kernels
 from hybrid_gpt.model.gpt import GPTConfig
 from hybrid_gpt.options import MAX_CONTEXT
+from hybrid_gpt.present.bench import format_costs
 
 HW = {"memory_bandwidth_bytes_per_s": 50e9, "matmul_flops_per_s": 100e9}
 GQA = dict(LLAMA, n_kv_head=1, tie_embeddings=False)  # smoke width has 2 heads: one key/value head is GQA

@@ -6,10 +6,11 @@ import torch
 from helpers import smoke_model
 
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.bench import BenchConfig, _CT2Decoder, format_table, run_bench
+from hybrid_gpt.infer.bench import BenchConfig, _CT2Decoder, run_bench
 from hybrid_gpt.infer.engine import generate
 from hybrid_gpt.infer.peer import ct2_agreement, ct2_generator, ct2_greedy, to_ctranslate2
 from hybrid_gpt.model.gpt import GPT, GPTConfig
+from hybrid_gpt.present.bench import format_table
 
 pytest.importorskip("ctranslate2")
 pytest.importorskip("transformers")

@@ -35,9 +35,10 @@ from hybrid_gpt.infer.costs import roofline_seconds, step_costs
 from hybrid_gpt.infer.engine import KVCache, StaticKVCache, compile_step
 from hybrid_gpt.model import kernels
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
+from hybrid_gpt.present.bench import random_weights
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.runtime import DTYPES, ensure_fits
-from hybrid_gpt.stats import format_ratio, ratio_ci
+from hybrid_gpt.stats import ratio_ci
 
 # What a "+compile" entry's decode step is, on a GPU (False) and on the CPU (True).
 COMPILED_STEP = {False: "static decode step, torch.compile with CUDA graphs (reduce-overhead)",
@@ -502,9 +503,8 @@ def shape_note(preset: str, models: dict[str, GPT], seed: int) -> dict:
     """What a result of :func:`shape_models`' models says of them: {"weights": the sentence that they are random,
     "shape": {"preset", "layers", "block_size", "seed"}}."""
     block = next(iter(models.values())).config.block_size
-    return {"weights": f"random (GPT's initialisation, seed {seed}; the {preset} shape at context {block:,}, layers "
-                       f"{','.join(models)}): speed does not depend on what weights learned",
-            "shape": {"preset": preset, "layers": list(models), "block_size": block, "seed": seed}}
+    shape = {"preset": preset, "layers": list(models), "block_size": block, "seed": seed}
+    return {"weights": random_weights(shape), "shape": shape}
 
 
 def bench_shape(preset: str, patterns: list[str], cfg: BenchConfig, *, block_size: int | None = None,
@@ -775,82 +775,6 @@ def _ratios(results: dict) -> dict:
     return out
 
 
-def format_table(results: dict) -> str:
-    """A plain-text table of medians [min-max] for the terminal and the report, then the paired speedups
-    with their 95% intervals."""
-    lines = []
-    env = results["environment"]
-    lines.append(f"device {env['device']}, {env['dtype']}, {env['threads']} threads, torch {env['torch']}"
-                 + (f", transformers {env['transformers']}" if "transformers" in env else "")
-                 + (f", ctranslate2 {env['ctranslate2']}" if "ctranslate2" in env else "")
-                 + (f"; CPU {env['cpu_model']}" if env.get("cpu_model") and env["device"] == "cpu" else "")
-                 + (f"; our linear layers: {env['linear_kernels']}" if "linear_kernels" in env else ""))
-    cfg = results["config"]
-    if results.get("weights"):
-        lines.append(f"weights: {results['weights']}")
-    shuffled = f", models in a new order each repeat (seed {results['order']['seed']})" if "order" in results else ""
-    lines.append(f"{cfg['repeats']} repeats after {cfg['warmup']} warm-up{shuffled}, {cfg['new_tokens']} new "
-                 "tokens; medians [min-max]")
-    naive_limit = cfg.get("naive_max_context") if cfg.get("naive", True) else None
-
-    def fmt(s, digits=1):
-        return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
-
-    def naive_cell(r):
-        if "naive_decode_tok_s" in r:
-            return fmt(r["naive_decode_tok_s"])
-        return "skipped" if naive_limit and r["context"] > naive_limit and "kv_cache_bytes" in r else "-"
-
-    header = ["model", "context", "batch", "prefill ms", "cached tok/s", "of limit", "naive tok/s", "KV cache MB"]
-    table = [header]
-    entries = [(n, m["rows"]) for n, m in results["models"].items()]
-    for name, peer in results.get("peers", {}).items():
-        entries.append((f"{name} ({peer['weights_of']})", peer["rows"]))
-    for name, rows in entries:
-        for r in rows:
-            table.append([name, str(r["context"]), str(r["batch"]),
-                          fmt(r["prefill_ms"], 2) if "prefill_ms" in r else "-", fmt(r["decode_tok_s"]),
-                          f"{100 * r['decode_fraction_of_limit']:.0f}%" if "decode_fraction_of_limit" in r else "-",
-                          naive_cell(r),
-                          f"{r['kv_cache_bytes'] / 2**20:.2f}" if "kv_cache_bytes" in r else "-"])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for i, row in enumerate(table):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    if not cfg.get("prefill", True):
-        lines.append("prefill not timed (--no-prefill): each decoder was primed once per context and batch")
-    if naive_limit and any(c > naive_limit for c in cfg["contexts"]):
-        lines.append(f"naive decode skipped above context {naive_limit:,} (--naive-max-context): each of its steps "
-                     "re-runs the whole sequence")
-    for key, rows in results["ratios"].items():
-        lines.append("")
-        lines.append(f"speedup {key} (>1: the first is faster; geometric mean of the paired per-repeat ratios "
-                     "[95% CI])")
-        for r in rows:
-            parts = [f"{k.removesuffix('_speedup')} {format_ratio({'ratio': v, 'ci95': r.get(k + '_ci95')})}"
-                     for k, v in r.items() if k.endswith("speedup")]
-            lines.append(f"  context {r['context']}, batch {r['batch']}: " + ", ".join(parts))
-    for name, peer in results.get("peers", {}).items():
-        agree = f", same greedy token at {100 * peer['top1_agreement']:.1f}% of positions" if (
-            "top1_agreement" in peer) else ""
-        lines.append(f"{name} ({peer.get('implementation', 'transformers')}) logits match: max |difference| "
-                     f"{peer['max_abs_logit_diff']:.2e}{agree}")
-    for name, c in results.get("compiled", {}).items():
-        lines.append(f"{name} ({c['step']}): the eager path's greedy token at {100 * c['same_greedy_tokens']:.0f}% "
-                     "of steps (the lowest over the sizes measured)")
-    for name, q in results.get("quality", {}).items():
-        lines.append(f"quality {name}: {q['bpb']:.4f} bits per byte on {results['config']['quality_tokens']:,} "
-                     f"validation tokens ({q['cost_bpb']:+.4f} vs float32)")
-    if "hardware" in results:
-        hw = results["hardware"]
-        lines.append(f"hardware limit ('of limit' column): {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s memory "
-                     f"bandwidth, {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s matmul ({hw['method']}); a step's limit "
-                     "is the larger of reading weights + KV cache and its arithmetic. Small models that fit in the "
-                     "CPU's caches can exceed a DRAM-bandwidth limit.")
-    return "\n".join(lines)
-
-
 def run_train_bench(models: dict[str, GPT], batch_size: int = TRAIN_BENCH_BATCH, repeats: int = 5, warmup: int = 1,
                     peer: bool = True, seed: int = 0, log=print) -> dict:
     """Training throughput: tokens/s of one full optimizer step (forward, backward, AdamW) on a
@@ -904,13 +828,3 @@ def run_train_bench(models: dict[str, GPT], batch_size: int = TRAIN_BENCH_BATCH,
         out["standard_vs_peer"] = (out["tokens_per_sec"][standard[0]]["median"]
                                    / out["tokens_per_sec"]["peer"]["median"])
     return out
-
-
-def format_train_table(train: dict) -> str:
-    lines = [f"training throughput: one optimizer step (forward, backward, AdamW), batch {train['batch_size']} "
-             "x the model's context; tokens/s, medians [min-max]"]
-    for name, s in train["tokens_per_sec"].items():
-        lines.append(f"  {name:<16} {s['median']:,.0f} [{s['min']:,.0f}-{s['max']:,.0f}]")
-    if "standard_vs_peer" in train:
-        lines.append(f"  standard / peer: {train['standard_vs_peer']:.2f}x")
-    return "\n".join(lines)

@@ -2,13 +2,13 @@
 must not change when the code that writes them does (fixed-width text, not markdown: cells padded to their
 column's width, trailing spaces kept)."""
 
-from hybrid_gpt.infer.bench import format_table, format_train_table
-from hybrid_gpt.infer.costs import costs_table, format_costs
+from hybrid_gpt.infer.costs import costs_table
 from hybrid_gpt.model.gpt import GPTConfig
+from hybrid_gpt.present.bench import format_costs, format_table, format_train_table, random_weights
 
 
 def s(median, lo, hi, n=3):
-    """A figure's summary as bench.summary gives it."""
+    """A figure's summary as infer.timing.summary gives it."""
     return {"median": median, "min": lo, "max": hi, "n": n, "values": [lo, median, hi]}
 
 
@@ -197,3 +197,9 @@ def test_the_costs_table_is_pinned():
     assert format_costs(table) == COSTS_TABLE
     int8 = format_costs(costs_table({"AN": _config("AN")}, [8], [2], "int8", HW, phases=["prefill"]))
     assert int8.splitlines()[1] == INT8_LINE
+
+
+def test_the_sentence_of_random_weights_is_pinned():
+    shape = {"preset": "cpu", "layers": ["AAAA", "AAMM"], "block_size": 8192, "seed": 3}
+    assert random_weights(shape) == ("random (GPT's initialisation, seed 3; the cpu shape at context 8,192, layers "
+                                     "AAAA,AAMM): speed does not depend on what weights learned")
