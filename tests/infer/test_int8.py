@@ -6,8 +6,9 @@ import torch
 from helpers import smoke_model
 
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.bench import BenchConfig, precision, quantize_int8, run_bench, with_dtypes
+from hybrid_gpt.infer.bench import BenchConfig, run_bench
 from hybrid_gpt.infer.engine import generate
+from hybrid_gpt.infer.entries import precision, quantize_int8, with_dtypes
 from hybrid_gpt.model.gpt import GPT, GPTConfig
 from hybrid_gpt.present.bench import format_table
 

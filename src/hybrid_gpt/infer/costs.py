@@ -11,7 +11,7 @@ Contract:
   (it attends over context + 1 keys). ``phase="prefill"``: a whole ``context``-token prompt from an empty cache
   (causal attention), the KV cache filled, the logits of the last position only (``last_only=True``).
 - ``roofline_seconds(costs, hardware)``: max(bytes moved / memory bandwidth, FLOPs / matmul rate), ``hardware``
-  holding bench's keys ``memory_bandwidth_bytes_per_s`` and ``matmul_flops_per_s`` (infer/bench.measure_hardware).
+  holding bench's keys ``memory_bandwidth_bytes_per_s`` and ``matmul_flops_per_s`` (infer/hardware.measure_hardware).
 - ``predicted_speedup(base, other, ...)``: roofline(base) / roofline(other) (> 1: ``other`` is faster);
   ``amdahl_bound``: its limit as context -> infinity, the ratio of the costs that grow with the context
   (attention's); ``first_context_reaching``: the smallest context whose predicted speedup reaches a target.
