@@ -14,8 +14,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hybrid_gpt.infer.bench import quantize_int8, shape_models
 from hybrid_gpt.infer.engine import KVCache, StaticKVCache
+from hybrid_gpt.infer.entries import quantize_int8, shape_models
 
 GROUPS = {"linear layers": ("linear", "addmm", "aten::mm", "quantized::"),
           "attention": ("scaled_dot_product", "bmm", "softmax"),

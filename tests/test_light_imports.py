@@ -80,3 +80,12 @@ print(json.dumps({{"before": before, "same": same, "listed": listed, "missing": 
     assert seen["before"] == []  # `import hybrid_gpt` alone is light
     assert all(seen["same"]) and seen["listed"] and seen["version"] == hybrid_gpt.__version__
     assert seen["missing"] == "module 'hybrid_gpt' has no attribute 'no_such_name'"
+
+
+def test_the_presentation_modules_are_torch_free():
+    """present/ renders text and plots from plain dicts: importing any of its modules loads no torch."""
+    modules = sorted(".".join(p.relative_to(PKG.parent).with_suffix("").parts) for p in (PKG / "present").glob("*.py"))
+    assert "hybrid_gpt.present.bench" in modules
+    code = (f"import importlib, json, sys\nfor m in {modules!r}:\n    importlib.import_module(m)\n"
+            f"print(json.dumps({HEAVY_NOW}))")
+    assert _loaded(code) == []

@@ -132,8 +132,9 @@ def test_costs_refuses_a_machine_outside_physical_bounds(flag, bounds, value, ca
 
 @given(bandwidth=st.floats(*BANDWIDTH_GBS), flops=st.floats(*FLOPS_GFLOPS))
 def test_within_the_bounds_every_step_time_is_a_short_number(bandwidth, flops):
-    from hybrid_gpt.infer.costs import costs_table, format_costs, pattern_configs
+    from hybrid_gpt.infer.costs import costs_table, pattern_configs
     from hybrid_gpt.model.gpt import GPTConfig
+    from hybrid_gpt.present.bench import format_costs
 
     base = GPTConfig(vocab_size=49152, block_size=16384, n_embd=576, n_head=9, layers="A" * 30)
     hw = {"memory_bandwidth_bytes_per_s": bandwidth * 1e9, "matmul_flops_per_s": flops * 1e9}

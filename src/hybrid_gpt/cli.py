@@ -366,8 +366,9 @@ class CostsOptions:
 
 
 def cmd_costs(args) -> int:
-    from hybrid_gpt.infer.costs import PHASES, costs_table, default_contexts, format_costs, pattern_configs
+    from hybrid_gpt.infer.costs import PHASES, costs_table, default_contexts, pattern_configs
     from hybrid_gpt.model.gpt import GPTConfig
+    from hybrid_gpt.present.bench import format_costs
 
     if (args.bandwidth is None) != (args.flops is None):
         raise HybridGPTError("give both --bandwidth and --flops (another machine's), or neither (this one's, measured)")
@@ -386,7 +387,7 @@ def cmd_costs(args) -> int:
         limit = MAX_CONTEXT  # a shape, not a trained model: the crossings are searched as far as a context goes
     configs = pattern_configs(base, args.layers)
     if args.bandwidth is None:
-        from hybrid_gpt.infer.bench import measure_hardware
+        from hybrid_gpt.infer.hardware import measure_hardware
         from hybrid_gpt.runtime import resolve_device
 
         device = resolve_device(args.device)
@@ -686,15 +687,9 @@ def _bench_config(args, block_size: int) -> BenchConfig:
 def cmd_bench(args) -> int:
     from hybrid_gpt.checkpoint import load_checkpoint
     from hybrid_gpt.fsutil import check_replaceable_json, write_json
-    from hybrid_gpt.infer.bench import (
-        RESULT_KEYS,
-        format_table,
-        format_train_table,
-        run_bench,
-        run_train_bench,
-        shape_models,
-        shape_note,
-    )
+    from hybrid_gpt.infer.bench import RESULT_KEYS, run_bench, run_train_bench
+    from hybrid_gpt.infer.entries import shape_models, shape_note
+    from hybrid_gpt.present.bench import format_table, format_train_table
     from hybrid_gpt.runtime import resolve_device
 
     if args.out:  # before minutes of measuring: --out may name a user's file or a checkpoint's config.json

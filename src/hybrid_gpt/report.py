@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from hybrid_gpt.fsutil import write_json, write_text
-from hybrid_gpt.infer.bench import format_table
+from hybrid_gpt.present.bench import format_table
 from hybrid_gpt.present.plots import save_plot, smooth
 from hybrid_gpt.stats import format_ci, format_ratio, judge_difference, mean_ci
 

@@ -5,8 +5,10 @@ from helpers import smoke_model
 
 from hybrid_gpt.cli import main
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer import bench
-from hybrid_gpt.infer.bench import BenchConfig, bench_shape, default_contexts, format_table, run_bench, shape_models
+from hybrid_gpt.infer import bench, timing
+from hybrid_gpt.infer.bench import BenchConfig, bench_shape, default_contexts, run_bench
+from hybrid_gpt.infer.entries import shape_models
+from hybrid_gpt.present.bench import format_table
 from hybrid_gpt.stats import ratio_ci
 
 
@@ -100,7 +102,8 @@ def test_training_throughput_bench_leaves_the_models_untouched():
     pytest.importorskip("transformers")
     import torch
 
-    from hybrid_gpt.infer.bench import format_train_table, run_train_bench
+    from hybrid_gpt.infer.bench import run_train_bench
+    from hybrid_gpt.present.bench import format_train_table
 
     models = {"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in models.items()}
@@ -117,7 +120,7 @@ def test_precision_copies_are_ordinary_tensors_even_inside_inference_mode():
     """run_bench runs in inference mode; its bf16 copies must still be able to keep packed oneDNN weights."""
     import torch
 
-    from hybrid_gpt.infer.bench import with_dtypes
+    from hybrid_gpt.infer.entries import with_dtypes
 
     model = smoke_model("AM")
     with torch.inference_mode():
@@ -176,7 +179,7 @@ def test_bench_compile_failure_is_one_clear_error(monkeypatch):
 def test_the_compute_ceiling_is_measured_with_the_models_own_linear_layers(monkeypatch):
     import torch
 
-    from hybrid_gpt.infer.bench import measure_hardware
+    from hybrid_gpt.infer.hardware import measure_hardware
     from hybrid_gpt.model import kernels
 
     calls = []
@@ -203,14 +206,14 @@ def test_the_decode_estimator_steps_the_greedy_tokens_generation_gives():
     """The estimator's loop (prefill, rewind, cached greedy steps) is generation's computation: same tokens."""
     import torch
 
-    from hybrid_gpt.infer.bench import _OursDecoder
+    from hybrid_gpt.infer.decoders import OursDecoder
     from hybrid_gpt.infer.engine import generate
 
     model = smoke_model("AM")
     tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     n = 6
     with torch.inference_mode():
-        dec = _OursDecoder(model, 2, 24)
+        dec = OursDecoder(model, 2, 24)
         dec.prefill(tokens)
         dec.rewind(24 - n)
         token, stepped = tokens[:, 24 - n:24 - n + 1], []
@@ -338,12 +341,12 @@ def test_speedups_are_paired_ratios_with_intervals(monkeypatch):
 
 def test_ratios_of_a_constructed_result_pair_every_figure():
     def row(prefill, decode):
-        return {"context": 16, "batch": 1, "kv_cache_bytes": 8, "prefill_ms": bench.summary(prefill),
-                "decode_tok_s": bench.summary(decode)}
+        return {"context": 16, "batch": 1, "kv_cache_bytes": 8, "prefill_ms": timing.summary(prefill),
+                "decode_tok_s": timing.summary(decode)}
 
     results = {"models": {"standard": {"layers": "AA", "rows": [row([2.0, 4.0], [10.0, 20.0])]},
                           "hybrid": {"layers": "AM", "rows": [row([1.0, 2.0], [30.0, None])]}}}
-    (r,) = bench._ratios(results)["hybrid/standard"]
+    (r,) = timing.ratios(results)["hybrid/standard"]
     assert r["prefill_speedup"] == pytest.approx(2.0) and r["prefill_speedup_ci95"] == pytest.approx([2.0, 2.0])
     # a repeat without a figure (None) drops out of the pairs, leaving one: the ratio without an interval
     assert r["decode_speedup"] == pytest.approx(3.0) and r["decode_speedup_ci95"] is None
@@ -351,7 +354,7 @@ def test_ratios_of_a_constructed_result_pair_every_figure():
     # with each row's roofline limit, the row carries the cost model's ratio beside the measured one
     results["models"]["standard"]["rows"][0]["decode_limit_tok_s"] = 100.0
     results["models"]["hybrid"]["rows"][0]["decode_limit_tok_s"] = 150.0
-    assert bench._ratios(results)["hybrid/standard"][0]["predicted_decode_speedup"] == pytest.approx(1.5)
+    assert timing.ratios(results)["hybrid/standard"][0]["predicted_decode_speedup"] == pytest.approx(1.5)
 
 
 def test_naive_decode_is_skipped_above_its_context_limit():

@@ -16,7 +16,6 @@ from hybrid_gpt.infer.costs import (
     amdahl_bound,
     costs_table,
     first_context_reaching,
-    format_costs,
     pattern_configs,
     predicted_speedup,
     roofline_seconds,
@@ -26,6 +25,7 @@ from hybrid_gpt.infer.engine import KVCache
 from hybrid_gpt.model import kernels
 from hybrid_gpt.model.gpt import GPTConfig
 from hybrid_gpt.options import MAX_CONTEXT
+from hybrid_gpt.present.bench import format_costs
 
 HW = {"memory_bandwidth_bytes_per_s": 50e9, "matmul_flops_per_s": 100e9}
 GQA = dict(LLAMA, n_kv_head=1, tie_embeddings=False)  # smoke width has 2 heads: one key/value head is GQA
@@ -240,11 +240,11 @@ def test_costs_command_table_and_json(tmp_path, capsys):
 
 
 def test_costs_command_measures_this_machine_by_default(monkeypatch, capsys):
-    import hybrid_gpt.infer.bench as bench
+    import hybrid_gpt.infer.hardware as hardware
     from hybrid_gpt.cli import main
 
     seen = []
-    monkeypatch.setattr(bench, "measure_hardware", lambda device: seen.append(device) or dict(HW, method="probe"))
+    monkeypatch.setattr(hardware, "measure_hardware", lambda device: seen.append(device) or dict(HW, method="probe"))
     assert main(["costs", "--layers", "AM", "--preset", "smoke", "--contexts", "8", "--device", "cpu"]) == 0
     assert seen == [torch.device("cpu")] and "measured on cpu: probe" in capsys.readouterr().out
 
@@ -269,7 +269,8 @@ def test_costs_command_bad_input_is_one_line_and_exit_2(argv, message, tmp_path,
 def test_int8_prices_linear_weights_at_one_byte_and_the_rest_in_float32():
     """bench's int8 model (quantize_int8): every linear layer's weight in 1 byte with a float32 scale per output
     row, biases, norms, tables and the KV cache in float32; its roofline is the faster for it."""
-    from hybrid_gpt.infer.bench import decode_limit, quantize_int8
+    from hybrid_gpt.infer.entries import quantize_int8
+    from hybrid_gpt.infer.hardware import decode_limit
 
     model = smoke_model("AAMM")
     f32, i8 = (step_costs(model.config, context=10, dtype=d)["components"] for d in ("float32", "int8"))

@@ -6,10 +6,11 @@ import torch
 from helpers import smoke_model
 
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.bench import BenchConfig, _CT2Decoder, format_table, run_bench
+from hybrid_gpt.infer.bench import BenchConfig, run_bench
 from hybrid_gpt.infer.engine import generate
-from hybrid_gpt.infer.peer import ct2_agreement, ct2_generator, ct2_greedy, to_ctranslate2
+from hybrid_gpt.infer.peer import CT2Decoder, ct2_agreement, ct2_generator, ct2_greedy, to_ctranslate2
 from hybrid_gpt.model.gpt import GPT, GPTConfig
+from hybrid_gpt.present.bench import format_table
 
 pytest.importorskip("ctranslate2")
 pytest.importorskip("transformers")
@@ -63,17 +64,17 @@ def test_int8_follows_float32_closely_and_its_agreement_is_measured(tmp_path):
 
 
 def test_the_ct2_decoder_times_the_positions_ours_decodes(tmp_path):
-    """_CT2Decoder.decode gives the greedy tokens of our estimator's loop from the same context."""
-    from hybrid_gpt.infer.bench import _OursDecoder
+    """CT2Decoder.decode gives the greedy tokens of our estimator's loop from the same context."""
+    from hybrid_gpt.infer.decoders import OursDecoder
 
     model = _peaked(smoke_model("AAAA", vocab_size=300))
     gen = ct2_generator(to_ctranslate2(model, tmp_path), "float32", threads=1)
     tokens = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        ours = _OursDecoder(model, 1, 24)
+        ours = OursDecoder(model, 1, 24)
         ours.prefill(tokens)
         expected = ours.decode(tokens, 6)
-    dec = _CT2Decoder(gen, tokens, 6)
+    dec = CT2Decoder(gen, tokens, 6)
     dec.prefill(tokens)
     assert torch.equal(dec.decode(tokens, 6), expected)
 

@@ -6,9 +6,11 @@ import torch
 from helpers import smoke_model
 
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.infer.bench import BenchConfig, format_table, precision, quantize_int8, run_bench, with_dtypes
+from hybrid_gpt.infer.bench import BenchConfig, run_bench
 from hybrid_gpt.infer.engine import generate
+from hybrid_gpt.infer.entries import precision, quantize_int8, with_dtypes
 from hybrid_gpt.model.gpt import GPT, GPTConfig
+from hybrid_gpt.present.bench import format_table
 
 # int8 weights with one scale per output row and int8 inputs per call: on these models the largest logit error
 # is 0.8-1.7% of the largest |logit| and the greedy token the same at 97-100% of positions. The tolerance, about

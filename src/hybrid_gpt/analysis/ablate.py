@@ -268,7 +268,8 @@ def decode_speeds(models: dict[str, GPT], repeats: int, log=print) -> dict:
     excluded): {"context", "new_tokens", "batch", "repeats", "tok_s": {name: bench's summary}, "ratios": {name:
     {"ratio", "ci95", "n"}: how many times as fast as the FIRST model, the paired ratio of bench.speedup}, "order":
     the models' order in each repeat, "environment"}."""
-    from hybrid_gpt.infer.bench import BenchConfig, run_bench, speedup
+    from hybrid_gpt.infer.bench import BenchConfig, run_bench
+    from hybrid_gpt.infer.timing import speedup
 
     block = min(m.config.block_size for m in models.values())
     new_tokens = min(DECODE_NEW_TOKENS, block - 1)

@@ -57,8 +57,9 @@ from hybrid_gpt.data.chat_data import load_sft
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import check_replaceable, nested, output_dir, write_json, write_text
-from hybrid_gpt.infer.bench import BenchConfig, entry_name, run_bench
+from hybrid_gpt.infer.bench import BenchConfig, run_bench
 from hybrid_gpt.infer.costs import predicted_speedup
+from hybrid_gpt.infer.entries import entry_name
 from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.options import (
     spec_of,

@@ -36,12 +36,12 @@ def check_new_tokens(n: int, block_size: int, name: str = "max_new_tokens") -> N
 
 
 # The linear layers' weights in int8 with a float32 scale per output row, everything else (embedding tables,
-# norms, biases, the KV cache) in float32: infer/bench.quantize_int8's model. Its weights and its KV cache
+# norms, biases, the KV cache) in float32: infer/entries.quantize_int8's model. Its weights and its KV cache
 # differ in width, which is why a precision here is a torch.dtype or this name.
 INT8 = "int8"
 PRECISIONS = (*DTYPE_NAMES, INT8)
 # The precisions bench measures: runtime's dtypes (DTYPE_NAMES; weights and KV cache in it), and int8 (see
-# bench.quantize_int8), each priced by the cost model.
+# entries.quantize_int8), each priced by the cost model.
 BENCH_DTYPES = PRECISIONS
 TRAIN_BENCH_BATCH = 16  # rows per step of the training throughput (bench --train-batch)
 

@@ -11,11 +11,12 @@ Contract:
   (it attends over context + 1 keys). ``phase="prefill"``: a whole ``context``-token prompt from an empty cache
   (causal attention), the KV cache filled, the logits of the last position only (``last_only=True``).
 - ``roofline_seconds(costs, hardware)``: max(bytes moved / memory bandwidth, FLOPs / matmul rate), ``hardware``
-  holding bench's keys ``memory_bandwidth_bytes_per_s`` and ``matmul_flops_per_s`` (infer/bench.measure_hardware).
+  holding bench's keys ``memory_bandwidth_bytes_per_s`` and ``matmul_flops_per_s`` (infer/hardware.measure_hardware).
 - ``predicted_speedup(base, other, ...)``: roofline(base) / roofline(other) (> 1: ``other`` is faster);
   ``amdahl_bound``: its limit as context -> infinity, the ratio of the costs that grow with the context
   (attention's); ``first_context_reaching``: the smallest context whose predicted speedup reaches a target.
-- ``costs_table`` (JSON-ready) and ``format_costs`` (text): all of that over contexts, batches and both phases.
+- ``costs_table`` (JSON-ready): all of that over contexts, batches and both phases; present/bench.format_costs
+  writes it as text.
 
 What is counted, and the model's assumptions:
 
@@ -158,9 +159,6 @@ def step_costs(cfg: GPTConfig, *, context: int, batch: int = 1, dtype="float32",
     return {"phase": phase, "context": context, "batch": batch, "dtype": _name(torch_dtype),
             "tokens": batch * (1 if phase == "decode" else context), "components": parts,
             **_totals(cfg, parts, torch_dtype)}
-
-
-_PRECISION_TEXT = {INT8: "int8 linear weights (a float32 scale per row), float32 tables, norms and KV cache"}
 
 
 def _name(dtype: torch.dtype | str) -> str:
@@ -333,53 +331,3 @@ def costs_table(configs: dict[str, GPTConfig], contexts, batches, dtype, hardwar
                                                                               limit=limit, **kw) for x in targets}})
         out["speedups"][f"{other}/{base}"] = pair
     return out
-
-
-def _si(x: float, digits: int = 1) -> str:
-    return f"{x:,.{digits}f}"
-
-
-def _cells(r: dict) -> list[str]:
-    kv = r["components"]["kv_cache"]
-    kv_share = (kv["bytes_read"] + kv["bytes_written"]) / r["bytes"]
-    return [r["model"], f"{r['context']:,}", str(r["batch"]), _si(r["flops"] / r["tokens"] / 1e6, 2),
-            _si(r["bytes"] / r["tokens"] / 1e6, 3), f"{100 * kv_share:.0f}%",
-            _si(r["seconds"] * 1e3, 3), _si(r["tokens_per_s"], 0), r["bound"],
-            f"{r['dominant']} ({100 * r['dominant_share']:.0f}%)"]
-
-
-def format_costs(table: dict) -> str:
-    """The table as text: per phase a row per model, context and batch, then the predicted speedups."""
-    hw = table["hardware"]
-    lines = [f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
-             f"{hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({hw.get('method', 'given')})",
-             f"{_PRECISION_TEXT.get(table['dtype'], table['dtype'] + ' weights and KV cache')}; a step's time is "
-             "the larger of its bytes / bandwidth and its FLOPs / matmul rate; per token = per step / tokens the "
-             "step computes"]
-    for name, m in table["models"].items():
-        lines.append(f"  {name}: {m['family']}, context {m['config']['block_size']:,}, {m['parameters']:,} "
-                     f"parameters, KV cache {m['kv_bytes_per_token']:,} bytes per token")
-    what = {"decode": "decode: one new token per row, `context` tokens cached",
-            "prefill": "prefill: a `context`-token prompt per row, last position's logits"}
-    header = ["model", "context", "batch", "MFLOP/tok", "MB/tok", "KV share", "step ms", "tok/s", "bound",
-              "dominant component"]
-    for phase in table["phases"]:
-        cells = [header] + [_cells(r) for r in table["rows"] if r["phase"] == phase]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-        lines += ["", what[phase]]
-        for i, row in enumerate(cells):
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
-    for key, pair in table["speedups"].items():
-        other = key.split("/")[0]
-        lines += ["", f"predicted speedup {key} (> 1: {other} faster); first context reaching each target up to "
-                      f"{table['search_limit']:,}; Amdahl bound = the limit as context -> infinity"]
-        for lim in pair["limits"]:
-            at = ", ".join(f"{r['context']:,}: {r['speedup']:.2f}x" for r in pair["rows"]
-                           if r["phase"] == lim["phase"] and r["batch"] == lim["batch"])
-            reach = ", ".join(f"{x}x at {c:,}" if c else f"{x}x never" for x, c in
-                              lim["first_context_reaching"].items())
-            bound = "unbounded" if lim["amdahl_bound"] is None else f"{lim['amdahl_bound']:.2f}x"
-            lines.append(f"  {lim['phase']}, batch {lim['batch']}: {at}; reaches {reach}; bound {bound}")
-    return "\n".join(lines)

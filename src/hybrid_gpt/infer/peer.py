@@ -1,8 +1,10 @@
-"""The peer baseline: our all-attention model's weights in Hugging Face's own class of its family,
-GPT2LMHeadModel (the GPT-2 family) or LlamaForCausalLM (the Llama family).
+"""The peer baselines: our all-attention model's weights in Hugging Face's own class of its family,
+GPT2LMHeadModel (the GPT-2 family) or LlamaForCausalLM (the Llama family), and converted from those to
+CTranslate2's C++ engine (float32, int8); their decoders for the benchmark's estimator (timing.decode_rate) and
+the peers bench measures beside the standard entries (:func:`make_peers`).
 
 The configs and weights go through interop.hf, the one mapping between our names and HF's. `transformers`
-is an optional dependency (the `peer` extra).
+and `ctranslate2` are optional dependencies (the `peer` extra).
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 import torch
 
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.infer.config import PEERS
+from hybrid_gpt.infer.decoders import Stepping
+from hybrid_gpt.infer.entries import entry_name, precision
 from hybrid_gpt.interop.hf import family_of, hf_config, to_hf_state
 from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.runtime import DTYPES
 
 
 def _transformers():
@@ -165,3 +171,136 @@ def ct2_greedy(generator, context: list[int], starts: list[int], n: int, *, cach
                                        cache_static_prompt=cache_context, include_prompt_in_result=False,
                                        max_length=n, min_length=n, beam_size=1, sampling_topk=1)
     return [r.sequences_ids[0] for r in results]
+
+
+# --- the peers in the benchmark: their decoders, and which peers of which entries ---
+
+
+class PeerDecoder(Stepping):
+    """A transformers model's side of the estimator (as decoders.OursDecoder is ours): its own cache, cropped
+    back between repeats."""
+
+    def __init__(self, hf):
+        import inspect
+
+        from transformers import DynamicCache
+
+        self.hf, self.cache = hf, None
+        self.cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+        # transformers 5 crops by the number of tokens to remove (negative), 4 by the length to keep.
+        self.crop_removes = "tokens_to_remove" in inspect.signature(DynamicCache.crop).parameters
+
+    def prefill(self, tokens: torch.Tensor) -> None:
+        out = self.hf(tokens, use_cache=True, logits_to_keep=1)
+        self.cache = out["cache"] if "cache" in out else out["past_key_values"]  # transformers 5 / 4
+
+    def rewind(self, length: int) -> None:
+        have = self.cache.get_seq_length()
+        self.cache.crop(-(have - length) if self.crop_removes else length)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        out = self.hf(token, use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+class CT2Decoder:
+    """CTranslate2's side. Its Generator keeps a KV cache only inside one generate call and has no call that
+    rewinds one; what it does keep between calls is a static prompt's state. So:
+
+    - prefill: one generate call on the whole prompts for one new token (the prompt but its last token
+      forwarded at once, then the last one: what generation does before its first token), as ours;
+    - decode: one generate call from the static prompt ``tokens[0, :context - n]``, its state cached when the
+      decoder is made (untimed) and copied to the batch in every call, with start tokens
+      ``tokens[:, context - n]``, for n greedy tokens (min_length = max_length = n): n forward steps at the
+      positions ours decodes. Timed: the whole call, so CTranslate2's per-call setup and the copy of the cached
+      state count, as our Python per step does. At batch > 1 the rows share row 0's context (a static prompt is
+      one for the batch): a step costs the same whatever the token values."""
+
+    def __init__(self, generator, tokens: torch.Tensor, n: int):
+        self.generator = generator
+        self.decode(tokens, n)  # forward and cache the static prompt now, outside the timed calls
+
+    def prefill(self, tokens: torch.Tensor) -> None:
+        self.generator.generate_batch([ct2_tokens(row) for row in tokens.tolist()], max_length=1,
+                                      include_prompt_in_result=False, beam_size=1, sampling_topk=1)
+
+    def decode(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        length = tokens.size(1) - n
+        return torch.tensor(ct2_greedy(self.generator, tokens[0, :length].tolist(), tokens[:, length].tolist(), n))
+
+
+def make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log, kinds=PEERS) -> dict[str, dict]:
+    """The peers of ``kinds`` (see BenchConfig.peers) for the standard (all-attention) entries: name -> {"kind",
+    "of" (our entry whose weights it holds), "dtype", "model", "max_abs_logit_diff", "implementation"}."""
+    unknown = [k for k in kinds if k not in PEERS]
+    if unknown:
+        raise HybridGPTError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
+    standard = [n for n, m in models.items() if set(m.config.layers) == {"A"}]
+    if not standard:
+        log("peer: skipped (no standard, all-attention model among the checkpoints)")
+        return {}
+    probe = torch.randint(0, vocab, (2, min(block, 64)), generator=gen).to(device)
+    peers = _transformers_peers(models, standard, probe, log) if "transformers" in kinds else {}
+    return peers | (_ct2_peers(models, standard, probe, log) if "ctranslate2" in kinds else {})
+
+
+def _transformers_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor, log) -> dict[str, dict]:
+    """One transformers model of the entry's family (GPT2LMHeadModel, LlamaForCausalLM) with its weights, per
+    precision of the standard entries."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        log("peer: skipped (transformers is not installed: `uv sync --extra peer`)")
+        return {}
+    peers, seen = {}, set()
+    for of in standard:
+        dtype = precision(models[of])
+        if dtype in seen or dtype not in DTYPES:  # one peer per precision (none for int8): of the first in it
+            continue
+        seen.add(dtype)
+        try:
+            hf = to_hf(models[of])
+        except HybridGPTError as e:  # a family transformers has no model of: measure ours alone
+            log(f"peer: skipped for {of} ({e})")
+            continue
+        diff = max_logit_difference(models[of], hf, probe)
+        impl = f"transformers {type(hf).__name__}"
+        peers[entry_name("peer", dtype)] = {"kind": "transformers", "of": of, "dtype": dtype, "model": hf,
+                                            "max_abs_logit_diff": diff, "implementation": impl}
+        log(f"peer: {impl} with {of}'s weights ({dtype}), max |logit difference| {diff:.2e}")
+    return peers
+
+
+def _ct2_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor, log) -> dict[str, dict]:
+    """CTranslate2's Generator of the first float32 standard entry, converted once (to a temporary directory,
+    removed once loaded), in float32 ("ctranslate2") and int8 ("ctranslate2@int8"), each checked against our
+    logits on ``probe``: max |difference| and the fraction of positions with the same greedy token."""
+    import tempfile
+
+    ctranslate2 = ctranslate2_module(required=False)
+    if ctranslate2 is None:
+        log(f"ctranslate2 peer: skipped ({CT2_MISSING})")
+        return {}
+
+    of = next((n for n in standard if precision(models[n]) == "float32"), None)
+    if of is None:
+        log("ctranslate2 peer: skipped (no float32 standard entry to convert)")
+        return {}
+    device = next(models[of].parameters()).device
+    peers = {}
+    with tempfile.TemporaryDirectory(prefix="hybrid-gpt-ct2-") as tmp:
+        try:
+            path = to_ctranslate2(models[of], tmp)
+        except HybridGPTError as e:  # a family CTranslate2 has no converter of: measure ours alone
+            log(f"ctranslate2 peer: skipped for {of} ({e})")
+            return {}
+        for compute in CT2_COMPUTE_TYPES:
+            gen = ct2_generator(path, compute, device.type)
+            check = ct2_agreement(models[of], gen, probe)
+            impl = f"CTranslate2 {ctranslate2.__version__} Generator ({compute})"
+            peers[entry_name("ctranslate2", compute)] = {"kind": "ctranslate2", "of": of, "dtype": compute,
+                                                         "model": gen, "implementation": impl, **check}
+            log(f"ctranslate2 peer: {impl} with {of}'s weights, max |logit difference| "
+                f"{check['max_abs_logit_diff']:.2e}, same greedy token at {100 * check['top1_agreement']:.1f}% "
+                "of positions")
+    return peers
