@@ -1,5 +1,5 @@
-"""The replacement study's presentation: its tables, its verdict sentences and its plots, from replace.json's data
-alone."""
+"""The replacement study's page (analysis/replace.py measures it): its tables, its verdict sentences and its plots,
+from replace.json's data alone."""
 
 from __future__ import annotations
 

@@ -1,0 +1,38 @@
+"""The committed results regenerate byte for byte: each page under docs/results/ is rendered again from the JSON
+(or the study's state) committed beside it and compared with the committed page. A change of wording shows here
+first: regenerate the page with it, or keep the words."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
+pytestmark = pytest.mark.skipif(not RESULTS.is_dir(), reason="no docs/results in this checkout")
+
+
+def load(path: str) -> dict:
+    return json.loads((RESULTS / path).read_text())
+
+
+def test_the_staticness_map():
+    from hybrid_gpt.present.static import render_markdown
+
+    assert render_markdown(load("smollm2/static/static.json")) == (RESULTS / "smollm2/static/static.md").read_text()
+
+
+def test_the_replacement_study_from_its_state():
+    from hybrid_gpt.analysis.replace import summarise
+    from hybrid_gpt.analysis.replace_config import ReplaceConfig
+    from hybrid_gpt.present.replace import render_markdown
+    from hybrid_gpt.present.static import map_sentence
+
+    committed, state = load("smollm2/replace/replace.json"), load("smollm2/replace/state.json")
+    static = load("smollm2/static/static.json")
+    cfg = ReplaceConfig(**{k: v for k, v in state["options"].items() if k not in ("checkpoint", "map")})
+    sentence = map_sentence(static)
+    result = summarise(state, cfg, committed["windows"], committed["complete"]) | {
+        "map_sentence": sentence, "map_r2": {str(r["layer"]): r["r2"] for r in static["layers"]},
+        "out_dir": committed["out_dir"]}
+    assert result == {k: v for k, v in committed.items() if k != "plots"}
+    assert render_markdown(result, sentence) == (RESULTS / "smollm2/replace/replace.md").read_text()
