@@ -36,3 +36,11 @@ def test_the_replacement_study_from_its_state():
         "out_dir": committed["out_dir"]}
     assert result == {k: v for k, v in committed.items() if k != "plots"}
     assert render_markdown(result, sentence) == (RESULTS / "smollm2/replace/replace.md").read_text()
+
+
+@pytest.mark.parametrize("where", ["smollm2/importance", "cpu/hypothesis/importance/pretrain-standard"])
+def test_layer_importance(where):
+    from hybrid_gpt.present.importance import render_importance_markdown
+
+    md = render_importance_markdown(load(f"{where}/importance.json"))
+    assert md == (RESULTS / where / "importance.md").read_text()
