@@ -44,3 +44,10 @@ def test_layer_importance(where):
 
     md = render_importance_markdown(load(f"{where}/importance.json"))
     assert md == (RESULTS / where / "importance.md").read_text()
+
+
+def test_the_probe():
+    from hybrid_gpt.present.probe import render_probe_markdown
+
+    md = render_probe_markdown(load("cpu/study/probe/probe.json"))
+    assert md == (RESULTS / "cpu/study/probe/probe.md").read_text()
