@@ -51,3 +51,16 @@ def test_the_probe():
 
     md = render_probe_markdown(load("cpu/study/probe/probe.json"))
     assert md == (RESULTS / "cpu/study/probe/probe.md").read_text()
+
+
+@pytest.mark.parametrize("where", ["retrofit-grid", "retrofit-quick", "retrofit-quick/idle-run"])
+def test_the_retrofit_study_and_its_verdict(where):
+    from hybrid_gpt.analysis.retrofit import verdict
+    from hybrid_gpt.present.retrofit import render_retrofit_markdown
+
+    result = load(f"smollm2/{where}/retrofit.json")
+    assert render_retrofit_markdown(result) == (RESULTS / "smollm2" / where / "retrofit.md").read_text()
+    again = json.loads(json.dumps(result))
+    for arm in again["arms"].values():
+        del arm["quality"]
+    assert verdict(again) == result["verdict"] and again["arms"] == result["arms"]
