@@ -818,7 +818,7 @@ def cmd_retrofit(args) -> int:
 
 def cmd_static(args) -> int:
     from hybrid_gpt.analysis.static import run_static
-    from hybrid_gpt.analysis.static_report import map_sentence
+    from hybrid_gpt.present.static import map_sentence
 
     result = run_static(args.checkpoint, StaticConfig(**values(args, StaticConfig, skip_none=True)),
                         progress=args.progress)
@@ -829,7 +829,7 @@ def cmd_static(args) -> int:
 
 def cmd_replace(args) -> int:
     from hybrid_gpt.analysis.replace import run_replace
-    from hybrid_gpt.analysis.replace_report import k_sentence
+    from hybrid_gpt.present.replace import k_sentence
 
     result = run_replace(args.checkpoint, ReplaceConfig(**values(args, ReplaceConfig, skip_none=True)),
                          progress=args.progress)

@@ -9,14 +9,15 @@ from hybrid_gpt.analysis.distill import (
     DistillConfig,
     distill_layers,
     finetune,
+    judge_quality_kept,
     plan_layers,
-    render_distill_markdown,
     run_distill,
     transplant,
 )
 from hybrid_gpt.checkpoint import load_checkpoint
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.present.distill import render_distill_markdown
 from hybrid_gpt.train.evaluate import evaluate_lm
 
 
@@ -96,7 +97,7 @@ def test_run_distill_writes_results_and_loadable_checkpoints(pretrained, tmp_pat
     assert saved == json.loads(json.dumps(result))
     md = (out / "distill.md").read_text()
     assert md.startswith("## ") and "distill-mse.png" in md and "distill-bpb.png" in md
-    assert render_distill_markdown(saved) == md
+    assert render_distill_markdown(saved, judge_quality_kept(saved)) == md
 
     arms = result["arms"]
     assert set(arms) == {"teacher", "distilled", "drop", "distilled_finetuned", "drop_finetuned", "scratch"}

@@ -11,13 +11,13 @@ from hybrid_gpt.analysis.importance import (
     attention_stats,
     default_out_dir,
     layer_similarity,
-    render_importance_markdown,
     run_importance,
     swapped_mixers,
 )
 from hybrid_gpt.checkpoint import load_checkpoint, save_checkpoint
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPT
+from hybrid_gpt.present.importance import render_importance_markdown
 
 VOCAB = 97
 

@@ -1,13 +1,7 @@
 import math
 
-from hybrid_gpt.analysis.longcontext import (
-    measured_crossing,
-    pair_names,
-    plot_speed_context,
-    render_markdown,
-    series,
-    summarize,
-)
+from hybrid_gpt.analysis.longcontext import measured_crossing, pair_names, series, summarize
+from hybrid_gpt.present.longcontext import plot_speed_context, render_markdown
 
 
 def _bench(points: dict) -> dict:

@@ -14,12 +14,12 @@ from hybrid_gpt.analysis.probe import (
     position_loss,
     probe_accuracy,
     recall_batch,
-    render_probe_markdown,
     run_probe,
     train_probe_model,
 )
 from hybrid_gpt.cli import main
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.present.probe import render_probe_markdown
 from hybrid_gpt.train.evaluate import evaluate_lm
 
 

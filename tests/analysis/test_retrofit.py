@@ -18,7 +18,6 @@ from hybrid_gpt.analysis.retrofit import (
     choose_layers,
     command_line,
     plan_arms,
-    render_retrofit_markdown,
     run_retrofit,
     window_bpb,
 )
@@ -28,6 +27,7 @@ from hybrid_gpt.cli import build_parser, main
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.options import values
+from hybrid_gpt.present.retrofit import render_retrofit_markdown
 from hybrid_gpt.train.evaluate import evaluate_lm, windows
 
 PATTERN = "AAAAAA"

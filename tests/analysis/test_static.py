@@ -20,11 +20,11 @@ from hybrid_gpt.analysis.static import (
     run_static,
     score,
 )
-from hybrid_gpt.analysis.static_report import map_sentence, render_markdown
 from hybrid_gpt.checkpoint import save_checkpoint
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import mixer_activations
+from hybrid_gpt.present.static import map_sentence, render_markdown
 from hybrid_gpt.train.evaluate import windows
 
 BLOCK = 64

@@ -35,12 +35,13 @@ from hybrid_gpt.checkpoint import (
 from hybrid_gpt.data.tokenizer import Tokenizer, load_tokenizer
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import nested, output_dir, write_json, write_text
+from hybrid_gpt.fsutil import nested, output_dir
 from hybrid_gpt.model.gpt import GPT, GPTConfig, mixer_activations, parse_layers
-from hybrid_gpt.present.numbers import count, pct, sci
-from hybrid_gpt.present.plots import save_plot, smooth
+from hybrid_gpt.present import distill as page
+from hybrid_gpt.present.distill import ARMS, QUALITY_KEPT, QualityKept
+from hybrid_gpt.present.numbers import pct
 from hybrid_gpt.runtime import resolve_device
-from hybrid_gpt.stats import format_ratio, format_share, ratio_over_difference
+from hybrid_gpt.stats import ratio_over_difference
 from hybrid_gpt.train.evaluate import bpb_difference, check_budget, evaluate_lm, windows
 from hybrid_gpt.train.loop import TrainConfig, train
 from hybrid_gpt.train.pretrain import PretrainTask
@@ -48,20 +49,7 @@ from hybrid_gpt.train.pretrain import PretrainTask
 # What a distill output directory may hold: anything else means it is not ours to replace.
 DISTILL_FILES = ("distill.json", "distill.md", "distill-*.png", *nested("distilled", CHECKPOINT_FILES),
                  *nested("distilled-finetuned", CHECKPOINT_FILES), *nested("drop-finetuned", CHECKPOINT_FILES))
-ARMS = {  # result key -> label, in the order of the tables
-    "teacher": "teacher",
-    "distilled": "distilled",
-    "distilled_finetuned": "distilled + fine-tune",
-    "drop": "attention-drop",
-    "drop_finetuned": "attention-drop + fine-tune",
-    "scratch": "hybrid from scratch",
-}
 KIND = {"A": "attention (A)", "M": "a per-token MLP (M)", "N": "no mixer (N)"}
-QUALITY_KEPT = ("quality kept = (bpb of attention-drop - bpb of the model) / (bpb of attention-drop - bpb of the "
-                "teacher), with attention-drop before any fine-tune: 1 is the teacher's quality, 0 is no better "
-                "than deleting those attention layers, above 1 better than the teacher; not measurable when "
-                "attention-drop is within noise of the teacher (the 95% interval of their per-window difference "
-                "reaches 0), since a ratio over noise can be any number")
 
 
 @dataclass
@@ -336,8 +324,7 @@ def run_distill(checkpoint: str | Path, config: DistillConfig | None = None, *, 
     with output_dir(out, allowed=DISTILL_FILES, what="distill output", overwrite=cfg.overwrite) as tmp:
         result = _distill(cfg, teacher, distilled, dev, tmp, out, log, progress)
         result["elapsed_s"] = time.time() - t_start
-        write_json(tmp / "distill.json", result)
-        write_text(tmp / "distill.md", render_distill_markdown(result))
+        page.write_outputs(result, tmp, judge_quality_kept(result))
     log(f"wrote {out}/distill.md, distill.json, distill-mse.png, distill-bpb.png in {result['elapsed_s']:.0f}s")
     return result
 
@@ -358,75 +345,22 @@ def _distill(cfg: DistillConfig, teacher: Teacher, distilled: list[int], dev: to
     distill_s = time.time() - t0
     drop = transplant(teacher.model, drop_pattern(target, distilled), teacher.model.config.mlp_hidden, cfg.seed)
     models = {"teacher": teacher.model, "distilled": student, "drop": drop}
-
-    finetune_curves, finetune_s = {}, 0.0
-    if cfg.finetune_steps:
-        t0 = time.time()
-        for name in ("distilled", "drop"):
-            tuned = copy.deepcopy(models[name])
-            finetune_curves[name] = finetune(tuned, data, steps=cfg.finetune_steps, lr=cfg.finetune_lr,
-                                             batch_size=cfg.batch_size, seed=cfg.seed,
-                                             first_step=teacher.steps + cfg.steps, desc=f"fine-tune {name}",
-                                             progress=progress)
-            models[f"{name}_finetuned"] = tuned
-        finetune_s = time.time() - t0
+    finetune_curves, finetune_s = _finetune_arms(models, cfg, teacher, progress)
     scratch_path, scratch_note = _find_scratch(teacher.path.parent, target, data.meta["tokenizer_sha256"])
     scratch_training = None
     if scratch_path is not None:
         models["scratch"], _, scratch_training = load_checkpoint(scratch_path, dev)
 
-    byte_lengths = teacher.tokenizer.token_byte_lengths()
-    arms, evals = {}, {}
-    for name, model in models.items():
-        ev = evals[name] = evaluate_lm(model, data.val, byte_lengths, cfg.eval_tokens, per_window=True)
-        arms[name] = {"label": ARMS[name], "layers": model.config.layers, "parameters": model.num_params(),
-                      "kv_bytes_per_token": model.config.kv_bytes_per_token(), "loss": ev["loss"], "bpb": ev["bpb"],
-                      "eval_tokens": ev["tokens"], "eval_bytes": ev["bytes"]}
-        log(f"{ARMS[name]:<28} {model.config.layers}  val loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
-    gap = _interval(bpb_difference(evals["drop"], evals["teacher"]))
-    for name, arm in arms.items():
-        arm["quality_kept"] = ratio_over_difference(bpb_difference(evals["drop"], evals[name])["mean"], gap)
-
-    # What each arm cost: optimizer steps x tokens per step, with ~6 x parameters FLOPs per trained token;
-    # a distillation step runs the frozen teacher forward (2 x its blocks' parameters per token) up to the
-    # last replaced block and trains only the small students.
-    tokens_per_step = cfg.batch_size * T
-    teacher_phase = _pretrain_phase(teacher.training, teacher.model.num_params(), "teacher")
-    prefix = sum(p.numel() for p in teacher.model.transformer.h[: max(distilled) + 1].parameters())
-    blocks = [student.transformer.h[i] for i in distilled]
-    student_params = sum(p.numel() for b in blocks for m in (b.ln_1, b.mixer) for p in m.parameters())
-    distill_phase = phase("distillation", cfg.steps, tokens_per_step, 2 * prefix + 6 * student_params)
-    phases = {"teacher": [teacher_phase], "drop": [teacher_phase], "distilled": [teacher_phase, distill_phase]}
-    for name in ("distilled", "drop"):
-        if f"{name}_finetuned" in models:
-            ft = phase("fine-tune", cfg.finetune_steps, tokens_per_step, 6 * models[name].num_params())
-            phases[f"{name}_finetuned"] = phases[name] + [ft]
-    if scratch_training is not None:
-        phases["scratch"] = [_pretrain_phase(scratch_training, models["scratch"].num_params(), "from scratch")]
-    for name, arm in arms.items():
-        arm["compute"] = total_compute(phases[name])
-
+    arms, gap = _score_arms(models, teacher, cfg, log)
+    _charge_compute(arms, models, teacher, cfg, distilled, scratch_training)
     log("decode speed (KV cache, batch 1): measuring teacher, distilled, attention-drop")
     # The teacher first: decode_speeds' ratios are against the first model, paired repeat by repeat.
     decode = decode_speeds({k: models[k] for k in ("teacher", "distilled", "drop")}, cfg.decode_repeats, log=log)
     decode["speedup_vs_teacher"] = {k: r["ratio"] for k, r in decode["ratios"].items()}
-
-    info = {"stage": "distill", "model_type": target, "preset": teacher.preset, "teacher": str(teacher.path.resolve()),
-            "data_dir": str(Path(data.root).resolve()), "data_tokenizer_sha256": data.meta["tokenizer_sha256"],
-            "data_source": data.meta["source"], "distilled_blocks": [i + 1 for i in distilled], "seed": cfg.seed}
-    checkpoints = {}
-    for name in ("distilled", "distilled_finetuned", "drop_finetuned"):
-        if name in models:
-            folder = name.replace("_", "-")
-            extra = {"finetune_steps": cfg.finetune_steps, "finetune_lr": cfg.finetune_lr} if "_" in name else {}
-            save_checkpoint(tmp / folder, models[name], teacher.tokenizer,
-                            dict(info, **extra, arm=ARMS[name], compute=arms[name]["compute"],
-                                 last_eval={"val_loss": arms[name]["loss"], "val_bpb": arms[name]["bpb"]}))
-            checkpoints[name] = str(out / folder)
-            arms[name]["checkpoint"] = str(out / folder)
+    checkpoints = _save_arms(arms, models, teacher, cfg, distilled, tmp, out)
 
     preset_settings = {k: getattr(cfg, k) for k in DEFAULTS["cpu"]}
-    result = {
+    return {
         "checkpoint": str(teacher.path), "teacher_layers": teacher.model.config.layers, "layers": target,
         "drop_layers": models["drop"].config.layers, "distilled_blocks": [i + 1 for i in distilled],
         "out_dir": str(out),
@@ -445,51 +379,86 @@ def _distill(cfg: DistillConfig, teacher: Teacher, distilled: list[int], dev: to
         "decode": decode, "checkpoints": checkpoints,
         "plots": {"mse": "distill-mse.png", "bpb": "distill-bpb.png"},
     }
-    plot_mse(result, tmp / "distill-mse.png")
-    plot_bpb(result, tmp / "distill-bpb.png")
-    return result
 
 
-def plot_mse(result: dict, path: Path) -> str:
-
-    def draw(plt):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for n, row in enumerate(result["distillation"]["layers"]):
-            color = f"C{n}"
-            train = row["train_mse"]
-            ax.plot(range(1, len(train) + 1), smooth(train, max(1, len(train) // 30)), color=color, alpha=0.6,
-                    label=f"block {row['block']}: training batches")
-            ax.plot([p["step"] for p in row["val_curve"]], [p["mse"] for p in row["val_curve"]], "o-", color=color,
-                    label=f"block {row['block']}: held out")
-            ax.axhline(row["mse_zero"], color=color, ls=":", lw=1, label=f"block {row['block']}: predicting zero")
-        ax.set_yscale("log")
-        ax.set_xlabel("distillation step")
-        ax.set_ylabel("MSE to the teacher's attention output")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        return fig
-
-    return save_plot(path, draw)
+def _finetune_arms(models: dict[str, GPT], cfg: DistillConfig, teacher: Teacher,
+                   progress: bool) -> tuple[dict, float]:
+    """With a fine-tune budget, a fine-tuned copy of the distilled model and of attention-drop (the same steps and
+    batches, continuing the data stream after the distillation) into ``models``; their losses and the time."""
+    curves = {}
+    if not cfg.finetune_steps:
+        return curves, 0.0
+    t0 = time.time()
+    for name in ("distilled", "drop"):
+        tuned = copy.deepcopy(models[name])
+        curves[name] = finetune(tuned, teacher.data, steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                                batch_size=cfg.batch_size, seed=cfg.seed, first_step=teacher.steps + cfg.steps,
+                                desc=f"fine-tune {name}", progress=progress)
+        models[f"{name}_finetuned"] = tuned
+    return curves, time.time() - t0
 
 
-def plot_bpb(result: dict, path: Path) -> str:
+def _score_arms(models: dict[str, GPT], teacher: Teacher, cfg: DistillConfig, log) -> tuple[dict, dict]:
+    """Every arm's held-out loss and bits per byte and its quality kept; and attention-drop - teacher, the
+    difference the quality kept is a share of."""
+    byte_lengths = teacher.tokenizer.token_byte_lengths()
+    arms, evals = {}, {}
+    for name, model in models.items():
+        ev = evals[name] = evaluate_lm(model, teacher.data.val, byte_lengths, cfg.eval_tokens, per_window=True)
+        arms[name] = {"label": ARMS[name], "layers": model.config.layers, "parameters": model.num_params(),
+                      "kv_bytes_per_token": model.config.kv_bytes_per_token(), "loss": ev["loss"], "bpb": ev["bpb"],
+                      "eval_tokens": ev["tokens"], "eval_bytes": ev["bytes"]}
+        log(f"{ARMS[name]:<28} {model.config.layers}  val loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
+    gap = _interval(bpb_difference(evals["drop"], evals["teacher"]))
+    for name, arm in arms.items():
+        arm["quality_kept"] = ratio_over_difference(bpb_difference(evals["drop"], evals[name])["mean"], gap)
+    return arms, gap
 
-    def draw(plt):
-        names = [k for k in ARMS if k in result["arms"]]
-        values = [result["arms"][k]["bpb"] for k in names]
-        fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(names) + 1.2))
-        ys = range(len(names))[::-1]  # the table's order, top to bottom
-        bars = ax.barh(ys, values, color=[f"C{i}" for i in range(len(names))])
-        ax.bar_label(bars, [f" {v:.4f}" for v in values], fontsize=8)
-        ax.set_yticks(ys, [f"{ARMS[k]} ({result['arms'][k]['layers']})" for k in names], fontsize=8)
-        ax.axvline(result["arms"]["teacher"]["bpb"], color="gray", ls=":", lw=1)
-        lo, hi = min(values), max(values)
-        ax.set_xlim(max(0.0, lo - 0.6 * (hi - lo + 1e-3)), hi + 0.25 * (hi - lo + 1e-3))
-        ax.set_xlabel("validation bits per byte (lower is better; dotted: the teacher)")
-        ax.grid(alpha=0.3, axis="x")
-        return fig
 
-    return save_plot(path, draw)
+def _charge_compute(arms: dict, models: dict[str, GPT], teacher: Teacher, cfg: DistillConfig, distilled: list[int],
+                    scratch_training: dict | None) -> None:
+    """Each arm's ``compute``: what it cost, phase by phase.
+
+    Optimizer steps x tokens per step, with ~6 x parameters FLOPs per trained token; a distillation step runs the
+    frozen teacher forward (2 x its blocks' parameters per token) up to the last replaced block and trains only the
+    small students."""
+    tokens_per_step = cfg.batch_size * teacher.model.config.block_size
+    teacher_phase = _pretrain_phase(teacher.training, teacher.model.num_params(), "teacher")
+    prefix = sum(p.numel() for p in teacher.model.transformer.h[: max(distilled) + 1].parameters())
+    blocks = [models["distilled"].transformer.h[i] for i in distilled]
+    student_params = sum(p.numel() for b in blocks for m in (b.ln_1, b.mixer) for p in m.parameters())
+    distill_phase = phase("distillation", cfg.steps, tokens_per_step, 2 * prefix + 6 * student_params)
+    phases = {"teacher": [teacher_phase], "drop": [teacher_phase], "distilled": [teacher_phase, distill_phase]}
+    for name in ("distilled", "drop"):
+        if f"{name}_finetuned" in models:
+            ft = phase("fine-tune", cfg.finetune_steps, tokens_per_step, 6 * models[name].num_params())
+            phases[f"{name}_finetuned"] = phases[name] + [ft]
+    if scratch_training is not None:
+        phases["scratch"] = [_pretrain_phase(scratch_training, models["scratch"].num_params(), "from scratch")]
+    for name, arm in arms.items():
+        arm["compute"] = total_compute(phases[name])
+
+
+def _save_arms(arms: dict, models: dict[str, GPT], teacher: Teacher, cfg: DistillConfig, distilled: list[int],
+               tmp: Path, out: Path) -> dict[str, str]:
+    """The trained arms' checkpoints into ``tmp`` (distilled/, distilled-finetuned/, drop-finetuned/); each arm
+    is told its final place under ``out``."""
+    data = teacher.data
+    info = {"stage": "distill", "model_type": cfg.layers, "preset": teacher.preset,
+            "teacher": str(teacher.path.resolve()), "data_dir": str(Path(data.root).resolve()),
+            "data_tokenizer_sha256": data.meta["tokenizer_sha256"], "data_source": data.meta["source"],
+            "distilled_blocks": [i + 1 for i in distilled], "seed": cfg.seed}
+    checkpoints = {}
+    for name in ("distilled", "distilled_finetuned", "drop_finetuned"):
+        if name in models:
+            folder = name.replace("_", "-")
+            extra = {"finetune_steps": cfg.finetune_steps, "finetune_lr": cfg.finetune_lr} if "_" in name else {}
+            save_checkpoint(tmp / folder, models[name], teacher.tokenizer,
+                            dict(info, **extra, arm=ARMS[name], compute=arms[name]["compute"],
+                                 last_eval={"val_loss": arms[name]["loss"], "val_bpb": arms[name]["bpb"]}))
+            checkpoints[name] = str(out / folder)
+            arms[name]["checkpoint"] = str(out / folder)
+    return checkpoints
 
 
 def _interval(d: dict) -> dict:
@@ -497,105 +466,13 @@ def _interval(d: dict) -> dict:
     return {k: d[k] for k in ("mean", "ci95", "n")}
 
 
-def render_distill_markdown(result: dict) -> str:
-    """The distill section of a report, from distill.json's contents alone."""
-    s, arms, dec = result["settings"], result["arms"], result["decode"]
-    rows = result["distillation"]["layers"]
-    blocks = ", ".join(str(b) for b in result["distilled_blocks"])
-    lines = [f"## Attention distillation: {result['teacher_layers']} -> {result['layers']}", "",
-             f"Teacher `{result['checkpoint']}` ({result['teacher_layers']}). In block(s) {blocks} (1-based) a "
-             f"per-token MLP (hidden size {s['mlp_hidden']}, with the block's LayerNorm initialised from the "
-             f"teacher's) was trained for {s['steps']} steps ({s['batch_size']} x {s['block_size']} "
-             f"tokens, AdamW, lr {s['lr']:g}) on the mean squared error to the teacher's attention output "
-             "mixer(ln_1(x)), given the residual stream x the frozen teacher feeds that block, then swapped into a "
-             "copy of the teacher whose other parameters are unchanged. Attention-drop "
-             f"({result['drop_layers']}) is the teacher with those attention layers removed and nothing in their "
-             "place.", "",
-             f"### Imitating attention, per block (held-out MSE over {rows[0]['held_out_tokens']:,} validation "
-             "tokens)", "",
-             "| block | variance of the target | MSE of predicting zero | MSE before | MSE after "
-             "| variance explained before | after |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['block']} | {r['var_target']:.4g} | {r['mse_zero']:.4g} | {r['mse_before']:.4g} | "
-                     f"{r['mse_after']:.4g} | {pct(r['fve_before'])} | {pct(r['fve_after'])} |")
-    lower = [r for r in rows if r["mse_after"] < r["mse_before"]]
-    lines += ["", f"Distillation lowered the held-out MSE in {len(lower)} of {len(rows)} block(s); after it the "
-              "MLP explains " + ", ".join(f"{pct(r['fve_after'])} (block {r['block']})" for r in rows)
-              + " of the variance of the attention output. Variance explained is 1 - MSE / variance, the variance "
-              "taken around the target's mean in each dimension: predicting that mean scores 0%, and predicting zero "
-              "(attention-drop) scores " + ", ".join(f"{pct(r['fve_zero'])} (block {r['block']})" for r in rows)
-              + ", below 0% because the attention output's mean is not zero.", ""]
-
-    lines += ["### Quality and compute", "",
-              f"Validation bits per byte over {arms['teacher']['eval_tokens']:,} held-out tokens. "
-              f"{QUALITY_KEPT[0].upper()}{QUALITY_KEPT[1:]}. Compute counts every optimizer step that led to the "
-              "model (tokens = steps x tokens per step, the teacher's pretraining included); FLOPs are "
-              "approximate: 6 x parameters per trained token, and for distillation 2 x the teacher's parameters "
-              "up to the last replaced block (forward only) plus 6 x the students' parameters.", "",
-              "| model | pattern | bpb | loss (nats/token) | quality kept | training tokens | approx. FLOPs "
-              "| parameters |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for k in ARMS:
-        if k in arms:
-            a = arms[k]
-            lines.append(f"| {a['label']} | {a['layers']} | {a['bpb']:.4f} | {a['loss']:.4f} | "
-                         f"{format_share(quality_kept(result, k))} | {count(a['compute']['tokens'])} | "
-                         f"{sci(a['compute']['approx_flops'])} | {a['parameters']:,} |")
-    lines += ["", "Compute by phase:", ""]
-    for k in ARMS:
-        if k in arms:
-            phases = "; ".join(f"{p['phase']}: {count(p['steps'])} steps x {count(p['tokens_per_step'])} tokens"
-                               for p in arms[k]["compute"]["phases"])
-            lines.append(f"- {arms[k]['label']}: {phases}")
-    lines += ["", quality_sentences(result), ""]
-
-    lines += ["### Cached decode speed", "",
-              f"Greedy decoding with the KV cache, batch 1, N = {dec['new_tokens']} new tokens ending at context "
-              f"{dec['context']}, measured as `bench` measures it: N cached greedy steps from a primed cache, so "
-              "prefill is excluded; median (min-max) of "
-              f"{dec['repeats']} interleaved repeats in a shuffled order after a warm-up, on {s['device']} with "
-              f"{s['threads']} threads. 'vs teacher' is the geometric mean of the per-repeat ratios to the teacher "
-              "[95% interval]. Fine-tuned models share their architecture's speed.", "",
-              "| model | pattern | tokens/s | vs teacher |", "| --- | --- | --- | --- |"]
-    for k, v in dec["tok_s"].items():
-        lines.append(f"| {ARMS[k]} | {arms[k]['layers']} | {v['median']:,.0f} ({v['min']:,.0f}-{v['max']:,.0f}) | "
-                     f"{format_ratio(dec['ratios'][k])} |")
-    lines += ["", f"![held-out MSE during distillation]({result['plots']['mse']})",
-              f"![validation bits per byte]({result['plots']['bpb']})", ""]
-    if result["checkpoints"]:
-        lines += ["Checkpoints: " + ", ".join(f"`{p}`" for p in result["checkpoints"].values()) + ".", ""]
-    return "\n".join(lines)
+def judge_quality_kept(result: dict) -> QualityKept:
+    """The verdict's reading of a distill result's quality kept, which its page repeats (verdict.quality_kept and
+    verdict.gap_sentence)."""
+    return QualityKept({arm: quality_kept(result, arm) for arm in result["arms"]}, gap_sentence(result))
 
 
 def quality_sentences(result: dict) -> str:
-    arms = result["arms"]
-
-    def compare(a: str, b: str) -> str:
-        d = arms[a]["bpb"] - arms[b]["bpb"]
-        word = "lower" if d < 0 else "higher"
-        return f"{abs(d):.4f} bits per byte {word} than the {arms[b]['label']}"
-
-    def kept(arm: str) -> str:
-        return format_share(quality_kept(result, arm))
-
-    why = gap_sentence(result)
-    out = [f"Before any fine-tune the distilled model keeps {kept('distilled')} of the "
-           f"teacher's quality ({compare('distilled', 'teacher')}; {compare('distilled', 'drop')})."]
-    if why:
-        out = [f"Before any fine-tune the distilled model is {compare('distilled', 'teacher')} "
-               f"({compare('distilled', 'drop')}); {why}."]
-    if "distilled_finetuned" in arms:
-        out.append(f"After the same {result['finetune']['steps']}-step fine-tune "
-                   + (f"it keeps {kept('distilled_finetuned')} and attention-drop {kept('drop_finetuned')}: "
-                      if not why else "")
-                   + f"the distilled model ends {compare('distilled_finetuned', 'drop_finetuned')}, with the same "
-                     "fine-tune budget.")
-    else:
-        out.append("No fine-tune was run (finetune_steps 0).")
-    if "scratch" in arms:
-        best = "distilled_finetuned" if "distilled_finetuned" in arms else "distilled"
-        out.append(f"The {arms[best]['label']} model is {compare(best, 'scratch')} "
-                   f"(`{result['scratch']['checkpoint']}`, quality kept {kept('scratch')}).")
-    else:
-        out.append(f"No from-scratch model to compare: {result['scratch']['note']}.")
-    return " ".join(out)
+    """What distillation kept of the teacher's quality, in sentences (present/distill.py's, with the verdict's
+    reading)."""
+    return page.quality_sentences(result, judge_quality_kept(result))

@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
+from hybrid_gpt.fsutil import check_replaceable, output_dir
 from hybrid_gpt.model.gpt import GPT, mixer_activations
-from hybrid_gpt.present.plots import save_plot
+from hybrid_gpt.present.importance import write_outputs
 from hybrid_gpt.train.evaluate import (
     EVAL_TOKENS,
     check_budget,
@@ -246,114 +246,6 @@ def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, ma
     }
     result["out_dir"] = str(out)
     with output_dir(out, allowed=IMPORTANCE_FILES, what="layer-importance output", overwrite=True) as tmp:
-        result["plot"] = plot_importance(result, tmp / "importance-layers.png")
-        write_json(tmp / "importance.json", result)
-        write_text(tmp / "importance.md", render_importance_markdown(result))
+        write_outputs(result, tmp)
     log(f"wrote {out / 'importance.md'}")
     return result
-
-
-def plot_importance(result: dict, path: Path) -> str:
-
-    rows = result["per_layer"]
-    labels = [str(r["layer"]) for r in rows]
-    x = np.arange(len(rows))
-
-    def draw(plt):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        left.bar(x, [1.0 - r["similarity"] for r in rows], color="tab:blue")
-        left.set_title("1 - cos(residual before, after attention)")
-        left.set_ylabel("higher: the layer changes the stream more")
-        width = 0.4
-        for offset, kind, color in ((-width / 2, "drop", "tab:red"), (width / 2, "mean", "tab:green")):
-            right.bar(x + offset, [r[kind]["loss_increase"] for r in rows], width, color=color,
-                      label={"drop": "dropped (acts as N)", "mean": "replaced by its mean output"}[kind])
-        right.axhline(0.0, color="black", linewidth=0.8)
-        right.set_title("validation loss increase")
-        right.set_ylabel("nats/token")
-        right.legend()
-        for ax in (left, right):
-            ax.set_xticks(x, labels)
-            ax.set_xlabel(f"attention layer (pattern {result['layers']})")
-        fig.suptitle(f"Layer importance: {Path(result['checkpoint']).name}")
-        fig.tight_layout()
-        return fig
-
-    return save_plot(path, draw)
-
-
-def _layers_text(layers: list[int]) -> str:
-    return ", ".join(str(n) for n in layers)
-
-
-def render_importance_markdown(result: dict) -> str:
-    """The report section, built from the result dict alone."""
-    name = Path(result["checkpoint"]).name
-    intact, rows, rank, rec = result["intact"], result["per_layer"], result["ranking"], result["recommendation"]
-    k = rec["k"]
-    lines = [
-        f"## Layer importance: {name} ({result['layers']})",
-        "",
-        f"Over {intact['tokens']:,} validation tokens ({intact['bytes']:,} bytes) of {result['data']['source']}"
-        + (f" in windows of {context:,} tokens" if (context := result.get("settings", {}).get("context")) else "")
-        + ", "
-        f"the intact model's loss is {intact['loss']:.4f} nats/token ({intact['bpb']:.4f} bits per byte). "
-        "Each attention layer in turn is dropped (its block acts as `N`) or replaced by its mean output "
-        "vector over these same tokens, at inference and without retraining. Similarity is the mean cosine "
-        "between the residual stream before and after the attention sub-layer (He et al. 2024); "
-        "near 1 means the layer barely changes the stream.",
-        "",
-        "| layer | cosine before/after | drop: loss | drop: increase | drop: bpb increase "
-        "| mean: loss | mean: increase | mean: bpb increase |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        d, m = r["drop"], r["mean"]
-        lines.append(f"| {r['layer']} | {r['similarity']:.4f} | {d['loss']:.4f} | {d['loss_increase']:+.4f} "
-                     f"| {d['bpb_increase']:+.4f} | {m['loss']:.4f} | {m['loss_increase']:+.4f} "
-                     f"| {m['bpb_increase']:+.4f} |")
-    lines += ["", "Loss in nats/token; increases are over the intact model.", ""]
-
-    agree = "agree" if rank["orders_agree"] else "disagree"
-    rho = f" (Spearman rank correlation {rank['spearman']:+.2f})" if rank["spearman"] is not None else ""
-    lines.append(
-        f"From least to most important, by similarity: layers {_layers_text(rank['by_similarity'])}; "
-        f"by the drop loss increase: {_layers_text(rank['by_drop'])}; by the mean-output loss increase: "
-        f"{_layers_text(rank['by_mean'])}. The similarity and drop orders {agree}{rho}, and they "
-        f"{'pick the same' if rank['least_important_agree'] else 'pick different'} {k} least important "
-        f"layer{'s' if k > 1 else ''}."
-    )
-    cheaper = sum(r["mean"]["loss_increase"] < r["drop"]["loss_increase"] for r in rows)
-    lines += ["", f"Replacing a layer's attention by its mean output costs less than dropping it in {cheaper} of "
-              f"{len(rows)} attention layers."]
-
-    joint = rec["joint"]
-    lines += [
-        "",
-        f"**Recommended pattern: `{rec['pattern']}`**: replace layer{'s' if k > 1 else ''} "
-        f"{_layers_text(rec['replace'])} by `M`, the {k} attention layer{'s' if k > 1 else ''} whose drop costs "
-        f"least. The original hybrid's rule, replacing the deepest {k}, gives `{rec['deep_pattern']}` "
-        + ("(the same layers)." if rec["same_as_deep"] else f"(layers {_layers_text(rec['deep_replace'])})."),
-        "",
-        "| layers replaced | pattern | all dropped: loss increase | all by their mean: loss increase |",
-        "| --- | --- | --- | --- |",
-    ]
-    sets = [("recommended", rec["replace"], rec["pattern"])]
-    if not rec["same_as_deep"]:
-        sets.append(("deep", rec["deep_replace"], rec["deep_pattern"]))
-    for key, layers, pattern in sets:
-        lines.append(f"| {_layers_text(layers)} | `{pattern}` | {joint[key]['drop']['loss_increase']:+.4f} "
-                     f"| {joint[key]['mean']['loss_increase']:+.4f} |")
-    if not rec["same_as_deep"]:
-        diff = joint["deep"]["drop"]["loss_increase"] - joint["recommended"]["drop"]["loss_increase"]
-        better = "recommended" if diff > 0 else "deepest-layers"
-        lines += ["", f"Dropped together, the {better} choice costs {abs(diff):.4f} nats/token less."]
-    lines += [
-        "",
-        "These are inference-time interventions on one trained model: they measure what each layer does "
-        "in this model, not the loss a hybrid trained with `M` in those layers would reach.",
-        "",
-        f"![layer importance]({result['plot']})",
-        "",
-    ]
-    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Decode speed against context length: the hybrid/standard speedup a long-context benchmark measured, the cost
-model's prediction beside it, the contexts where each reaches a level (1.25x, 1.5x), and their plot (log x).
+model's prediction beside it, and the contexts where each reaches a level (1.25x, 1.5x); their plot and tables
+are present/longcontext.py's.
 
 The speed claim lives at long contexts, where attention's KV-cache reads grow with the context while everything
 else in a decode step stays fixed; these figures show where (and whether) the measured gain follows the roofline.
@@ -11,10 +12,8 @@ measured contexts too.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-from hybrid_gpt.present.plots import save_plot
-from hybrid_gpt.stats import format_ratio, judge_interval
+from hybrid_gpt.stats import judge_interval
 
 STANDARD, HYBRID = "AAAA", "AAMM"
 LEVELS = (1.25, 1.5)
@@ -160,68 +159,3 @@ def summarize(bench: dict, top: int | None = None) -> dict:
             "crossings": {f"{level:g}": measured_crossing(points, level) | {"predicted": predicted_crossing(
                 bench, batch, level, limit, names)} for level in LEVELS}}
     return out
-
-
-def plot_speed_context(summaries: dict[str, dict], path: Path) -> str | None:
-    """Measured (markers, 95% intervals) and predicted (lines) decode speedup of each result's pair against
-    context, log x, one panel per batch size, one colour per shape; the LEVELS as dotted lines. None (no plot)
-    when no result has a pair to show."""
-    batches = sorted({int(b) for s in summaries.values() for b in s["batches"]})
-    if not batches:
-        return None
-    pairs = sorted({str(s.get("pair")) for s in summaries.values() if s["batches"]})
-
-    def draw(plt):
-        fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
-        for ax, batch in zip(axes[0], batches):
-            for i, (shape, s) in enumerate(summaries.items()):
-                b = s["batches"].get(str(batch))
-                if not b:
-                    continue
-                colour = f"C{i}"
-                xs = [p["context"] for p in b["series"]]
-                ys = [p["ratio"] for p in b["series"]]
-                lo = [p["ratio"] - p["ci95"][0] if p["ci95"] else 0 for p in b["series"]]
-                hi = [p["ci95"][1] - p["ratio"] if p["ci95"] else 0 for p in b["series"]]
-                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=colour, capsize=3,
-                            label=f"{shape} ({s.get('pair')}): measured ({s['weights']} weights)")
-                if b["prediction"]:
-                    ax.plot([p["context"] for p in b["prediction"]], [p["predicted"] for p in b["prediction"]],
-                            "--", color=colour, label=f"{shape}: predicted (roofline)")
-            for level in LEVELS:
-                ax.axhline(level, color="grey", linestyle=":", linewidth=1)
-            ax.axhline(1.0, color="black", linewidth=0.5)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("context (tokens)")
-            ax.set_ylabel(f"{pairs[0] if len(pairs) == 1 else 'first / second'} cached decode speed")
-            ax.set_title(f"batch {batch}")
-            ax.legend(fontsize=7)
-        return fig
-
-    return save_plot(path, draw)
-
-
-def render_markdown(summaries: dict[str, dict], plot: str | None = None) -> str:
-    """A table per shape and batch of measured (95% CI) and predicted speedups, and the crossing contexts."""
-    L = ["## Decode speed against context\n"]
-    if plot:
-        L.append(f"![speed vs context]({plot})\n")
-    for shape, s in summaries.items():
-        if s.get("weights_note"):
-            L.append(f"`{shape}`: {s['weights_note']}.\n")
-        if not s["batches"]:
-            L.append(f"`{shape}`: no speedup between two float32 models to show.\n")
-        for batch, b in s["batches"].items():
-            L += [f"**{shape}, {s.get('pair')}, batch {batch}** ({s['weights']} weights):\n",
-                  "| context | measured (95% CI) | predicted |", "| --- | --- | --- |"]
-            for p in b["series"]:
-                pred = f"{p['predicted']:.2f}x" if p.get("predicted") else "-"
-                L.append(f"| {p['context']:,} | {format_ratio(p)} | {pred} |")
-            L.append("")
-            for level, c in b["crossings"].items():
-                def ctx(v):
-                    return f"{v:,}" if v else "not within the contexts measured"
-                L.append(f"- reaches {level}x: measured at about {ctx(c['estimate'])} (interval clear of it from "
-                         f"{ctx(c['clears_from'])}); predicted from {ctx(c['predicted'])}")
-            L.append("")
-    return "\n".join(L) + "\n"

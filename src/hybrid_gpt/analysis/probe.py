@@ -53,12 +53,12 @@ from hybrid_gpt.checkpoint import (
     resolve,
 )
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import check_replaceable, output_dir, write_json, write_text
+from hybrid_gpt.fsutil import check_replaceable, output_dir
 from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
-from hybrid_gpt.present.plots import save_plot
+from hybrid_gpt.present.probe import write_outputs
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.runtime import resolve_device
-from hybrid_gpt.stats import format_ci, mean_ci
+from hybrid_gpt.stats import mean_ci
 from hybrid_gpt.train.evaluate import evaluating, windows
 from hybrid_gpt.train.loop import TrainConfig, train
 
@@ -89,8 +89,6 @@ PROBE_POSITION_TOKENS = {"smoke": 4096, "cpu": 131072, "seed": 131072}  # valida
 # A seed has learned a task at LEARNED_FRACTION of the way from guessing a value in context to perfect accuracy.
 LEARNED_FRACTION = 0.5
 JUDGEMENTS = ("learns", "does not learn", "unstable")
-JUDGEMENT_TEXT = {"learns": "learns it (every seed learned)", "does not learn": "does not learn it (no seed learned)",
-                  "unstable": "unstable (some seeds learned, some did not)"}
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # first entropy word of the generator: training and held-out data never share a stream
 EVAL_SEED = 0  # one held-out set for every pattern and seed, so accuracies are paired
 N_BUCKETS = 8  # position buckets of the loss-by-position table
@@ -499,189 +497,6 @@ def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str =
         "plots": {},
     }
     with output_dir(out, allowed=PROBE_FILES, what="probe output", overwrite=True) as tmp:
-        result["plots"]["accuracy"] = plot_accuracy(result, tmp)
-        if positions and positions["models"]:
-            result["plots"]["position_loss"] = plot_position_loss(result, tmp)
-        write_json(tmp / "probe.json", result)
-        write_text(tmp / "probe.md", render_probe_markdown(result))
+        write_outputs(result, tmp)
     log(f"probe: wrote {out / 'probe.md'}")
     return result
-
-
-def plot_accuracy(result: dict, out: Path) -> str:
-    """One panel per task: mean accuracy (95% interval over seeds), each seed, chance and the learned threshold."""
-
-    def draw(plt):
-        blocks = list(result["tasks"].values())
-        rows0 = blocks[0]["patterns"]
-        fig, axes = plt.subplots(1, len(blocks), figsize=(len(blocks) * (1.2 * len(rows0) + 3), 4), squeeze=False)
-        for ax, block in zip(axes[0], blocks):
-            rows = block["patterns"]
-            xs = range(len(rows))
-            means = [r["accuracy"]["mean"] for r in rows]
-            err = [[m - (r["accuracy"]["ci95"] or [m, m])[0] for m, r in zip(means, rows)],
-                   [(r["accuracy"]["ci95"] or [m, m])[1] - m for m, r in zip(means, rows)]]
-            ax.bar(xs, means, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
-            for x, r in zip(xs, rows):
-                ax.plot([x] * len(r["runs"]), [s["accuracy"] for s in r["runs"]], "k.", alpha=0.6)
-            ax.axhline(block["chance"], color="tab:red", ls="--", label=f"chance ({block['chance']:.3f})")
-            ax.axhline(block["in_context_chance"], color="tab:gray", ls=":",
-                       label=f"guess a value in context ({block['in_context_chance']:.3f})")
-            ax.axhline(block["learned_threshold"], color="tab:green", ls="-.", lw=0.8,
-                       label=f"learned ({block['learned_threshold']:.3f})")
-            ax.set_xticks(list(xs), [r["pattern"] for r in rows])
-            ax.set_ylim(0, 1)
-            ax.set_ylabel("held-out accuracy")
-            ax.set_title(f"{block['task']} probe, {block['settings']['steps']} steps per pattern")
-            ax.grid(axis="y", alpha=0.3)
-            ax.legend(fontsize=8)
-        return fig
-    return save_plot(out / "probe-accuracy.png", draw)
-
-
-def plot_position_loss(result: dict, out: Path) -> str:
-
-    pl = result["position_loss"]
-
-    def draw(plt):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for label, m in pl["models"].items():
-            # Each position averages only a few hundred tokens: the raw curve is noisy, the bucket means are not.
-            line, = axes[0].plot(range(len(m["curve"])), m["curve"], alpha=0.3)
-            centers = [(b["lo"] + b["hi"] - 1) / 2 for b in m["buckets"]]
-            axes[0].plot(centers, [b["loss"] for b in m["buckets"]], "o-", color=line.get_color(),
-                         label=f"{label} ({m['layers']}), bucket means")
-        axes[0].set_xlabel("position in the context window")
-        axes[0].set_ylabel("validation loss (nats/token)")
-        for label, g in pl["gaps"].items():
-            centers = [(b["lo"] + b["hi"] - 1) / 2 for b in g["buckets"]]
-            means = [c["mean"] for c in g["bucket_ci"]]
-            err = [[m - (c["ci95"] or [m, m])[0] for m, c in zip(means, g["bucket_ci"])],
-                   [(c["ci95"] or [m, m])[1] - m for m, c in zip(means, g["bucket_ci"])]]
-            axes[1].errorbar(centers, means, yerr=err, fmt="o-", capsize=3, label=f"{label} - {g['vs']} (95% CI)")
-        axes[1].axhline(0, color="gray", lw=0.8)
-        axes[1].set_xlabel("position (bucket centre)")
-        axes[1].set_ylabel("loss gap (nats/token)")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        return fig
-    return save_plot(out / "probe-position-loss.png", draw)
-
-
-TASK_NAMES = {"recall": "associative recall (query a key, answer its value)",
-              "two-hop": "two-hop associative recall (a -> b, b -> v; query a, answer v)"}
-
-
-def _task_description(block: dict) -> str:
-    s, spec = block["settings"], block["settings"]["spec"]
-    links = (f", with {spec['n_links']} one-hop queries (k, answer its pair's second token) mixed in and trained on "
-             "but not scored" if spec.get("n_links") else "")
-    return (f"**{block['task']}**: {TASK_NAMES[block['task']]}, {spec['n_pairs']} pairs then {spec['n_queries']} "
-            f"scored queries per sequence{links}; {spec['n_keys']} keys, {spec['n_values']} values (sequence "
-            f"length {s['seq_len']}). AdamW at lr {s['lr']:g} for {s['steps']} steps of {s['batch_size']} sequences; "
-            f"accuracy over the scored answers of {s['eval_examples']:,} held-out sequences. Chance is "
-            f"{block['chance']:.3f}; guessing among the values in the sequence gives {block['in_context_chance']:.3f}; "
-            f"a seed has learned the task at {block['learned_threshold']:.3f} or more.")
-
-
-def _judgement_sentences(block: dict) -> list[str]:
-    rows = block["patterns"]
-    top = max(r["accuracy"]["mean"] for r in rows)
-    best = [r["pattern"] for r in rows if f"{r['accuracy']['mean']:.3f}" == f"{top:.3f}"]
-    lines = [f"{block['task']}: best {', '.join(best)} at {top:.3f}."]
-    for judgement in JUDGEMENTS:
-        group = [r["pattern"] for r in rows if r["judgement"] == judgement]
-        if group:
-            lines.append(f"{block['task']}: {JUDGEMENT_TEXT[judgement]}: {', '.join(group)}.")
-    return lines
-
-
-def _seeds_cell(r: dict) -> str:
-    return ", ".join(f"{x['accuracy']:.3f}" for x in r["runs"])
-
-
-def render_probe_markdown(result: dict) -> str:
-    blocks = result["tasks"]
-    first = next(iter(blocks.values()))
-    s = first["settings"]
-    lines = ["## Token-mixing probe", ""]
-    lines.append(f"Each pattern: a fresh model of width {s['n_embd']} ({s['n_head']} heads) per task and seed, seeds "
-                 f"{', '.join(map(str, s['seeds']))}.")
-    lines += ["", *[f"- {_task_description(b)}" for b in blocks.values()], ""]
-    frac = result["settings"].get("learned_fraction", LEARNED_FRACTION)
-    lines.append(f"Judgement per pattern and task, from fixed thresholds: a seed has learned the task when its "
-                 f"accuracy is at least {frac:g} of the way from guessing a value in context to 1; the pattern "
-                 f"*learns it* when every seed has, *does not learn it* when no seed has, and is *unstable* when "
-                 "its seeds disagree.")
-    header = ["pattern", "attention layers", "params"]
-    for name, b in blocks.items():
-        header += [f"{name} accuracy", f"{name} per seed", f"{name} judgement"]
-        header += [f"{name}: its one-hop queries"] if b["settings"]["spec"].get("n_links") else []
-    lines += ["", "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    for i, r in enumerate(first["patterns"]):
-        cells = [r["pattern"], str(r["attention_layers"]), f"{r['params']:,}"]
-        for b in blocks.values():
-            row = b["patterns"][i]
-            cells += [format_ci(row["accuracy"], 3), _seeds_cell(row), row["judgement"]]
-            if b["settings"]["spec"].get("n_links"):
-                cells.append(f"{_mean([x['link_accuracy'] for x in row['runs']]):.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    if len(blocks) > 1:
-        lines += ["", "Params are the first task's models; the other task's differ only by its vocabulary."]
-    lines += [""]
-    for b in blocks.values():
-        lines += _judgement_sentences(b)
-    if not s["seeds"][1:]:
-        lines.append("One seed: nothing can be unstable and the noise cannot be judged (run with --seeds 1,2,3).")
-    lines.append("")
-    if "accuracy" in result["plots"]:
-        lines += [f"![probe accuracy]({result['plots']['accuracy']})", ""]
-
-    pl = result["position_loss"]
-    lines += ["### Loss by position in the context window", ""]
-    if not pl or not pl["models"]:
-        lines += ["No pretrained checkpoints were given (or found in the run directory), so there is no "
-                  "loss-by-position curve.", ""]
-        return "\n".join(lines)
-    first = next(iter(pl["models"].values()))
-    # One table needs one set of positions: a model of another context length is named, not tabulated.
-    models = {k: m for k, m in pl["models"].items() if m["block_size"] == first["block_size"]}
-    gaps = {k: g for k, g in pl["gaps"].items() if k in models}
-    lines.append(f"Mean next-token loss (nats) by position, over {first['windows']:,} non-overlapping validation "
-                 f"windows of {first['block_size']} tokens. Late - mid = mean loss over the last quarter of "
-                 "positions minus the second quarter (more negative: more gain from far context).")
-    lines += [""]
-    header = ["positions", *[f"{k} ({m['layers']})" for k, m in models.items()], *[f"{k} - {g['vs']}"
-                                                                                   for k, g in gaps.items()]]
-    lines += ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    for i, b in enumerate(first["buckets"]):
-        cells = [f"{b['lo']}-{b['hi'] - 1}"]
-        cells += [f"{m['buckets'][i]['loss']:.4f}" for m in models.values()]
-        cells += [format_ci(g["bucket_ci"][i], 4, signed=True) for g in gaps.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    cells = ["all", *[f"{m['mean']:.4f}" for m in models.values()], *[f"{g['mean']:+.4f}" for g in gaps.values()]]
-    lines.append("| " + " | ".join(cells) + " |")
-    cells = ["late - mid", *[f"{m['late_minus_mid']:+.4f}" for m in models.values()],
-             *[f"{g['late_minus_mid']:+.4f}" for g in gaps.values()]]
-    lines += ["| " + " | ".join(cells) + " |", ""]
-    for label, g in gaps.items():
-        change = g["last_minus_first"]
-        lo, hi = change["ci95"] or (change["mean"], change["mean"])
-        verdict = ("grows with position" if lo > 0 else "shrinks with position" if hi < 0
-                   else "shows no change with position beyond noise")
-        first, last = (format_ci(g["bucket_ci"][i], 4, signed=True) for i in (0, -1))
-        lines.append(f"{label} - {g['vs']}: {first} nats in the first bucket "
-                     f"and {last} in the last (95% intervals over the windows, "
-                     "which leave out the noise of training these checkpoints); "
-                     f"last minus first {format_ci(change, 4, signed=True)}: the gap {verdict}.")
-    for label, m in pl["models"].items():
-        if label not in models:
-            lines.append(f"{label} ({m['layers']}) has a context of {m['block_size']} tokens, not "
-                         f"{first['block_size']}: mean loss {m['mean']:.4f}, late - mid {m['late_minus_mid']:+.4f}.")
-    if len(models) < len(pl["models"]) or gaps:
-        lines.append("")
-    if "position_loss" in result["plots"]:
-        lines += [f"![loss by position]({result['plots']['position_loss']})", ""]
-    return "\n".join(lines)

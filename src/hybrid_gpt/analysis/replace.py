@@ -273,8 +273,8 @@ def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, 
                 **options) -> dict:
     """The whole study on ``checkpoint`` (see the module's docstring) into ``config.out_dir``: state.json as
     the work goes, then replace.json, replace.md and the plots. Returns what replace.json holds."""
-    from hybrid_gpt.analysis.replace_report import write_outputs
     from hybrid_gpt.checkpoint import read_config, resolve
+    from hybrid_gpt.present.replace import write_outputs
 
     cfg = config or ReplaceConfig(**options)
     root, _ = resolve(checkpoint)
@@ -312,7 +312,7 @@ def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, 
 def _map_view(root: Path) -> tuple[str | None, dict]:
     """The map's own sentence on how static the deep layers are, and its held-out R^2 per layer (numbered from
     1), when its static.json is there."""
-    from hybrid_gpt.analysis.static_report import map_sentence
+    from hybrid_gpt.present.static import map_sentence
 
     if not (root / "static.json").is_file():
         return None, {}

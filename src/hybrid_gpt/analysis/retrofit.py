@@ -43,7 +43,7 @@ import torch
 from hybrid_gpt.analysis import passkey
 from hybrid_gpt.analysis.distill import Teacher, distill_layers, finetune, phase, total_compute, transplant
 from hybrid_gpt.analysis.importance import attention_layers, attention_stats
-from hybrid_gpt.analysis.retrofit_config import TREATMENTS, RetrofitConfig
+from hybrid_gpt.analysis.retrofit_config import RetrofitConfig
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE, SPEED_GAIN, STATES
 from hybrid_gpt.checkpoint import (
     CHECKPOINT_FILES,
@@ -56,18 +56,15 @@ from hybrid_gpt.checkpoint import (
 from hybrid_gpt.data.chat_data import load_sft
 from hybrid_gpt.data.tokens import TokenData
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import check_replaceable, nested, output_dir, write_json, write_text
+from hybrid_gpt.fsutil import check_replaceable, nested, output_dir
 from hybrid_gpt.infer.bench import BenchConfig, run_bench
 from hybrid_gpt.infer.costs import predicted_speedup
 from hybrid_gpt.infer.entries import entry_name
 from hybrid_gpt.model.gpt import GPT
-from hybrid_gpt.options import (
-    spec_of,
-)
-from hybrid_gpt.present.numbers import pct, sci
-from hybrid_gpt.present.plots import save_plot
+from hybrid_gpt.options import spec_of
+from hybrid_gpt.present.retrofit import FULL, answer_sentence, group_sentence, rule_sentence, write_outputs, write_plots
 from hybrid_gpt.runtime import resolve_device
-from hybrid_gpt.stats import format_ratio, judge_interval
+from hybrid_gpt.stats import judge_interval
 from hybrid_gpt.train.evaluate import bpb_difference, check_budget, evaluate_lm
 
 KINDS = ("drop", "distil", "drop+heal", "distil+heal")  # an arm's treatment, in the tables' order
@@ -75,7 +72,6 @@ KINDS = ("drop", "distil", "drop+heal", "distil+heal")  # an arm's treatment, in
 PASSKEY_FLOOR = 0.5
 # What a retrofit output directory may hold: anything else means it is not ours to replace.
 RETROFIT_FILES = ("retrofit.json", "retrofit.md", "retrofit-*.png", *nested("arms/*", CHECKPOINT_FILES))
-FULL = "full"
 
 
 @dataclass
@@ -317,8 +313,7 @@ def run_retrofit(checkpoint: str | Path, config: RetrofitConfig | None = None, *
         result = _retrofit(cfg, teacher, inputs, chat_file, tmp, out, log, progress)
         result["elapsed_s"] = time.time() - t_start
         result["command"] = command_line(checkpoint, cfg)
-        write_json(tmp / "retrofit.json", result)
-        write_text(tmp / "retrofit.md", render_retrofit_markdown(result))
+        write_outputs(result, tmp)
     log(f"wrote {out}/retrofit.md, retrofit.json and the plots in {result['elapsed_s']:.0f} s")
     return result
 
@@ -358,117 +353,173 @@ def probe_inputs(cfg: RetrofitConfig, data: TokenData, conversations: list) -> t
     return sequences, trials
 
 
+@dataclass
+class Study:
+    """What every arm of one study is built, scored and saved from."""
+
+    cfg: RetrofitConfig
+    teacher: Teacher
+    probes: Probes
+    students: dict[int, dict]  # the shared distillation's students by block (0-based)
+    distillation: dict | None  # its record
+    union: int  # how many layers it distilled together
+    first_heal: int  # healing continues the data stream from this step
+    tmp: Path
+    out: Path
+    log: object
+    progress: bool
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.cfg.mlp_hidden or 0
+
+
 def _retrofit(cfg: RetrofitConfig, teacher: Teacher, inputs: tuple, chat_file: Path, tmp: Path, out: Path,
               log, progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
+    """The work of run_retrofit, with the plots and the arms written into ``tmp`` (named by its final place)."""
     full = teacher.model
-    template = teacher.tokenizer.chat_template()
     attention = attention_layers(full)
-    mlp_hidden = cfg.mlp_hidden or 0
     timings = {}
-
     t0 = time.time()
     similarity = attention_stats(full, teacher.data.train, cfg.similarity_tokens, context=cfg.eval_context)[0]
     timings["similarity_s"] = time.time() - t0
     arms = plan_arms(cfg, attention, similarity)
     log(f"retrofit: {teacher.path} ({len(attention)} attention layers), {len(arms)} arms")
-
-    union = sorted({i for a in arms if a.letter == "M" and a.kind != FULL for i in a.layers})
-    students, distillation = shared_distillation(cfg, teacher, union, mlp_hidden, log, progress)
-    first_heal = teacher.steps + (cfg.distil_steps if union else 0)  # healing continues the data stream
-    timings["distillation_s"] = distillation["elapsed_s"] if distillation else 0.0
-
-    t0 = time.time()
-    sequences, trials = inputs
-    probes = Probes(passkey.Reference(full, sequences), trials, teacher.tokenizer, template, cfg.answer_tokens)
-    timings["probes_s"] = time.time() - t0
-
-    info = {"stage": "retrofit", "teacher": str(teacher.path.resolve()),
-            "data_dir": str(Path(teacher.data.root).resolve()),
-            "data_tokenizer_sha256": teacher.data.meta["tokenizer_sha256"], "seed": cfg.seed}
-    results: dict[str, dict] = {}
-    done: dict[tuple, str] = {}  # (kind, layers) -> the arm that already measured it
-    bar = tqdm(total=len(arms), desc="arms", unit="arm", disable=not progress, dynamic_ncols=True)
-    scores_full = None
-    for arm in arms:
-        key = (arm.kind, tuple(arm.layers))
-        row = {"name": arm.name, "choice": arm.choice, "k": arm.k, "kind": arm.kind,
-               "replaced": [i + 1 for i in arm.layers], "layers": arm.pattern(full.config.layers),
-               "shape": arm.shape}
-        if key in done:  # the other choice picked the same layers: the same model, measured once
-            results[arm.name] = dict(results[done[key]], **row, same_as=done[key])
-            bar.update(1)
-            continue
-        log(f"arm {arm.name}: {arm.kind}, blocks {row['replaced'] or 'none'}")
-        t0 = time.time()
-        heal_curve = None
-        if arm.kind == FULL:
-            model = full
-        else:
-            model = build_arm(full, arm, students, mlp_hidden, cfg.seed)
-            if arm.healed:
-                heal_curve = finetune(model, teacher.data, steps=cfg.heal_steps, lr=cfg.heal_lr, batch_size=cfg.rows,
-                                      seed=cfg.seed, first_step=first_heal, desc=f"heal {arm.name}",
-                                      progress=progress, teacher=full, context=cfg.tokens_per_row)
-        build_s = time.time() - t0
-        scores = score(model, teacher, cfg, probes, arm.kind == FULL or arm.k in cfg.answering, log)
-        if arm.kind == FULL:
-            scores_full = scores
-        row |= {"parameters": model.num_params(), "kv_bytes_per_token": model.config.kv_bytes_per_token(),
-                "bpb": scores["eval"]["bpb"], "loss": scores["eval"]["loss"], "eval": scores["eval"],
-                "agreement": scores["agreement"], "passkey": scores["passkey"], "build_s": build_s,
-                "score_s": scores["score_s"], "compute": _compute(arm, cfg, model, full, distillation, len(union))}
-        if heal_curve is not None:
-            row["heal_loss"] = heal_curve
-        if "answers" in scores:
-            row["answers"] = scores["answers"]
-        row["delta_bpb"] = bpb_difference(scores["eval"], scores_full["eval"])
-        if cfg.save_arms and arm.kind != FULL:
-            save_checkpoint(tmp / "arms" / arm.name, model, teacher.tokenizer,
-                            dict(info, arm=arm.name, kind=arm.kind, replaced_blocks=row["replaced"],
-                                 compute=row["compute"], last_eval={"val_loss": row["loss"], "val_bpb": row["bpb"]}))
-            row["checkpoint"] = str(out / "arms" / arm.name)
-        results[arm.name] = row
-        done[key] = arm.name
-        if model is not full:
-            del model
-            gc.collect()
-        bar.update(1)
-    bar.close()
+    study = _prepare(cfg, teacher, arms, inputs, timings, (tmp, out), log, progress)
+    results = measure_arms(study, arms)
 
     t0 = time.time()
     shapes = speed_shapes(full.config.layers, arms, attention)
     log(f"speed: {len(shapes)} pattern shapes, contexts {','.join(map(str, cfg.speed_contexts))}")
-    speed = measure_speed(full, shapes, cfg, mlp_hidden, log)
+    speed = measure_speed(full, shapes, cfg, study.mlp_hidden, log)
     timings["speed_s"] = time.time() - t0
 
-    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("out_dir", "overwrite")}
-    settings |= {"mode": cfg.mode, "answer_ks": cfg.answering, "data_dir": str(teacher.data.root),
-                 "chat_file": str(chat_file),
-                 "chat_dir": str(chat_file.parent), "device": str(next(full.parameters()).device),
-                 "threads": torch.get_num_threads(), "mlp_hidden": replace(full.config, mlp_hidden=mlp_hidden).m_hidden,
-                 "teacher_steps": teacher.steps,
-                 "data_note": "distillation and healing batches are random windows of the training split; healing "
-                              "continues the stream after the distillation's steps, the same batches for every "
-                              "healed arm",
-                 "optimizer": "the shared training loop's AdamW (betas 0.9, 0.95), no weight decay, warmup then "
-                              "cosine decay to a tenth; healing clips gradients at 1"}
     result = {
         "checkpoint": str(teacher.path), "teacher_layers": full.config.layers, "attention_layers": len(attention),
-        "out_dir": str(out), "settings": settings,
+        "out_dir": str(out), "settings": _settings(cfg, teacher, chat_file),
         "similarity": [{"block": i + 1, "similarity": similarity[i]} for i in attention],
         "choices": {c: {str(k): [i + 1 for i in choose_layers(c, k, attention, similarity)] for k in cfg.ks if k}
                     for c in cfg.choices},
-        "distillation": distillation, "arms": results, "speed": speed,
+        "distillation": study.distillation, "arms": results, "speed": speed,
         "passkey": _passkey_summary(results, cfg), "answers": _answers(results, passkey.QUESTIONS),
         "timings": timings,
     }
     for row in results.values():
         row["speed"] = [{"context": c, **(decode_ratio(result, row["shape"], c) or {})} for c in cfg.speed_contexts]
     result["verdict"] = verdict(result)
-    result["plots"] = {str(c): plot_pareto(result, c, tmp / f"retrofit-pareto-{c}.png") for c in cfg.speed_contexts}
+    result["plots"] = write_plots(result, tmp)
     return result
+
+
+def _prepare(cfg: RetrofitConfig, teacher: Teacher, arms: list[Arm], inputs: tuple, timings: dict,
+             where: tuple[Path, Path], log, progress: bool) -> Study:
+    """The shared distillation of every layer an arm distils, and the probes every arm is scored on."""
+    union = sorted({i for a in arms if a.letter == "M" and a.kind != FULL for i in a.layers})
+    students, distillation = shared_distillation(cfg, teacher, union, cfg.mlp_hidden or 0, log, progress)
+    timings["distillation_s"] = distillation["elapsed_s"] if distillation else 0.0
+    t0 = time.time()
+    sequences, trials = inputs
+    probes = Probes(passkey.Reference(teacher.model, sequences), trials, teacher.tokenizer,
+                    teacher.tokenizer.chat_template(), cfg.answer_tokens)
+    timings["probes_s"] = time.time() - t0
+    first_heal = teacher.steps + (cfg.distil_steps if union else 0)  # healing continues the data stream
+    return Study(cfg, teacher, probes, students, distillation, len(union), first_heal, *where, log, progress)
+
+
+def measure_arms(study: Study, arms: list[Arm]) -> dict[str, dict]:
+    """Every arm's row of retrofit.json, by name, the full model's first; an arm whose treatment and layers an
+    earlier arm already had (the other choice picked the same layers) is that model, measured once."""
+    from tqdm.auto import tqdm
+
+    results: dict[str, dict] = {}
+    done: dict[tuple, str] = {}  # (kind, layers) -> the arm that already measured it
+    bar = tqdm(total=len(arms), desc="arms", unit="arm", disable=not study.progress, dynamic_ncols=True)
+    for arm in arms:
+        key = (arm.kind, tuple(arm.layers))
+        if key in done:
+            results[arm.name] = dict(results[done[key]], **_identity(arm, study.teacher.model.config.layers),
+                                     same_as=done[key])
+        else:
+            results[arm.name] = _measure_arm(study, arm, results[FULL]["eval"] if FULL in results else None)
+            done[key] = arm.name
+        bar.update(1)
+    bar.close()
+    return results
+
+
+def _identity(arm: Arm, teacher_layers: str) -> dict:
+    """What names an arm in its row: its choice, k, treatment, replaced blocks (1-based) and pattern."""
+    return {"name": arm.name, "choice": arm.choice, "k": arm.k, "kind": arm.kind,
+            "replaced": [i + 1 for i in arm.layers], "layers": arm.pattern(teacher_layers), "shape": arm.shape}
+
+
+def _measure_arm(study: Study, arm: Arm, full_eval: dict | None) -> dict:
+    """Build (and heal) one arm, score it against the full model's windows (``full_eval``; None: it is the full
+    model), and save it when asked to."""
+    cfg, full = study.cfg, study.teacher.model
+    row = _identity(arm, full.config.layers)
+    study.log(f"arm {arm.name}: {arm.kind}, blocks {row['replaced'] or 'none'}")
+    t0 = time.time()
+    model, heal_curve = _build(study, arm)
+    build_s = time.time() - t0
+    scores = score(model, study.teacher, cfg, study.probes, arm.kind == FULL or arm.k in cfg.answering, study.log)
+    row |= {"parameters": model.num_params(), "kv_bytes_per_token": model.config.kv_bytes_per_token(),
+            "bpb": scores["eval"]["bpb"], "loss": scores["eval"]["loss"], "eval": scores["eval"],
+            "agreement": scores["agreement"], "passkey": scores["passkey"], "build_s": build_s,
+            "score_s": scores["score_s"], "compute": _compute(arm, cfg, model, full, study.distillation, study.union)}
+    if heal_curve is not None:
+        row["heal_loss"] = heal_curve
+    if "answers" in scores:
+        row["answers"] = scores["answers"]
+    row["delta_bpb"] = bpb_difference(scores["eval"], full_eval or scores["eval"])
+    if cfg.save_arms and arm.kind != FULL:
+        _save_arm(study, arm, model, row)
+    if model is not full:
+        del model
+        gc.collect()
+    return row
+
+
+def _build(study: Study, arm: Arm) -> tuple[GPT, list[float] | None]:
+    """The arm's model (the full model itself for the full arm), healed if its treatment heals, and the healing's
+    losses."""
+    cfg, full = study.cfg, study.teacher.model
+    if arm.kind == FULL:
+        return full, None
+    model = build_arm(full, arm, study.students, study.mlp_hidden, cfg.seed)
+    if not arm.healed:
+        return model, None
+    curve = finetune(model, study.teacher.data, steps=cfg.heal_steps, lr=cfg.heal_lr, batch_size=cfg.rows,
+                     seed=cfg.seed, first_step=study.first_heal, desc=f"heal {arm.name}", progress=study.progress,
+                     teacher=full, context=cfg.tokens_per_row)
+    return model, curve
+
+
+def _save_arm(study: Study, arm: Arm, model: GPT, row: dict) -> None:
+    """The arm's checkpoint into the output directory's arms/<name>/, with what it is and what it cost."""
+    teacher = study.teacher
+    info = {"stage": "retrofit", "teacher": str(teacher.path.resolve()),
+            "data_dir": str(Path(teacher.data.root).resolve()),
+            "data_tokenizer_sha256": teacher.data.meta["tokenizer_sha256"], "seed": study.cfg.seed}
+    save_checkpoint(study.tmp / "arms" / arm.name, model, teacher.tokenizer,
+                    dict(info, arm=arm.name, kind=arm.kind, replaced_blocks=row["replaced"], compute=row["compute"],
+                         last_eval={"val_loss": row["loss"], "val_bpb": row["bpb"]}))
+    row["checkpoint"] = str(study.out / "arms" / arm.name)
+
+
+def _settings(cfg: RetrofitConfig, teacher: Teacher, chat_file: Path) -> dict:
+    """retrofit.json's settings: the configuration, resolved, and what the study read and ran on."""
+    full = teacher.model
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("out_dir", "overwrite")}
+    mlp_hidden = replace(full.config, mlp_hidden=cfg.mlp_hidden or 0).m_hidden
+    return settings | {
+        "mode": cfg.mode, "answer_ks": cfg.answering, "data_dir": str(teacher.data.root), "chat_file": str(chat_file),
+        "chat_dir": str(chat_file.parent), "device": str(next(full.parameters()).device),
+        "threads": torch.get_num_threads(), "mlp_hidden": mlp_hidden, "teacher_steps": teacher.steps,
+        "data_note": "distillation and healing batches are random windows of the training split; healing "
+                     "continues the stream after the distillation's steps, the same batches for every healed arm",
+        "optimizer": "the shared training loop's AdamW (betas 0.9, 0.95), no weight decay, warmup then "
+                     "cosine decay to a tenth; healing clips gradients at 1"}
 
 
 def _compute(arm: Arm, cfg: RetrofitConfig, model: GPT, full: GPT, distillation: dict | None, union: int) -> dict:
@@ -516,252 +567,30 @@ def verdict(result: dict) -> dict:
     tol = QUALITY_TOLERANCE * arms[FULL]["bpb"]
     for a in arms.values():
         a["quality"] = None if a["kind"] == FULL else judge_interval(a["delta_bpb"]["ci95"], tol, False)
-    groups = []
-    for choice in result["settings"]["choices"]:
-        for kind in KINDS:
-            members = sorted((a for a in arms.values() if a["choice"] == choice and a["kind"] == kind),
-                             key=lambda a: a["k"])
-            if not members:
-                continue
-            holding = [a for a in members if a["quality"] is True]
-            best = holding[-1] if holding else None
-            open_ = [a for a in members if a["quality"] is None]
-            group = {"choice": choice, "kind": kind,
-                     "states": [{"k": a["k"], "arm": a["name"], "delta_bpb": a["delta_bpb"]["mean"],
-                                 "ci95": a["delta_bpb"]["ci95"], "quality": STATES[a["quality"]]} for a in members],
-                     "largest_k": best["k"] if best else None, "arm": best["name"] if best else None,
-                     "largest_k_undecided": open_[-1]["k"] if open_ else None}
-            if best:
-                group["speed"] = [dict(s, speed=STATES[judge_interval(s.get("ci95"), SPEED_GAIN, True)])
-                                  for s in best["speed"]]
-            group["text"] = _group_sentence(group, result)
-            groups.append(group)
+    groups = [g for choice in result["settings"]["choices"] for kind in KINDS
+              if (g := _group(arms, choice, kind)) is not None]
     top = max((g["largest_k"] for g in groups if g["largest_k"] is not None), default=None)
-    winners = [g for g in groups if top is not None and g["largest_k"] == top]
-    if not groups:
-        answer = "no k above 0 was measured: there is nothing to judge"
-    elif top is None:
-        answer = ("no arm keeps its quality cost within the tolerance at any k measured"
-                  + (" (some cannot be told at this noise)" if any(g["largest_k_undecided"] for g in groups) else ""))
-    else:
-        answer = (f"the largest k whose quality cost stays within the tolerance is {top} of "
-                  f"{result['attention_layers']} attention layers, by " + "; ".join(
-                      f"{g['choice']} {g['kind']} (decode speedup {_speed_text(g['speed']) or 'not measured'})"
-                      for g in winners))
     return {"tolerance_bpb": tol, "quality_tolerance": QUALITY_TOLERANCE, "speed_gain": SPEED_GAIN,
-            "rule": f"quality holds when the whole 95% interval (t over the "
-                    f"{_count(arms[FULL]['eval']['windows'], 'held-out window')}, paired by window) of arm - full "
-                    f"bits per byte lies at or below {100 * QUALITY_TOLERANCE:.0f}% of the full model's ({tol:.4f}); "
-                    "it does not hold when the whole "
-                    "interval lies above; between, it cannot be told. A large speed gain: the decode speedup's "
-                    f"interval (paired repeats) above {SPEED_GAIN:.2f}x.",
-            "groups": groups, "largest_k": top, "answer": answer}
+            "rule": rule_sentence(arms[FULL]["eval"]["windows"], tol, QUALITY_TOLERANCE, SPEED_GAIN),
+            "groups": groups, "largest_k": top, "answer": answer_sentence(groups, top, result["attention_layers"])}
 
 
-def _speed_text(speed: list[dict]) -> str:
-    return ", ".join(f"{format_ratio(s)} at {s['context']:,}" for s in speed if s.get("ratio") is not None)
-
-
-def _group_sentence(g: dict, result: dict) -> str:
-    head = f"{g['choice']}, {g['kind']}: "
-    if g["largest_k"] is None:
-        states = ", ".join(f"k = {s['k']} {s['quality']}" for s in g["states"])
-        return head + f"quality holds at no k measured ({states})"
-    text = head + f"quality holds up to k = {g['largest_k']}"
-    undecided = g["largest_k_undecided"]
-    if undecided is not None and undecided > g["largest_k"]:
-        text += f" (k = {undecided} cannot be told)"
-    return text + "; its decode speed against the full model: " + (_speed_text(g["speed"]) or "not measured")
-
-
-# -- plots and report ----------------------------------------------------------------------------------------
-
-MARKERS = {FULL: "*", "drop": "v", "distil": "o", "drop+heal": "^", "distil+heal": "s"}
-
-
-def _usable_passkey(result: dict, arm: dict) -> float | None:
-    """Mean passkey accuracy over the contexts that test something (all of them when none does)."""
-    ctx = result["passkey"]["contexts"]
-    use = [i for i, c in enumerate(ctx) if c["tests_something"]] or list(range(len(ctx)))
-    return sum(arm["passkey"][i]["accuracy"] for i in use) / len(use) if use else None
-
-
-def plot_pareto(result: dict, context: int, path: Path) -> str:
-    """Quality against decode speed at one context, one point per arm: bits per byte, and passkey accuracy."""
-    arms = list(result["arms"].values())
-
-    def draw(plt):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-        colors = {None: "black", "deepest": "tab:blue", "importance": "tab:orange"}
-        for a in arms:
-            s = next((x for x in a["speed"] if x["context"] == context), {})
-            x = s.get("ratio")
-            if x is None:
-                continue
-            for ax, y in ((left, a["bpb"]), (right, _usable_passkey(result, a))):
-                if y is None:
-                    continue
-                ax.scatter([x], [y], marker=MARKERS[a["kind"]], color=colors[a["choice"]], s=60 if a["k"] else 120)
-                if a["k"]:
-                    ax.annotate(str(a["k"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for kind, marker in MARKERS.items():
-            left.scatter([], [], marker=marker, color="gray", label=kind)
-        for choice in result["settings"]["choices"]:
-            left.scatter([], [], marker="o", color=colors[choice], label=f"{choice} layers")
-        tol = result["verdict"]["tolerance_bpb"]
-        left.axhline(result["arms"][FULL]["bpb"] + tol, color="gray", ls=":", lw=1,
-                     label=f"full + {100 * QUALITY_TOLERANCE:.0f}% tolerance")
-        left.set_ylabel("held-out bits per byte (lower is better)")
-        right.set_ylabel("passkey accuracy (mean over informative lengths)")
-        right.set_ylim(-0.05, 1.05)
-        for ax in (left, right):
-            ax.axvline(1.0, color="gray", lw=0.8)
-            ax.set_xlabel(f"cached decode speedup over the full model at context {context:,} (batch 1)")
-            ax.grid(alpha=0.3)
-        left.legend(fontsize=7)
-        fig.suptitle(f"Retrofit of {Path(result['checkpoint']).name}: quality against speed at context {context:,} "
-                     "(numbers: k)")
-        fig.tight_layout()
-        return fig
-
-    return save_plot(path, draw)
-
-
-def _treatments(s: dict) -> str:
-    """The treatments of a study's settings, in words."""
-    parts = {"drop": "drop (N blocks)",
-             "distil": f"distil (M blocks, hidden width {s['mlp_hidden']}, trained together for {s['distil_steps']} "
-                       f"steps of {s['rows']} x {s['tokens_per_row']} tokens, lr {s['distil_lr']:g})",
-             "heal": f"heal (each of those arms again after {s['heal_steps']} steps of KL to the full model's logits, "
-                     f"{s['rows']} x {s['tokens_per_row']} tokens a step, lr {s['heal_lr']:g}; the same batches for "
-                     "every healed arm)"}
-    return ", ".join(parts[t] for t in TREATMENTS if t in s["treatments"])
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n:,} {word}{'s' * (n != 1)}"
-
-
-def _delta(d: dict) -> str:
-    text = f"{d['mean']:+.4f}"
-    return text + (f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d.get("ci95") else "")
-
-
-def render_retrofit_markdown(result: dict) -> str:
-    """retrofit.md, from retrofit.json's contents alone."""
-    s, arms, v = result["settings"], result["arms"], result["verdict"]
-    full = arms[FULL]
-    ev = full["eval"]
-    lines = [f"## Retrofit: {Path(result['checkpoint']).name} ({result['attention_layers']} attention layers)", "",
-             f"Checkpoint `{result['checkpoint']}`, {s['mode']} study: `{result['command']}`, "
-             f"{result['elapsed_s'] / 60:.1f} min on {s['device']} with {s['threads']} "
-             f"thread{'s' * (s['threads'] != 1)}. For k in {', '.join(map(str, s['ks']))} attention layers, chosen as "
-             + " and as ".join({"deepest": "the k deepest", "importance": "the k least important by residual "
-                                "similarity on the training split"}[c] for c in s["choices"])
-             + ": " + _treatments(s) + ".", "",
-             "### Verdict", "", f"**{v['answer'][0].upper()}{v['answer'][1:]}.** {v['rule']}", ""]
-    lines += [f"- {g['text']}" for g in v["groups"]]
-    lines += ["", "### Every arm", "",
-              f"Bits per byte over {ev['tokens']:,} held-out play tokens ({_count(ev['windows'], 'window')} of "
-              f"{s['eval_context']:,}); Δ = arm - full, mean of the per-window differences [95% t-interval over the "
-              f"windows]. Agreement and KL(full || arm) in nats per token on "
-              f"{full['agreement']['tokens']:,} tokens of held-out chat transcripts. Passkey: accuracy over "
-              f"{_count(s['passkey_trials'], 'trial')}. Decode: the pattern's cached decode speedup over the full "
-              f"model, batch 1, {s['dtypes'][0]}. Compute beyond the pretrained model: training tokens and teacher "
-              "forwards.", ""]
-    head = ["arm", "k", "blocks", "bpb", "Δ bpb [95% CI]", "quality", "top-1 agr.", "KL"]
-    head += [f"passkey {c:,}" for c in s["passkey_contexts"]] + [f"decode {c:,}" for c in s["speed_contexts"]]
-    head += ["tokens", "teacher fwd"]
-    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for name, a in arms.items():
-        cells = [name + (f" (= {a['same_as']})" if a.get("same_as") else ""), str(a["k"]),
-                 ", ".join(map(str, a["replaced"])) or "-", f"{a['bpb']:.4f}",
-                 "-" if a["kind"] == FULL else _delta(a["delta_bpb"]),
-                 "reference" if a["kind"] == FULL else STATES[a["quality"]],
-                 f"{a['agreement']['top1_agreement']:.3f}", f"{a['agreement']['kl']:.4f}"]
-        cells += [pct(p["accuracy"]) for p in a["passkey"]]
-        cells += [format_ratio(x) for x in a["speed"]]
-        cells += [f"{a['compute']['tokens']:,}", f"{a['compute']['teacher_forwards']:,}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *[f"![quality against speed at context {c}]({p})" for c, p in result["plots"].items()], ""]
-
-    pk = result["passkey"]
-    lines += ["### Passkey retrieval", "",
-              "A random 5-digit key stated once in held-out play text, asked for at the end; "
-              f"{_count(pk['trials'], 'trial')} per length, greedy, exact match. A length where the full model "
-              f"scores below {pct(pk['floor'])} "
-              "tests nothing: an arm cannot lose what the model does not have.", ""]
-    for c in pk["contexts"]:
-        if not c["tests_something"]:
-            lines.append(f"- At {c['context']:,} tokens the full model gets {pct(c['full_accuracy'])}: this length "
-                         "tests nothing.")
-    lines += ["", "| arm | " + " | ".join(f"{c['context']:,}" for c in pk["contexts"]) + " |",
-              "|" + " --- |" * (len(pk["contexts"]) + 1)]
-    for name in arms:
-        lines.append(f"| {name} | " + " | ".join(pct(c["accuracy"][name]) for c in pk["contexts"]) + " |")
-
-    ans = result["answers"]
-    lines += ["", "### Greedy answers", "", "For people to read, not a metric: the full model and the arms at k = "
-              + " and ".join(map(str, s["answer_ks"])) + ".", ""]
-    for q, question in enumerate(ans["questions"]):
-        lines += [f"**{question}**", ""]
-        for name, answers in ans["by_arm"].items():
-            text = " ".join(answers[q].split())
-            lines.append(f"- *{name}*: {text or '(empty)'}")
-        lines.append("")
-
-    sp = result["speed"]
-    lines += ["### Speed", "",
-              f"infer/bench.py's estimator ({sp['config']['repeats']} interleaved repeats after a warm-up, "
-              f"{sp['config']['new_tokens']} cached greedy steps from a primed cache; prefill: one forward over the "
-              f"context), on {sp['environment']['device']}. Weights: {sp['weights']}; {sp['layout']}. Ratios are "
-              "paired per repeat against the full model [95% interval]; predicted: the cost model's roofline "
-              "(infer/costs.py) on the memory bandwidth and matmul rate measured in the same run.", "",
-              "| shape | attention layers | dtype | context | batch | KV cache MB | prefill ms | prefill speedup | "
-              "predicted | decode tok/s | decode speedup | predicted |", "|" + " --- |" * 12]
-    for name, shape in sp["shapes"].items():
-        for r in shape["rows"]:
-            lines.append(f"| {name} | {shape['attention_layers']} | {r['dtype']} | {r['context']:,} | {r['batch']} | "
-                         f"{r['kv_cache_bytes'] / 2**20:.1f} | {r['prefill_ms']:.1f} | {format_ratio(r['prefill'])} | "
-                         f"{r['predicted_prefill']:.2f}x | {r['decode_tok_s']:.1f} | {format_ratio(r['decode'])} | "
-                         f"{r['predicted_decode']:.2f}x |")
-
-    lines += ["", "### Compute", ""]
-    d = result["distillation"]
-    if d:
-        lines += [f"Shared distillation: blocks {', '.join(map(str, d['blocks']))} (1-based) trained together for "
-                  f"{d['steps']} steps of {d['rows']} x {d['tokens_per_row']} tokens ({d['tokens']:,} tokens), one "
-                  f"teacher forward per step through its first {d['teacher_forward_blocks']} blocks serving every "
-                  "layer; each layer's student trains on its own MSE alone, so each distil arm holds bit-identical "
-                  "copies of its layers' students and is charged its share of the teacher forwards.", "",
-                  "| block | MSE of predicting zero | MSE before | MSE after | variance explained after |",
-                  "| --- | --- | --- | --- | --- |"]
-        for r in d["layers"]:
-            lines.append(f"| {r['block']} | {r['mse_zero']:.4g} | {r['mse_before']:.4g} | {r['mse_after']:.4g} | "
-                         f"{pct(r['fve_after'])} |")
-        lines.append("")
-    lines += ["| arm | phases | steps | tokens | teacher forwards | approx. FLOPs |", "|" + " --- |" * 6]
-    for name, a in arms.items():
-        c = a["compute"]
-        phases = "; ".join(p["phase"] + (f" ({pct(p['share'])} share)" if "share" in p else "")
-                           for p in c["phases"]) or "none"
-        lines.append(f"| {name} | {phases} | {c['steps']:,} | {c['tokens']:,} | {c['teacher_forwards']:,} | "
-                     f"{sci(c['approx_flops'])} |")
-
-    lines += ["", "### Layer choices", "",
-              "Residual similarity (cosine before/after the attention sub-layer; high = least important) over "
-              f"{s['similarity_tokens']:,} tokens of the training split:", "",
-              "| block | similarity |", "| --- | --- |"]
-    lines += [f"| {r['block']} | {r['similarity']:.4f} |" for r in result["similarity"]]
-    lines += ["", *[f"- {c}, k = {k}: blocks {', '.join(map(str, b))}" for c, ks in result["choices"].items()
-                    for k, b in ks.items()], ""]
-    t = result["timings"]
-    lines += ["### Time", "", f"Whole study {result['elapsed_s'] / 60:.1f} min: similarity {t['similarity_s']:.0f} s, "
-              f"distillation {t['distillation_s']:.0f} s, probes {t['probes_s']:.0f} s, arms "
-              f"{sum(a.get('build_s', 0) + a.get('score_s', 0) for a in arms.values() if not a.get('same_as')):.0f} s, "
-              f"speed {t['speed_s']:.0f} s.", ""]
-    saved = [a["checkpoint"] for a in arms.values() if a.get("checkpoint") and not a.get("same_as")]
-    if saved:
-        lines += [f"Each arm's checkpoint is under `{result['out_dir']}/arms/`; talk to one with "
-                  f"`hybrid-gpt chat {saved[0]}`.", ""]
-    return "\n".join(lines)
+def _group(arms: dict, choice: str, kind: str) -> dict | None:
+    """One choice and treatment over its ks (None: no arm has both): each k's state, the largest k that holds and
+    the largest that cannot be told, and the decode speed of the largest that holds."""
+    members = sorted((a for a in arms.values() if a["choice"] == choice and a["kind"] == kind), key=lambda a: a["k"])
+    if not members:
+        return None
+    holding = [a for a in members if a["quality"] is True]
+    best = holding[-1] if holding else None
+    open_ = [a for a in members if a["quality"] is None]
+    group = {"choice": choice, "kind": kind,
+             "states": [{"k": a["k"], "arm": a["name"], "delta_bpb": a["delta_bpb"]["mean"],
+                         "ci95": a["delta_bpb"]["ci95"], "quality": STATES[a["quality"]]} for a in members],
+             "largest_k": best["k"] if best else None, "arm": best["name"] if best else None,
+             "largest_k_undecided": open_[-1]["k"] if open_ else None}
+    if best:
+        group["speed"] = [dict(s, speed=STATES[judge_interval(s.get("ci95"), SPEED_GAIN, True)])
+                          for s in best["speed"]]
+    group["text"] = group_sentence(group)
+    return group

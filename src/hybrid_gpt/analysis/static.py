@@ -366,7 +366,7 @@ def run_static(checkpoint: str | Path, config: StaticConfig | None = None, *, lo
     """Map every attention layer of ``checkpoint`` (see the module's docstring) into ``config.out_dir``:
     captures/, fits/, state.json as the work goes, then static.json, static.md and static-*.png. Returns
     what static.json holds. ``options`` are StaticConfig's fields, for a caller without a config."""
-    from hybrid_gpt.analysis.static_report import write_outputs
+    from hybrid_gpt.present.static import write_outputs
 
     config = config or StaticConfig(**options)
     check_fields(replace(config, out_dir=None if config.out_dir is None else str(config.out_dir),

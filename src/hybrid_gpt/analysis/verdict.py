@@ -28,9 +28,10 @@ import os
 import re
 from pathlib import Path
 
-from hybrid_gpt.analysis.longcontext import pair_names, plot_speed_context, render_markdown, summarize
+from hybrid_gpt.analysis.longcontext import pair_names, summarize
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import JSON_LIMIT, read_json, read_text, write_json, write_text
+from hybrid_gpt.present.longcontext import plot_speed_context, render_markdown
 from hybrid_gpt.stats import (
     NOT_MEASURABLE,
     format_ci,

@@ -16,3 +16,12 @@ def count(x: int | None) -> str:
 def sci(x: float | None) -> str:
     """Scientific notation with three significant figures: 1.5e12 -> "1.50e+12"."""
     return "n/a" if x is None else f"{x:.2e}"
+
+
+def signed_interval(d: dict | None, digits: int = 4) -> str:
+    """A difference's mean and its 95% interval, signed: "+0.0137 [-0.0071, +0.0346]"; the mean alone without an
+    interval, "-" for none."""
+    if not d:
+        return "-"
+    text = f"{d['mean']:+.{digits}f}"
+    return text + (f" [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]" if d.get("ci95") else "")

@@ -1,11 +1,12 @@
-"""The replacement study's presentation: its tables, its verdict sentences and its plots, from replace.json's data
-alone."""
+"""The replacement study's page (analysis/replace.py measures it): its tables, its verdict sentences and its plots,
+from replace.json's data alone."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from hybrid_gpt.fsutil import write_json, write_text
+from hybrid_gpt.present.numbers import signed_interval
 from hybrid_gpt.present.plots import save_plot
 from hybrid_gpt.present.tables import markdown_table
 from hybrid_gpt.stats import format_ci
@@ -13,13 +14,6 @@ from hybrid_gpt.stats import format_ci
 LABELS = {"drop": "drop (N)", "constant": "constant (training mean)", "linear": "linear (ridge)",
           "distil": "distilled MLP", "matched": "distilled MLP, parameter-matched", "drop+heal": "drop + heal",
           "distil+heal": "distilled MLP + heal"}
-
-
-def _interval(d: dict | None, digits: int = 4) -> str:
-    if not d or d.get("ci95") is None:
-        return "-" if not d else f"{d['mean']:+.{digits}f}"
-    lo, hi = d["ci95"]
-    return f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def _ratio(r: dict | None) -> str:
@@ -40,7 +34,7 @@ def k_sentence(entry: dict, result: dict) -> str:
     if "distil_heal" not in entry:
         return f"{head}: not measured yet."
     d, n = entry["distil_heal"], len(entry["seeds"])
-    text = (f"{head}: distilled + healed costs {_interval(d)} bits per byte against the full model on "
+    text = (f"{head}: distilled + healed costs {signed_interval(d)} bits per byte against the full model on "
             f"{result['test_tokens']:,} test tokens ({n} seed{'s' if n != 1 else ''}; tolerance "
             f"{result['tolerance_bpb']:.4f}): quality {entry['quality']}")
     speed = entry.get("speed")
@@ -84,7 +78,7 @@ def render_markdown(result: dict, map_sentence: str | None = None) -> str:
                 f"{c} {v:.4f}" for c, v in e["select_bpb"].items()) + f" -> **{e['choice']}**.", ""]
         table = [[a["name"], LABELS.get(a["kind"], a["kind"]), ", ".join(map(str, a["layers"])),
                   f"{a['mixer_params']:,}" if a.get("mixer_params") else "-", f"{a['test_bpb']:.4f}",
-                  _interval(a["delta_bpb"]), a["quality"], _passkey(a.get("passkey"))] for a in
+                  signed_interval(a["delta_bpb"]), a["quality"], _passkey(a.get("passkey"))] for a in
                  sorted(rows, key=lambda a: (a["choice"] != e["choice"], list(LABELS).index(a["kind"]),
                                              a["seed"] or 0))]
         lines += [markdown_table(["arm", "treatment", "layers", "mixer parameters", "test bpb",

@@ -1,4 +1,5 @@
-"""The staticness map's presentation: its table, its sentence and its plots, from static.json's data alone."""
+"""The staticness map's page (analysis/static.py measures it): its tables, its sentence and its plots, from
+static.json's data alone."""
 
 from __future__ import annotations
 
