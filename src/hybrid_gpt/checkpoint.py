@@ -225,6 +225,19 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     return root, weights
 
 
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint's weights file: its identity wherever it lies, which its path is not (a resumable
+    analysis started under one path continues under another) and its config is not (it records paths)."""
+    import hashlib
+
+    _, weights = resolve(path)
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
     """Load (model, tokenizer, training info); the config is validated before any tensor is allocated."""
     root, weights = resolve(path)

@@ -156,6 +156,36 @@ def test_the_map_end_to_end_resumes_and_writes_its_results(ckpt, tmp_path):
     assert all(r["r2"]["mlp16"] == old["r2"]["mlp16"] for r, old in zip(more["layers"], result["layers"]))
 
 
+def test_a_map_moved_with_its_checkpoint_resumes_and_other_weights_are_refused(ckpt, smoke_run, tmp_path):
+    """The state knows its inputs by digest, not path: a checkout elsewhere continues the committed map, while
+    other weights or other data under the same paths are refused."""
+    import shutil
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    shutil.copytree(ckpt, here / "base")
+    shutil.copytree(smoke_run / "data", here / "data")
+    options = dict(out_dir=here / "map", data_dir=here / "data", **TINY)
+    first = run_static(here / "base", StaticConfig(**options), log=quiet, progress=False)
+    state = json.loads((here / "map" / "state.json").read_text())
+    assert len(state["options"]["checkpoint_sha256"]) == 64 and len(state["options"]["data_sha256"]) == 64
+    shutil.copytree(here, there)
+    moved = run_static(there / "base", StaticConfig(**{**options, "out_dir": there / "map", "data_dir": there / "data",
+                                                       "resume": True}), log=quiet, progress=False)
+    assert moved["layers"] == first["layers"]
+    # a state from before the digests were recorded adopts them
+    del state["options"]["checkpoint_sha256"], state["options"]["data_sha256"]
+    (there / "map" / "state.json").write_text(json.dumps(state))
+    run_static(there / "base", StaticConfig(**{**options, "out_dir": there / "map", "data_dir": there / "data",
+                                               "resume": True}), log=quiet, progress=False)
+    assert "checkpoint_sha256" in json.loads((there / "map" / "state.json").read_text())["options"]
+    data = TokenData.open(smoke_run / "data")
+    save_checkpoint(there / "base", tiny_llama(data.tokenizer.vocab_size, seed=5), data.tokenizer,
+                    {"stage": "import", "data_dir": str(smoke_run / "data")})
+    with pytest.raises(HybridGPTError, match="other options.*checkpoint_sha256"):
+        run_static(there / "base", StaticConfig(**{**options, "out_dir": there / "map", "data_dir": there / "data",
+                                                   "resume": True}), log=quiet, progress=False)
+
+
 def test_an_interrupted_map_resumes_from_its_finished_fits(ckpt, tmp_path, monkeypatch):
     from hybrid_gpt.analysis import static
 

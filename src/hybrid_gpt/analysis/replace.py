@@ -57,7 +57,7 @@ from hybrid_gpt.analysis.static import (
     split_rows,
 )
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE, SPEED_GAIN, STATES
-from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
+from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint, weights_sha256
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import read_json, write_json
 from hybrid_gpt.model.gpt import GPT, GPTConfig, TokenMLP
@@ -111,7 +111,9 @@ class MapSource:
     stop_rows: list[int]
 
     @classmethod
-    def open(cls, root: Path, checkpoint: Path) -> "MapSource":
+    def open(cls, root: Path, checkpoint: Path, digest: str | None = None) -> "MapSource":
+        """The map at ``root``, refused unless it is of ``checkpoint``: the same weights (``digest``, their
+        sha256, computed when not given) where the map records them, else the same path."""
         if not (root / "state.json").is_file():
             raise HybridGPTError(f"no staticness map at {root}: run `hybrid-gpt static {checkpoint}` first, or "
                                  "pass --map with the directory it wrote")
@@ -120,7 +122,11 @@ class MapSource:
         if not isinstance(options, dict):
             raise HybridGPTError(f"{root / 'state.json'} is not a staticness map's state; run `hybrid-gpt static` "
                                  "again")
-        if Path(str(options.get("checkpoint", ""))).resolve() != checkpoint.resolve():
+        if "checkpoint_sha256" in options:
+            other = options["checkpoint_sha256"] != (digest or weights_sha256(checkpoint))
+        else:
+            other = Path(str(options.get("checkpoint", ""))).resolve() != checkpoint.resolve()
+        if other:
             raise HybridGPTError(f"the map at {root} is of {options.get('checkpoint')}, not {checkpoint}; map this "
                                  "checkpoint or pass --map with its map")
         recipe = StaticConfig(**{k: v for k, v in options.items() if k in StaticConfig.__dataclass_fields__})
@@ -280,18 +286,22 @@ def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, 
     root, _ = resolve(checkpoint)
     model_config, _ = read_config(root)
     check_config(cfg, model_config)
-    source = MapSource.open(Path(cfg.map_dir) if cfg.map_dir else root.parent / "static", root)
+    digest = weights_sha256(root)
+    source = MapSource.open(Path(cfg.map_dir) if cfg.map_dir else root.parent / "static", root, digest)
     out = Path(cfg.out_dir) if cfg.out_dir else root.parent / "replace"
     t_start = time.time()
     dev = resolve_device(cfg.device)
-    fingerprint = {**cfg.fingerprint(), "checkpoint": str(root.resolve()), "map": str(source.root.resolve())}
+    fingerprint = {**cfg.fingerprint(), "checkpoint": str(root.resolve()), "map": str(source.root.resolve()),
+                   "checkpoint_sha256": digest,
+                   "map_recipe": {k: v for k, v in source.recipe.fingerprint().items() if k != "widths"}}
     model, tokenizer, training = load_checkpoint(root, dev)
     data = checkpoint_data(root, tokenizer, training, cfg.data_dir)
     windows = held_out_windows(len(data.val), cfg.eval_context, cfg.select_windows, cfg.test_windows)
     trials = {c: passkey.passkey_trials(tokenizer, data.val, context=c, trials=cfg.passkey_trials, seed=cfg.seed,
                                         template=tokenizer.chat_template()) for c in cfg.passkey_contexts}
     with resumable_dir(out, allowed=REPLACE_FILES, what="replacement study", fingerprint=fingerprint,
-                       overwrite=cfg.overwrite, resume=cfg.resume) as study:
+                       overwrite=cfg.overwrite, resume=cfg.resume, free=("checkpoint", "map"),
+                       adopted=("checkpoint_sha256", "map_recipe")) as study:
         runner = _Runner(cfg, model, tokenizer, data, windows, trials, source, study, out, log, progress)
 
         sentence, map_r2 = _map_view(source.root)

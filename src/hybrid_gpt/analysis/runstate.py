@@ -38,11 +38,14 @@ class RunState:
 
 @contextmanager
 def resumable_dir(out: Path, *, allowed: Collection[str], what: str, fingerprint: dict, overwrite: bool,
-                  resume: bool, section: str = "records", free: Collection[str] = (), kind: type = RunState):
+                  resume: bool, section: str = "records", free: Collection[str] = (), adopted: Collection[str] = (),
+                  kind: type = RunState):
     """Claim ``out`` (fsutil.claimed_dir: refused when it holds anything at any depth that ``allowed`` does not
     name; replaced in place with ``overwrite``; continued with ``resume``) and yield its RunState, refusing a
     state made with other options, naming them; the options named in ``free`` may differ between runs (they
-    choose what more to do, not how the finished records were made). ``kind``: the RunState subclass to yield."""
+    choose what more to do, not how the finished records were made, or name where an input lies, whose identity
+    is a digest among the options); those named in ``adopted`` (such digests) are compared where the stored state
+    records them and adopted where it predates them. ``kind``: the RunState subclass to yield."""
     with claimed_dir(out, allowed=allowed, what=what, overwrite=overwrite, resume=resume, in_place=True,
                      exists_hint="pass --resume to continue it or --overwrite to replace it"):
         out.mkdir(parents=True, exist_ok=True)
@@ -51,9 +54,13 @@ def resumable_dir(out: Path, *, allowed: Collection[str], what: str, fingerprint
         changed = []
         if theirs != fingerprint:
             theirs = theirs if isinstance(theirs, dict) else {}
-            changed = sorted(k for k in {*fingerprint, *theirs} - set(free) if fingerprint.get(k) != theirs.get(k))
+            changed = sorted(k for k in {*fingerprint, *theirs} - set(free) if fingerprint.get(k) != theirs.get(k)
+                             and not (k in adopted and k not in theirs))
         if changed:
             raise HybridGPTError(f"{out} holds a {what} made with other options ({', '.join(changed)}); pass the "
                                  "same options to resume it, --overwrite to replace it, or another --out")
+        if theirs != fingerprint and state.path.is_file():  # record what was adopted, where a run now lies
+            state.data["options"] = fingerprint
+            write_json(state.path, state.data)
         state.data["options"] = fingerprint
         yield state

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from hybrid_gpt.analysis.importance import attention_layers
 from hybrid_gpt.analysis.runstate import RunState, resumable_dir
 from hybrid_gpt.analysis.static_config import StaticConfig
-from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint
+from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint, weights_sha256
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import atomic_path, nested, read_json, write_json
 from hybrid_gpt.model.gpt import GPT, GPTConfig, TokenMLP, mixer_activations
@@ -389,9 +389,11 @@ def run_static(checkpoint: str | Path, config: StaticConfig | None = None, *, lo
     ensure_fits(2 * 2 * d * (plan["train_windows"] + plan["eval_windows"]) * config.context * 4,
                 "one layer's captured activations in float32", hint="lower --train-tokens or --eval-tokens")
     out = Path(config.out_dir) if config.out_dir else ckpt.parent / "static"
-    fingerprint = {**config.fingerprint(), "checkpoint": str(ckpt.resolve()), "data": str(data.root.resolve())}
+    fingerprint = {**config.fingerprint(), "checkpoint": str(ckpt.resolve()), "data": str(data.root.resolve()),
+                   "checkpoint_sha256": weights_sha256(ckpt), "data_sha256": data.sha256()}
     with resumable_dir(out, allowed=STATIC_FILES, what="staticness map", fingerprint=fingerprint,
-                       overwrite=config.overwrite, resume=config.resume, section="layers", free=("widths",),
+                       overwrite=config.overwrite, resume=config.resume, section="layers",
+                       free=("widths", "checkpoint", "data"), adopted=("checkpoint_sha256", "data_sha256"),
                        kind=State) as state:
 
         def publish(complete: bool = False) -> dict:

@@ -7,6 +7,7 @@ and every DDP rank can draw the same global batch and take its own rows.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,12 @@ class TokenData:
     tokenizer: Tokenizer
     train: np.ndarray
     val: np.ndarray
+
+    def sha256(self) -> str:
+        """The data's identity wherever its directory lies: a digest of its meta (corpus, tokenizer, splits)."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def open(cls, root: str | Path) -> "TokenData":
