@@ -10,9 +10,9 @@ PKG = pathlib.Path(hybrid_gpt.__file__).parent
 # Each module's place in the flow; a module may import only from its own rank or an earlier one.
 # present (tables, sentences, plots from data) sits just above the leaves, so every stage may render its own
 # files while it imports nothing that measures.
-RANKS = {"errors": 0, "fsutil": 0, "runtime": 0, "presets": 0, "options": 0, "stats": 0, "present": 0.5, "data": 1,
-         "model": 2, "checkpoint": 3, "interop": 3, "train": 4, "infer": 5, "analysis": 6, "report": 7, "pipeline": 8,
-         "cli": 9, "__init__": 9, "__main__": 9}
+RANKS = {"errors": 0, "compat": 0, "fsutil": 0, "runtime": 0, "presets": 0, "options": 0, "stats": 0,
+         "present": 0.5, "data": 1, "model": 2, "checkpoint": 3, "interop": 3, "train": 4, "infer": 5, "analysis": 6,
+         "report": 7, "pipeline": 8, "cli": 9, "__init__": 9, "__main__": 9}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hybrid_gpt import compat
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.config import TRAIN_BENCH_BATCH, BenchConfig
 from hybrid_gpt.infer.decoders import OursDecoder, compile_check
@@ -84,8 +85,7 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: dict[str
     # error (never eager code under a "+compile" label) should dynamo run out of it anyway.
     block = min((m.config.block_size for m in models.values()), default=1)
     sizes = len(cfg.contexts or default_contexts(block, cfg.new_tokens)) * len(cfg.batch_sizes)
-    limit = max(torch._dynamo.config.recompile_limit, sizes * len(models) * len(cfg.dtypes) + 1)
-    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+    with compat.recompile_budget(sizes * len(models) * len(cfg.dtypes) + 1):
         return _run_bench(models, cfg, log, val)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
+from hybrid_gpt import compat
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.config import check_new_tokens
 from hybrid_gpt.model.gpt import GPT
@@ -77,7 +78,7 @@ class StaticKVCache(KVCache):
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         if self._slots.device.type == "cuda":  # fixed addresses, which CUDA graphs replay; not on the CPU,
             for t in self.kv + [self._where, self._mask, self._token]:  # where freezing would fold them in
-                torch._dynamo.mark_static_address(t)
+                compat.mark_static_address(t)
 
     def positions(self, length: int) -> slice | torch.Tensor:
         return self._where if self.mask is not None else super().positions(length)
@@ -125,7 +126,7 @@ def compile_step(model: GPT):
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
 
     def step(*args, **kwargs):
-        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+        with compat.frozen_cpu_compile():
             return compiled(*args, **kwargs)
 
     return step

@@ -12,6 +12,7 @@ import statistics
 
 import torch
 
+from hybrid_gpt import compat
 from hybrid_gpt.infer.costs import roofline_seconds, step_costs
 from hybrid_gpt.infer.entries import precision
 from hybrid_gpt.infer.timing import median_time, time_call
@@ -43,7 +44,8 @@ def environment(device: torch.device, dtypes: list[str]) -> dict:
            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
            "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
            # Our CPU linear layers use oneDNN, the peer's use PyTorch's default (MKL): say which ran.
-           "linear_kernels": linear_kernels(device)}
+           "linear_kernels": linear_kernels(device),
+           "torch_paths": compat.describe()}  # which private torch features ran, or their public fallbacks
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     for package in ("transformers", "ctranslate2"):

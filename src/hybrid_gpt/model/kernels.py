@@ -14,23 +14,23 @@ docs/performance.md).
   and the packed copy is reused until the weight changes (its version counter moves).
 
 Everywhere else (CUDA, other dtypes, small products, weights made inside ``torch.inference_mode``,
-``torch.compile``, a PyTorch without oneDNN, a dtype whose oneDNN product fails the self-test, e.g.
-bfloat16 on a CPU without AVX-512) it is plain ``F.linear``. ``HYBRID_GPT_ONEDNN=0``
+``torch.compile``, a PyTorch without oneDNN ops or on compat's public path, a dtype whose oneDNN product
+fails the self-test, e.g. bfloat16 on a CPU without AVX-512) it is plain ``F.linear``. ``HYBRID_GPT_ONEDNN=0``
 (read once, at the first product) switches the oneDNN path off, e.g. to measure what it buys;
-``set_enabled`` does the same in a running process.
+``set_enabled`` does the same in a running process. The oneDNN ops are private to PyTorch: they come from
+``hybrid_gpt.compat``, as does the int8 product below.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 import math
 import os
-import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hybrid_gpt import compat
 
 ENV_SWITCH = "HYBRID_GPT_ONEDNN"
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -38,14 +38,16 @@ _DTYPES = (torch.float32, torch.bfloat16)
 # oneDNN pays off from a few MFLOP or, at few rows (decoding), from a weight too large for the caches.
 MIN_FLOPS = 4_000_000
 MIN_WEIGHT_BYTES = 512 * 1024
-_available: frozenset | None = None  # the dtypes oneDNN computes right here, decided once per process by _self_test
-_enabled: bool | None = None  # decided by onednn_enabled at the first product
+_available: frozenset | None = None  # the dtypes oneDNN computes right here, decided by _self_test per compat mode
+_ops: tuple | None = None  # compat.onednn_linear(): (product, pack), or None
+_mode: bool | None = None  # compat.public_only() when _available was decided
+_enabled: bool | None = None  # HYBRID_GPT_ONEDNN, read by onednn_enabled at the first product
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias by oneDNN; ``x`` is [..., in] (any strides); ``weight`` is [out, in],
     plain (any strides) or packed."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return _ops[0](x, weight, bias)
 
 
 def _agrees(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
@@ -54,7 +56,7 @@ def _agrees(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
     tol = 1e-5 if x.dtype == torch.float32 else 2e-2
     try:
         expected = F.linear(x, w, b).float()
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        packed = _ops[1](w)
         return all(torch.allclose(y.float(), expected, atol=tol, rtol=tol)
                    for y in (_product(x, w, b), _product(x, w.t().contiguous().t(), b), _product(x, packed, b)))
     except (RuntimeError, AttributeError, TypeError):  # an op missing here, or the CPU lacks its instructions
@@ -66,7 +68,7 @@ def _self_test() -> frozenset:
 
     Each is tested apart: oneDNN's bfloat16 products need AVX-512 (or AVX-NE-CONVERT), so on some CPUs
     bfloat16 fails where float32 works, and float32 layers should keep oneDNN there."""
-    if not torch.backends.mkldnn.is_available():
+    if _ops is None:
         return frozenset()
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)  # never the global generator: runs must not shift
@@ -75,8 +77,10 @@ def _self_test() -> frozenset:
 
 
 def _works() -> frozenset:
-    global _available
-    if _available is None:
+    global _available, _ops, _mode
+    if _available is None or _mode != compat.public_only():
+        _mode = compat.public_only()
+        _ops = compat.onednn_linear()
         _available = _self_test()
     return _available
 
@@ -90,15 +94,15 @@ def onednn_enabled() -> bool:
     ``set_enabled`` changes it afterwards."""
     global _enabled
     if _enabled is None:
-        _enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0" and bool(_works())
-    return _enabled
+        _enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0"
+    return _enabled and bool(_works())
 
 
 def set_enabled(enabled: bool | None) -> None:
     """Switch the oneDNN path on or off in this process (on only where it works here); ``None``
     goes back to what ``HYBRID_GPT_ONEDNN`` says. For A/B comparisons and tests."""
     global _enabled
-    _enabled = None if enabled is None else bool(enabled) and bool(_works())
+    _enabled = None if enabled is None else bool(enabled)
 
 
 def backend_name() -> str:
@@ -122,9 +126,9 @@ class PackedWeight:
         self.key, self.packed = None, None
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape))
+        key = (compat.tensor_version(weight), weight.data_ptr(), weight.dtype, tuple(weight.shape))
         if key != self.key:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self.packed = _ops[1](weight.detach())
             self.key = key
         return self.packed
 
@@ -202,56 +206,33 @@ class Linear(nn.Linear):
 
 # --- int8: dynamically quantized linear layers that torch.compile can take in -----------------------------------
 
-_PACKED: dict[int, object] = {}  # handle -> fbgemm's packed int8 weight (a TorchScript object), one per Int8Linear
-_handles = itertools.count()
-
-
-@torch.library.custom_op("hybrid_gpt::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    """x @ W.T + b with the int8 weight packed under ``handle``: ``x`` quantized to 8 bits per call (its own range),
-    an int8 product, float32 out (PyTorch's quantized::linear_dynamic, as torch.ao's dynamic Linear runs it)."""
-    return torch.ops.quantized.linear_dynamic(x, _PACKED[handle], True)
-
-
-@int8_linear.register_fake
-def _int8_linear_shape(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
-
 
 class Int8Linear(nn.Module):
-    """A float32 linear layer as int8 weights (symmetric, one scale per output row, torch.ao's per-channel weight
-    observer) and float32 bias, applied by :func:`int8_linear`: torch.ao's dynamic quantization, on the CPU.
+    """A float32 linear layer as int8 weights (symmetric, one float32 scale per output row) and float32 bias;
+    each product quantizes its input to int8 on the fly (symmetric, one scale per row of the input), multiplies
+    in int8 into int32 (compat.int_mm) and scales back to float32: dynamic quantization, on the CPU.
 
-    Why a custom operator rather than torch.ao's module: dynamo cannot trace that module's packed-weight
-    object, so it could never be part of a compiled decode step; a custom operator holding only an int handle
-    is opaque to the compiler and compiles. The packed weight lives in a registry while the module lives."""
+    Why these ops rather than torch.ao's dynamic Linear: that one builds quantized tensors, which PyTorch
+    deprecates, and holds a packed-weight object dynamo cannot trace; plain int8 tensors and one matrix product
+    are neither, so the compiled decode step takes them in as it does float32's."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        from torch.ao.quantization.observer import default_per_channel_weight_observer
-
         weight = linear.weight.detach().float().cpu()
-        observer = default_per_channel_weight_observer()
-        observer(weight)
-        scale, zero = observer.calculate_qparams()
-        qweight = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
-        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        scale = (weight.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().cpu())
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._register(torch.ops.quantized.linear_prepack(qweight, bias))
-
-    def _register(self, packed) -> None:
-        self.handle = next(_handles)
-        _PACKED[self.handle] = packed
-        weakref.finalize(self, _PACKED.pop, self.handle, None)
-
-    def __deepcopy__(self, memo):
-        new = copy.copy(self)  # the module's own state (hooks, flags); the packed weight is shared, read-only
-        new.__dict__ = {k: copy.copy(v) for k, v in self.__dict__.items()}
-        new._register(_PACKED[self.handle])
-        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.handle, self.out_features)
+        rows = x.reshape(-1, self.in_features)
+        step = (rows.abs().amax(1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.round(rows / step).clamp(-127, 127).to(torch.int8)
+        y = compat.int_mm(q, self.qweight.t()).float() * (step * self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
