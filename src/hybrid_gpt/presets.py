@@ -30,6 +30,11 @@ PRESETS: dict[str, dict] = {
                  dpo=dict(max_steps=500, lr=1e-5, batch_size=32, warmup_steps=25, eval_interval=100,
                           weight_decay=0.0)),
 }
+# The cpu shape at context 1,024 with the same 4,096 tokens per step: a from-scratch testbed whose context is long
+# enough for the hybrid's speed gain to show; whether it can see depth is ablate's AA - AAAA check.
+_cpu = PRESETS["cpu"]
+PRESETS["depth"] = {**_cpu, "block_size": 1024, "batch_size": 4, "sft": {**_cpu["sft"], "batch_size": 4},
+                    "dpo": {**_cpu["dpo"], "batch_size": 2}}
 STAGES = ("pretrain", "sft", "dpo")
 for _preset in PRESETS.values():  # fine-tuning stages record the baseline they start from
     for _stage in ("sft", "dpo"):

@@ -4,6 +4,8 @@ import pytest
 from helpers import quiet
 
 from hybrid_gpt.analysis.ablate import (
+    gap_curves,
+    gap_table,
     learning_curves,
     matched_hidden,
     parse_variants,
@@ -142,6 +144,25 @@ def test_learning_curves_mean_and_interval_per_step(tmp_path):
     assert b["mean"] == pytest.approx([3.1, 2.7]) and b["final"] is None
 
 
+def test_gap_curves_pair_seeds_at_each_step_and_mark_a_clear_gap(tmp_path):
+    """AA - AAAA per step, paired by seed: at step 10 within noise, at step 30 clear of the tolerance; a step only
+    one pattern reached is left out, and the final evaluation (other tokens) is not a point."""
+    runs = {"AAAA": {1: _fake_run(tmp_path / "a1", {10: 3.0, 30: 2.00, 40: 1.9}, final=(40, 1.9)),
+                     2: _fake_run(tmp_path / "a2", {10: 3.2, 30: 2.20}, final=(30, 2.2))},
+            "AA": {1: _fake_run(tmp_path / "b1", {10: 3.01, 30: 2.10}), 2: _fake_run(tmp_path / "b2", {10: 3.18,
+                                                                                                  30: 2.31})}}
+    variants = [{"spec": "AAAA", "slug": "AAAA", "layers": "AAAA"}, {"spec": "AA", "slug": "AA", "layers": "AA"}]
+    (gap,) = gap_curves(runs, variants, tokens_per_step=100)
+    assert (gap["other"], gap["base"]) == ("AA", "AAAA") and "depth" in gap["question"]
+    assert [p["step"] for p in gap["points"]] == [10, 30] and [p["tokens"] for p in gap["points"]] == [1000, 3000]
+    early, late = gap["points"]
+    assert early["difference"]["mean"] == pytest.approx(-0.005) and not early["clear"]
+    assert late["difference"]["mean"] == pytest.approx(0.105) and late["tolerance"] == pytest.approx(0.021)
+    assert late["difference"]["ci95"] == pytest.approx(mean_ci([0.10, 0.11])["ci95"]) and late["clear"]
+    table = "\n".join(gap_table([gap]))
+    assert "1,000 tokens" in table and "**clear**" in table and table.count("**clear**") == 1
+
+
 def test_power_lines_from_constructed_numbers():
     def variant(spec, values):
         return {"spec": spec, "layers": spec, "val_bpb": mean_ci(values)}
@@ -151,7 +172,7 @@ def test_power_lines_from_constructed_numbers():
     result = {"variants": [variant("AAAA", base), variant("AAMM", [b + d for b, d in zip(base, diffs)]),
                            variant("AA", [2.3, 2.3001, 2.2999])]}
     power = {(p["other"], p["base"]): p for p in power_lines(result)}
-    assert set(power) == {("AAMM", "AAAA"), ("AA", "AAMM")}  # only questions with both patterns present
+    assert set(power) == {("AAMM", "AAAA"), ("AA", "AAMM"), ("AA", "AAAA")}  # questions with both patterns present
     p = power[("AAMM", "AAAA")]
     assert p["difference"]["mean"] == pytest.approx(0.01)
     assert p["half_width"] == pytest.approx(4.302653 * 0.005 / 3 ** 0.5)

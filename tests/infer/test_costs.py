@@ -52,6 +52,13 @@ def _ops(counts: dict[str, int], names) -> int:
     return sum(counts.get(n, 0) for n in names)
 
 
+def _counts_cpu_sdpa() -> bool:
+    from torch.utils.flop_counter import flop_registry
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return op in flop_registry or op.default in flop_registry
+
+
 @pytest.mark.parametrize("batch", [1, 3])  # batch 3 decodes through _attend_one (bmm), batch 1 through SDPA
 @pytest.mark.parametrize("layers, kw", SHAPES)
 @torch.inference_mode()
@@ -76,6 +83,9 @@ def test_flops_match_torch_flop_counter(layers, kw, batch, plain_linear):
     for phase, counts in (("prefill", prefill), ("decode", decode)):
         assert set(counts) <= set(ATTENTION_OPS + LINEAR_OPS), counts
         assert _ops(counts, LINEAR_OPS) == sum(mine[phase][c]["flops"] for c in WEIGHT_COMPONENTS), phase
+    if not _counts_cpu_sdpa():
+        pytest.skip("linear layers checked; this torch's FlopCounterMode does not count CPU SDPA (torch 2.13 does "
+                    "not), so the attention products cannot be checked against it")
     assert _ops(decode, ATTENTION_OPS) == mine["decode"]["attention_scores"]["flops"] > 0
     rectangle = 4 * batch * cfg.n_embd * n_a * context * context
     assert _ops(prefill, ATTENTION_OPS) == rectangle

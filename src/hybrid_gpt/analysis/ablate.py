@@ -30,7 +30,7 @@ from hybrid_gpt.present.plots import save_plot
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.stats import format_ci, judge_interval, judge_pair, mean_ci, seeds_needed
 
-QUICK_STEPS = {"smoke": 10, "cpu": 150, "seed": 1000}  # --quick: 3 seeds x 6 variants well inside 20 min on cpu
+QUICK_STEPS = {"smoke": 10, "cpu": 150, "depth": 150, "seed": 1000}  # --quick: 3 seeds x 6 variants, 20 min on cpu
 DECODE_NEW_TOKENS = 24  # tokens decoded per timed run, ending at the full context
 CURVE_POINTS = 8  # validation evaluations per run (plus the final one): the learning curves' points
 
@@ -168,6 +168,8 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
             "val_bpb": mean_ci(bpb), "val_loss": mean_ci(loss), "train_seconds": mean_ci(seconds),
             "checkpoints": {str(s): str(p) for s, p in runs[v.slug].items()}})
     result["curves"] = learning_curves({v.slug: runs[v.slug] for v in variants})
+    result["gaps"] = gap_curves(runs, result["variants"], values["batch_size"] * values["grad_accum"]
+                                * values["block_size"])
     result["power"] = power_lines(result)
     result["decode"] = _decode_speeds(variants, runs, seeds[0], device, bench_repeats, log)
     for entry in result["variants"]:
@@ -199,19 +201,9 @@ def learning_curves(runs: dict[str, dict[int, Path]]) -> dict:
     "val_tokens" differ from the first evaluation's), so it is not a point of the curve, whose steps would then
     compare different text: it is "final" ({"step", "mean", "ci95", "n"}, None if no run has one yet). A run
     with fewer evaluations (older code) gives the points it has."""
-    from hybrid_gpt.train.stage import read_metrics
-
     curves = {}
     for slug, by_seed in runs.items():
-        at: dict[int, dict[int, float]] = {}  # step -> seed -> bpb (the last record of a step counts)
-        finals: dict[int, tuple[int, float]] = {}  # seed -> (step, bpb)
-        for seed, ckpt in by_seed.items():
-            evals = [m for m in read_metrics(Path(ckpt)) if "val_bpb" in m]
-            for m in evals:
-                if m.get("val_tokens") == evals[0].get("val_tokens"):
-                    at.setdefault(m["step"], {})[seed] = m["val_bpb"]
-                else:
-                    finals[seed] = (m["step"], m["val_bpb"])
+        at, finals = _evaluations(by_seed)
         stats = [mean_ci(list(at[step].values())) for step in sorted(at)]
         final = None
         if finals:
@@ -221,6 +213,51 @@ def learning_curves(runs: dict[str, dict[int, Path]]) -> dict:
         curves[slug] = {"steps": sorted(at), "mean": [s["mean"] for s in stats], "ci95": [s["ci95"] for s in stats],
                         "n": [s["n"] for s in stats], "final": final}
     return curves
+
+
+def _evaluations(by_seed: dict[int, Path]) -> tuple[dict[int, dict[int, float]], dict[int, tuple[int, float]]]:
+    """A variant's validation bits per byte from its runs' metrics: ({step: {seed: bpb}} of the periodic
+    evaluations (the last record of a step counts), {seed: (step, bpb)} of the final one)."""
+    from hybrid_gpt.train.stage import read_metrics
+
+    at: dict[int, dict[int, float]] = {}
+    finals: dict[int, tuple[int, float]] = {}
+    for seed, ckpt in by_seed.items():
+        evals = [m for m in read_metrics(Path(ckpt)) if "val_bpb" in m]
+        for m in evals:
+            if m.get("val_tokens") == evals[0].get("val_tokens"):
+                at.setdefault(m["step"], {})[seed] = m["val_bpb"]
+            else:
+                finals[seed] = (m["step"], m["val_bpb"])
+    return at, finals
+
+
+def gap_curves(runs: dict[str, dict[int, Path]], variants: list[dict], tokens_per_step: int) -> list[dict]:
+    """For each question of :data:`QUESTIONS` whose two patterns were run: other - base validation bits per byte
+    at every periodic evaluation both reached, paired by seed, with its 95% t-interval over seeds and the
+    tolerance (QUALITY_TOLERANCE of the base's bits per byte there): how a difference grows with the training
+    budget, e.g. whether a testbed can see depth (AA - AAAA) and at how many tokens it would."""
+    by_layers: dict[str, dict] = {}
+    for e in variants:
+        by_layers.setdefault(e["layers"], e)
+    out = []
+    for other, base, question in QUESTIONS:
+        if other not in by_layers or base not in by_layers:
+            continue
+        o, _ = _evaluations(runs[by_layers[other]["slug"]])
+        b, _ = _evaluations(runs[by_layers[base]["slug"]])
+        points = []
+        for step in sorted(set(o) & set(b)):
+            seeds = sorted(set(o[step]) & set(b[step]))
+            if not seeds:
+                continue
+            d = mean_ci([o[step][k] - b[step][k] for k in seeds])
+            tolerance = QUALITY_TOLERANCE * sum(b[step][k] for k in seeds) / len(seeds)
+            points.append({"step": step, "tokens": step * tokens_per_step, "difference": d, "tolerance": tolerance,
+                           "clear": d["ci95"] is not None and d["ci95"][0] > tolerance})
+        out.append({"other": by_layers[other]["spec"], "base": by_layers[base]["spec"], "question": question,
+                    "points": points})
+    return out
 
 
 def power_lines(result: dict) -> list[dict]:
@@ -292,6 +329,7 @@ QUESTIONS = (
     ("MMAA", "AAMM", "whether it matters which layers are replaced"),
     ("AA", "AAMM", "whether the deep blocks are needed at all"),
     ("AANN", "AAAA", "what dropping the deep attention costs"),
+    ("AA", "AAAA", "whether this testbed can see depth (the half-depth model against the full one)"),
 )
 
 
@@ -359,7 +397,54 @@ def plot_ablate(result: dict, out: Path) -> dict:
     plots = {"pareto": save_plot(out / "ablate-pareto.png", pareto), "bpb": save_plot(out / "ablate-bpb.png", bars)}
     if result.get("curves"):
         plots["curves"] = plot_curves(result, out)
+    if any(g["points"] for g in result.get("gaps", [])):
+        plots["gaps"] = plot_gaps(result, out)
     return plots
+
+
+def plot_gaps(result: dict, out: Path) -> str:
+    """ablate-gaps.png: each question's difference (other - base bpb, paired by seed) against training tokens, in
+    its 95% band, with the tolerance it must clear."""
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for g in result["gaps"]:
+            if not g["points"]:
+                continue
+            x = [p["tokens"] for p in g["points"]]
+            mean = [p["difference"]["mean"] for p in g["points"]]
+            line, = ax.plot(x, mean, "o-", markersize=3, label=f"{g['other']} - {g['base']}")
+            lo = [p["difference"]["ci95"][0] if p["difference"]["ci95"] else m for p, m in zip(g["points"], mean)]
+            hi = [p["difference"]["ci95"][1] if p["difference"]["ci95"] else m for p, m in zip(g["points"], mean)]
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+        tol = [(p["tokens"], p["tolerance"]) for g in result["gaps"][:1] for p in g["points"]]
+        if tol:
+            ax.plot([t for t, _ in tol], [v for _, v in tol], "k--", linewidth=1, label="tolerance (1% of base)")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("difference in validation bits per byte")
+        ax.set_title(f"Differences against the budget ({len(result['seeds'])} seed(s), paired; 95% CI band)",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return fig
+
+    return save_plot(out / "ablate-gaps.png", draw)
+
+
+def gap_table(gaps: list[dict]) -> list[str]:
+    """The differences against the budget as markdown: one row per question, one column per evaluation."""
+    steps = sorted({p["step"] for g in gaps for p in g["points"]})
+    if not steps:
+        return []
+    tokens = {p["step"]: p["tokens"] for g in gaps for p in g["points"]}
+    L = ["| difference (bpb) | " + " | ".join(f"{tokens[s]:,} tokens" for s in steps) + " |",
+         "| --- |" + " --- |" * len(steps)]
+    for g in gaps:
+        at = {p["step"]: p for p in g["points"]}
+        cells = [(format_ci(at[s]["difference"], signed=True) + (" **clear**" if at[s]["clear"] else ""))
+                 if s in at else "-" for s in steps]
+        L.append(f"| {g['other']} - {g['base']} | " + " | ".join(cells) + " |")
+    return L
 
 
 def plot_curves(result: dict, out: Path) -> str:
@@ -432,6 +517,15 @@ def render_ablate_markdown(result: dict) -> str:
                  "stopping).\n")
         L += power_table(result["power"], len(seeds))
         L.append("")
+    if result.get("gaps") and gap_table(result["gaps"]):
+        L.append("Differences against the training budget: other - base validation bits per byte at each periodic "
+                 "evaluation, paired by seed (95% t-interval over seeds); **clear**: the interval lies wholly above "
+                 "the tolerance. AA - AAAA is the testbed's own check: a testbed where the half-depth model is "
+                 "not clearly worse cannot see what the deep layers do.\n")
+        L += gap_table(result["gaps"])
+        L.append("")
+        if "gaps" in result["plots"]:
+            L.append(f"![differences against the budget]({result['plots']['gaps']})\n")
     L.append(f"![quality vs speed]({result['plots']['pareto']})\n\n![bits per byte]({result['plots']['bpb']})\n")
     if "curves" in result["plots"]:
         L.append("Learning curves: validation bits per byte at each periodic evaluation, mean over seeds in a 95% "

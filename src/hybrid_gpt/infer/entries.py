@@ -36,8 +36,8 @@ def precision(model: GPT) -> str:
 
 def quantize_int8(model: GPT) -> GPT:
     """A copy of ``model`` (float32, on the CPU) whose linear layers (attention, MLPs, the LM head) are
-    kernels.Int8Linear: int8 weights, one scale per output row; each product quantizes its input to int8 on the
-    fly and runs fbgemm's int8 kernel (torch.ao's dynamic quantization); embeddings, norms and the KV cache stay
+    kernels.Int8Linear: int8 weights, one scale per output row; each product quantizes its input to int8 per row
+    on the fly and multiplies in int8 (dynamic quantization, compat.int_mm); embeddings, norms and the KV cache stay
     float32. Why dynamic quantization rather than weight-only int8: it is what CTranslate2's int8 does on the
     CPU (int8 products with activations quantized per call), so the two int8 rows compare like with like, and
     it needs no kernel outside PyTorch's own. Its static decode step compiles (compile_step), as float32's."""
