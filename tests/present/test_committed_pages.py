@@ -29,7 +29,7 @@ def test_the_replacement_study_from_its_state():
 
     committed, state = load("smollm2/replace/replace.json"), load("smollm2/replace/state.json")
     static = load("smollm2/static/static.json")
-    cfg = ReplaceConfig(**{k: v for k, v in state["options"].items() if k not in ("checkpoint", "map")})
+    cfg = ReplaceConfig(**{k: v for k, v in state["options"].items() if k in ReplaceConfig.__dataclass_fields__})
     sentence = map_sentence(static)
     result = summarise(state, cfg, committed["windows"], committed["complete"]) | {
         "map_sentence": sentence, "map_r2": {str(r["layer"]): r["r2"] for r in static["layers"]},
