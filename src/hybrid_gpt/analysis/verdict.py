@@ -374,58 +374,79 @@ def table(found: dict) -> list[dict]:
 
 
 def sentences(found: dict) -> list[str]:
-    out = []
-    variants, probe = _variants(found), _probe(found)
-    mlp_matters = None
-    ctx = per_context(found)
-    if ctx is not None:
-        s, h = variants[STANDARD], variants[HYBRID]
-        d, tol, quality_ok = ctx["quality_cost_bpb"], ctx["tolerance_bpb"], ctx["quality"]
-        quality_state = {True: "holds", False: "does not hold", None: "cannot be told at this noise"}[quality_ok]
-        out.append(f"Quality: {HYBRID} - {STANDARD} = {d['mean']:+.4f} bits per byte{_interval(d)}, "
-                   f"{100 * d['mean'] / s['val_bpb']['mean']:+.2f}% of the standard's; the tolerance is "
-                   f"{tol:+.4f} ({100 * QUALITY_TOLERANCE:.0f}%), so little loss of quality {quality_state}"
-                   + (" (the interval straddles the tolerance: more seeds would tell)" if quality_ok is None else "")
-                   + ("" if d["ci95"] else " (one seed: no interval, so it cannot be judged)") + ".")
-        out.append(f"The KV cache of {HYBRID} is {h['kv_bytes_per_token'] / s['kv_bytes_per_token']:.2f}x the "
-                   f"standard's size.")
-    if HYBRID in variants and DROP in variants:
-        d = _diff(variants[HYBRID], variants[DROP])
-        mlp_matters = bool(d["ci95"]) and d["ci95"][1] < 0
-        if mlp_matters:
-            out.append(f"The per-token MLP earns its place: {HYBRID} - {DROP} = {d['mean']:+.4f} bpb{_interval(d)}.")
-        elif d["ci95"] and d["ci95"][0] > 0:
-            out.append(f"The per-token MLP is worse than nothing: {HYBRID} - {DROP} = {d['mean']:+.4f} bpb"
-                       f"{_interval(d)}; what the hybrid keeps comes from the blocks' feed-forward MLPs, not from a "
-                       "static replacement of attention.")
-        else:
-            out.append(f"The per-token MLP adds nothing measurable: {HYBRID} - {DROP} = {d['mean']:+.4f} bpb"
-                       f"{_interval(d)}; dropping the deep attention outright does as well at this budget.")
+    """The verdict in sentences: quality and KV cache, what the MLP adds, the truncated model, the probe, the
+    other analyses, speed per context, and the answer, each from the numbers found."""
+    variants, ctx = _variants(found), per_context(found)
+    out = _quality_sentences(variants, ctx) if ctx is not None else []
+    mlp_line, mlp_matters = _mlp_sentence(variants)
+    out += mlp_line
     if "AA" in variants and HYBRID in variants:
         d = _diff(variants["AA"], variants[HYBRID])
         verdict = ("within noise of" if _within_noise(d) else "better than" if d["mean"] < 0 else "worse than")
         out.append(f"The truncated two-block model AA is {verdict} {HYBRID} ({d['mean']:+.4f} bpb{_interval(d)}).")
-    for task, by in probe.items():
-        if STANDARD not in by:
-            continue
-        chance = next(iter(by.values()))["chance"]
-        cells = [f"{p} {e['accuracy']['mean']:.3f}" + (f" ({e['judgement']}: " + ", ".join(
-            f"{v:.3f}" for v in e["accuracy"]["values"]) + ")" if e.get("judgement") else "") for p, e in by.items()]
-        line = f"Token-mixing probe, {task} (chance {chance:.3f}): " + "; ".join(cells) + "."
-        judged = {p: e.get("judgement") for p, e in by.items()}
-        shallow = [p for p in by if p != STANDARD and judged[p]]
-        if judged[STANDARD] == "learns" and shallow:
-            lost = [p for p in shallow if judged[p] == "does not learn"]
-            kept = [p for p in shallow if judged[p] == "learns"]
-            if lost:
-                line += f" {STANDARD} learns it and {', '.join(lost)} cannot: here the deep attention does something"
-                line += f" ({', '.join(kept)} learn it too)." if kept else "."
-            elif len(kept) == len(shallow):
-                line += f" Every pattern learns it: {task} does not need the deep attention at this size."
-        elif judged[STANDARD] and judged[STANDARD] != "learns":
-            line += f" {STANDARD} itself {judged[STANDARD] if judged[STANDARD] == 'does not learn' else 'is unstable'}"
-            line += " on it, so it cannot show what the other patterns lose."
-        out.append(line)
+    out += [_probe_sentence(task, by) for task, by in _probe(found).items() if STANDARD in by]
+    out += _analysis_sentences(found)
+    if ctx is None:
+        out.append("No verdict: it needs the ablation of AAAA and AAMM (`hybrid-gpt ablate`).")
+        return out
+    return out + _speed_sentences(ctx, mlp_matters)
+
+
+def _quality_sentences(variants: dict, ctx: dict) -> list[str]:
+    s, h = variants[STANDARD], variants[HYBRID]
+    d, tol, quality_ok = ctx["quality_cost_bpb"], ctx["tolerance_bpb"], ctx["quality"]
+    quality_state = {True: "holds", False: "does not hold", None: "cannot be told at this noise"}[quality_ok]
+    return [f"Quality: {HYBRID} - {STANDARD} = {d['mean']:+.4f} bits per byte{_interval(d)}, "
+            f"{100 * d['mean'] / s['val_bpb']['mean']:+.2f}% of the standard's; the tolerance is "
+            f"{tol:+.4f} ({100 * QUALITY_TOLERANCE:.0f}%), so little loss of quality {quality_state}"
+            + (" (the interval straddles the tolerance: more seeds would tell)" if quality_ok is None else "")
+            + ("" if d["ci95"] else " (one seed: no interval, so it cannot be judged)") + ".",
+            f"The KV cache of {HYBRID} is {h['kv_bytes_per_token'] / s['kv_bytes_per_token']:.2f}x the "
+            "standard's size."]
+
+
+def _mlp_sentence(variants: dict) -> tuple[list[str], bool | None]:
+    """What the per-token MLP adds over dropping the attention: ([sentence] or [], whether it measurably helps)."""
+    if HYBRID not in variants or DROP not in variants:
+        return [], None
+    d = _diff(variants[HYBRID], variants[DROP])
+    mlp_matters = bool(d["ci95"]) and d["ci95"][1] < 0
+    if mlp_matters:
+        line = f"The per-token MLP earns its place: {HYBRID} - {DROP} = {d['mean']:+.4f} bpb{_interval(d)}."
+    elif d["ci95"] and d["ci95"][0] > 0:
+        line = (f"The per-token MLP is worse than nothing: {HYBRID} - {DROP} = {d['mean']:+.4f} bpb"
+                f"{_interval(d)}; what the hybrid keeps comes from the blocks' feed-forward MLPs, not from a "
+                "static replacement of attention.")
+    else:
+        line = (f"The per-token MLP adds nothing measurable: {HYBRID} - {DROP} = {d['mean']:+.4f} bpb"
+                f"{_interval(d)}; dropping the deep attention outright does as well at this budget.")
+    return [line], mlp_matters
+
+
+def _probe_sentence(task: str, by: dict) -> str:
+    chance = next(iter(by.values()))["chance"]
+    cells = [f"{p} {e['accuracy']['mean']:.3f}" + (f" ({e['judgement']}: " + ", ".join(
+        f"{v:.3f}" for v in e["accuracy"]["values"]) + ")" if e.get("judgement") else "") for p, e in by.items()]
+    line = f"Token-mixing probe, {task} (chance {chance:.3f}): " + "; ".join(cells) + "."
+    judged = {p: e.get("judgement") for p, e in by.items()}
+    shallow = [p for p in by if p != STANDARD and judged[p]]
+    if judged[STANDARD] == "learns" and shallow:
+        lost = [p for p in shallow if judged[p] == "does not learn"]
+        kept = [p for p in shallow if judged[p] == "learns"]
+        if lost:
+            line += f" {STANDARD} learns it and {', '.join(lost)} cannot: here the deep attention does something"
+            line += f" ({', '.join(kept)} learn it too)." if kept else "."
+        elif len(kept) == len(shallow):
+            line += f" Every pattern learns it: {task} does not need the deep attention at this size."
+    elif judged[STANDARD] and judged[STANDARD] != "learns":
+        line += f" {STANDARD} itself {judged[STANDARD] if judged[STANDARD] == 'does not learn' else 'is unstable'}"
+        line += " on it, so it cannot show what the other patterns lose."
+    return line
+
+
+def _analysis_sentences(found: dict) -> list[str]:
+    """The layer-importance recommendation and what distillation recovers, where they were run."""
+    out = []
     if "importance" in found:
         rec = found["importance"]["data"]["recommendation"]
         out.append(f"Layer importance of the trained standard model recommends {rec['pattern']}"
@@ -442,9 +463,11 @@ def sentences(found: dict) -> list[str]:
                      else ".")
             out.append(f"Distilling the deep attention into per-token MLPs recovers {format_share(kept, 0)} of the "
                        "quality that attention-drop loses" + after)
-    if ctx is None:
-        out.append("No verdict: it needs the ablation of AAAA and AAMM (`hybrid-gpt ablate`).")
-        return out
+    return out
+
+
+def _speed_sentences(ctx: dict, mlp_matters: bool | None) -> list[str]:
+    out = []
     for r in ctx["rows"]:
         out.append(f"Speed at context {r['context']:,} ({r['weights']} weights, batch 1): cached decode "
                    f"{format_ratio({'ratio': r['ratio'], 'ci95': r['ci95']})} the standard's"
