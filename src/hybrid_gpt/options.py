@@ -193,17 +193,7 @@ def check_value(value, kind: str, spec: Spec = Spec()):
     if kind == "bool":
         return None if isinstance(value, bool) else "must be true or false"
     if kind in LISTS:
-        if not isinstance(value, (list, tuple)) or not value:
-            return "must list at least one value"
-        if len(value) > MAX_LIST:
-            return f"lists {len(value):,} values; the limit is {MAX_LIST:,}"
-        for v in value:
-            problem = check_value(v, LISTS[kind], spec)
-            if problem:
-                return f"has {shown(v)}, which {problem}"
-        if spec.unique and len(set(value)) != len(value):
-            return "repeats a seed" if kind == "seeds" else "repeats a value"
-        return None
+        return _list_problem(value, kind, spec)
     if not isinstance(value, str):
         return "must be text" if spec.choices is None else f"must be one of {', '.join(map(str, spec.choices))}"
     problem = _text_problem(value, kind, spec)
@@ -216,6 +206,21 @@ def check_value(value, kind: str, spec: Spec = Spec()):
     if spec.choices is not None and value not in spec.choices:
         return f"must be one of {', '.join(map(str, spec.choices))}"
     return spec.check(value) if spec.check else None
+
+
+def _list_problem(value, kind: str, spec: Spec):
+    """check_value for a list kind (LISTS): non-empty, bounded, each item valid, unique where asked."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return "must list at least one value"
+    if len(value) > MAX_LIST:
+        return f"lists {len(value):,} values; the limit is {MAX_LIST:,}"
+    for v in value:
+        problem = check_value(v, LISTS[kind], spec)
+        if problem:
+            return f"has {shown(v)}, which {problem}"
+    if spec.unique and len(set(value)) != len(value):
+        return "repeats a seed" if kind == "seeds" else "repeats a value"
+    return None
 
 
 def require(name: str, value, kind: str, spec: Spec = Spec()) -> None:
