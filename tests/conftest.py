@@ -7,7 +7,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import SMOKE, quiet  # noqa: E402
+from helpers import SMOKE  # noqa: E402
 
 from hybrid_gpt.data.corpus import load_shakespeare  # noqa: E402
 from hybrid_gpt.data.tokens import prepare_data  # noqa: E402
@@ -24,7 +24,7 @@ def corpus():
 def smoke_run(tmp_path_factory, corpus):
     """A run directory with the embedded corpus prepared at the smoke preset's vocabulary."""
     run_dir = tmp_path_factory.mktemp("smoke-run")
-    prepare_data(corpus, run_dir / "data", SMOKE["vocab_size"], log=lambda *a: None)
+    prepare_data(corpus, run_dir / "data", SMOKE["vocab_size"])
     return run_dir
 
 
@@ -39,5 +39,5 @@ def pretrained(smoke_run, tmp_path_factory):
     shutil.copytree(smoke_run / "data", run_dir / "data")
     for model_type in ("standard", "hybrid"):
         run_pretrain(run_dir=run_dir, preset="smoke", model_type=model_type,
-                     overrides=dict(max_steps=6, eval_interval=3, progress=False), log=quiet)
+                     overrides=dict(max_steps=6, eval_interval=3, progress=False))
     return run_dir

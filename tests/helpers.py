@@ -31,10 +31,6 @@ def smoke_model(layers: str = "AAMM", seed: int = 0, **kw) -> GPT:
     return model.eval()
 
 
-def quiet(*args, **kwargs):
-    pass
-
-
 def write_jsonl(path, rows):
     import json
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import quiet, run_bad, smoke_config, smoke_model, tiny_chat_files
+from helpers import run_bad, smoke_config, smoke_model, tiny_chat_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +30,7 @@ def other(tmp_path_factory):
     text = "".join(f"A{i % 5}:\nline {i} of it, and {i * 7 % 13} more\n\n" for i in range(400))
     corpus = Corpus(train=[Document("a", text[: len(text) // 2])], val=[Document("b", text[len(text) // 2:])],
                     source="other corpus")
-    prepare_data(corpus, root / "data", 280, log=quiet)
+    prepare_data(corpus, root / "data", 280)
     from hybrid_gpt.data.tokens import TokenData
 
     data = TokenData.open(root / "data")

@@ -44,6 +44,18 @@ def test_eval_into_a_full_disk_is_one_line_and_exit_1(pretrained):
     assert err.startswith("hybrid-gpt eval: error: cannot write to standard output: no space left on device")
 
 
+def test_a_logged_message_into_a_full_disk_is_one_line_and_exit_1(tmp_path):
+    """Progress goes through logging (cli._Messages): its refused write ends the command like print's did,
+    not in logging's "--- Logging error ---" traceback. Unbuffered, the first message fails, before any work."""
+    with open(DEVFULL, "w") as full:
+        code, _, err = _cli("prepare", "--preset", "smoke", "--out", tmp_path / "data", stdout=full,
+                            env={"PYTHONUNBUFFERED": "1"})
+    _clean(err)
+    assert code == 1 and err.count("\n") == 1 and "Logging error" not in err
+    assert err.startswith("hybrid-gpt prepare: error: cannot write to standard output: no space left on device")
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["sample", "--help"], ["import", "--help"]])
 def test_help_into_a_full_disk_is_one_line_and_exit_1(argv):
     with open(DEVFULL, "w") as full:

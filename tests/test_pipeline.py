@@ -88,3 +88,13 @@ def test_pipeline_resumes_by_skipping_complete_stages(pipeline_run, capsys, monk
     assert out.count("skipped") == 12 and "report:" in out
     assert (run_dir / "seed-1" / "dpo-hybrid" / "model.safetensors").stat().st_mtime_ns == before
     assert len(loaded) == 2 * 2 * 2 + 2 + 4 and set(loaded) == {torch.device("cpu")}
+
+
+def test_pipeline_quiet_prints_its_answer_alone(pipeline_run, capsys):
+    """--quiet as on every command: the stages' progress goes, the headline table, verdicts and paths stay."""
+    run_dir, argv = pipeline_run
+    capsys.readouterr()
+    assert main(argv + ["--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "[pipeline]" not in out + err and "step " not in out
+    assert out.startswith("\n") and "- " in out and f"report: {run_dir / 'report.md'}\n" in out

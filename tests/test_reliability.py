@@ -3,13 +3,14 @@ half-finished swap by every entry point, and the refusals that keep a run from g
 
 import errno
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMOKE, quiet, smoke_model
+from helpers import SMOKE, smoke_model
 
 from hybrid_gpt import fsutil
 from hybrid_gpt.checkpoint import load_checkpoint, save_checkpoint
@@ -150,25 +151,26 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, tok, 
 
 # -- every entry point recovers a half-finished swap -------------------------------------------------
 
-def test_pipeline_skips_a_complete_checkpoint_found_mid_swap(tmp_path, tok):
+def test_pipeline_skips_a_complete_checkpoint_found_mid_swap(tmp_path, tok, caplog):
     ckpt = tmp_path / "pretrain-standard"
     save_checkpoint(ckpt, smoke_model(vocab_size=tok.vocab_size), tok, {"complete": True})
     _crash_mid_swap(ckpt)
-    logged = []
+    caplog.set_level(logging.INFO, logger="hybrid_gpt")
 
     def must_not_run(**kw):
         raise AssertionError("the stage ran again")
 
-    assert run_or_skip("pretrain standard", ckpt, must_not_run, logged.append) == 0.0
-    assert "skipped" in logged[0] and is_complete(ckpt)
+    assert run_or_skip("pretrain standard", ckpt, must_not_run) == 0.0
+    assert "skipped" in caplog.messages[0] and is_complete(ckpt)
 
 
-def test_load_and_resume_recover_a_checkpoint_found_mid_swap(smoke_run, tmp_path):
+def test_load_and_resume_recover_a_checkpoint_found_mid_swap(smoke_run, tmp_path, caplog):
     kw = dict(run_dir=smoke_run, preset="smoke", out=tmp_path / "r", overrides=dict(max_steps=2, progress=False))
-    run_pretrain(**kw, log=quiet)
+    run_pretrain(**kw)
     _crash_mid_swap(tmp_path / "r")
-    messages = []
-    assert run_pretrain(**kw, resume=True, log=messages.append).step == 2 and "already complete" in messages[0]
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="hybrid_gpt")
+    assert run_pretrain(**kw, resume=True).step == 2 and "already complete" in caplog.messages[0]
     _crash_mid_swap(tmp_path / "r")
     assert load_checkpoint(tmp_path / "r")[0].config.n_layer == SMOKE["n_layer"]
 
@@ -191,12 +193,12 @@ def test_prepare_force_swaps_new_data_in_whole(tmp_path):
     text.write_text("".join(f"A{i % 5}:\nline {i} of it\n\n" for i in range(300)))
     corpus = load_user_corpus(text)
     data = tmp_path / "data"
-    prepare_data(corpus, data, 280, log=quiet)
+    prepare_data(corpus, data, 280)
     first = _files(data)
     with pytest.raises(HybridGPTError, match="between 262 and 65536"):
-        prepare_data(corpus, data, 70000, log=quiet)  # checked before anything is touched
+        prepare_data(corpus, data, 70000)  # checked before anything is touched
     assert _files(data) == first
-    prepare_data(corpus, data, 300, log=quiet)
+    prepare_data(corpus, data, 300)
     assert json.loads((data / "meta.json").read_text())["requested_vocab_size"] == 300
     assert sorted(p.name for p in data.iterdir()) == sorted(set(DATA_FILES) - {"chat_template.json"})  # ours
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "data"]
@@ -216,7 +218,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, tok):
 def test_a_nan_weight_decay_with_skip_nonfinite_never_marks_a_checkpoint_complete(smoke_run, tmp_path):
     out = tmp_path / "r"
     with pytest.raises(HybridGPTError):  # refused up front, or when the NaN weights would be saved
-        run_pretrain(run_dir=smoke_run, preset="smoke", out=out, log=quiet,
+        run_pretrain(run_dir=smoke_run, preset="smoke", out=out,
                      overrides=dict(max_steps=3, progress=False, weight_decay=float("nan"), skip_nonfinite=True))
     assert not is_complete(out)
 
@@ -233,7 +235,7 @@ def test_init_weights_are_loaded_strictly(smoke_run, tmp_path):
                   tcfg=train_config(dict(max_steps=1, progress=False)), info={"init": "the init"},
                   make_task=lambda m, d: None, init_state=state)
     with pytest.raises(HybridGPTError, match="weights in the init do not match its config.json: missing"):
-        run_stage(stage, device="cpu", log=quiet)
+        run_stage(stage, device="cpu")
 
 
 def test_prepare_stops_at_ctrl_c_during_bpe_training(tmp_path):

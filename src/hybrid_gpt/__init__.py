@@ -11,10 +11,16 @@ The public names are loaded on first use (PEP 562), so that importing the packag
 from __future__ import annotations
 
 import importlib
+import logging
 
 from hybrid_gpt.errors import HybridGPTError
 
 __version__ = "0.1.0"
+
+# Every module logs to logging.getLogger(__name__), under this package's logger; the library configures
+# nothing else (the CLI does, in hybrid_gpt.cli.main), so an application that imports it sees no message
+# unless it configures logging itself.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # Each lazily loaded public name -> the module that defines it.
 _LAZY = {

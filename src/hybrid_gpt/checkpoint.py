@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.fsutil import clip, read_json, recover_dir, staged_dir, write_bytes, write_json, write_text
 from hybrid_gpt.model.gpt import GPT, GPTConfig
 from hybrid_gpt.runtime import ensure_fits
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "hybrid-gpt-checkpoint"
 FORMAT_VERSION = 1
@@ -256,6 +259,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     model = GPT(config)
     load_state(model, state, weights)
     model.to(device).eval()
+    logger.debug(f"loaded {weights} ({config.layers}, {config.num_params():,} parameters) on {device}")
     return model, tokenizer, training
 
 

@@ -5,6 +5,21 @@ written once, and argparse checks every value as it parses it, so a number out o
 not UTF-8 or an empty path is one line on stderr and exit 2 before any work starts. What only the library
 can check raises HybridGPTError, which becomes one line and exit 2 too (RunFailure: exit 1).
 Run it under torchrun for DDP: `torchrun --nproc_per_node 2 -m hybrid_gpt.cli pretrain`.
+
+What a command writes, and where (the same rule for every command, `pipeline` included):
+
+- Its answer -- what it found, made or measured: eval's numbers, sample's text, bench's and costs' tables or
+  JSON, the pipeline's and the analyses' closing sentences and "results: PATH", "done: ..." after training,
+  "wrote ..." / "imported ..." / "already prepared; nothing to do" -- is printed to standard output, always,
+  --quiet or not.
+- Its progress -- what it is doing meanwhile (stages starting, evaluations during training, files written
+  on the way, peers skipped) -- is logged: the library's modules log to logging.getLogger(__name__) under
+  the `hybrid_gpt` logger, and main() configures that logger once per command, bare messages
+  (``%(message)s``) on standard output at INFO. --quiet keeps warnings and errors only and turns the progress
+  bars off; --verbose adds DEBUG messages. With --json the log goes to standard error instead, so that
+  standard output holds the JSON alone.
+- Standard error carries the errors (one line) and the notes that must not mix into an answer on standard
+  output: sample's cropped prompt, chat's status lines, an interrupted run's hint.
 """
 
 from __future__ import annotations
@@ -12,8 +27,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, make_dataclass
 from pathlib import Path
 
@@ -55,6 +72,8 @@ from hybrid_gpt.presets import DEFAULT_SEED, PRESETS, default_preset
 from hybrid_gpt.train.config import DEFAULT_BETA, EVAL_TOKENS, MAX_BETA, MAX_ROWS, MAX_STEPS, TrainConfig
 
 PROG = "hybrid-gpt"
+PACKAGE_LOGGER = "hybrid_gpt"  # the logger main() configures: every module's is below it
+logger = logging.getLogger(f"{PACKAGE_LOGGER}.cli")  # not __name__: `python -m hybrid_gpt.cli` runs as __main__
 
 
 # ---- the option dataclasses: one per group of flags --------------------------------------------------------
@@ -68,6 +87,15 @@ class RunOptions:
     run_dir: str | None = option(None, kind="outdir", help="where data and checkpoints live (default: runs/<preset>)")
     device: str = option("auto", metavar="NAME", help="auto, cpu, cuda or mps")
     seed: int = option(DEFAULT_SEED, kind="seed", help="random seed")
+
+
+@dataclass
+class OutputOptions:
+    """Every command's, even those that take none of RunOptions: how much it says while it works (its
+    answer is printed either way; see the module's docstring)."""
+
+    quiet: bool = option(False, flags=("-q", "--quiet"), help="only warnings and errors, no progress bars")
+    verbose: bool = option(False, flags=("-v", "--verbose"), help="also debug messages")
 
 
 @dataclass
@@ -413,7 +441,9 @@ def _command(sub, name: str, help_text: str, *groups, run: dict | None = None) -
     """A subcommand: the run options every command has, then its own. ``groups``: (title or None, dataclass,
     add_options' keywords); the fields of groups with one title share one section of the help."""
     p = sub.add_parser(name, help=help_text)
-    add_options(p.add_argument_group("run"), RunOptions, **(run or {}))
+    run_group = p.add_argument_group("run")
+    add_options(run_group, RunOptions, **(run or {}))
+    add_options(run_group.add_mutually_exclusive_group(), OutputOptions)
     sections: dict = {None: p}
     for title, cls, kw in groups:
         add_options(sections.setdefault(title, p.add_argument_group(title)), cls, **kw)
@@ -535,7 +565,7 @@ def cmd_prepare(args) -> int:
         print(f"{out} is already prepared for this corpus and {'tokenizer' if tok else 'vocabulary'}; nothing to do "
               "(--force rebuilds)")
         return 0
-    print(f"preparing {corpus.source} -> {out}")
+    logger.info(f"preparing {corpus.source} -> {out}")
     prepare_data(corpus, out, vocab, tokenizer=tok, tokenizer_source=source)
     print(f"wrote {out}/tokenizer.json, train.bin, val.bin, meta.json")
     return 0
@@ -636,7 +666,7 @@ def cmd_prepare_chat(args) -> int:
     if not args.force and is_chat_prepared(out, corpus, args.seed):
         print(f"{out} is already prepared; nothing to do (--force rebuilds)")
         return 0
-    print(f"building chat data from {corpus.source} -> {out}")
+    logger.info(f"building chat data from {corpus.source} -> {out}")
     prepare_chat_data(corpus, out, seed=args.seed)
     return 0
 
@@ -657,7 +687,7 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _validation_tokens(ckpt: Path, name: str, tokenizer, training: dict, log):
+def _validation_tokens(ckpt: Path, name: str, tokenizer, training: dict):
     """(validation tokens, bytes per token) of a checkpoint's own prepared data (checked to be of its tokenizer),
     for the precision cost; None, said before any timing, if it has none."""
     from hybrid_gpt.checkpoint import checkpoint_data
@@ -665,7 +695,7 @@ def _validation_tokens(ckpt: Path, name: str, tokenizer, training: dict, log):
     try:
         data = checkpoint_data(ckpt if ckpt.is_dir() else ckpt.parent, tokenizer, training)
     except HybridGPTError as e:
-        log(f"quality of {name}: skipped ({one_line(str(e))})")
+        logger.info(f"quality of {name}: skipped ({one_line(str(e))})")
         return None
     return data.val, tokenizer.token_byte_lengths()
 
@@ -703,7 +733,6 @@ def cmd_bench(args) -> int:
         raise HybridGPTError("--shape needs --layers, e.g. --layers AAAA,AAMM")
     device = resolve_device(args.device)
     models, val = {}, {}
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if args.shape:
         models = shape_models(args.shape, args.layers, block_size=args.block_size, contexts=args.contexts,
                               seed=args.seed, device=device)
@@ -714,16 +743,16 @@ def cmd_bench(args) -> int:
             name = Path(path).name
         models[name] = model
         if args.dtypes != ["float32"]:  # each model's quality on its own data
-            own = _validation_tokens(Path(path), name, tokenizer, training, log)
+            own = _validation_tokens(Path(path), name, tokenizer, training)
             if own is not None:
                 val[name] = own
     cfg = _bench_config(args, min(m.config.block_size for m in models.values()))
-    results = run_bench(models, cfg, log=log, val=val)
+    results = run_bench(models, cfg, val=val)
     if args.shape:
         results |= shape_note(args.shape, models, args.seed)
     if args.train:
         results["train"] = run_train_bench(models, batch_size=args.train_batch, repeats=cfg.repeats,
-                                           warmup=cfg.warmup, peer=cfg.peer, log=log)
+                                           warmup=cfg.warmup, peer=cfg.peer)
     if args.out:
         write_json(args.out, results)
     if args.json:
@@ -854,7 +883,7 @@ def cmd_import(args) -> int:
     from hybrid_gpt.interop.importer import import_model, source_name
 
     out = Path(args.out) if args.out else Path("runs") / source_name(args.source) / "base"
-    r = import_model(args.source, out, args.dtype, overwrite=args.overwrite, log=print)
+    r = import_model(args.source, out, args.dtype, overwrite=args.overwrite)
     print(f"imported {args.source} -> {r['out']}: {r['family']}, {r['layers']} layers, {r['parameters']:,} parameters, "
           f"context {r['context']:,}, vocabulary {r['vocab_size']:,}, {r['dtype']}"
           f"{', with its chat template' if r['chat_template'] else ''}")
@@ -913,6 +942,40 @@ class _Guarded:
         return getattr(self._stream, name)
 
 
+class _Messages(logging.Handler):
+    """Each record as its bare message and a line break on ``stream``, as print wrote them: through tqdm.write,
+    so that a message never lands inside a progress bar. A refused write raises (OutputError) out of the
+    logging call, as print's did, instead of logging's "--- Logging error ---" traceback."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm  # tqdm, not torch: --help stays light
+
+        tqdm.write(self.format(record), file=self.stream)
+
+
+@contextmanager
+def _logging(args):
+    """The `hybrid_gpt` logger configured for one command: INFO, WARNING with --quiet (and no progress bars),
+    DEBUG with --verbose; on standard output, or standard error when the answer is JSON. Put back after."""
+    if args.quiet and hasattr(args, "progress"):
+        args.progress = False
+    package = logging.getLogger(PACKAGE_LOGGER)
+    handler = _Messages(sys.stderr if getattr(args, "json", False) else sys.stdout)
+    level = package.level
+    package.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
 def _say(text: str) -> None:
     """One line on standard error, if standard error still takes it."""
     try:
@@ -944,7 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = f"{PROG} {args.command}"
-        code = COMMANDS[args.command](args)
+        with _logging(args):
+            code = COMMANDS[args.command](args)
         sys.stdout.flush()  # here, not at exit: a full disk is reported like any other refused write
         return code
     except OutputError as e:

@@ -6,6 +6,7 @@ A stage whose checkpoint is complete is skipped; one that was interrupted is res
 
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 import time
@@ -21,6 +22,8 @@ from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import resolve_device
 from hybrid_gpt.train.evaluate import EVAL_TOKENS, evaluate_lm
 from hybrid_gpt.train.stage import read_metrics, run_or_skip, seed_dir
+
+logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("standard", "hybrid")
 SAMPLE_PROMPT = "ROMEO:"
@@ -40,7 +43,7 @@ class PipelineOptions:
     full: bool = False  # also run the hypothesis tests (ablate --quick, importance, distill, probe) and the verdict
 
 
-def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
+def run_pipeline(opts: PipelineOptions) -> tuple[Path, dict]:
     from hybrid_gpt.data.chat_data import is_chat_prepared, prepare_chat_data
     from hybrid_gpt.train.dpo import run_dpo
     from hybrid_gpt.train.pretrain import run_pretrain
@@ -50,30 +53,30 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
     t_start = time.time()
     device = resolve_device(opts.device)  # the stages' device: evaluation, bench and samples run there too
     data_dir, chat_dir = run_dir / "data", run_dir / "chat"
-    corpus = ensure_prepared(data_dir, opts.preset, log)
+    corpus = ensure_prepared(data_dir, opts.preset)
     if not is_chat_prepared(chat_dir, corpus, DEFAULT_SEED):
-        log(f"[pipeline] prepare-chat -> {chat_dir}")
-        prepare_chat_data(corpus, chat_dir, log=log)
+        logger.info(f"[pipeline] prepare-chat -> {chat_dir}")
+        prepare_chat_data(corpus, chat_dir)
     data = TokenData.open(data_dir)
 
     timings: dict[str, dict] = {}
     for seed in opts.seeds:
         sd = seed_dir(run_dir, seed)
         for mt in MODEL_TYPES:
-            common = dict(preset=opts.preset, device=opts.device, log=log)
+            common = dict(preset=opts.preset, device=opts.device)
 
             def ov(stage):
                 return {**opts.overrides.get(stage, {}), "seed": seed, "progress": opts.progress}
 
             t = timings.setdefault(f"{seed}/{mt}", {})
             t["pretrain"] = run_or_skip(f"pretrain {mt} seed {seed}", sd / f"pretrain-{mt}", lambda **kw: run_pretrain(
-                run_dir=sd, model_type=mt, data_dir=data_dir, overrides=ov("pretrain"), **common, **kw), log)
+                run_dir=sd, model_type=mt, data_dir=data_dir, overrides=ov("pretrain"), **common, **kw))
             t["sft"] = run_or_skip(f"sft {mt} seed {seed}", sd / f"sft-{mt}", lambda **kw: run_sft(
-                run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("sft"), **common, **kw), log)
+                run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("sft"), **common, **kw))
             t["dpo"] = run_or_skip(f"dpo {mt} seed {seed}", sd / f"dpo-{mt}", lambda **kw: run_dpo(
-                run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("dpo"), **common, **kw), log)
+                run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("dpo"), **common, **kw))
 
-    log(f"[pipeline] evaluating on {device}")
+    logger.info(f"[pipeline] evaluating on {device}")
     byte_lengths = data.tokenizer.token_byte_lengths()
     per_seed: dict[str, dict] = {mt: {} for mt in MODEL_TYPES}
     curves: dict[str, dict] = {mt: {} for mt in MODEL_TYPES}
@@ -113,11 +116,11 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
             per_seed[mt][seed] = figures
 
     first = seed_dir(run_dir, opts.seeds[0])
-    log("[pipeline] benchmarking the aligned models (seed %d)" % opts.seeds[0])
+    logger.info("[pipeline] benchmarking the aligned models (seed %d)" % opts.seeds[0])
     models = {mt: load_checkpoint(first / f"dpo-{mt}", device)[0] for mt in MODEL_TYPES}
-    bench = run_bench(models, opts.bench, log=log)
+    bench = run_bench(models, opts.bench)
 
-    log("[pipeline] samples and chat replies")
+    logger.info("[pipeline] samples and chat replies")
     samples = _samples(first, device)
     meta = read_meta(data_dir)
     results = {
@@ -135,12 +138,12 @@ def run_pipeline(opts: PipelineOptions, log=print) -> tuple[Path, dict]:
     if opts.full:
         from hybrid_gpt.fsutil import write_text
 
-        results["hypothesis"] = run_hypothesis_tests(first, opts.preset, opts.device, opts.progress, log)
+        results["hypothesis"] = run_hypothesis_tests(first, opts.preset, opts.device, opts.progress)
         write_text(report, report.read_text() + "\n" + (first / "hypothesis.md").read_text())
     return report, results
 
 
-def run_hypothesis_tests(run_dir: Path, preset: str, device: str = "auto", progress: bool = False, log=print) -> dict:
+def run_hypothesis_tests(run_dir: Path, preset: str, device: str = "auto", progress: bool = False) -> dict:
     """The analyses of `pipeline --full`, each skipped when its output already exists (delete it to redo one),
     then the verdict. Uses the run directory's pretrained standard model as teacher and subject."""
     from hybrid_gpt.analysis.ablate import run_ablate
@@ -151,18 +154,18 @@ def run_hypothesis_tests(run_dir: Path, preset: str, device: str = "auto", progr
     from hybrid_gpt.presets import get_preset, layer_pattern
 
     hybrid = layer_pattern("hybrid", None, get_preset(preset)["n_layer"])[0]
-    log("[pipeline] hypothesis tests: ablate --quick")
-    run_ablate(run_dir=run_dir, preset=preset, quick=True, device=device, progress=progress, log=log)
+    logger.info("[pipeline] hypothesis tests: ablate --quick")
+    run_ablate(run_dir=run_dir, preset=preset, quick=True, device=device, progress=progress)
     teacher = run_dir / "pretrain-standard"
     if not (run_dir / "importance" / teacher.name / "importance.json").is_file():
-        log("[pipeline] hypothesis tests: importance")
-        run_importance(teacher, device=device, log=log)
+        logger.info("[pipeline] hypothesis tests: importance")
+        run_importance(teacher, device=device)
     if not (run_dir / f"distill-{hybrid}" / "distill.json").is_file():
-        log(f"[pipeline] hypothesis tests: distill {hybrid}")
-        run_distill(teacher, layers=hybrid, device=device, progress=progress, log=log)
+        logger.info(f"[pipeline] hypothesis tests: distill {hybrid}")
+        run_distill(teacher, layers=hybrid, device=device, progress=progress)
     if not (run_dir / "probe" / "probe.json").is_file():
-        log("[pipeline] hypothesis tests: probe")
-        run_probe(run_dir=run_dir, preset=preset, device=device, progress=progress, log=log)
+        logger.info("[pipeline] hypothesis tests: probe")
+        run_probe(run_dir=run_dir, preset=preset, device=device, progress=progress)
     return write_verdict(run_dir)
 
 

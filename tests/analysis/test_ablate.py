@@ -1,7 +1,6 @@
 import json
 
 import pytest
-from helpers import quiet
 
 from hybrid_gpt.analysis.ablate import (
     gap_curves,
@@ -53,7 +52,7 @@ def test_ablate_trains_every_variant_and_seed_then_reports(smoke_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run / "data", run_dir / "data")
     result = run_ablate(run_dir=run_dir, preset="smoke", patterns=["AA", "AM", "AN"], seeds=[1, 2], steps=4,
-                        device="cpu", bench_repeats=1, log=quiet)
+                        device="cpu", bench_repeats=1)
     out = run_dir / "ablate"
     assert json.loads((out / "ablate.json").read_text()) == json.loads(json.dumps(result))
     assert [e["spec"] for e in result["variants"]] == ["AA", "AM", "AN"]
@@ -75,7 +74,7 @@ def test_ablate_trains_every_variant_and_seed_then_reports(smoke_run, tmp_path):
     # A second call finds every run complete and trains nothing.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")}
     again = run_ablate(run_dir=run_dir, preset="smoke", patterns=["AA", "AM", "AN"], seeds=[1, 2], steps=4,
-                       device="cpu", bench_repeats=1, log=quiet)
+                       device="cpu", bench_repeats=1)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")} == stamps
     assert [e["val_bpb"] for e in again["variants"]] == [e["val_bpb"] for e in result["variants"]]
 
@@ -86,7 +85,7 @@ def test_time_budget_gives_cheaper_variants_more_steps(smoke_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run / "data", run_dir / "data")
     result = run_ablate(run_dir=run_dir, preset="smoke", patterns=["AAAA", "A"], seeds=[1], steps=3,
-                        budget="time", device="cpu", bench_repeats=1, log=quiet)
+                        budget="time", device="cpu", bench_repeats=1)
     cal = result["calibration"]
     assert cal["steps"]["AAAA"] == 3 and cal["reference"] == "AAAA"
     rates = cal["tokens_per_sec"]

@@ -16,7 +16,7 @@ def test_decode_speeds_gives_paired_ratios_against_the_first_model(monkeypatch):
         return rates[name][count[name] - 1 - 1] if count[name] > 1 else 1.0  # the first call is the warm-up
 
     monkeypatch.setattr(bench, "decode_rate", fake)
-    res = decode_speeds({"hybrid": smoke_model("AM"), "standard": smoke_model("AA")}, repeats=2, log=lambda *a: None)
+    res = decode_speeds({"hybrid": smoke_model("AM"), "standard": smoke_model("AA")}, repeats=2)
     assert res["tok_s"]["hybrid"]["values"] == rates["AM"]
     ratios = res["ratios"]
     assert list(ratios) == ["hybrid", "standard"] and ratios["hybrid"] == {"ratio": 1.0, "ci95": [1.0, 1.0], "n": 2}
@@ -33,7 +33,7 @@ def test_ablate_json_keeps_the_paired_ratios_and_values(monkeypatch):
 
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path, device: (smoke_model(str(path)), None, None))
     variants = [Variant("AA", "AA", 0), Variant("AM", "AM", 0)]
-    dec = _decode_speeds(variants, {"AA": {1: "AA"}, "AM": {1: "AM"}}, 1, "cpu", 2, lambda *a: None)
+    dec = _decode_speeds(variants, {"AA": {1: "AA"}, "AM": {1: "AM"}}, 1, "cpu", 2)
     assert set(dec["ratios"]) == {"AA", "AM"} and dec["ratios"]["AA"]["ratio"] == 1.0
     assert all(len(v) == 2 for v in dec["tok_s_values"].values()) and dec["tok_s"]["AM"] > 0
     expected = ratio_ci(dec["tok_s_values"]["AM"], dec["tok_s_values"]["AA"])

@@ -1,9 +1,10 @@
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
-from helpers import quiet, smoke_model
+from helpers import smoke_model
 
 from hybrid_gpt.analysis.distill import (
     DistillConfig,
@@ -67,7 +68,7 @@ def test_distillation_lowers_the_held_out_mse_of_every_replaced_layer(smoke_run)
                  if not k.startswith(("transformer.h.1.ln_1", "transformer.h.1.mixer",
                                       "transformer.h.3.ln_1", "transformer.h.3.mixer"))}
     rows = distill_layers(teacher, student, [1, 3], data, steps=40, lr=3e-3, batch_size=8, seed=0,
-                          mse_tokens=1024, log=quiet, progress=False)
+                          mse_tokens=1024, progress=False)
     assert [r["block"] for r in rows] == [2, 4]
     for r in rows:
         assert r["mse_after"] < 0.8 * r["mse_before"], r
@@ -82,14 +83,14 @@ def test_run_distill_writes_results_and_loadable_checkpoints(pretrained, tmp_pat
     ckpt = pretrained / "pretrain-standard"
     out = tmp_path / "distill"
     with pytest.raises(HybridGPTError, match="nothing to distill"):
-        run_distill(ckpt, DistillConfig(layers="AA", out_dir=out), log=quiet, progress=False)
+        run_distill(ckpt, DistillConfig(layers="AA", out_dir=out), progress=False)
     with pytest.raises(HybridGPTError, match="nothing to distill"):  # the config's fields as keywords
-        run_distill(ckpt, layers="AA", out_dir=out, log=quiet, progress=False)
+        run_distill(ckpt, layers="AA", out_dir=out, progress=False)
     assert not out.exists()
 
     cfg = DistillConfig(layers="am", out_dir=out, steps=8, batch_size=4, mse_tokens=512, eval_tokens=1024,
                         decode_repeats=1)
-    kw = dict(log=quiet, progress=False)
+    kw = dict(progress=False)
     result = run_distill(ckpt, dataclasses.replace(cfg, finetune_steps=3), **kw)
     for name in ("distill.json", "distill.md", "distill-mse.png", "distill-bpb.png"):
         assert (out / name).stat().st_size > 0, name
@@ -147,19 +148,19 @@ def test_distillation_reads_a_validation_split_shorter_than_one_context(smoke_ru
     teacher = smoke_model("AAAA", vocab_size=data.tokenizer.vocab_size)
     assert teacher.config.block_size == T
     rows = distill_layers(teacher, transplant(teacher, "AAAM", seed=0), [3], short, steps=2, lr=1e-3,
-                          batch_size=4, seed=0, mse_tokens=1024, log=quiet, progress=False)
+                          batch_size=4, seed=0, mse_tokens=1024, progress=False)
     assert rows[0]["held_out_tokens"] == 19  # one window of every token that has a successor
 
 
-def test_settings_default_to_the_teachers_preset_and_are_checked():
-    cfg = DistillConfig(layers="AAMM", steps=7).resolved("smoke", log=quiet)
+def test_settings_default_to_the_teachers_preset_and_are_checked(caplog):
+    cfg = DistillConfig(layers="AAMM", steps=7).resolved("smoke")
     assert cfg.steps == 7 and cfg.finetune_steps == 10 and cfg.batch_size == 8  # smoke's, except what was given
-    notes = []
-    assert DistillConfig(layers="AAMM").resolved("giant", log=notes.append).steps == 300 and "cpu" in notes[0]
+    caplog.set_level(logging.INFO, logger="hybrid_gpt")
+    assert DistillConfig(layers="AAMM").resolved("giant").steps == 300 and "cpu" in caplog.messages[0]
     for bad in (dict(steps=0), dict(lr=float("nan")), dict(finetune_steps=-1), dict(mlp_hidden=0),
                 dict(decode_repeats=0)):
         with pytest.raises(HybridGPTError, match=f"distill {next(iter(bad))} must") as info:
-            DistillConfig(layers="AAMM", **bad).resolved("cpu", log=quiet)
+            DistillConfig(layers="AAMM", **bad).resolved("cpu")
         assert "--" not in str(info.value)
 
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import quiet, smoke_model
+from helpers import smoke_model
 
 from hybrid_gpt.analysis.importance import (
     ConstantMixer,
@@ -48,7 +48,7 @@ def test_identity_layer_has_similarity_one_ranks_first_and_costs_nothing_to_drop
     assert sim[1] == pytest.approx(1.0, abs=1e-6)
     assert all(s < 0.999 for i, s in enumerate(sim) if i != 1)  # the others do turn the stream
 
-    res = analyse(model, tokens, BYTES, max_tokens=len(tokens), replace=1, log=quiet)
+    res = analyse(model, tokens, BYTES, max_tokens=len(tokens), replace=1)
     assert res["ranking"]["by_similarity"][0] == 2
     layer2 = res["per_layer"][1]
     assert layer2["layer"] == 2 and abs(layer2["drop"]["loss_increase"]) < 1e-6
@@ -71,7 +71,7 @@ def test_the_identity_layer_is_recommended_when_the_others_matter(pretrained):
         model.transformer.h[0].mixer.c_proj.weight.zero_()
         model.transformer.h[0].mixer.c_proj.bias.zero_()
     tokens = np.fromfile(pretrained / "data" / "val.bin", dtype=np.uint16)
-    res = analyse(model, tokens, np.ones(model.config.vocab_size, dtype=np.int64), max_tokens=1024, log=quiet)
+    res = analyse(model, tokens, np.ones(model.config.vocab_size, dtype=np.int64), max_tokens=1024)
     assert res["per_layer"][1]["drop"]["loss_increase"] > 1e-3
     assert res["ranking"]["by_similarity"] == res["ranking"]["by_drop"] == [1, 2]
     assert res["ranking"]["orders_agree"] and res["ranking"]["spearman"] == 1.0
@@ -109,7 +109,7 @@ def test_interventions_restore_the_model_exactly():
     with pytest.raises(RuntimeError):
         with swapped_mixers(model, {1: None}):
             raise RuntimeError("interrupted")
-    analyse(model, tokens, BYTES, max_tokens=len(tokens), log=quiet)
+    analyse(model, tokens, BYTES, max_tokens=len(tokens))
     assert [b.mixer for b in model.transformer.h] == originals
     assert torch.equal(logits(model, tokens), before)
     with pytest.raises(HybridGPTError):
@@ -131,18 +131,18 @@ def test_dropping_a_layer_is_the_n_pattern_and_the_mean_is_a_constant():
 def test_a_model_without_attention_or_a_bad_k_is_a_clear_error(pretrained, tmp_path):
     tokens = val_tokens()
     with pytest.raises(HybridGPTError, match="no attention layers"):
-        analyse(smoke_model("MMMM"), tokens, BYTES, log=quiet)
+        analyse(smoke_model("MMMM"), tokens, BYTES)
     with pytest.raises(HybridGPTError, match="between 1 and"):
-        analyse(smoke_model("AAMM"), tokens, BYTES, replace=3, log=quiet)
+        analyse(smoke_model("AAMM"), tokens, BYTES, replace=3)
     _, tok, _ = load_checkpoint(pretrained / "pretrain-standard")
     save_checkpoint(tmp_path / "mm", smoke_model("MM", vocab_size=tok.vocab_size), tok, training={})
     with pytest.raises(HybridGPTError, match="no attention layers"):
-        run_importance(tmp_path / "mm", out_dir=tmp_path / "out", log=quiet)
+        run_importance(tmp_path / "mm", out_dir=tmp_path / "out")
 
 
 def test_run_importance_writes_json_markdown_and_plot(pretrained, tmp_path):
     ckpt = pretrained / "pretrain-standard"
-    res = run_importance(ckpt, out_dir=tmp_path / "imp", max_tokens=2048, log=quiet)
+    res = run_importance(ckpt, out_dir=tmp_path / "imp", max_tokens=2048)
     saved = json.loads((tmp_path / "imp" / "importance.json").read_text())
     assert saved == json.loads(json.dumps(res))
     for key in ("checkpoint", "model", "settings", "data", "intact", "similarity", "per_layer", "ranking",
@@ -159,6 +159,6 @@ def test_run_importance_writes_json_markdown_and_plot(pretrained, tmp_path):
 
     assert default_out_dir(ckpt) == pretrained / "importance" / "pretrain-standard"
     with pytest.raises(HybridGPTError, match="inside the checkpoint"):
-        run_importance(ckpt, out_dir=ckpt / "imp", max_tokens=64, log=quiet)
+        run_importance(ckpt, out_dir=ckpt / "imp", max_tokens=64)
     with pytest.raises(HybridGPTError, match="no prepared data"):
-        run_importance(ckpt, out_dir=tmp_path / "x", data_dir=tmp_path / "nodata", log=quiet)
+        run_importance(ckpt, out_dir=tmp_path / "x", data_dir=tmp_path / "nodata")

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import quiet, smoke_model
+from helpers import smoke_model
 
 from hybrid_gpt.analysis.probe import (
     EVAL_STREAM,
@@ -147,7 +147,7 @@ def test_position_loss_has_one_entry_per_position_and_averages_to_evaluate_lm():
 def test_run_probe_writes_json_markdown_and_plots(pretrained, tmp_path):
     out = tmp_path / "probe"
     result = run_probe(run_dir=pretrained, out_dir=out, patterns=("AA", "MM"), preset="smoke", steps=10,
-                       seeds=(1, 2), log=quiet, progress=False)
+                       seeds=(1, 2), progress=False)
     for name in ("probe.json", "probe.md", "probe-accuracy.png", "probe-position-loss.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "probe.json").read_text())
@@ -195,5 +195,5 @@ def test_probe_command_runs_one_task(tmp_path, capsys):
 
 def test_run_probe_rejects_bad_patterns_before_training(tmp_path):
     with pytest.raises(HybridGPTError, match="letters"):
-        run_probe(run_dir=tmp_path, patterns=("AAXX",), preset="smoke", log=quiet, progress=False)
+        run_probe(run_dir=tmp_path, patterns=("AAXX",), preset="smoke", progress=False)
     assert not (tmp_path / "probe").exists()

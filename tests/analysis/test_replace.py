@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import LLAMA, quiet, run_bad, smoke_model
+from helpers import LLAMA, run_bad, smoke_model
 
 from hybrid_gpt.analysis import replace as rp
 from hybrid_gpt.analysis.replace import ReplaceConfig, held_out_windows, matched_width, run_replace
@@ -28,7 +28,7 @@ def mapped(smoke_run, tmp_path_factory):
     data = TokenData.open(smoke_run / "data")
     model = smoke_model("AAA", seed=3, vocab_size=data.tokenizer.vocab_size, block_size=256, n_kv_head=1, **LLAMA)
     save_checkpoint(root / "base", model, data.tokenizer, {"stage": "import", "data_dir": str(smoke_run / "data")})
-    run_static(root / "base", StaticConfig(out_dir=root / "static", **MAP), log=quiet, progress=False)
+    run_static(root / "base", StaticConfig(out_dir=root / "static", **MAP), progress=False)
     return root / "base"
 
 
@@ -77,7 +77,7 @@ def test_the_study_end_to_end(mapped, tmp_path, monkeypatch):
 
     monkeypatch.setattr(rp, "score_windows", score)
     monkeypatch.setattr(rp.RunState, "put", put)
-    result = run_replace(mapped, ReplaceConfig(out_dir=out, **TINY), log=quiet, progress=False)
+    result = run_replace(mapped, ReplaceConfig(out_dir=out, **TINY), progress=False)
     windows = result["windows"]
     test = tuple(windows["test"])
     # the full model's own scores come first; after that, until the choice, only the selection slice is read
@@ -129,21 +129,21 @@ def test_an_interrupted_study_resumes_from_its_finished_arms(mapped, tmp_path, m
     monkeypatch.setattr(rp, "heal", flaky)
     cfg = dict(TINY, choices=["deepest"], passkey_kinds=["matched"])
     with pytest.raises(KeyboardInterrupt):
-        run_replace(mapped, ReplaceConfig(out_dir=out, **cfg), log=quiet, progress=False)
+        run_replace(mapped, ReplaceConfig(out_dir=out, **cfg), progress=False)
     partial = json.loads((out / "replace.json").read_text())
     assert not partial["complete"] and any(a["kind"] == "distil+heal" for a in partial["arms"])
     calls.clear()
-    done = run_replace(mapped, ReplaceConfig(out_dir=out, resume=True, **cfg), log=quiet, progress=False)
+    done = run_replace(mapped, ReplaceConfig(out_dir=out, resume=True, **cfg), progress=False)
     assert calls == [1338, 1337]  # the second seed's healing, then drop + heal: nothing finished is redone
     assert done["complete"] and len([a for a in done["arms"] if a["kind"] == "distil+heal"]) == 2
     with pytest.raises(HybridGPTError, match="other options"):
-        run_replace(mapped, ReplaceConfig(out_dir=out, resume=True, **{**cfg, "heal_lr": 1e-3}), log=quiet,
+        run_replace(mapped, ReplaceConfig(out_dir=out, resume=True, **{**cfg, "heal_lr": 1e-3}),
                     progress=False)
 
 
 def test_speed_runs_in_separate_processes(mapped, tmp_path):
     cfg = dict(TINY, choices=["deepest"], passkey_kinds=["matched"], heal_tokens=[16], speed_runs=2, speed_repeats=2)
-    result = run_replace(mapped, ReplaceConfig(out_dir=tmp_path / "s", **cfg), log=quiet, progress=False)
+    result = run_replace(mapped, ReplaceConfig(out_dir=tmp_path / "s", **cfg), progress=False)
     speed = result["speed"]["shapes"]["k1-M8"]
     assert len(speed["runs"]) == 2 and speed["pooled"]["n"] == 2
     assert speed["spread"][0] <= speed["pooled"]["ratio"] <= speed["spread"][1]
@@ -194,7 +194,7 @@ def test_a_map_of_another_checkpoint_is_refused(mapped, smoke_run, tmp_path):
                     {"stage": "import", "data_dir": str(smoke_run / "data")})
     with pytest.raises(HybridGPTError, match="not .*other"):
         run_replace(other, ReplaceConfig(out_dir=tmp_path / "o", map_dir=mapped.parent / "static", **TINY),
-                    log=quiet, progress=False)
+                    progress=False)
 
 
 def test_a_shape_added_on_resume_is_pooled_over_the_runs_that_have_it():

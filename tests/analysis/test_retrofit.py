@@ -7,7 +7,7 @@ import shlex
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LLAMA, quiet, run_bad, smoke_model, write_jsonl
+from helpers import LLAMA, run_bad, smoke_model, write_jsonl
 
 from hybrid_gpt.analysis import retrofit
 from hybrid_gpt.analysis.distill import finetune, transplant
@@ -156,7 +156,7 @@ def test_the_study_end_to_end(teacher, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(retrofit, "attention_stats", spy)
     out = tmp_path / "retrofit"
-    result = run_retrofit(teacher, RetrofitConfig(out_dir=out, **SMALL), log=quiet, progress=False)
+    result = run_retrofit(teacher, RetrofitConfig(out_dir=out, **SMALL), progress=False)
     split = json.loads((teacher / "config.json").read_text())["training"]["data_dir"]
     assert seen == [len(TokenData.open(split).train)]  # the choice reads the training split, not the held-out one
 
@@ -232,7 +232,7 @@ def test_the_study_end_to_end(teacher, tmp_path, monkeypatch, capsys):
 
     # The output directory is ours: an earlier result is not replaced without --overwrite.
     with pytest.raises(HybridGPTError, match="already exists"):
-        run_retrofit(teacher, RetrofitConfig(out_dir=out, **SMALL), log=quiet, progress=False)
+        run_retrofit(teacher, RetrofitConfig(out_dir=out, **SMALL), progress=False)
 
 
 def test_the_recorded_command_runs_the_same_study():

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import LLAMA, quiet, run_bad, smoke_model
+from helpers import LLAMA, run_bad, smoke_model
 
 from hybrid_gpt.analysis.static import (
     R2,
@@ -125,7 +125,7 @@ def test_the_plan_keeps_the_stopping_slice_apart_and_refuses_too_little_text():
 
 def test_the_map_end_to_end_resumes_and_writes_its_results(ckpt, tmp_path):
     out = tmp_path / "map"
-    result = run_static(ckpt, StaticConfig(out_dir=out, **TINY), log=quiet, progress=False)
+    result = run_static(ckpt, StaticConfig(out_dir=out, **TINY), progress=False)
     assert [r["layer"] for r in result["layers"]] == [1, 2, 3] and result["context"] == 32
     assert result["eval_tokens"] == 1024 and result["fit_tokens"] == 4096 and result["complete"]
     for row in result["layers"]:
@@ -143,14 +143,14 @@ def test_the_map_end_to_end_resumes_and_writes_its_results(ckpt, tmp_path):
 
     # the same options again: refused without --resume; with it, nothing is refitted
     with pytest.raises(HybridGPTError, match="--resume"):
-        run_static(ckpt, StaticConfig(out_dir=out, **TINY), log=quiet, progress=False)
+        run_static(ckpt, StaticConfig(out_dir=out, **TINY), progress=False)
     state = (out / "state.json").read_text()
-    again = run_static(ckpt, StaticConfig(out_dir=out, resume=True, **TINY), log=quiet, progress=False)
+    again = run_static(ckpt, StaticConfig(out_dir=out, resume=True, **TINY), progress=False)
     assert again["layers"] == result["layers"] and (out / "state.json").read_text() == state
     with pytest.raises(HybridGPTError, match="other options"):
-        run_static(ckpt, StaticConfig(out_dir=out, resume=True, **{**TINY, "ridge": 0.5}), log=quiet, progress=False)
+        run_static(ckpt, StaticConfig(out_dir=out, resume=True, **{**TINY, "ridge": 0.5}), progress=False)
     # the widths may change on resume: only the new one is fitted, and every finished one stays in the table
-    more = run_static(ckpt, StaticConfig(out_dir=out, resume=True, **{**TINY, "widths": [8, 12]}), log=quiet,
+    more = run_static(ckpt, StaticConfig(out_dir=out, resume=True, **{**TINY, "widths": [8, 12]}),
                       progress=False)
     assert more["widths"] == [8, 12, 16] and all(set(r["r2"]) >= {"mlp8", "mlp12", "mlp16"} for r in more["layers"])
     assert all(r["r2"]["mlp16"] == old["r2"]["mlp16"] for r, old in zip(more["layers"], result["layers"]))
@@ -165,25 +165,25 @@ def test_a_map_moved_with_its_checkpoint_resumes_and_other_weights_are_refused(c
     shutil.copytree(ckpt, here / "base")
     shutil.copytree(smoke_run / "data", here / "data")
     options = dict(out_dir=here / "map", data_dir=here / "data", **TINY)
-    first = run_static(here / "base", StaticConfig(**options), log=quiet, progress=False)
+    first = run_static(here / "base", StaticConfig(**options), progress=False)
     state = json.loads((here / "map" / "state.json").read_text())
     assert len(state["options"]["checkpoint_sha256"]) == 64 and len(state["options"]["data_sha256"]) == 64
     shutil.copytree(here, there)
     moved = run_static(there / "base", StaticConfig(**{**options, "out_dir": there / "map", "data_dir": there / "data",
-                                                       "resume": True}), log=quiet, progress=False)
+                                                       "resume": True}), progress=False)
     assert moved["layers"] == first["layers"]
     # a state from before the digests were recorded adopts them
     del state["options"]["checkpoint_sha256"], state["options"]["data_sha256"]
     (there / "map" / "state.json").write_text(json.dumps(state))
     run_static(there / "base", StaticConfig(**{**options, "out_dir": there / "map", "data_dir": there / "data",
-                                               "resume": True}), log=quiet, progress=False)
+                                               "resume": True}), progress=False)
     assert "checkpoint_sha256" in json.loads((there / "map" / "state.json").read_text())["options"]
     data = TokenData.open(smoke_run / "data")
     save_checkpoint(there / "base", tiny_llama(data.tokenizer.vocab_size, seed=5), data.tokenizer,
                     {"stage": "import", "data_dir": str(smoke_run / "data")})
     with pytest.raises(HybridGPTError, match="other options.*checkpoint_sha256"):
         run_static(there / "base", StaticConfig(**{**options, "out_dir": there / "map", "data_dir": there / "data",
-                                                   "resume": True}), log=quiet, progress=False)
+                                                   "resume": True}), progress=False)
 
 
 def test_an_interrupted_map_resumes_from_its_finished_fits(ckpt, tmp_path, monkeypatch):
@@ -200,13 +200,13 @@ def test_an_interrupted_map_resumes_from_its_finished_fits(ckpt, tmp_path, monke
 
     monkeypatch.setattr(static, "fit_mlp", flaky)
     with pytest.raises(KeyboardInterrupt):
-        run_static(ckpt, StaticConfig(out_dir=out, **TINY), log=quiet, progress=False)
+        run_static(ckpt, StaticConfig(out_dir=out, **TINY), progress=False)
     partial = json.loads((out / "static.json").read_text())
     assert not partial["complete"] and "mlp8" in partial["layers"][2]["r2"]
     assert "mlp16" not in partial["layers"][0]["r2"]
     assert "Unfinished" in render_markdown(partial)
     calls.clear()
-    run_static(ckpt, StaticConfig(out_dir=out, resume=True, **TINY), log=quiet, progress=False)
+    run_static(ckpt, StaticConfig(out_dir=out, resume=True, **TINY), progress=False)
     assert calls == [16, 16, 16]  # only what was missing
 
 
@@ -221,7 +221,7 @@ def test_a_checkpoint_without_attention_is_a_clear_error(smoke_run, tmp_path, ca
     save_checkpoint(tmp_path / "mm", tiny_llama(data.tokenizer.vocab_size, layers="MM"), data.tokenizer,
                     {"stage": "import", "data_dir": str(smoke_run / "data")})
     with pytest.raises(HybridGPTError, match="no attention layer"):
-        run_static(tmp_path / "mm", StaticConfig(out_dir=tmp_path / "out", **TINY), log=quiet, progress=False)
+        run_static(tmp_path / "mm", StaticConfig(out_dir=tmp_path / "out", **TINY), progress=False)
     code, err = run_bad(["static", str(tmp_path / "mm"), "--out", str(tmp_path / "out"), "--context", "32"], capsys)
     assert code != 0 and "no attention layer" in err and "Traceback" not in err and not (tmp_path / "out").exists()
 
@@ -243,7 +243,7 @@ def test_an_output_directory_that_is_not_a_map_is_refused(ckpt, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(HybridGPTError, match="notes.txt"):
-        run_static(ckpt, StaticConfig(out_dir=out, overwrite=True, **TINY), log=quiet, progress=False)
+        run_static(ckpt, StaticConfig(out_dir=out, overwrite=True, **TINY), progress=False)
     assert (out / "notes.txt").read_text() == "mine"
 
 

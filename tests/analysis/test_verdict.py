@@ -2,7 +2,6 @@ import json
 import shutil
 
 import pytest
-from helpers import quiet
 
 from hybrid_gpt.analysis.verdict import per_context, render_verdict_markdown, sentences, table, write_verdict
 from hybrid_gpt.errors import HybridGPTError
@@ -199,7 +198,7 @@ def test_pipeline_hypothesis_tests_end_to_end_on_smoke(pretrained, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(pretrained, run_dir)
-    result = run_hypothesis_tests(run_dir, "smoke", device="cpu", log=quiet)
+    result = run_hypothesis_tests(run_dir, "smoke", device="cpu")
     assert set(result["sources"]) == {"ablate", "probe", "importance", "distill"}
     md = (run_dir / "hypothesis.md").read_text()
     for heading in ("## Does the hypothesis hold?", "## Ablations", "Verdict: the hypothesis"):

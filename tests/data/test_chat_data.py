@@ -36,7 +36,7 @@ def test_pairs_reject_a_length_matched_speech_from_another_play():
 
 
 def test_embedded_chat_data_keeps_the_validation_plays_apart(corpus, tmp_path):
-    meta = prepare_chat_data(corpus, tmp_path, log=lambda *a: None)
+    meta = prepare_chat_data(corpus, tmp_path)
     assert meta["files"]["sft_train.jsonl"] > 10_000 and meta["files"]["dpo_val.jsonl"] > 1000
     val_sources = {json.loads(line)["source"].split(":")[0] for line in open(tmp_path / "sft_val.jsonl")}
     train_sources = {json.loads(line)["source"].split(":")[0] for line in open(tmp_path / "sft_train.jsonl")}
@@ -122,7 +122,7 @@ def test_chat_data_found_mid_swap_is_recovered_and_compared(corpus, tmp_path):
 
     chat = tmp_path / "chat"
     assert not has_chat_data(chat) and not is_chat_prepared(chat, corpus, 1)
-    prepare_chat_data(corpus, chat, seed=1, log=lambda *a: None)
+    prepare_chat_data(corpus, chat, seed=1)
     chat.rename(tmp_path / "chat.old")  # a crash between the two renames of the swap
     assert is_chat_prepared(chat, corpus, 1) and has_chat_data(chat)
     with pytest.raises(HybridGPTError, match="built differently"):

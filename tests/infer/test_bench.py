@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 from helpers import smoke_model
@@ -23,7 +24,7 @@ def test_bench_reports_every_figure_for_both_models_and_the_peer():
     pytest.importorskip("transformers")
     models = {"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}
     cfg = BenchConfig(contexts=[16, 32], new_tokens=4, batch_sizes=[1, 2], repeats=2, warmup=0)
-    res = run_bench(models, cfg, log=lambda *a: None)
+    res = run_bench(models, cfg)
     for name in ("standard", "hybrid"):
         rows = res["models"][name]["rows"]
         assert [(r["context"], r["batch"]) for r in rows] == [(16, 1), (16, 2), (32, 1), (32, 2)]
@@ -51,7 +52,7 @@ def test_bench_reports_every_figure_for_both_models_and_the_peer():
 
 def test_bench_refuses_contexts_beyond_the_model():
     with pytest.raises(HybridGPTError, match="exceeds"):
-        run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[64], new_tokens=4, peer=False), log=print)
+        run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[64], new_tokens=4, peer=False))
 
 
 def test_bench_measures_each_precision_side_by_side_with_its_quality_cost(smoke_run):
@@ -65,7 +66,7 @@ def test_bench_measures_each_precision_side_by_side_with_its_quality_cost(smoke_
               "hybrid": smoke_model("AM", vocab_size=data.tokenizer.vocab_size)}
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, naive=False,
                       dtypes=["float32", "bfloat16"], quality_tokens=512, peers=["transformers"])
-    res = run_bench(models, cfg, log=lambda *a: None, val={name: (data.val, data.tokenizer.token_byte_lengths())
+    res = run_bench(models, cfg, val={name: (data.val, data.tokenizer.token_byte_lengths())
                                                             for name in models})
     assert set(res["models"]) == {"standard", "hybrid", "standard@bfloat16", "hybrid@bfloat16"}
     assert res["models"]["hybrid@bfloat16"]["dtype"] == "bfloat16"
@@ -107,7 +108,7 @@ def test_training_throughput_bench_leaves_the_models_untouched():
 
     models = {"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in models.items()}
-    res = run_train_bench(models, batch_size=2, repeats=2, warmup=0, log=lambda *a: None)
+    res = run_train_bench(models, batch_size=2, repeats=2, warmup=0)
     assert set(res["tokens_per_sec"]) == {"standard", "hybrid", "peer"}
     assert all(s["n"] == 2 and s["median"] > 0 for s in res["tokens_per_sec"].values())
     assert res["standard_vs_peer"] > 0
@@ -140,7 +141,7 @@ def test_bench_measures_compiled_static_steps_beside_eager():
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[2], repeats=1, warmup=1, naive=False,
                       peer=False, compile=True, dtypes=["float32", "int8"])
     recompile_limit = torch._dynamo.config.recompile_limit
-    res = run_bench(models, cfg, log=lambda *a: None)  # fails should a step recompile past its one graph a size
+    res = run_bench(models, cfg)  # fails should a step recompile past its one graph a size
     assert torch._dynamo.config.recompile_limit == recompile_limit, "the dynamo settings are put back"
     compiled = {"standard+compile", "hybrid+compile", "standard@int8+compile", "hybrid@int8+compile"}
     assert set(res["models"]) == {"standard", "hybrid", "standard@int8", "hybrid@int8"} | compiled
@@ -157,7 +158,7 @@ def test_bench_measures_compiled_static_steps_beside_eager():
 def test_bench_compile_needs_a_warmup():
     with pytest.raises(HybridGPTError, match="needs warmup 1"):
         run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, warmup=0, peer=False,
-                                                         compile=True), log=print)
+                                                         compile=True))
 
 
 def test_bench_compile_failure_is_one_clear_error(monkeypatch):
@@ -172,8 +173,7 @@ def test_bench_compile_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: Broken())
     with pytest.raises(RunFailure, match=r"torch.compile failed for s \(RuntimeError: no C\+\+ compiler found\); "
                                          r"run bench without --compile"):
-        run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, peer=False, compile=True),
-                  log=lambda *a: None)
+        run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, peer=False, compile=True))
 
 
 def test_the_compute_ceiling_is_measured_with_the_models_own_linear_layers(monkeypatch):
@@ -224,13 +224,13 @@ def test_the_decode_estimator_steps_the_greedy_tokens_generation_gives():
     assert all(torch.equal(a, b) for a, b in zip(stepped, expected))
 
 
-def test_a_model_transformers_has_no_class_for_is_measured_without_a_peer():
+def test_a_model_transformers_has_no_class_for_is_measured_without_a_peer(caplog):
     pytest.importorskip("transformers")
-    logs = []
+    caplog.set_level(logging.INFO, logger="hybrid_gpt")
     model = smoke_model("AA", bias=False)  # GPT-2 without biases: the "custom" family
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, naive=False)
-    res = run_bench({"standard": model}, cfg, log=logs.append)
-    assert "peers" not in res and any(line.startswith("peer: skipped for standard") for line in logs)
+    res = run_bench({"standard": model}, cfg)
+    assert "peers" not in res and any(line.startswith("peer: skipped for standard") for line in caplog.messages)
 
 
 def test_kv_caches_that_would_not_fit_are_refused_before_measuring(monkeypatch):
@@ -238,14 +238,14 @@ def test_kv_caches_that_would_not_fit_are_refused_before_measuring(monkeypatch):
 
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda device=None: 1000)
     with pytest.raises(HybridGPTError, match="KV caches of 1 models at context 16.*--contexts and --batch-sizes"):
-        run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, peer=False), log=print)
+        run_bench({"s": smoke_model("AA")}, BenchConfig(contexts=[16], new_tokens=4, peer=False))
 
 
 def test_bench_shape_builds_each_pattern_with_random_weights_and_no_checkpoint():
     import torch
 
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, peer=False, naive=False)
-    res = bench_shape("smoke", ["aa", "AM"], cfg, block_size=24, seed=5, log=lambda *a: None)
+    res = bench_shape("smoke", ["aa", "AM"], cfg, block_size=24, seed=5)
     assert list(res["models"]) == ["AA", "AM"] and res["models"]["AM"]["layers"] == "AM"
     assert res["shape"] == {"preset": "smoke", "layers": ["AA", "AM"], "block_size": 24, "seed": 5}
     assert "random" in res["weights"] and "speed does not depend on what weights learned" in res["weights"]
@@ -310,14 +310,14 @@ def test_the_models_run_in_a_recorded_order_shuffled_every_repeat(monkeypatch):
     calls = _constructed_rates(monkeypatch, {p: [1.0] * 12 for p in models})
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1, 2], repeats=6, warmup=0, peer=False, naive=False,
                       prefill=False, seed=3)
-    res = run_bench(models, cfg, log=lambda *a: None)
+    res = run_bench(models, cfg)
     rounds = res["order"]["rounds"]
     assert res["order"]["seed"] == 3 and [(r["context"], r["batch"]) for r in rounds] == [(16, 1), (16, 2)]
     orders = [o for r in rounds for o in r["orders"]]
     assert len(orders) == 12 and all(sorted(o) == ["AA", "AM", "AN"] for o in orders)
     assert [name for o in orders for name in o] == calls, "the recorded order is the order they ran in"
     assert len({tuple(o) for o in orders}) > 1, "the order changes between repeats"
-    again = run_bench(models, cfg, log=lambda *a: None)["order"]
+    again = run_bench(models, cfg)["order"]
     assert again == res["order"], "the seed fixes the orders"
 
 
@@ -327,7 +327,7 @@ def test_speedups_are_paired_ratios_with_intervals(monkeypatch):
     _constructed_rates(monkeypatch, {"AA": base, "AM": other})
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=3, warmup=0, peer=False, naive=False,
                       prefill=False)
-    res = run_bench({"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}, cfg, log=lambda *a: None)
+    res = run_bench({"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}, cfg)
     assert res["models"]["standard"]["rows"][0]["decode_tok_s"]["values"] == base
     (row,) = res["ratios"]["hybrid/standard"]
     expected = ratio_ci(other, base)
@@ -360,7 +360,7 @@ def test_ratios_of_a_constructed_result_pair_every_figure():
 def test_naive_decode_is_skipped_above_its_context_limit():
     cfg = BenchConfig(contexts=[16, 24], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, peer=False,
                       naive_max_context=16)
-    res = run_bench({"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}, cfg, log=lambda *a: None)
+    res = run_bench({"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}, cfg)
     rows = res["models"]["hybrid"]["rows"]
     assert "naive_decode_tok_s" in rows[0] and "naive_decode_tok_s" not in rows[1]
     ratios = res["ratios"]["hybrid/standard"]

@@ -89,7 +89,7 @@ def test_only_standard_models_of_a_family_convert(tmp_path):
 def test_bench_times_ctranslate2_in_float32_and_int8_beside_transformers():
     models = {"standard": smoke_model("AA"), "hybrid": smoke_model("AM")}
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1, 2], repeats=2, warmup=0, naive=False)
-    res = run_bench(models, cfg, log=lambda *a: None)
+    res = run_bench(models, cfg)
     assert set(res["peers"]) == {"peer", "ctranslate2", "ctranslate2@int8"} and res["peer"] is res["peers"]["peer"]
     ct2 = res["peers"]["ctranslate2"]
     assert ct2["kind"] == "ctranslate2" and ct2["weights_of"] == "standard" and ct2["dtype"] == "float32"
@@ -109,6 +109,6 @@ def test_bench_peers_choose_which_to_run():
     models = {"standard": smoke_model("AA")}
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, naive=False,
                       peers=["ctranslate2"])
-    assert set(run_bench(models, cfg, log=lambda *a: None)["peers"]) == {"ctranslate2", "ctranslate2@int8"}
+    assert set(run_bench(models, cfg)["peers"]) == {"ctranslate2", "ctranslate2@int8"}
     with pytest.raises(HybridGPTError, match="unknown peer 'vllm'"):
-        run_bench(models, BenchConfig(contexts=[16], new_tokens=4, peers=["vllm"]), log=lambda *a: None)
+        run_bench(models, BenchConfig(contexts=[16], new_tokens=4, peers=["vllm"]))

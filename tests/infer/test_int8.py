@@ -60,7 +60,7 @@ def test_bench_measures_int8_with_its_quality_cost(smoke_run):
     cfg = BenchConfig(contexts=[16], new_tokens=4, batch_sizes=[1], repeats=1, warmup=0, naive=False,
                       dtypes=["float32", "int8"], quality_tokens=512)
     own = (data.val, data.tokenizer.token_byte_lengths())
-    res = run_bench(models, cfg, log=lambda *a: None, val={name: own for name in models})
+    res = run_bench(models, cfg, val={name: own for name in models})
     assert set(res["models"]) == {"standard", "hybrid", "standard@int8", "hybrid@int8"}
     m = res["models"]["standard@int8"]
     assert m["dtype"] == "int8" and m["parameters"] == res["models"]["standard"]["parameters"]

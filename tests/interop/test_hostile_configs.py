@@ -4,6 +4,7 @@ one clear line (exit 2), never a traceback, a huge allocation or a long loop. Ha
 hypothesis over other spellings (lists, objects, bools for numbers, negative, floats, huge, "NaN", nested)."""
 
 import json
+import logging
 import shutil
 import time
 
@@ -142,33 +143,36 @@ def test_any_hf_config_gives_a_config_or_one_line(hf_dirs, family, data):
     (7, "is not text but 7"),
     ({"default": "{{ x }}"}, "is not text"),
 ])
-def test_an_unusable_chat_template_is_dropped_with_a_note(hf_dirs, tmp_path, chat_template, note):
+def test_an_unusable_chat_template_is_dropped_with_a_note(hf_dirs, tmp_path, chat_template, note, caplog):
     src = _copy(hf_dirs["llama"], tmp_path / "src", tokenizer_config={"chat_template": chat_template})
     (src / "chat_template.jinja").unlink()
-    notes = []
-    summary = import_model(str(src), tmp_path / "out", log=notes.append)
+    caplog.set_level(logging.INFO, logger="hybrid_gpt")
+    summary = import_model(str(src), tmp_path / "out")
     assert summary["chat_template"] is False
-    assert any(note in n and "the checkpoint has none" in n for n in notes), notes
+    notes = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]  # a note is a warning
+    assert any(note in n and "the checkpoint has none" in n for n in notes), caplog.messages
 
 
-def test_a_chat_template_that_is_a_directory_is_dropped_with_a_note(hf_dirs, tmp_path):
+def test_a_chat_template_that_is_a_directory_is_dropped_with_a_note(hf_dirs, tmp_path, caplog):
     src = _copy(hf_dirs["llama"], tmp_path / "src")
     (src / "chat_template.jinja").unlink()
     (src / "chat_template.jinja").mkdir()
-    notes = []
-    assert import_model(str(src), tmp_path / "out", log=notes.append)["chat_template"] is False
-    assert any("chat_template.jinja is not a regular file" in n for n in notes), notes
+    caplog.set_level(logging.INFO, logger="hybrid_gpt")
+    assert import_model(str(src), tmp_path / "out")["chat_template"] is False
+    assert any("chat_template.jinja is not a regular file" in n for n in caplog.messages), caplog.messages
 
 
 @given(template=VALUES)
 @settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_any_tokenizer_config_template_imports_or_notes(hf_dirs, tmp_path_factory, template):
+def test_any_tokenizer_config_template_imports_or_notes(hf_dirs, tmp_path_factory, template, caplog):
     src = _copy(hf_dirs["llama"], tmp_path_factory.mktemp("t") / "src", tokenizer_config={"chat_template": template})
     (src / "chat_template.jinja").unlink()
-    notes = []
-    summary = import_model(str(src), src.parent / "out", log=notes.append)
+    caplog.clear()  # one fixture for every example
+    caplog.set_level(logging.INFO, logger="hybrid_gpt")
+    summary = import_model(str(src), src.parent / "out")
     assert summary["chat_template"] is False  # none of these is a ChatML template
+    notes = caplog.messages
     assert template in (None, "") or any("the checkpoint has none" in n for n in notes), (template, notes)
 
 
@@ -234,11 +238,12 @@ def test_listed_gguf_metadata_is_refused_before_any_tensor_is_read(bpe, tmp_path
         read_gguf(path)
 
 
-def test_a_gguf_chat_template_that_is_not_text_is_dropped_with_a_note(bpe, tmp_path, llama_model):
+def test_a_gguf_chat_template_that_is_not_text_is_dropped_with_a_note(bpe, tmp_path, llama_model, caplog):
     path = write_gguf(llama_model, bpe, tmp_path / "m.gguf", template=None,
                       meta=_setting("tokenizer.chat_template", [1, 2], gguf.GGUFValueType.ARRAY))
-    notes = []
-    assert import_model(str(path), tmp_path / "out", log=notes.append)["chat_template"] is False
+    caplog.set_level(logging.INFO, logger="hybrid_gpt")
+    assert import_model(str(path), tmp_path / "out")["chat_template"] is False
+    notes = caplog.messages
     assert any("is not text but [1, 2]" in n and "the checkpoint has none" in n for n in notes), notes
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import quiet, tiny_chat_files
+from helpers import tiny_chat_files
 
 from hybrid_gpt import load
 from hybrid_gpt.data.template import render
@@ -124,9 +124,9 @@ def test_final_evaluation_records_each_pairs_margin_in_file_order(pretrained, tm
 def test_dpo_decreases_the_loss_on_a_tiny_dataset_with_trl_metric_names(pretrained, tmp_path):
     sft_file, dpo_file = tiny_chat_files(tmp_path)
     run_sft(run_dir=pretrained, preset="smoke", model_type="standard", sft_data=str(sft_file), out=tmp_path / "sft",
-            overrides=dict(max_steps=4, progress=False), log=quiet)
+            overrides=dict(max_steps=4, progress=False))
     result = run_dpo(run_dir=pretrained, preset="smoke", init=str(tmp_path / "sft"), out=tmp_path / "dpo",
-                     dpo_data=str(dpo_file), dpo_val_data=str(dpo_file), log=quiet,
+                     dpo_data=str(dpo_file), dpo_val_data=str(dpo_file),
                      overrides=dict(max_steps=30, lr=3e-3, warmup_steps=0, eval_interval=30, progress=False))
     assert result.step == 30
     rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
@@ -148,7 +148,7 @@ def test_dpo_decreases_the_loss_on_a_tiny_dataset_with_trl_metric_names(pretrain
 def test_dpo_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
     _, dpo_file = tiny_chat_files(tmp_path)
     common = dict(run_dir=pretrained, preset="smoke", init=str(pretrained / "pretrain-hybrid"),
-                  dpo_data=str(dpo_file), log=quiet, overrides=dict(max_steps=8, eval_interval=4, progress=False))
+                  dpo_data=str(dpo_file), overrides=dict(max_steps=8, eval_interval=4, progress=False))
     run_dpo(out=tmp_path / "full", **common)
     part = run_dpo(out=tmp_path / "part", **{**common, "overrides": {**common["overrides"], "stop_after": 3}})
     assert part.interrupted and part.step == 3
@@ -164,4 +164,4 @@ def test_dpo_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
 @pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), 1e300])
 def test_beta_out_of_range_is_refused_before_anything_runs(tmp_path, beta):
     with pytest.raises(HybridGPTError, match="beta must be in"):
-        run_dpo(run_dir=tmp_path, preset="smoke", model_type="hybrid", beta=beta, log=lambda *a: None)
+        run_dpo(run_dir=tmp_path, preset="smoke", model_type="hybrid", beta=beta)

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,8 +15,6 @@ from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.train.loop import TrainConfig, cosine_lr, train
 from hybrid_gpt.train.pretrain import run_pretrain
-
-QUIET = dict(log=lambda *a: None)
 
 
 def losses(ckpt):
@@ -104,7 +103,7 @@ def test_each_rank_draws_its_own_dropout_masks(tmp_path):
 
 
 def test_resume_matches_an_uninterrupted_run(smoke_run, tmp_path):
-    common = dict(run_dir=smoke_run, preset="smoke", model_type="hybrid", **QUIET,
+    common = dict(run_dir=smoke_run, preset="smoke", model_type="hybrid",
                   overrides=dict(max_steps=16, eval_interval=4, progress=False, dropout=0.1))
     run_pretrain(out=tmp_path / "full", **common)
     part = run_pretrain(out=tmp_path / "part", **{**common, "overrides": {**common["overrides"], "stop_after": 6}})
@@ -122,12 +121,13 @@ def load_state(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def test_resume_of_a_complete_run_does_nothing(smoke_run, tmp_path):
+def test_resume_of_a_complete_run_does_nothing(smoke_run, tmp_path, caplog):
     kw = dict(run_dir=smoke_run, preset="smoke", out=tmp_path / "r", overrides=dict(max_steps=4, progress=False))
-    run_pretrain(**kw, **QUIET)
-    messages = []
-    result = run_pretrain(**kw, resume=True, log=messages.append)
-    assert result.step == 4 and "already complete" in messages[0]
+    run_pretrain(**kw)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="hybrid_gpt")
+    result = run_pretrain(**kw, resume=True)
+    assert result.step == 4 and "already complete" in caplog.messages[0]
 
 
 def test_ddp_two_processes_match_one(smoke_run, tmp_path):
@@ -216,7 +216,7 @@ def test_non_finite_batches_can_be_skipped_and_counted(tmp_path):
     model = smoke_model("AM", vocab_size=tok.vocab_size)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(max_steps=3, batch_size=1, progress=False, skip_nonfinite=True, eval_interval=3)
-    result = train(model, NaNTask(), cfg, tmp_path / "nan", tok, {}, torch.device("cpu"), log=lambda *a: None)
+    result = train(model, NaNTask(), cfg, tmp_path / "nan", tok, {}, torch.device("cpu"))
     assert result.step == 3 and sum(1 for m in result.metrics if m.get("skipped")) == 3
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update from a NaN batch
     config = _json.loads((tmp_path / "nan" / "config.json").read_text())
@@ -239,10 +239,9 @@ def test_a_second_writer_of_the_same_checkpoint_is_refused(smoke_run, tmp_path):
     out = tmp_path / "locked"
     with exclusive_writer(out):  # as if another process were training into it
         with pytest.raises(HybridGPTError, match="another process .* is writing"):
-            run_pretrain(run_dir=smoke_run, preset="smoke", out=out, overrides=dict(max_steps=2, progress=False),
-                         **QUIET)
+            run_pretrain(run_dir=smoke_run, preset="smoke", out=out, overrides=dict(max_steps=2, progress=False))
     assert not out.exists()
-    run_pretrain(run_dir=smoke_run, preset="smoke", out=out, overrides=dict(max_steps=2, progress=False), **QUIET)
+    run_pretrain(run_dir=smoke_run, preset="smoke", out=out, overrides=dict(max_steps=2, progress=False))
     assert (out / "model.safetensors").is_file()
 
 

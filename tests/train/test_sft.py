@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import quiet, tiny_chat_files
+from helpers import tiny_chat_files
 
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
@@ -57,8 +57,7 @@ def one_step(pretrained, tmp_path, monkeypatch, grad_accum: int):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
     monkeypatch.setattr(task, "take", record)
     cfg = TrainConfig(max_steps=1, batch_size=8 // grad_accum, grad_accum=grad_accum, warmup_steps=0, progress=False)
-    result = train(model, task, cfg, tmp_path / f"accum-{grad_accum}", tok, {"stage": "sft"}, torch.device("cpu"),
-                   log=quiet)
+    result = train(model, task, cfg, tmp_path / f"accum-{grad_accum}", tok, {"stage": "sft"}, torch.device("cpu"))
     return grads[0], result.metrics[0]["loss"], micros
 
 
@@ -79,7 +78,7 @@ def test_gradient_accumulation_does_not_change_the_step(pretrained, tmp_path, mo
 
 def test_sft_trains_on_user_jsonl_and_resumes(pretrained, tmp_path):
     sft_file, _ = tiny_chat_files(tmp_path)
-    common = dict(run_dir=pretrained, preset="smoke", model_type="hybrid", sft_data=str(sft_file), log=quiet,
+    common = dict(run_dir=pretrained, preset="smoke", model_type="hybrid", sft_data=str(sft_file),
                   overrides=dict(max_steps=8, eval_interval=4, progress=False, lr=3e-3))
     run_sft(out=tmp_path / "full", **common)
     rows = records(tmp_path / "full")
@@ -97,12 +96,11 @@ def test_sft_trains_on_user_jsonl_and_resumes(pretrained, tmp_path):
 
 def test_sft_needs_a_pretrained_checkpoint_and_data(pretrained, tmp_path):
     with pytest.raises(HybridGPTError, match="run `hybrid-gpt pretrain --layers AANN` first"):
-        run_sft(run_dir=pretrained, preset="smoke", layers="AANN", log=quiet)
+        run_sft(run_dir=pretrained, preset="smoke", layers="AANN")
     with pytest.raises(HybridGPTError, match="run `hybrid-gpt prepare-chat` first"):
-        run_sft(run_dir=pretrained, preset="smoke", model_type="hybrid", log=quiet)
+        run_sft(run_dir=pretrained, preset="smoke", model_type="hybrid")
     with pytest.raises(HybridGPTError, match="holds a hybrid model"):
-        run_sft(run_dir=pretrained, preset="smoke", model_type="standard", init=str(pretrained / "pretrain-hybrid"),
-                log=quiet)
+        run_sft(run_dir=pretrained, preset="smoke", model_type="standard", init=str(pretrained / "pretrain-hybrid"))
 
 
 def test_conversations_without_a_target_in_context_are_refused():
@@ -130,7 +128,7 @@ def test_chatml_examples_learn_assistant_content_and_im_end(tmp_path):
         assert tok.decode(x, skip_special=False).startswith("<|im_start|>system\nYou are a helpful AI assistant")
         assert tok.decode([t for t in y if t >= 0], skip_special=False) == conv[-1]["content"] + "<|im_end|>"
     run_sft(run_dir=tmp_path, preset="smoke", init=str(tmp_path / "imported"), sft_data=str(sft_file),
-            out=tmp_path / "sft", log=quiet, overrides=dict(max_steps=2, eval_interval=2, progress=False))
+            out=tmp_path / "sft", overrides=dict(max_steps=2, eval_interval=2, progress=False))
     assert (tmp_path / "sft" / "chat_template.json").read_text() == (
         tmp_path / "imported" / "chat_template.json").read_text()
     assert load(tmp_path / "sft")[1].template == tok.template

@@ -17,6 +17,7 @@ needs its length up front, so the time budget is turned into a step count before
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.present.plots import save_plot
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.stats import format_ci, judge_interval, judge_pair, mean_ci, seeds_needed
+
+logger = logging.getLogger(__name__)
 
 QUICK_STEPS = {"smoke": 10, "cpu": 150, "depth": 150, "seed": 1000}  # --quick: 3 seeds x 6 variants, 20 min on cpu
 DECODE_NEW_TOKENS = 24  # tokens decoded per timed run, ending at the full context
@@ -86,8 +89,7 @@ def parse_variants(specs, values: dict, vocab_size: int) -> list[Variant]:
     return out
 
 
-def calibrate_steps(variants: list[Variant], values: dict, vocab_size: int, steps: int, device: str,
-                    log=print) -> dict:
+def calibrate_steps(variants: list[Variant], values: dict, vocab_size: int, steps: int, device: str) -> dict:
     """Steps per variant for an equal wall-clock budget: the first variant gets ``steps``; the others
     as many as they run in the same time, from training-step rates measured side by side."""
     from hybrid_gpt.infer.bench import run_train_bench
@@ -95,8 +97,8 @@ def calibrate_steps(variants: list[Variant], values: dict, vocab_size: int, step
 
     dev = resolve_device(device)
     models = {v.slug: GPT(_config(values, vocab_size, v.layers, v.mlp_hidden)).to(dev) for v in variants}
-    log(f"[ablate] measuring training-step rates of {len(models)} variants for the time budget")
-    rates = run_train_bench(models, batch_size=values["batch_size"], repeats=5, warmup=1, peer=False, log=log)
+    logger.info(f"[ablate] measuring training-step rates of {len(models)} variants for the time budget")
+    rates = run_train_bench(models, batch_size=values["batch_size"], repeats=5, warmup=1, peer=False)
     tok_s = {k: s["median"] for k, s in rates["tokens_per_sec"].items()}
     ref = variants[0].slug
     return {"reference": ref, "reference_steps": steps, "tokens_per_sec": tok_s,
@@ -105,7 +107,7 @@ def calibrate_steps(variants: list[Variant], values: dict, vocab_size: int, step
 
 def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VARIANTS, budget: str = DEFAULT_BUDGET,
                seeds=DEFAULT_SEEDS, steps: int | None = None, quick: bool = False, out_dir: str | Path | None = None,
-               device: str = "auto", bench_repeats: int = 5, progress: bool = False, log=print) -> dict:
+               device: str = "auto", bench_repeats: int = 5, progress: bool = False) -> dict:
     """Train every variant for every seed under one budget (skipping runs already complete), then
     measure their cached decode speed side by side; write ablate.json, ablate.md and two PNGs."""
     from hybrid_gpt.data.tokens import ensure_prepared
@@ -123,7 +125,7 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
     out = Path(out_dir) if out_dir else run_dir / ("ablate-quick" if quick else "ablate")
     check_replaceable(out, ABLATE_FILES, "layer-ablation output")  # its runs are resumed in it; nothing else is touched
     data_dir = run_dir / "data"
-    ensure_prepared(data_dir, preset, log, tag="ablate")
+    ensure_prepared(data_dir, preset, tag="ablate")
     vocab_size = read_json(data_dir / "meta.json", "data meta")["vocab_size"]
     variants = parse_variants(patterns, values, vocab_size)
 
@@ -134,7 +136,7 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
         if cal_file.is_file() and read_json(cal_file, "calibration").get("variants") == slugs:
             calibration = read_json(cal_file, "calibration")  # so that a re-run resumes the same runs
         else:
-            calibration = calibrate_steps(variants, values, vocab_size, steps, device, log) | {"variants": slugs}
+            calibration = calibrate_steps(variants, values, vocab_size, steps, device) | {"variants": slugs}
             write_json(cal_file, calibration)
     steps_of = {v.slug: calibration["steps"][v.slug] if calibration else steps for v in variants}
 
@@ -148,8 +150,7 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
                              mlp_hidden=v.mlp_hidden or None)
             run_or_skip(f"ablate {v.spec} seed {seed} ({n} steps)", ckpt, lambda ckpt=ckpt, overrides=overrides,
                         v=v, **kw: run_pretrain(run_dir=run_dir, preset=preset, layers=v.layers, out=ckpt,
-                                                data_dir=data_dir, overrides=overrides, device=device, log=log, **kw),
-                        log)
+                                                data_dir=data_dir, overrides=overrides, device=device, **kw))
             runs.setdefault(v.slug, {})[seed] = ckpt
 
     result = {"preset": preset, "budget": budget, "steps": steps, "seeds": seeds, "calibration": calibration,
@@ -171,14 +172,14 @@ def run_ablate(*, run_dir: str | Path, preset: str = "cpu", patterns=DEFAULT_VAR
     result["gaps"] = gap_curves(runs, result["variants"], values["batch_size"] * values["grad_accum"]
                                 * values["block_size"])
     result["power"] = power_lines(result)
-    result["decode"] = _decode_speeds(variants, runs, seeds[0], device, bench_repeats, log)
+    result["decode"] = _decode_speeds(variants, runs, seeds[0], device, bench_repeats)
     for entry in result["variants"]:
         entry["decode_tok_s"] = result["decode"]["tok_s"][entry["slug"]]
     result["sentences"] = sentences(result)
     result["plots"] = plot_ablate(result, out)
     write_json(out / "ablate.json", result)
     write_text(out / "ablate.md", render_ablate_markdown(result))
-    log(f"[ablate] wrote {out / 'ablate.md'}")
+    logger.info(f"[ablate] wrote {out / 'ablate.md'}")
     return result
 
 
@@ -284,7 +285,7 @@ def power_lines(result: dict) -> list[dict]:
     return out
 
 
-def _decode_speeds(variants, runs, seed: int, device: str, repeats: int, log) -> dict:
+def _decode_speeds(variants, runs, seed: int, device: str, repeats: int) -> dict:
     """Cached decode tokens/s (batch 1, full context) of every variant's first-seed model, interleaved: medians
     ("tok_s"), each repeat's value in repeat order ("tok_s_values": they pair across variants, for a paired ratio of
     any two), and the paired ratios against the first variant ("ratios", see :func:`decode_speeds`)."""
@@ -292,14 +293,14 @@ def _decode_speeds(variants, runs, seed: int, device: str, repeats: int, log) ->
     from hybrid_gpt.runtime import resolve_device
 
     dev = resolve_device(device)
-    speeds = decode_speeds({v.slug: load_checkpoint(runs[v.slug][seed], dev)[0] for v in variants}, repeats, log)
+    speeds = decode_speeds({v.slug: load_checkpoint(runs[v.slug][seed], dev)[0] for v in variants}, repeats)
     return {"context": speeds["context"], "batch": 1, "repeats": repeats, "seed": seed,
             "tok_s": {k: s["median"] for k, s in speeds["tok_s"].items()},
             "tok_s_values": {k: s["values"] for k, s in speeds["tok_s"].items()}, "ratios": speeds["ratios"],
             "order": speeds["order"], "environment": speeds["environment"]}
 
 
-def decode_speeds(models: dict[str, GPT], repeats: int, log=print) -> dict:
+def decode_speeds(models: dict[str, GPT], repeats: int) -> dict:
     """Cached greedy decode tokens/s of each model at batch 1, ending at the full context, by bench's estimator
     (interleaved repeats in a shuffled order after a warm-up; N cached steps from a primed cache, so prefill is
     excluded): {"context", "new_tokens", "batch", "repeats", "tok_s": {name: bench's summary}, "ratios": {name:
@@ -312,8 +313,8 @@ def decode_speeds(models: dict[str, GPT], repeats: int, log=print) -> dict:
     new_tokens = min(DECODE_NEW_TOKENS, block - 1)
     cfg = BenchConfig(contexts=[block], new_tokens=new_tokens, batch_sizes=[1], repeats=repeats, naive=False,
                       peer=False)
-    log(f"cached decode speed at context {block}, batch 1, {repeats} interleaved repeats")
-    res = run_bench(models, cfg, log=log)
+    logger.info(f"cached decode speed at context {block}, batch 1, {repeats} interleaved repeats")
+    res = run_bench(models, cfg)
     rows = {k: m["rows"][0] for k, m in res["models"].items()}
     first = rows[next(iter(models))]
     return {"context": block, "new_tokens": new_tokens, "batch": 1, "repeats": repeats,

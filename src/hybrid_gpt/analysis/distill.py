@@ -13,6 +13,7 @@ whole-model fine-tune, with the from-scratch hybrid when the run has one, and in
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -45,6 +46,8 @@ from hybrid_gpt.stats import ratio_over_difference
 from hybrid_gpt.train.evaluate import bpb_difference, check_budget, evaluate_lm, windows
 from hybrid_gpt.train.loop import TrainConfig, train
 from hybrid_gpt.train.pretrain import PretrainTask
+
+logger = logging.getLogger(__name__)
 
 # What a distill output directory may hold: anything else means it is not ours to replace.
 DISTILL_FILES = ("distill.json", "distill.md", "distill-*.png", *nested("distilled", CHECKPOINT_FILES),
@@ -180,7 +183,7 @@ class Imitation(TeacherTargets):
 
 def distill_layers(teacher: GPT, student: GPT, layers: list[int], data: TokenData, *, steps: int, lr: float,
                    batch_size: int, seed: int, mse_tokens: int, first_step: int = 0, context: int | None = None,
-                   log=print, progress: bool = True) -> list[dict]:
+                   progress: bool = True) -> list[dict]:
     """Train each of ``student``'s blocks ``layers`` (ln_1 + mixer) on MSE to the teacher's mixer output there.
 
     The shared training loop, in memory (AdamW without weight decay, warmup then cosine decay). The summed
@@ -216,8 +219,8 @@ def distill_layers(teacher: GPT, student: GPT, layers: list[int], data: TokenDat
                "fve_after": 1 - after / var if var > 0 else None,
                "held_out_tokens": int(val[i][1].shape[0] * val[i][1].shape[1]),
                "train_mse": [m[f"mse_{i}"] for m in metrics if "loss" in m], "val_curve": val_curve}
-        log(f"block {i + 1}: held-out MSE {before:.5f} -> {after:.5f} (predicting zero: "
-            f"{stats[i]['mse_zero']:.5f}); variance explained {pct(row['fve_after'])}")
+        logger.info(f"block {i + 1}: held-out MSE {before:.5f} -> {after:.5f} (predicting zero: "
+                    f"{stats[i]['mse_zero']:.5f}); variance explained {pct(row['fve_after'])}")
         out.append(row)
     return out
 
@@ -296,7 +299,7 @@ def _find_scratch(run_dir: Path, target: str, tokenizer_sha: str) -> tuple[Path 
     return None, "; ".join(notes) or f"no {run_dir}/pretrain-hybrid or pretrain-{target} checkpoint"
 
 
-def run_distill(checkpoint: str | Path, config: DistillConfig | None = None, *, log=print, progress: bool = True,
+def run_distill(checkpoint: str | Path, config: DistillConfig | None = None, *, progress: bool = True,
                 **options) -> dict:
     """Distill the teacher's attention in the blocks ``config.layers`` turns from A into M, swap the students
     in, fine-tune (optionally), compare, and write distill.json, distill.md, distill-*.png and checkpoints
@@ -315,33 +318,33 @@ def run_distill(checkpoint: str | Path, config: DistillConfig | None = None, *, 
     ckpt = Path(checkpoint)
     ckpt = ckpt if ckpt.is_dir() else ckpt.parent
     target, distilled = plan_layers(model.config.layers, config.layers)
-    cfg = replace(config, layers=target).resolved(training.get("preset"), log)
+    cfg = replace(config, layers=target).resolved(training.get("preset"))
     out = Path(cfg.out_dir) if cfg.out_dir else ckpt.parent / f"distill-{target}"
     teacher = Teacher(model, tokenizer, training, ckpt, checkpoint_data(ckpt, tokenizer, training, cfg.data_dir))
     for name in ("eval_tokens", "mse_tokens"):  # before the work: a figure from a token or two means nothing
         check_budget(name, getattr(cfg, name), len(teacher.data.val), model.config.block_size)
     # Locked, recovered, and swapped in whole on success; a directory that is not a distill output is refused.
     with output_dir(out, allowed=DISTILL_FILES, what="distill output", overwrite=cfg.overwrite) as tmp:
-        result = _distill(cfg, teacher, distilled, dev, tmp, out, log, progress)
+        result = _distill(cfg, teacher, distilled, dev, tmp, out, progress)
         result["elapsed_s"] = time.time() - t_start
         page.write_outputs(result, tmp, judge_quality_kept(result))
-    log(f"wrote {out}/distill.md, distill.json, distill-mse.png, distill-bpb.png in {result['elapsed_s']:.0f}s")
+    logger.info(f"wrote {out}/distill.md, distill.json, distill-mse.png, distill-bpb.png in {result['elapsed_s']:.0f}s")
     return result
 
 
 def _distill(cfg: DistillConfig, teacher: Teacher, distilled: list[int], dev: torch.device, tmp: Path, out: Path,
-             log, progress: bool) -> dict:
+             progress: bool) -> dict:
     """The work of run_distill, with the output written into ``tmp`` (named by its final place ``out``)."""
     data, T, target = teacher.data, teacher.model.config.block_size, cfg.layers
-    log(f"distill: teacher {teacher.path} ({teacher.model.config.layers}) -> {target}, blocks "
-        f"{', '.join(str(i + 1) for i in distilled)}; {cfg.steps} steps x {cfg.batch_size} x {T} tokens")
+    logger.info(f"distill: teacher {teacher.path} ({teacher.model.config.layers}) -> {target}, blocks "
+                f"{', '.join(str(i + 1) for i in distilled)}; {cfg.steps} steps x {cfg.batch_size} x {T} tokens")
 
     t0 = time.time()
     mlp_hidden = cfg.mlp_hidden or teacher.model.config.mlp_hidden
     student = transplant(teacher.model, target, mlp_hidden, cfg.seed)
     rows = distill_layers(teacher.model, student, distilled, data, steps=cfg.steps, lr=cfg.lr,
                           batch_size=cfg.batch_size, seed=cfg.seed, mse_tokens=cfg.mse_tokens,
-                          first_step=teacher.steps, log=log, progress=progress)
+                          first_step=teacher.steps, progress=progress)
     distill_s = time.time() - t0
     drop = transplant(teacher.model, drop_pattern(target, distilled), teacher.model.config.mlp_hidden, cfg.seed)
     models = {"teacher": teacher.model, "distilled": student, "drop": drop}
@@ -351,11 +354,11 @@ def _distill(cfg: DistillConfig, teacher: Teacher, distilled: list[int], dev: to
     if scratch_path is not None:
         models["scratch"], _, scratch_training = load_checkpoint(scratch_path, dev)
 
-    arms, gap = _score_arms(models, teacher, cfg, log)
+    arms, gap = _score_arms(models, teacher, cfg)
     _charge_compute(arms, models, teacher, cfg, distilled, scratch_training)
-    log("decode speed (KV cache, batch 1): measuring teacher, distilled, attention-drop")
+    logger.info("decode speed (KV cache, batch 1): measuring teacher, distilled, attention-drop")
     # The teacher first: decode_speeds' ratios are against the first model, paired repeat by repeat.
-    decode = decode_speeds({k: models[k] for k in ("teacher", "distilled", "drop")}, cfg.decode_repeats, log=log)
+    decode = decode_speeds({k: models[k] for k in ("teacher", "distilled", "drop")}, cfg.decode_repeats)
     decode["speedup_vs_teacher"] = {k: r["ratio"] for k, r in decode["ratios"].items()}
     checkpoints = _save_arms(arms, models, teacher, cfg, distilled, tmp, out)
 
@@ -398,7 +401,7 @@ def _finetune_arms(models: dict[str, GPT], cfg: DistillConfig, teacher: Teacher,
     return curves, time.time() - t0
 
 
-def _score_arms(models: dict[str, GPT], teacher: Teacher, cfg: DistillConfig, log) -> tuple[dict, dict]:
+def _score_arms(models: dict[str, GPT], teacher: Teacher, cfg: DistillConfig) -> tuple[dict, dict]:
     """Every arm's held-out loss and bits per byte and its quality kept; and attention-drop - teacher, the
     difference the quality kept is a share of."""
     byte_lengths = teacher.tokenizer.token_byte_lengths()
@@ -408,7 +411,7 @@ def _score_arms(models: dict[str, GPT], teacher: Teacher, cfg: DistillConfig, lo
         arms[name] = {"label": ARMS[name], "layers": model.config.layers, "parameters": model.num_params(),
                       "kv_bytes_per_token": model.config.kv_bytes_per_token(), "loss": ev["loss"], "bpb": ev["bpb"],
                       "eval_tokens": ev["tokens"], "eval_bytes": ev["bytes"]}
-        log(f"{ARMS[name]:<28} {model.config.layers}  val loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
+        logger.info(f"{ARMS[name]:<28} {model.config.layers}  val loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
     gap = _interval(bpb_difference(evals["drop"], evals["teacher"]))
     for name, arm in arms.items():
         arm["quality_kept"] = ratio_over_difference(bpb_difference(evals["drop"], evals[name])["mean"], gap)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,6 +12,8 @@ from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.options import MAX_REPEATS, MAX_TOKENS, MAX_WIDTH, option, pattern_problem
 from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.train.config import EVAL_TOKENS, MAX_ROWS, MAX_STEPS
+
+logger = logging.getLogger(__name__)
 
 # Per preset (read from the teacher's config.json): distillation and fine-tune steps, learning rates,
 # rows per batch, and the held-out tokens for the MSE (mse_tokens) and for bits per byte (eval_tokens).
@@ -54,10 +57,11 @@ class DistillConfig:
     device: str = option("auto", metavar="NAME", help="auto, cpu, cuda or mps")
     overwrite: bool = option(False, help="replace an earlier distill output in --out")
 
-    def resolved(self, preset: str | None, log=print) -> "DistillConfig":
+    def resolved(self, preset: str | None) -> "DistillConfig":
         """This config with every preset default filled in, checked."""
         if preset not in DEFAULTS:
-            log(f"the teacher records no known preset ({preset!r}); using the cpu preset's distillation defaults")
+            logger.warning(f"the teacher records no known preset ({preset!r}); using the cpu preset's distillation "
+                           "defaults")
         values = {k: v for k, v in DEFAULTS.get(preset, DEFAULTS["cpu"]).items() if getattr(self, k) is None}
         cfg = replace(self, **values)
         for name in ("steps", "batch_size", "mse_tokens", "eval_tokens", "decode_repeats"):

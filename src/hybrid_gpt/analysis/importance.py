@@ -15,6 +15,7 @@ replacing the deepest attention layers.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from hybrid_gpt.train.evaluate import (
     model_windows,
     window_length,
 )
+
+logger = logging.getLogger(__name__)
 
 INTERVENTIONS = ("drop", "mean")
 
@@ -145,7 +148,7 @@ def _pattern(layers: str, replace: list[int]) -> str:
 
 
 def analyse(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens: int = EVAL_TOKENS,
-            replace: int | None = None, log=print, context: int | None = None) -> dict:
+            replace: int | None = None, context: int | None = None) -> dict:
     """Similarity, intervention losses, rankings and the recommended pattern for one model (layers 1-based)."""
     pattern = model.config.layers
     attn = _require_attention(model, "the model")
@@ -161,17 +164,17 @@ def analyse(model: GPT, tokens: np.ndarray, byte_lengths: np.ndarray, max_tokens
         with swapped_mixers(model, _replacements(kind, list(layers), means)):
             return evaluate_lm(model, tokens, byte_lengths, max_tokens, context=context)
 
-    log(f"measuring the residual stream around {len(attn)} attention layers of {pattern}")
+    logger.info(f"measuring the residual stream around {len(attn)} attention layers of {pattern}")
     similarity, means = attention_stats(model, tokens, max_tokens, context=context)
     intact = evaluate()
-    log(f"intact: loss {intact['loss']:.4f}, {intact['bpb']:.4f} bits/byte over {intact['tokens']:,} tokens")
+    logger.info(f"intact: loss {intact['loss']:.4f}, {intact['bpb']:.4f} bits/byte over {intact['tokens']:,} tokens")
     per_layer = []
     for i in attn:
         row = {"layer": i + 1, "similarity": similarity[i]}
         for kind in INTERVENTIONS:
             row[kind] = _scored(evaluate(kind, [i]), intact)
-        log(f"layer {i + 1}: cos {similarity[i]:.4f}, drop {row['drop']['loss_increase']:+.4f}, "
-            f"mean {row['mean']['loss_increase']:+.4f} nats/token")
+        logger.info(f"layer {i + 1}: cos {similarity[i]:.4f}, drop {row['drop']['loss_increase']:+.4f}, "
+                    f"mean {row['mean']['loss_increase']:+.4f} nats/token")
         per_layer.append(row)
 
     # Least important first; sorted() is stable, so ties keep layer order.
@@ -218,7 +221,7 @@ def default_out_dir(checkpoint_root: Path) -> Path:
 
 def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, max_tokens: int = EVAL_TOKENS,
                    replace: int | None = None, data_dir: str | Path | None = None, device: str = "cpu",
-                   log=print, context: int | None = None) -> dict:
+                   context: int | None = None) -> dict:
     """Analyse one checkpoint; write importance.json, importance.md and importance-layers.png; return the dict."""
     from hybrid_gpt.checkpoint import checkpoint_data, load_checkpoint, resolve
     from hybrid_gpt.runtime import resolve_device
@@ -242,10 +245,10 @@ def run_importance(checkpoint: str | Path, out_dir: str | Path | None = None, ma
                      "device": str(next(model.parameters()).device)},
         "data": {"dir": str(Path(data.root).resolve()), "source": data.meta["source"],
                  "documents": data.meta["splits"]["val"]["documents"]},
-        **analyse(model, data.val, tok.token_byte_lengths(), max_tokens, replace, log=log, context=context),
+        **analyse(model, data.val, tok.token_byte_lengths(), max_tokens, replace, context=context),
     }
     result["out_dir"] = str(out)
     with output_dir(out, allowed=IMPORTANCE_FILES, what="layer-importance output", overwrite=True) as tmp:
         write_outputs(result, tmp)
-    log(f"wrote {out / 'importance.md'}")
+    logger.info(f"wrote {out / 'importance.md'}")
     return result

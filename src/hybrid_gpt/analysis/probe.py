@@ -35,6 +35,7 @@ sequence) to 1. The pattern *learns it* when every seed has, *does not learn it*
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +62,8 @@ from hybrid_gpt.runtime import resolve_device
 from hybrid_gpt.stats import mean_ci
 from hybrid_gpt.train.evaluate import evaluating, windows
 from hybrid_gpt.train.loop import TrainConfig, train
+
+logger = logging.getLogger(__name__)
 
 # The probe's own budget per preset and task; the model width comes from the preset itself.
 PROBE_SETTINGS: dict[str, dict[str, dict]] = {
@@ -367,7 +370,7 @@ def check_position_data(path: Path, max_tokens: int) -> None:
                              f"{max_tokens:,}; prepare a larger corpus or leave it out of --checkpoints")
 
 
-def position_losses(checkpoints: dict[str, Path], max_tokens: int, device="cpu", log=print) -> dict:
+def position_losses(checkpoints: dict[str, Path], max_tokens: int, device="cpu") -> dict:
     """Loss-by-position curves of each checkpoint on its own validation split, and the gap of every other
     model to the first all-attention one: only between models of the same data and context, since losses
     in nats per token of different tokenizers do not compare."""
@@ -380,8 +383,8 @@ def position_losses(checkpoints: dict[str, Path], max_tokens: int, device="cpu",
         models[label] = {"checkpoint": str(path), "layers": model.config.layers, "block_size": len(curve),
                          "data_dir": str(Path(data.root).resolve()), "windows": per_window[label].size(0),
                          "curve": curve, **summarize_curve(curve)}
-        log(f"probe: loss by position of {label} ({model.config.layers}): mean {models[label]['mean']:.4f}, "
-            f"late - mid {models[label]['late_minus_mid']:+.4f}")
+        logger.info(f"probe: loss by position of {label} ({model.config.layers}): mean {models[label]['mean']:.4f}, "
+                    f"late - mid {models[label]['late_minus_mid']:+.4f}")
     base = next((k for k, v in models.items() if set(v["layers"]) == {"A"}), None)
     gaps = {}
     for label, m in models.items():
@@ -410,12 +413,12 @@ def judge_seeds(accuracies: list[float], in_context_chance: float) -> str:
 
 
 def _probe_task(spec: RecallSpec, settings: dict, patterns: list[str], seeds: list[int], preset: str, device,
-                log, progress: bool) -> dict:
+                progress: bool) -> dict:
     """Train and score every pattern x seed on one task; the task's block of probe.json."""
     preset_values = get_preset(preset)
-    log(f"probe: {spec.task} with {spec.n_pairs} pairs (vocab {spec.vocab_size}, length {spec.seq_len}), "
-        f"{settings['steps']} steps x {settings['batch_size']} per pattern; chance {spec.chance:.3f}, "
-        f"guessing a value in context {spec.in_context_chance:.3f}")
+    logger.info(f"probe: {spec.task} with {spec.n_pairs} pairs (vocab {spec.vocab_size}, length {spec.seq_len}), "
+                f"{settings['steps']} steps x {settings['batch_size']} per pattern; chance {spec.chance:.3f}, "
+                f"guessing a value in context {spec.in_context_chance:.3f}")
     results = []
     for pattern in patterns:
         runs = []
@@ -426,8 +429,8 @@ def _probe_task(spec: RecallSpec, settings: dict, patterns: list[str], seeds: li
                                                   device=device, progress=progress)
             ev = probe_accuracy(model, spec, settings["eval_examples"])
             runs.append({"seed": seed, **ev, "train_loss": train_loss, "seconds": time.time() - t0})
-            log(f"probe {spec.task} {pattern} seed {seed}: accuracy {ev['accuracy']:.3f} (chance {spec.chance:.3f}) "
-                f"in {runs[-1]['seconds']:.0f}s")
+            logger.info(f"probe {spec.task} {pattern} seed {seed}: accuracy {ev['accuracy']:.3f} "
+                        f"(chance {spec.chance:.3f}) in {runs[-1]['seconds']:.0f}s")
         accuracies = [r["accuracy"] for r in runs]
         results.append({"pattern": pattern, "attention_layers": pattern.count("A"), "params": model.num_params(),
                         "accuracy": mean_ci(accuracies), "runs": runs,
@@ -442,7 +445,7 @@ def _probe_task(spec: RecallSpec, settings: dict, patterns: list[str], seeds: li
 
 
 def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str = "cpu", seeds=DEFAULT_SEEDS,
-              steps: int | None = None, task: str = DEFAULT_TASK, checkpoints=None, device="cpu", log=print,
+              steps: int | None = None, task: str = DEFAULT_TASK, checkpoints=None, device="cpu",
               progress: bool = True) -> dict:
     """Train every pattern on the recall probe(s), measure loss by position of the checkpoints, write
     probe.json, probe.md and the PNGs into ``out_dir`` (default ``run_dir/probe``), return the results.
@@ -483,8 +486,8 @@ def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str =
         check_position_data(path, position_tokens)
     device = resolve_device(device) if isinstance(device, str) else device
 
-    blocks = {t: _probe_task(specs[t], settings[t], patterns, seeds, preset, device, log, progress) for t in tasks}
-    positions = position_losses(checkpoints, position_tokens, device, log) if checkpoints else None
+    blocks = {t: _probe_task(specs[t], settings[t], patterns, seeds, preset, device, progress) for t in tasks}
+    positions = position_losses(checkpoints, position_tokens, device) if checkpoints else None
     first = blocks[tasks[0]]
     result = {
         "settings": {**first["settings"], "tasks": list(tasks), "position_tokens": position_tokens,
@@ -498,5 +501,5 @@ def run_probe(*, run_dir, out_dir=None, patterns=DEFAULT_PATTERNS, preset: str =
     }
     with output_dir(out, allowed=PROBE_FILES, what="probe output", overwrite=True) as tmp:
         write_outputs(result, tmp)
-    log(f"probe: wrote {out / 'probe.md'}")
+    logger.info(f"probe: wrote {out / 'probe.md'}")
     return result

@@ -28,6 +28,7 @@ Every finished arm is recorded in state.json at once, so an interrupted study re
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -66,6 +67,8 @@ from hybrid_gpt.runtime import resolve_device
 from hybrid_gpt.stats import judge_interval, mean_ci, seed_window_ci
 from hybrid_gpt.train.evaluate import bpb_difference, evaluate_lm, window_differences, window_starts
 from hybrid_gpt.train.loop import TrainConfig, train
+
+logger = logging.getLogger(__name__)
 
 # What a replacement study's directory may hold (a tree spec, fsutil.check_replaceable): anything else, at any
 # depth, means it is not ours to resume or replace.
@@ -149,7 +152,7 @@ class MapSource:
         return load_layer(self.captures, block, self.fit_rows)
 
 
-def _mlp(source: MapSource, config: GPTConfig, block: int, width: int, seed: int, out: Path, log,
+def _mlp(source: MapSource, config: GPTConfig, block: int, width: int, seed: int, out: Path,
          progress: bool) -> nn.Module:
     """The fitted MLP of ``block`` at ``width`` and ``seed``: the map's own fit when it has it (its seed), else
     one fitted here on the map's captures with the map's recipe, kept under out/fits/."""
@@ -166,8 +169,8 @@ def _mlp(source: MapSource, config: GPTConfig, block: int, width: int, seed: int
     ours.parent.mkdir(parents=True, exist_ok=True)
     save_fit(mlp, ours)
     write_json(ours.with_suffix(".json"), {k: v for k, v in record.items()})
-    log(f"fitted block {block + 1} at width {width}, seed {seed}: {record['epochs']:.1f} epochs "
-        f"({'stopped early' if record['stopped_early'] else 'hit the epoch cap'}), {time.time() - t0:.0f} s")
+    logger.info(f"fitted block {block + 1} at width {width}, seed {seed}: {record['epochs']:.1f} epochs "
+                f"({'stopped early' if record['stopped_early'] else 'hit the epoch cap'}), {time.time() - t0:.0f} s")
     return mlp
 
 
@@ -237,7 +240,7 @@ def heal(model: GPT, teacher: GPT, data, cfg: ReplaceConfig, steps: list[int], s
     tcfg = TrainConfig(max_steps=last, batch_size=cfg.heal_rows, lr=cfg.heal_lr, min_lr_ratio=1.0,
                        warmup_steps=min(cfg.heal_warmup, last), weight_decay=0.0, grad_clip=1.0, eval_interval=1,
                        eval_at_start=True, seed=seed, progress=progress)
-    train(model, task, tcfg, info={"stage": desc}, log=lambda *a: None)
+    train(model, task, tcfg, info={"stage": desc})
     model.eval()
     return sorted(task.curve, key=lambda p: p["step"])
 
@@ -275,7 +278,7 @@ def check_config(cfg: ReplaceConfig, model_config: GPTConfig) -> None:
                              f"more than the model's context of {model_config.block_size:,}")
 
 
-def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, log=print, progress: bool = True,
+def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, progress: bool = True,
                 **options) -> dict:
     """The whole study on ``checkpoint`` (see the module's docstring) into ``config.out_dir``: state.json as
     the work goes, then replace.json, replace.md and the plots. Returns what replace.json holds."""
@@ -302,7 +305,7 @@ def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, 
     with resumable_dir(out, allowed=REPLACE_FILES, what="replacement study", fingerprint=fingerprint,
                        overwrite=cfg.overwrite, resume=cfg.resume, free=("checkpoint", "map"),
                        adopted=("checkpoint_sha256", "map_recipe")) as study:
-        runner = _Runner(cfg, model, tokenizer, data, windows, trials, source, study, out, log, progress)
+        runner = _Runner(cfg, model, tokenizer, data, windows, trials, source, study, out, progress)
 
         sentence, map_r2 = _map_view(source.root)
 
@@ -315,7 +318,7 @@ def run_replace(checkpoint: str | Path, config: ReplaceConfig | None = None, *, 
         if cfg.speed_runs:
             runner.speed(root, publish)
         result = publish(complete=True)
-    log(f"wrote {out}/replace.json and replace.md ({time.time() - t_start:.0f} s this run)")
+    logger.info(f"wrote {out}/replace.json and replace.md ({time.time() - t_start:.0f} s this run)")
     return result
 
 
@@ -334,9 +337,9 @@ class _Runner:
     """The study's steps over one loaded teacher; each step reads its record from the study or makes it."""
 
     def __init__(self, cfg: ReplaceConfig, full: GPT, tokenizer, data, windows: dict, trials: dict,
-                 source: MapSource, study: RunState, out: Path, log, progress: bool):
+                 source: MapSource, study: RunState, out: Path, progress: bool):
         self.cfg, self.full, self.tokenizer, self.data = cfg, full, tokenizer, data
-        self.source, self.study, self.out, self.log, self.progress = source, study, out, log, progress
+        self.source, self.study, self.out, self.progress = source, study, out, progress
         self.bytes = tokenizer.token_byte_lengths()
         self.windows, self.trials = windows, trials
         self.attention = attention_layers(full)
@@ -401,7 +404,7 @@ class _Runner:
         got = self.study.get(name)
         if got is not None and (not test or "test" in got["scores"]):
             return got
-        self.log(f"{name}: layers {', '.join(str(i + 1) for i in layers)}")
+        logger.info(f"{name}: layers {', '.join(str(i + 1) for i in layers)}")
         t0 = time.time()
         model, context, extra = self._build(kind, layers, seed or cfg.seeds[0])
         with context:
@@ -425,9 +428,9 @@ class _Runner:
         del model
         record["seconds"] = time.time() - t0 + (got or {}).get("seconds", 0.0)
         self.study.put(name, record, time.time() - t0)
-        self.log(f"{name}: bpb {scores['select']['bpb']:.4f} on the selection slice"
-                 + (f", {scores['test']['bpb']:.4f} on the test windows" if "test" in scores else "")
-                 + f" ({time.time() - t0:.0f} s)")
+        logger.info(f"{name}: bpb {scores['select']['bpb']:.4f} on the selection slice"
+                    + (f", {scores['test']['bpb']:.4f} on the test windows" if "test" in scores else "")
+                    + f" ({time.time() - t0:.0f} s)")
         return record
 
     def capture_steps(self) -> int:
@@ -451,7 +454,7 @@ class _Runner:
         pattern = "".join("M" if i in layers else c for i, c in enumerate(full.config.layers))
         model = transplant(full, pattern, width, seed)
         for i in layers:
-            mlp = _mlp(self.source, full.config, i, width, seed, self.out, self.log, self.progress)
+            mlp = _mlp(self.source, full.config, i, width, seed, self.out, self.progress)
             model.transformer.h[i].mixer.load_state_dict({k.removeprefix("mlp."): v for k, v in
                                                           mlp.state_dict().items()})
         params = sum(p.numel() for p in model.transformer.h[layers[0]].mixer.parameters())
@@ -477,7 +480,7 @@ class _Runner:
                 "checkpoint": str(root), "shapes": shapes, "mlp_hidden": cfg.width, "contexts": [cfg.eval_context],
                 "repeats": cfg.speed_repeats, "decode_tokens": cfg.decode_tokens, "seed": cfg.seed,
                 "device": cfg.device})
-            self.log(f"speed run {i + 1} of {cfg.speed_runs} (a separate process)")
+            logger.info(f"speed run {i + 1} of {cfg.speed_runs} (a separate process)")
             t0 = time.time()
             done = subprocess.run([sys.executable, "-m", "hybrid_gpt.analysis.speed_worker",
                                    str(spec.with_name(f"run-{i + 1}-request.json")), str(spec)],

@@ -34,6 +34,7 @@ study's three-valued rule (stats.judge_interval, verdict.QUALITY_TOLERANCE, verd
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -66,6 +67,8 @@ from hybrid_gpt.present.retrofit import FULL, answer_sentence, group_sentence, r
 from hybrid_gpt.runtime import resolve_device
 from hybrid_gpt.stats import judge_interval
 from hybrid_gpt.train.evaluate import bpb_difference, check_budget, evaluate_lm
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("drop", "distil", "drop+heal", "distil+heal")  # an arm's treatment, in the tables' order
 # Below this accuracy of the full model, a passkey length tests nothing: an arm cannot lose what is not there.
@@ -149,7 +152,7 @@ class Probes:
     answer_tokens: int
 
 
-def score(model: GPT, teacher: Teacher, cfg: RetrofitConfig, probes: Probes, answers: bool, log) -> dict:
+def score(model: GPT, teacher: Teacher, cfg: RetrofitConfig, probes: Probes, answers: bool) -> dict:
     """Every quality figure of one model."""
     t0 = time.time()
     byte_lengths = teacher.tokenizer.token_byte_lengths()
@@ -165,8 +168,8 @@ def score(model: GPT, teacher: Teacher, cfg: RetrofitConfig, probes: Probes, ans
                                                 questions=passkey.QUESTIONS, max_new_tokens=probes.answer_tokens)
     out["score_s"] = time.time() - t0
     keys = ", ".join(f"{p['correct']}/{p['n']} at {p['context']:,}" for p in out["passkey"])
-    log(f"  bpb {out['eval']['bpb']:.4f}, top-1 agreement {out['agreement']['top1_agreement']:.3f}, KL "
-        f"{out['agreement']['kl']:.4f}; passkey {keys} ({out['score_s']:.0f} s)")
+    logger.info(f"  bpb {out['eval']['bpb']:.4f}, top-1 agreement {out['agreement']['top1_agreement']:.3f}, KL "
+                f"{out['agreement']['kl']:.4f}; passkey {keys} ({out['score_s']:.0f} s)")
     return out
 
 
@@ -196,7 +199,7 @@ def speed_shapes(teacher_layers: str, arms: list[Arm], attention: list[int]) -> 
     return shapes
 
 
-def measure_speed(teacher: GPT, shapes: dict[str, str], cfg: RetrofitConfig, mlp_hidden: int, log) -> dict:
+def measure_speed(teacher: GPT, shapes: dict[str, str], cfg: RetrofitConfig, mlp_hidden: int) -> dict:
     """bench's estimator on one model per shape (the teacher's weights, untrained M mixers), every ratio against
     the full model with its interval, beside the cost model's prediction on the hardware bench measured."""
     models = {name: teacher if name == FULL else transplant(teacher, p, mlp_hidden, cfg.seed)
@@ -205,7 +208,7 @@ def measure_speed(teacher: GPT, shapes: dict[str, str], cfg: RetrofitConfig, mlp
                             batch_sizes=list(cfg.batch_sizes), repeats=cfg.speed_repeats, warmup=1, naive=False,
                             prefill=True, peer=False, seed=cfg.seed, dtypes=list(cfg.dtypes))
     t0 = time.time()
-    bench = run_bench(models, bench_cfg, log=log)
+    bench = run_bench(models, bench_cfg)
     hw = bench["hardware"]
     out = {}
     for name, pattern in shapes.items():
@@ -274,7 +277,7 @@ def default_out_dir(checkpoint: Path, quick: bool) -> Path:
     return checkpoint.parent / ("retrofit-quick" if quick else "retrofit")
 
 
-def run_retrofit(checkpoint: str | Path, config: RetrofitConfig | None = None, *, log=print, progress: bool = True,
+def run_retrofit(checkpoint: str | Path, config: RetrofitConfig | None = None, *, progress: bool = True,
                  **options) -> dict:
     """The whole study on ``checkpoint``; writes retrofit.json, retrofit.md, retrofit-*.png and (save_arms) each
     arm's checkpoint under arms/<name>/ into the output directory, which is swapped in whole at the end.
@@ -310,15 +313,15 @@ def run_retrofit(checkpoint: str | Path, config: RetrofitConfig | None = None, *
     with output_dir(out, allowed=RETROFIT_FILES, what="retrofit output", overwrite=cfg.overwrite) as tmp:
         model, tokenizer, training = load_checkpoint(root, dev)
         teacher = Teacher(model, tokenizer, training, root, data)
-        result = _retrofit(cfg, teacher, inputs, chat_file, tmp, out, log, progress)
+        result = _retrofit(cfg, teacher, inputs, chat_file, tmp, out, progress)
         result["elapsed_s"] = time.time() - t_start
         result["command"] = command_line(checkpoint, cfg)
         write_outputs(result, tmp)
-    log(f"wrote {out}/retrofit.md, retrofit.json and the plots in {result['elapsed_s']:.0f} s")
+    logger.info(f"wrote {out}/retrofit.md, retrofit.json and the plots in {result['elapsed_s']:.0f} s")
     return result
 
 
-def shared_distillation(cfg: RetrofitConfig, teacher: Teacher, union: list[int], mlp_hidden: int, log,
+def shared_distillation(cfg: RetrofitConfig, teacher: Teacher, union: list[int], mlp_hidden: int,
                         progress: bool) -> tuple[dict[int, dict], dict | None]:
     """Distil every block of ``union`` (0-based) once, together (one teacher forward per step serves them all;
     each student trains on its own MSE alone): the students' tensors by block, and the run's record."""
@@ -330,7 +333,7 @@ def shared_distillation(cfg: RetrofitConfig, teacher: Teacher, union: list[int],
                          mlp_hidden, cfg.seed)
     rows = distill_layers(full, student, union, teacher.data, steps=cfg.distil_steps, lr=cfg.distil_lr,
                           batch_size=cfg.rows, seed=cfg.seed, mse_tokens=cfg.mse_tokens, first_step=teacher.steps,
-                          context=cfg.tokens_per_row, log=log, progress=progress)
+                          context=cfg.tokens_per_row, progress=progress)
     students = _students(student, union)
     return students, {
         "blocks": [i + 1 for i in union], "steps": cfg.distil_steps, "rows": cfg.rows,
@@ -366,7 +369,6 @@ class Study:
     first_heal: int  # healing continues the data stream from this step
     tmp: Path
     out: Path
-    log: object
     progress: bool
 
     @property
@@ -375,7 +377,7 @@ class Study:
 
 
 def _retrofit(cfg: RetrofitConfig, teacher: Teacher, inputs: tuple, chat_file: Path, tmp: Path, out: Path,
-              log, progress: bool) -> dict:
+              progress: bool) -> dict:
     """The work of run_retrofit, with the plots and the arms written into ``tmp`` (named by its final place)."""
     full = teacher.model
     attention = attention_layers(full)
@@ -384,14 +386,14 @@ def _retrofit(cfg: RetrofitConfig, teacher: Teacher, inputs: tuple, chat_file: P
     similarity = attention_stats(full, teacher.data.train, cfg.similarity_tokens, context=cfg.eval_context)[0]
     timings["similarity_s"] = time.time() - t0
     arms = plan_arms(cfg, attention, similarity)
-    log(f"retrofit: {teacher.path} ({len(attention)} attention layers), {len(arms)} arms")
-    study = _prepare(cfg, teacher, arms, inputs, timings, (tmp, out), log, progress)
+    logger.info(f"retrofit: {teacher.path} ({len(attention)} attention layers), {len(arms)} arms")
+    study = _prepare(cfg, teacher, arms, inputs, timings, (tmp, out), progress)
     results = measure_arms(study, arms)
 
     t0 = time.time()
     shapes = speed_shapes(full.config.layers, arms, attention)
-    log(f"speed: {len(shapes)} pattern shapes, contexts {','.join(map(str, cfg.speed_contexts))}")
-    speed = measure_speed(full, shapes, cfg, study.mlp_hidden, log)
+    logger.info(f"speed: {len(shapes)} pattern shapes, contexts {','.join(map(str, cfg.speed_contexts))}")
+    speed = measure_speed(full, shapes, cfg, study.mlp_hidden)
     timings["speed_s"] = time.time() - t0
 
     result = {
@@ -412,10 +414,10 @@ def _retrofit(cfg: RetrofitConfig, teacher: Teacher, inputs: tuple, chat_file: P
 
 
 def _prepare(cfg: RetrofitConfig, teacher: Teacher, arms: list[Arm], inputs: tuple, timings: dict,
-             where: tuple[Path, Path], log, progress: bool) -> Study:
+             where: tuple[Path, Path], progress: bool) -> Study:
     """The shared distillation of every layer an arm distils, and the probes every arm is scored on."""
     union = sorted({i for a in arms if a.letter == "M" and a.kind != FULL for i in a.layers})
-    students, distillation = shared_distillation(cfg, teacher, union, cfg.mlp_hidden or 0, log, progress)
+    students, distillation = shared_distillation(cfg, teacher, union, cfg.mlp_hidden or 0, progress)
     timings["distillation_s"] = distillation["elapsed_s"] if distillation else 0.0
     t0 = time.time()
     sequences, trials = inputs
@@ -423,7 +425,7 @@ def _prepare(cfg: RetrofitConfig, teacher: Teacher, arms: list[Arm], inputs: tup
                     teacher.tokenizer.chat_template(), cfg.answer_tokens)
     timings["probes_s"] = time.time() - t0
     first_heal = teacher.steps + (cfg.distil_steps if union else 0)  # healing continues the data stream
-    return Study(cfg, teacher, probes, students, distillation, len(union), first_heal, *where, log, progress)
+    return Study(cfg, teacher, probes, students, distillation, len(union), first_heal, *where, progress)
 
 
 def measure_arms(study: Study, arms: list[Arm]) -> dict[str, dict]:
@@ -458,11 +460,11 @@ def _measure_arm(study: Study, arm: Arm, full_eval: dict | None) -> dict:
     model), and save it when asked to."""
     cfg, full = study.cfg, study.teacher.model
     row = _identity(arm, full.config.layers)
-    study.log(f"arm {arm.name}: {arm.kind}, blocks {row['replaced'] or 'none'}")
+    logger.info(f"arm {arm.name}: {arm.kind}, blocks {row['replaced'] or 'none'}")
     t0 = time.time()
     model, heal_curve = _build(study, arm)
     build_s = time.time() - t0
-    scores = score(model, study.teacher, cfg, study.probes, arm.kind == FULL or arm.k in cfg.answering, study.log)
+    scores = score(model, study.teacher, cfg, study.probes, arm.kind == FULL or arm.k in cfg.answering)
     row |= {"parameters": model.num_params(), "kv_bytes_per_token": model.config.kv_bytes_per_token(),
             "bpb": scores["eval"]["bpb"], "loss": scores["eval"]["loss"], "eval": scores["eval"],
             "agreement": scores["agreement"], "passkey": scores["passkey"], "build_s": build_s,

@@ -26,7 +26,7 @@ def measure(request: dict) -> dict:
     cfg = RetrofitConfig(speed_contexts=list(request["contexts"]), decode_tokens=int(request["decode_tokens"]),
                          batch_sizes=[1], speed_repeats=int(request["repeats"]), seed=int(request["seed"]),
                          dtypes=["float32"])
-    speed = measure_speed(model, dict(request["shapes"]), cfg, int(request["mlp_hidden"]), log=lambda *a: None)
+    speed = measure_speed(model, dict(request["shapes"]), cfg, int(request["mlp_hidden"]))
     shapes = {}
     for name, shape in speed["shapes"].items():
         for row in shape["rows"]:

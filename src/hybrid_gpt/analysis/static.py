@@ -27,6 +27,7 @@ replacement study to use.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -48,6 +49,8 @@ from hybrid_gpt.options import check_fields
 from hybrid_gpt.runtime import ensure_fits, resolve_device
 from hybrid_gpt.train.evaluate import windows
 from hybrid_gpt.train.loop import TrainConfig, train
+
+logger = logging.getLogger(__name__)
 
 # What a staticness output directory may hold: anything else means it is not ours to resume or replace.
 STATIC_FILES = ("static.json", "static.md", "static-*.png", "state.json", "fits/*.safetensors",
@@ -203,7 +206,7 @@ def fit_mlp(config: GPTConfig, width: int, data: dict, cfg: StaticConfig, progre
                        warmup_steps=min(100, per_epoch), min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0,
                        eval_interval=max(1, per_epoch // 2), eval_at_start=True, seed=cfg.seed,
                        progress=progress, patience=cfg.patience)
-    result = train(model, task, tcfg, info={"stage": desc}, log=lambda *a: None)
+    result = train(model, task, tcfg, info={"stage": desc})
     if result.interrupted:  # Ctrl-C or SIGTERM: a fit cut short is no result, so nothing is recorded
         raise KeyboardInterrupt
     model.eval()
@@ -361,7 +364,7 @@ class State(RunState):
         super().put(str(block + 1), {**entry, key: value}, elapsed)
 
 
-def run_static(checkpoint: str | Path, config: StaticConfig | None = None, *, log=print, progress: bool = True,
+def run_static(checkpoint: str | Path, config: StaticConfig | None = None, *, progress: bool = True,
                **options) -> dict:
     """Map every attention layer of ``checkpoint`` (see the module's docstring) into ``config.out_dir``:
     captures/, fits/, state.json as the work goes, then static.json, static.md and static-*.png. Returns
@@ -404,9 +407,10 @@ def run_static(checkpoint: str | Path, config: StaticConfig | None = None, *, lo
             result["plots"] = write_outputs(result, out)
             return result
 
-        _map(model, data, blocks, plan, config, out, state, log, progress, publish)
+        _map(model, data, blocks, plan, config, out, state, progress, publish)
         result = publish(complete=True)
-    log(f"wrote {out}/static.json, static.md, {', '.join(result['plots'])} ({time.time() - t_start:.0f} s this run)")
+    logger.info(f"wrote {out}/static.json, static.md, {', '.join(result['plots'])} "
+                f"({time.time() - t_start:.0f} s this run)")
     return result
 
 
@@ -439,7 +443,7 @@ def layer_rows(state: State, blocks: list[int], cfg: StaticConfig) -> list[dict]
     return rows
 
 
-def _map(model: GPT, data, blocks: list[int], plan: dict, cfg: StaticConfig, out: Path, state: State, log,
+def _map(model: GPT, data, blocks: list[int], plan: dict, cfg: StaticConfig, out: Path, state: State,
          progress: bool, publish) -> None:
     """The work, in the order that makes partial results useful: captures, then per layer the closed-form
     predictors, the short context's linear, then each MLP width over every layer, narrowest first; the
@@ -449,9 +453,9 @@ def _map(model: GPT, data, blocks: list[int], plan: dict, cfg: StaticConfig, out
     for split, tokens, n in (("train", data.train, plan["train_windows"]), ("eval", data.val, plan["eval_windows"])):
         if not _captured(cap[split], n, T, blocks):
             t0 = time.time()
-            log(f"capturing {n} windows of {T:,} tokens of the {split} split, {len(blocks)} layers")
+            logger.info(f"capturing {n} windows of {T:,} tokens of the {split} split, {len(blocks)} layers")
             capture(model, tokens, n, T, blocks, cap[split], progress, desc=f"capture {split}")
-            log(f"captured {split} in {time.time() - t0:.0f} s")
+            logger.info(f"captured {split} in {time.time() - t0:.0f} s")
     fit_rows, stop_rows = split_rows(plan)
 
     def layer_data(b: int) -> dict:
@@ -471,7 +475,7 @@ def _map(model: GPT, data, blocks: list[int], plan: dict, cfg: StaticConfig, out
         for name in ("zero", "constant"):
             state.put(b, name, {"r2": r2[name]}, 0.0)
         state.put(b, "linear", {"r2": r2["linear"]}, time.time() - t0)
-        log(f"block {b + 1}: R^2 constant {r2['constant']:.3f}, linear {r2['linear']:.3f}")
+        logger.info(f"block {b + 1}: R^2 constant {r2['constant']:.3f}, linear {r2['linear']:.3f}")
     publish()
     if cfg.short_context and any(state.get(b, "short_linear") is None for b in blocks):
         t0 = time.time()
@@ -479,7 +483,7 @@ def _map(model: GPT, data, blocks: list[int], plan: dict, cfg: StaticConfig, out
         elapsed = (time.time() - t0) / len(blocks)
         for b in blocks:
             state.put(b, "short_linear", {"r2": short[b], "context": cfg.short_context}, elapsed)
-        log(f"linear at context {cfg.short_context}: R^2 " + ", ".join(f"{short[b]:.3f}" for b in blocks))
+        logger.info(f"linear at context {cfg.short_context}: R^2 " + ", ".join(f"{short[b]:.3f}" for b in blocks))
         publish()
     (out / "fits").mkdir(exist_ok=True)
     for width in sorted(cfg.widths):
@@ -494,9 +498,9 @@ def _map(model: GPT, data, blocks: list[int], plan: dict, cfg: StaticConfig, out
             record["seconds"] = time.time() - t0
             save_fit(mlp, out / "fits" / f"{name}-block{b + 1}.safetensors")
             state.put(b, name, record, record["seconds"])
-            log(f"block {b + 1}: R^2 {name} {record['r2']:.3f} ({record['epochs']:.1f} epochs, best at "
-                f"{record['best_epoch']:.1f}, {'stopped early' if record['stopped_early'] else 'hit --max-epochs'}, "
-                f"{record['seconds']:.0f} s)")
+            ending = "stopped early" if record["stopped_early"] else "hit --max-epochs"
+            logger.info(f"block {b + 1}: R^2 {name} {record['r2']:.3f} ({record['epochs']:.1f} epochs, best at "
+                        f"{record['best_epoch']:.1f}, {ending}, {record['seconds']:.0f} s)")
             publish()
 
 

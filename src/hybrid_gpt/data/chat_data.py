@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from hybrid_gpt.data.tokenizer import check_unicode
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import output_dir, parse_json, read_json, read_text, recover_dir, write_json, write_text
 from hybrid_gpt.presets import DEFAULT_SEED
+
+logger = logging.getLogger(__name__)
 
 CHAT_FILES = ("meta.json", "sft_train.jsonl", "sft_val.jsonl", "dpo_train.jsonl", "dpo_val.jsonl")
 JSONL_LIMIT = 256 << 20  # bytes of one SFT/DPO file, read whole: bound it before reading
@@ -94,7 +97,7 @@ def _pool(docs: list[Document]) -> list[tuple[str, str]]:
     return [(d.name, s.text) for d in docs for s in d.speeches if len(s.text) <= MAX_TURN_CHARS]
 
 
-def prepare_chat_data(corpus: Corpus, out_dir: str | Path, seed: int = DEFAULT_SEED, log=print) -> dict:
+def prepare_chat_data(corpus: Corpus, out_dir: str | Path, seed: int = DEFAULT_SEED) -> dict:
     """Write sft_{train,val}.jsonl, dpo_{train,val}.jsonl and meta.json, built in a temporary directory
     and swapped in whole: the previous chat data stays until the new one is complete."""
     out = Path(out_dir)
@@ -108,7 +111,7 @@ def prepare_chat_data(corpus: Corpus, out_dir: str | Path, seed: int = DEFAULT_S
                 name = f"{kind}_{split}.jsonl"
                 write_text(tmp / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
                 meta["files"][name] = len(rows)
-                log(f"{name}: {len(rows):,} {'conversations' if kind == 'sft' else 'preference pairs'}")
+                logger.info(f"{name}: {len(rows):,} {'conversations' if kind == 'sft' else 'preference pairs'}")
         write_json(tmp / "meta.json", meta)
     return meta
 

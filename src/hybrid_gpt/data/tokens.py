@@ -8,6 +8,7 @@ and every DDP rank can draw the same global batch and take its own rows.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,13 @@ from hybrid_gpt.data.tokenizer import (
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip, output_dir, read_json, recover_dir, write_bytes, write_json
 
+logger = logging.getLogger(__name__)
+
 META_VERSION = 1
 DATA_FILES = ("meta.json", *TOKENIZER_FILES, "train.bin", "val.bin")  # all a data directory may hold
 
 
-def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int | None, log=print,
+def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int | None,
                  tokenizer: Tokenizer | None = None, tokenizer_source: str | None = None) -> dict:
     """Train the tokenizer on the training split (or take ``tokenizer``, a checkpoint's, recorded as
     ``tokenizer_source``) and write tokenizer.json, train.bin, val.bin, meta.json.
@@ -47,19 +50,22 @@ def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int | None, lo
     elif tokenizer.vocab_size > MAX_VOCAB:
         raise HybridGPTError(f"the tokenizer of {tokenizer_source or 'the checkpoint'} has {tokenizer.vocab_size:,} "
                              f"tokens; token files are uint16, which hold at most {MAX_VOCAB:,}")
+    digest = corpus.sha256()
+    logger.debug(f"corpus {corpus.source}: {len(corpus.train)} training and {len(corpus.val)} validation documents, "
+                 f"sha256 {digest[:12]}")
     with output_dir(out, allowed=DATA_FILES, what="prepared data directory", overwrite=True) as tmp:
         if tokenizer is None:
             t0 = time.time()
             tok = Tokenizer.train((d.text for d in corpus.train), vocab_size)
-            log(f"trained a {tok.vocab_size}-token byte-level BPE in {time.time() - t0:.1f}s")
+            logger.info(f"trained a {tok.vocab_size}-token byte-level BPE in {time.time() - t0:.1f}s")
         else:
             tok = tokenizer
-            log(f"tokenizing with the {tok.vocab_size}-token tokenizer of {tokenizer_source or 'a checkpoint'}")
+            logger.info(f"tokenizing with the {tok.vocab_size}-token tokenizer of {tokenizer_source or 'a checkpoint'}")
         save_tokenizer(tok, tmp)
         meta = {
             "version": META_VERSION,
             "source": corpus.source,
-            "corpus_sha256": corpus.sha256(),
+            "corpus_sha256": digest,
             "tokenizer_sha256": tok.sha256(),
             "vocab_size": tok.vocab_size,
             # a small corpus can yield fewer merges than asked for; None: a checkpoint's tokenizer
@@ -71,7 +77,7 @@ def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int | None, lo
             meta["tokenizer_source"] = tokenizer_source
         start = [] if tok.doc_start_id is None else [tok.doc_start_id]
         if not start:
-            log("the tokenizer has no token that starts a document: documents follow each other unmarked")
+            logger.warning("the tokenizer has no token that starts a document: documents follow each other unmarked")
         for split, docs in (("train", corpus.train), ("val", corpus.val)):
             # Each document starts with the tokenizer's doc_start_id (ours: <|bos|>), so that no context window
             # silently spans two plays unmarked.
@@ -83,7 +89,8 @@ def prepare_data(corpus: Corpus, out_dir: str | Path, vocab_size: int | None, lo
                 "tokens": int(arr.size),
                 "bytes": int(sum(len(d.text.encode("utf-8")) for d in docs)),
             }
-            log(f"{split}: {len(docs)} documents, {arr.size:,} tokens, {meta['splits'][split]['bytes']:,} bytes")
+            logger.info(f"{split}: {len(docs)} documents, {arr.size:,} tokens, "
+                        f"{meta['splits'][split]['bytes']:,} bytes")
         write_json(tmp / "meta.json", meta)
     return meta
 
@@ -225,7 +232,7 @@ def is_prepared(out_dir: str | Path, corpus: Corpus, vocab_size: int | None,
     )
 
 
-def ensure_prepared(data_dir: Path, preset: str, log=print, tag: str = "pipeline") -> Corpus:
+def ensure_prepared(data_dir: Path, preset: str, tag: str = "pipeline") -> Corpus:
     """Prepare the embedded corpus into ``data_dir`` at the preset's vocabulary unless it is already
     there (see :func:`is_prepared`); returns the corpus."""
     from hybrid_gpt.data.corpus import load_shakespeare
@@ -234,6 +241,6 @@ def ensure_prepared(data_dir: Path, preset: str, log=print, tag: str = "pipeline
     corpus = load_shakespeare()
     vocab_size = get_preset(preset)["vocab_size"]
     if not is_prepared(data_dir, corpus, vocab_size):
-        log(f"[{tag}] prepare -> {data_dir}")
-        prepare_data(corpus, data_dir, vocab_size, log=log)
+        logger.info(f"[{tag}] prepare -> {data_dir}")
+        prepare_data(corpus, data_dir, vocab_size)
     return corpus

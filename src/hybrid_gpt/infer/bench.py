@@ -16,6 +16,7 @@ step's cost depends on the shape, not on what the weights learned.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -42,6 +43,8 @@ from hybrid_gpt.infer.timing import decode_rate, interleave, naive_rate, ratios,
 from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.runtime import ensure_fits
 
+logger = logging.getLogger(__name__)
+
 # Keys every result of run_bench holds: what marks a file as one that `bench --out` may replace.
 RESULT_KEYS = ("environment", "config", "hardware", "models")
 # The figures of an entry's row, and those a peer has (it has no naive decode).
@@ -61,16 +64,16 @@ def default_contexts(block_size: int, new_tokens: int) -> list[int]:
 
 
 def bench_shape(preset: str, patterns: list[str], cfg: BenchConfig, *, block_size: int | None = None,
-                seed: int = 0, device: torch.device | str = "cpu", log=print) -> dict:
+                seed: int = 0, device: torch.device | str = "cpu") -> dict:
     """:func:`run_bench` on :func:`shape_models`, with :func:`shape_note`'s keys; the ratios' base is the
     first pattern listed."""
     models = shape_models(preset, patterns, block_size=block_size, contexts=cfg.contexts, seed=seed, device=device)
     note = shape_note(preset, models, seed)
-    log(f"bench: {note['weights']}")
-    return run_bench(models, cfg, log=log) | note
+    logger.info(f"bench: {note['weights']}")
+    return run_bench(models, cfg) | note
 
 
-def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: dict[str, tuple] | None = None) -> dict:
+def run_bench(models: dict[str, GPT], cfg: BenchConfig, val: dict[str, tuple] | None = None) -> dict:
     """Benchmark ``models`` (name -> model, all on one device), each in every precision of
     ``cfg.dtypes`` (and its static decode step compiled, with ``cfg.compile``), and return the results as a
     dict. With ``val`` = {model name: (its validation tokens, its bytes per token)}, the bits per byte of each
@@ -80,13 +83,13 @@ def run_bench(models: dict[str, GPT], cfg: BenchConfig, log=print, val: dict[str
     if unknown:  # before any timing: a typo would otherwise fail after minutes of it
         raise HybridGPTError(f"validation data given for {', '.join(unknown)}, which bench does not measure")
     if not cfg.compile:
-        return _run_bench(models, cfg, log, val)
+        return _run_bench(models, cfg, val)
     # Room for every compiled step's graphs (one per entry, batch and context: shapes are static), and an
     # error (never eager code under a "+compile" label) should dynamo run out of it anyway.
     block = min((m.config.block_size for m in models.values()), default=1)
     sizes = len(cfg.contexts or default_contexts(block, cfg.new_tokens)) * len(cfg.batch_sizes)
     with compat.recompile_budget(sizes * len(models) * len(cfg.dtypes) + 1):
-        return _run_bench(models, cfg, log, val)
+        return _run_bench(models, cfg, val)
 
 
 @dataclass
@@ -102,7 +105,6 @@ class _Plan:
     device: torch.device
     vocab: int
     gen: torch.Generator
-    log: Callable
 
 
 @dataclass
@@ -135,7 +137,7 @@ def _contexts(cfg: BenchConfig, block: int) -> list[int]:
     return contexts
 
 
-def _plan(models: dict[str, GPT], cfg: BenchConfig, log) -> _Plan:
+def _plan(models: dict[str, GPT], cfg: BenchConfig) -> _Plan:
     """The entries of ``models`` in every precision (and compiled, with cfg.compile), their peers, the sizes."""
     models = with_dtypes(models, cfg.dtypes)
     device = next(next(iter(models.values())).parameters()).device
@@ -143,28 +145,28 @@ def _plan(models: dict[str, GPT], cfg: BenchConfig, log) -> _Plan:
     contexts = _contexts(cfg, block)
     vocab = min(m.config.vocab_size for m in models.values())
     gen = torch.Generator().manual_seed(cfg.seed)
-    peers = make_peers(models, vocab, block, gen, device, log, cfg.peers) if cfg.peer else {}
+    peers = make_peers(models, vocab, block, gen, device, cfg.peers) if cfg.peer else {}
     steps = {}  # "<name>+compile" -> its compiled step
     if cfg.compile:
         if cfg.warmup < 1:
             raise HybridGPTError("compile needs warmup 1 or more: the first runs of each shape compile")
         steps = compiled_steps(models)
         models = models | {name: models[name.removesuffix("+compile")] for name in steps}
-    return _Plan(cfg, models, peers, steps, contexts, device, vocab, gen, log)
+    return _Plan(cfg, models, peers, steps, contexts, device, vocab, gen)
 
 
 @torch.inference_mode()
-def _run_bench(models: dict[str, GPT], cfg: BenchConfig, log, val: dict[str, tuple] | None) -> dict:
+def _run_bench(models: dict[str, GPT], cfg: BenchConfig, val: dict[str, tuple] | None) -> dict:
     if not models:
         raise HybridGPTError("bench needs at least one model")
-    plan = _plan(models, cfg, log)
+    plan = _plan(models, cfg)
     measured = _Measured(probe=probe_matrix(plan.device), shuffler=random.Random(cfg.seed))
     for c in plan.contexts:
         for b in cfg.batch_sizes:
             _measure_size(plan, measured, c, b)
     hw = measure_hardware(plan.device, read_rates=measured.read_rates, probe=measured.probe)
-    log(f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
-        f"matmul {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    logger.info(f"hardware: memory bandwidth {hw['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+                f"matmul {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
     return _results(plan, measured, hw, models, val)
 
 
@@ -186,7 +188,7 @@ def _measure_size(plan: _Plan, measured: _Measured, c: int, b: int) -> None:
     samples, timed = interleave(runners, plan.cfg.warmup, plan.cfg.repeats, measured.shuffler, sample_bandwidth)
     measured.samples |= {(name, c, b, fig): values for (name, fig), values in samples.items()}
     measured.orders.append({"context": c, "batch": b, "orders": timed})
-    plan.log(f"context {c}, batch {b}: done in {time.perf_counter() - started:.0f} s")
+    logger.info(f"context {c}, batch {b}: done in {time.perf_counter() - started:.0f} s")
 
 
 def _check_caches_fit(plan: _Plan, c: int, b: int) -> None:
@@ -211,8 +213,8 @@ def _check_compiled(plan: _Plan, measured: _Measured, decoders: dict, prompt: to
         primed |= {name, name.removesuffix("+compile")}
         same = compile_check(decoders[name.removesuffix("+compile")], decoders[name], name, prompt, n)
         measured.agreement.setdefault(name, []).append({"context": c, "batch": b, "same_greedy_tokens": same})
-        plan.log(f"compile: {name} at context {c}, batch {b}: the eager path's greedy token at "
-                 f"{100 * same:.0f}% of {n} steps")
+        logger.info(f"compile: {name} at context {c}, batch {b}: the eager path's greedy token at "
+                    f"{100 * same:.0f}% of {n} steps")
     return primed
 
 
@@ -293,14 +295,14 @@ def _results(plan: _Plan, measured: _Measured, hw: dict, originals: dict[str, GP
                                       "same_greedy_tokens": min(r["same_greedy_tokens"] for r in rows)}
                                for name, rows in measured.agreement.items()}
     if val:
-        results["quality"] = precision_quality(originals, plan.models, cfg, val, plan.log)
+        results["quality"] = precision_quality(originals, plan.models, cfg, val)
     results["ratios"] = ratios(results)
     results |= peak_memory(plan.device)
     return results
 
 
 def run_train_bench(models: dict[str, GPT], batch_size: int = TRAIN_BENCH_BATCH, repeats: int = 5, warmup: int = 1,
-                    peer: bool = True, seed: int = 0, log=print) -> dict:
+                    peer: bool = True, seed: int = 0) -> dict:
     """Training throughput: tokens/s of one full optimizer step (forward, backward, AdamW) on a
     ``batch_size x block_size`` batch, for each model and for the transformers peer of the standard
     one, interleaved. Runs on copies, so the models passed in are left as they were."""
@@ -340,7 +342,7 @@ def run_train_bench(models: dict[str, GPT], batch_size: int = TRAIN_BENCH_BATCH,
             steppers["peer"] = make_step(hf, lambda: hf(x, labels=x).loss)  # HF shifts labels itself
             tokens["peer"] = batch_size * T
         except HybridGPTError as e:
-            log(f"peer: skipped ({e})")
+            logger.info(f"peer: skipped ({e})")
     samples: dict[str, list[float]] = {name: [] for name in steppers}
     for rep in range(warmup + repeats):
         for name, step in steppers.items():  # interleaved

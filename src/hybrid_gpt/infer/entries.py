@@ -7,6 +7,7 @@ weights learned).
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,8 @@ from hybrid_gpt.model.gpt import GPT, GPTConfig, parse_layers
 from hybrid_gpt.present.bench import random_weights
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.runtime import DTYPES, ensure_fits
+
+logger = logging.getLogger(__name__)
 
 # What a "+compile" entry's decode step is, on a GPU (False) and on the CPU (True).
 COMPILED_STEP = {False: "static decode step, torch.compile with CUDA graphs (reduce-overhead)",
@@ -85,8 +88,8 @@ def compiled_steps(models: dict[str, GPT]) -> dict[str, Callable]:
     return {f"{name}+compile": compile_step(model) for name, model in models.items()}
 
 
-def precision_quality(originals: dict[str, GPT], models: dict[str, GPT], cfg: BenchConfig, val: dict[str, tuple],
-                      log=print) -> dict:
+def precision_quality(originals: dict[str, GPT], models: dict[str, GPT], cfg: BenchConfig,
+                      val: dict[str, tuple]) -> dict:
     """Bits per byte of every entry of the models in ``val`` in its precision, each on that model's own
     (validation tokens, bytes per token), and the cost against the same model in float32."""
     from hybrid_gpt.train.evaluate import evaluate_lm
@@ -101,7 +104,7 @@ def precision_quality(originals: dict[str, GPT], models: dict[str, GPT], cfg: Be
             bpb = reference[name] if dtype == "float32" else evaluate_lm(models[entry], tokens, byte_lengths,
                                                                         cfg.quality_tokens)["bpb"]
             out[entry] = {"bpb": bpb, "bpb_float32": reference[name], "cost_bpb": bpb - reference[name]}
-            log(f"quality {entry}: {bpb:.4f} bits per byte ({bpb - reference[name]:+.4f} vs float32)")
+            logger.info(f"quality {entry}: {bpb:.4f} bits per byte ({bpb - reference[name]:+.4f} vs float32)")
     return out
 
 

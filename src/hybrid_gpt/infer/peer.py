@@ -9,6 +9,8 @@ and `ctranslate2` are optional dependencies (the `peer` extra).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from hybrid_gpt.errors import HybridGPTError
@@ -18,6 +20,8 @@ from hybrid_gpt.infer.entries import entry_name, precision
 from hybrid_gpt.interop.hf import family_of, hf_config, to_hf_state
 from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.runtime import DTYPES
+
+logger = logging.getLogger(__name__)
 
 
 def _transformers():
@@ -229,7 +233,7 @@ class CT2Decoder:
         return torch.tensor(ct2_greedy(self.generator, tokens[0, :length].tolist(), tokens[:, length].tolist(), n))
 
 
-def make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log, kinds=PEERS) -> dict[str, dict]:
+def make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, kinds=PEERS) -> dict[str, dict]:
     """The peers of ``kinds`` (see BenchConfig.peers) for the standard (all-attention) entries: name -> {"kind",
     "of" (our entry whose weights it holds), "dtype", "model", "max_abs_logit_diff", "implementation"}."""
     unknown = [k for k in kinds if k not in PEERS]
@@ -237,20 +241,20 @@ def make_peers(models: dict[str, GPT], vocab: int, block: int, gen, device, log,
         raise HybridGPTError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
     standard = [n for n, m in models.items() if set(m.config.layers) == {"A"}]
     if not standard:
-        log("peer: skipped (no standard, all-attention model among the checkpoints)")
+        logger.info("peer: skipped (no standard, all-attention model among the checkpoints)")
         return {}
     probe = torch.randint(0, vocab, (2, min(block, 64)), generator=gen).to(device)
-    peers = _transformers_peers(models, standard, probe, log) if "transformers" in kinds else {}
-    return peers | (_ct2_peers(models, standard, probe, log) if "ctranslate2" in kinds else {})
+    peers = _transformers_peers(models, standard, probe) if "transformers" in kinds else {}
+    return peers | (_ct2_peers(models, standard, probe) if "ctranslate2" in kinds else {})
 
 
-def _transformers_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor, log) -> dict[str, dict]:
+def _transformers_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor) -> dict[str, dict]:
     """One transformers model of the entry's family (GPT2LMHeadModel, LlamaForCausalLM) with its weights, per
     precision of the standard entries."""
     try:
         import transformers  # noqa: F401
     except ImportError:
-        log("peer: skipped (transformers is not installed: `uv sync --extra peer`)")
+        logger.info("peer: skipped (transformers is not installed: `uv sync --extra peer`)")
         return {}
     peers, seen = {}, set()
     for of in standard:
@@ -261,17 +265,17 @@ def _transformers_peers(models: dict[str, GPT], standard: list[str], probe: torc
         try:
             hf = to_hf(models[of])
         except HybridGPTError as e:  # a family transformers has no model of: measure ours alone
-            log(f"peer: skipped for {of} ({e})")
+            logger.info(f"peer: skipped for {of} ({e})")
             continue
         diff = max_logit_difference(models[of], hf, probe)
         impl = f"transformers {type(hf).__name__}"
         peers[entry_name("peer", dtype)] = {"kind": "transformers", "of": of, "dtype": dtype, "model": hf,
                                             "max_abs_logit_diff": diff, "implementation": impl}
-        log(f"peer: {impl} with {of}'s weights ({dtype}), max |logit difference| {diff:.2e}")
+        logger.info(f"peer: {impl} with {of}'s weights ({dtype}), max |logit difference| {diff:.2e}")
     return peers
 
 
-def _ct2_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor, log) -> dict[str, dict]:
+def _ct2_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor) -> dict[str, dict]:
     """CTranslate2's Generator of the first float32 standard entry, converted once (to a temporary directory,
     removed once loaded), in float32 ("ctranslate2") and int8 ("ctranslate2@int8"), each checked against our
     logits on ``probe``: max |difference| and the fraction of positions with the same greedy token."""
@@ -279,12 +283,12 @@ def _ct2_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor,
 
     ctranslate2 = ctranslate2_module(required=False)
     if ctranslate2 is None:
-        log(f"ctranslate2 peer: skipped ({CT2_MISSING})")
+        logger.info(f"ctranslate2 peer: skipped ({CT2_MISSING})")
         return {}
 
     of = next((n for n in standard if precision(models[n]) == "float32"), None)
     if of is None:
-        log("ctranslate2 peer: skipped (no float32 standard entry to convert)")
+        logger.info("ctranslate2 peer: skipped (no float32 standard entry to convert)")
         return {}
     device = next(models[of].parameters()).device
     peers = {}
@@ -292,7 +296,7 @@ def _ct2_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor,
         try:
             path = to_ctranslate2(models[of], tmp)
         except HybridGPTError as e:  # a family CTranslate2 has no converter of: measure ours alone
-            log(f"ctranslate2 peer: skipped for {of} ({e})")
+            logger.info(f"ctranslate2 peer: skipped for {of} ({e})")
             return {}
         for compute in CT2_COMPUTE_TYPES:
             gen = ct2_generator(path, compute, device.type)
@@ -300,7 +304,7 @@ def _ct2_peers(models: dict[str, GPT], standard: list[str], probe: torch.Tensor,
             impl = f"CTranslate2 {ctranslate2.__version__} Generator ({compute})"
             peers[entry_name("ctranslate2", compute)] = {"kind": "ctranslate2", "of": of, "dtype": compute,
                                                          "model": gen, "implementation": impl, **check}
-            log(f"ctranslate2 peer: {impl} with {of}'s weights, max |logit difference| "
-                f"{check['max_abs_logit_diff']:.2e}, same greedy token at {100 * check['top1_agreement']:.1f}% "
-                "of positions")
+            logger.info(f"ctranslate2 peer: {impl} with {of}'s weights, max |logit difference| "
+                        f"{check['max_abs_logit_diff']:.2e}, same greedy token at {100 * check['top1_agreement']:.1f}% "
+                        "of positions")
     return peers

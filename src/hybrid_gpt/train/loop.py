@@ -16,6 +16,7 @@ Without an output directory it trains in memory: no checkpoint, nothing written.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import signal
@@ -34,7 +35,9 @@ from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.runtime import distributed_env
 from hybrid_gpt.train.config import TrainConfig
 
-# Validation metrics printed after each evaluation (all of them go to metrics.jsonl).
+logger = logging.getLogger(__name__)
+
+# Validation metrics logged after each evaluation (all of them go to metrics.jsonl).
 SHOWN = ("val_loss", "val_bpb", "val_rewards/accuracies", "val_rewards/margins")
 
 
@@ -131,7 +134,7 @@ def _restore_rng(resume_state: dict, seed: int, rank: int, world: int, step: int
 
 def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None, tokenizer: Tokenizer | None = None,
           info: dict | None = None, device: torch.device | None = None, resume_state: dict | None = None,
-          prior_metrics: list[dict] | None = None, log=print) -> TrainResult:
+          prior_metrics: list[dict] | None = None) -> TrainResult:
     """Run ``task`` on ``model`` until ``cfg.max_steps``, saving checkpoints to ``out_dir``.
 
     ``out_dir`` None trains in memory: nothing is written and the trained model is the caller's ``model``
@@ -201,6 +204,7 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None,
             training["last_eval"] = {k: v for k, v in evals[-1].items() if not isinstance(v, list)}
         save_checkpoint(out_dir, raw_model, tokenizer, training, trainer_state=state,
                         files={"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)})
+        logger.debug(f"step {step}: checkpoint saved to {out_dir}")
 
     best = {"value": math.inf, "step": None, "state": None, "misses": 0}
 
@@ -212,7 +216,7 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None,
         rec = {"step": step, **{f"val_{k}": v for k, v in res.items()}}
         metrics.append(rec)
         if any(k in rec for k in SHOWN):
-            bar.write(f"step {step}: {format_eval(rec)}")
+            logger.info(f"step {step}: {format_eval(rec)}")
         if not cfg.patience:
             return False
         value = rec[f"val_{cfg.stop_metric}"]
@@ -276,7 +280,7 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None,
                    "elapsed": elapsed_before + time.time() - t_start, **extra_sum}
             if not finite:
                 rec["skipped"] = True
-                bar.write(f"step {step}: non-finite loss or gradient; batch skipped")
+                logger.warning(f"step {step}: non-finite loss or gradient; batch skipped")
             metrics.append(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_sec']:,.0f}")

@@ -50,7 +50,7 @@ def train_config(values: dict) -> TrainConfig:
 
 def run_pretrain(*, run_dir: str | Path, preset: str, model_type: str | None = None, layers: str | None = None,
                  out: str | Path | None = None, data_dir: str | Path | None = None, overrides: dict | None = None,
-                 device: str = "auto", resume: bool = False, overwrite: bool = False, log=print) -> TrainResult:
+                 device: str = "auto", resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train one model from scratch; its checkpoint goes to ``out`` (default ``run_dir/pretrain-<model-type>``)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     values = stage_values(preset, "pretrain", overrides)
@@ -74,5 +74,5 @@ def run_pretrain(*, run_dir: str | Path, preset: str, model_type: str | None = N
     stage = Stage(name="pretrain", out=Path(out) if out else Path(run_dir) / f"pretrain-{name}", config=config,
                   tokenizer=data.tokenizer, tcfg=tcfg, info=info, make_task=make_task,
                   fixed={"data_tokenizer_sha256": data.meta["tokenizer_sha256"]})
-    return run_stage(stage, device=device, resume=resume, overwrite=overwrite, log=log)
+    return run_stage(stage, device=device, resume=resume, overwrite=overwrite)
 

@@ -108,7 +108,7 @@ def prepare_finetune(stage: str, run_dir: Path, preset: str, model_type: str | N
 def run_sft(*, run_dir: str | Path, preset: str, model_type: str | None = None, layers: str | None = None,
             init: str | None = None, out: str | None = None, sft_data: str | None = None,
             sft_val_data: str | None = None, chat_dir: str | None = None, overrides: dict | None = None,
-            device: str = "auto", resume: bool = False, overwrite: bool = False, log=print) -> TrainResult:
+            device: str = "auto", resume: bool = False, overwrite: bool = False) -> TrainResult:
     run_dir = Path(run_dir)
     name, init_path, model, tok, train_convs, val_convs, tcfg, info = prepare_finetune(
         "sft", run_dir, preset, model_type, layers, init, chat_dir, sft_data, sft_val_data, overrides)
@@ -121,4 +121,4 @@ def run_sft(*, run_dir: str | Path, preset: str, model_type: str | None = None, 
     stage = Stage(name="sft", out=Path(out) if out else run_dir / f"sft-{name}", config=config, tokenizer=tok,
                   tcfg=tcfg, info=info, make_task=make_task, init_state=model.state_dict(),
                   fixed={"init": str(init_path.resolve())})
-    return run_stage(stage, device=device, resume=resume, overwrite=overwrite, log=log)
+    return run_stage(stage, device=device, resume=resume, overwrite=overwrite)

@@ -6,6 +6,7 @@ A stage is described by a :class:`Stage`; the stage modules only say how to buil
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -32,6 +33,8 @@ from hybrid_gpt.model.gpt import GPT, GPTConfig
 from hybrid_gpt.presets import DEFAULT_SEED
 from hybrid_gpt.runtime import distributed_env, ensure_fits, init_distributed, resolve_device, shutdown_distributed
 from hybrid_gpt.train.loop import TrainConfig, TrainResult, train
+
+logger = logging.getLogger(__name__)
 
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
 # Settings that may differ on --resume without contradicting the saved run.
@@ -184,8 +187,7 @@ def _check_resume(stage: Stage) -> tuple[dict, list[dict]]:
     return _check_trainer_state(state, out, saved_training.get("step")), read_metrics(out)
 
 
-def run_stage(stage: Stage, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
-              log=print) -> TrainResult:
+def run_stage(stage: Stage, *, device: str = "auto", resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run ``stage`` into ``stage.out``: a fresh run refuses an existing directory, ``resume`` continues it,
     ``overwrite`` replaces it (only if it is a checkpoint: see :func:`hybrid_gpt.fsutil.claimed_dir`)."""
     if resume and overwrite:
@@ -194,16 +196,16 @@ def run_stage(stage: Stage, *, device: str = "auto", resume: bool = False, overw
                      exists_hint="pass --resume to continue it or --overwrite to start over",
                      writer=distributed_env()[0] == 0):  # only rank 0 writes checkpoints
         refuse_foreign(stage.out)
-        return _run_stage(stage, device, resume, log)
+        return _run_stage(stage, device, resume)
 
 
-def _run_stage(stage: Stage, device: str, resume: bool, log) -> TrainResult:
+def _run_stage(stage: Stage, device: str, resume: bool) -> TrainResult:
     resume_state, prior_metrics = None, None
     if resume:
         resume_state, prior_metrics = _check_resume(stage)
         if resume_state["step"] >= stage.tcfg.max_steps:
-            log(f"{stage.out} is already complete ({resume_state['step']} of {stage.tcfg.max_steps} steps); "
-                "nothing to do")
+            logger.info(f"{stage.out} is already complete ({resume_state['step']} of {stage.tcfg.max_steps} steps); "
+                        "nothing to do")
             return TrainResult(step=resume_state["step"], interrupted=False, elapsed=0.0, metrics=prior_metrics)
 
     # Weights, gradients and AdamW's two moments: 16 bytes per parameter before any activation.
@@ -222,13 +224,13 @@ def _run_stage(stage: Stage, device: str, resume: bool, log) -> TrainResult:
             load_state(model, dict(stage.init_state), Path(stage.info.get("init", "the initial weights")))
         model.to(dev)
         if rank == 0:
-            log(f"{stage.name}: model {stage.config.layers} ({stage.info.get('model_type')}), "
-                f"{model.num_params():,} parameters, KV cache {stage.config.kv_bytes_per_token():,} bytes/token "
-                f"(fp32); device {dev}" + (f", {world} processes" if world > 1 else ""))
+            logger.info(f"{stage.name}: model {stage.config.layers} ({stage.info.get('model_type')}), "
+                        f"{model.num_params():,} parameters, KV cache {stage.config.kv_bytes_per_token():,} "
+                        f"bytes/token (fp32); device {dev}" + (f", {world} processes" if world > 1 else ""))
         info = dict(stage.info, stage=stage.name, parameters=model.num_params(), fixed=stage.fixed)
         task = stage.make_task(model, dev)
         return train(model, task, stage.tcfg, stage.out, stage.tokenizer, info, dev, resume_state=resume_state,
-                     prior_metrics=prior_metrics, log=log)
+                     prior_metrics=prior_metrics)
     finally:
         shutdown_distributed()
 
@@ -246,13 +248,13 @@ def is_complete(ckpt: Path) -> bool:
     return bool(training.get("complete"))
 
 
-def run_or_skip(name: str, ckpt: Path, fn, log) -> float:
+def run_or_skip(name: str, ckpt: Path, fn) -> float:
     """Run (or resume, or skip) one stage; returns the seconds it took in this invocation."""
     if is_complete(ckpt):
-        log(f"[pipeline] {name}: complete at {ckpt}, skipped")
+        logger.info(f"[pipeline] {name}: complete at {ckpt}, skipped")
         return 0.0
     resume = ckpt.exists() and (ckpt / "trainer_state.pt").is_file()
-    log(f"[pipeline] {name}: {'resuming' if resume else 'training'} -> {ckpt}")
+    logger.info(f"[pipeline] {name}: {'resuming' if resume else 'training'} -> {ckpt}")
     t0 = time.time()
     result = fn(resume=resume, overwrite=ckpt.exists() and not resume)
     if result.interrupted:
