@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from helpers import run_bad, tiny_chat_files
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybrid_gpt.analysis.retrofit import RetrofitConfig, command_line
@@ -52,6 +52,7 @@ def test_retrofit_refuses_before_any_work(retrofit_run, extra, message, capsys, 
     assert not (retrofit_run / "r").exists()
 
 
+@settings(deadline=None)
 @given(ks=st.sets(st.integers(0, 6), min_size=1), answer=st.none() | st.sets(st.integers(1, 6), min_size=1))
 def test_answer_ks_must_be_studied_and_its_default_is_what_is(ks, answer):
     cfg = RetrofitConfig(quick=True, ks=sorted(ks), answer_ks=None if answer is None else sorted(answer),
@@ -76,6 +77,7 @@ def test_costs_of_a_short_context_checkpoint_adapt_the_default_contexts(pretrain
     assert json.loads(capsys.readouterr().out)["contexts"] == [32]
 
 
+@settings(deadline=None)  # a correctness test: it must not fail because a loaded machine is slow
 @given(block=st.integers(1, 2**20))
 def test_default_contexts_fit_the_model_and_reach_its_context(block):
     contexts = default_contexts(block)
