@@ -149,160 +149,192 @@ def train(model: GPT, task, cfg: TrainConfig, out_dir: str | Path | None = None,
         raise HybridGPTError("a resumed run needs its checkpoint directory")
     if cfg.patience and (out_dir is not None or distributed_env()[2] > 1 or getattr(task, "evaluate", None) is None):
         raise HybridGPTError("early stopping (patience) needs an in-memory run on one process with an evaluated task")
-    info = dict(info or {})
-    device = device if device is not None else next(model.parameters()).device
-    rank, _, world = distributed_env()
-    master = rank == 0
-    rows_global = cfg.batch_size * cfg.grad_accum
-    if rows_global % world:
-        raise HybridGPTError(
-            f"the global batch ({cfg.batch_size} x {cfg.grad_accum} = {rows_global} rows) must divide evenly "
-            f"over {world} processes; change batch_size or grad_accum"
-        )
-    rows_rank = rows_global // world
-    micro = min(cfg.batch_size, rows_rank)
-    chunks = [(lo, min(lo + micro, rows_rank)) for lo in range(0, rows_rank, micro)]
+    run = _Run(model, task, cfg, out_dir, tokenizer, dict(info or {}),
+               device if device is not None else next(model.parameters()).device, resume_state, prior_metrics)
+    return run.loop()
 
-    _seed(cfg.seed + rank)
-    model.to(device)
-    raw_model = model
-    optimizer = torch.optim.AdamW(raw_model.optimizer_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                  eps=1e-8, fused=device.type == "cuda")
-    step = 0
-    metrics: list[dict] = list(prior_metrics or [])
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        step = int(resume_state["step"])
-        _restore_rng(resume_state, cfg.seed, rank, world, step, device)
-        metrics = [m for m in metrics if m.get("step", 0) <= step]
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    tokens_per_step = task.tokens_per_row * rows_global
-    evaluate = getattr(task, "evaluate", None)
 
-    def snapshot(final: bool) -> None:
-        rng = _rng_state(device)
+class _Run:
+    """One call of :func:`train`: the batch split over ranks and micro-batches, the optimizer, the step counter
+    and metrics, the best weights under early stopping, and the methods of one step, one evaluation and one
+    checkpoint."""
+
+    def __init__(self, model: GPT, task, cfg: TrainConfig, out_dir: Path | None, tokenizer, info: dict,
+                 device: torch.device, resume_state: dict | None, prior_metrics: list[dict] | None):
+        self.task, self.cfg, self.out_dir, self.tokenizer, self.info, self.device = (task, cfg, out_dir, tokenizer,
+                                                                                     info, device)
+        self.rank, _, self.world = distributed_env()
+        self.master = self.rank == 0
+        rows_global = cfg.batch_size * cfg.grad_accum
+        if rows_global % self.world:
+            raise HybridGPTError(
+                f"the global batch ({cfg.batch_size} x {cfg.grad_accum} = {rows_global} rows) must divide evenly "
+                f"over {self.world} processes; change batch_size or grad_accum"
+            )
+        self.rows_rank = rows_global // self.world
+        micro = min(cfg.batch_size, self.rows_rank)
+        self.chunks = [(lo, min(lo + micro, self.rows_rank)) for lo in range(0, self.rows_rank, micro)]
+        _seed(cfg.seed + self.rank)
+        model.to(device)
+        self.raw_model = model
+        self.optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                                           eps=1e-8, fused=device.type == "cuda")
+        self.step = 0
+        self.metrics: list[dict] = list(prior_metrics or [])
+        if resume_state is not None:
+            self.optimizer.load_state_dict(resume_state["optimizer"])
+            self.step = int(resume_state["step"])
+            _restore_rng(resume_state, cfg.seed, self.rank, self.world, self.step, device)
+            self.metrics = [m for m in self.metrics if m.get("step", 0) <= self.step]
+        if cfg.compile:
+            model = torch.compile(model)
+        if self.world > 1:
+            device_ids = [device.index] if device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.model = model
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+        self.tokens_per_step = task.tokens_per_row * rows_global
+        self.evaluate = getattr(task, "evaluate", None)
+        self.best = {"value": math.inf, "step": None, "state": None, "misses": 0}
+        self.elapsed_before = float(resume_state.get("elapsed", 0.0)) if resume_state else 0.0
+        self.t_start = time.time()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t_start
+
+    def loop(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.master),
+                        unit="step", dynamic_ncols=True, desc=self.info.get("stage", "train"))
+        stop = _StopFlag()
+        interrupted = stopped_early = False
+        self.t_start = time.time()
+        self.model.train()
+        if cfg.eval_at_start and self.step == 0:
+            self.run_eval(final=False)
+        with stop.installed():
+            while self.step < cfg.max_steps:
+                self.one_step()
+                last = self.step == cfg.max_steps
+                if (self.step % cfg.eval_interval == 0 or last) and self.run_eval(final=last):
+                    stopped_early = True
+                    break
+                requested = self.stop_requested(stop)
+                if self.out_dir is not None and (last or requested or self.step % (cfg.save_interval
+                                                                                   or cfg.eval_interval) == 0):
+                    self.snapshot(final=last)
+                    if self.world > 1:
+                        dist.barrier()
+                if requested and not last:
+                    interrupted = True
+                    break
+        self.bar.close()
+        if self.best["state"] is not None:
+            self.raw_model.load_state_dict(self.best["state"])
+        return TrainResult(step=self.step, interrupted=interrupted, elapsed=self.elapsed(), metrics=self.metrics,
+                           best_step=self.best["step"], stopped_early=stopped_early)
+
+    def one_step(self) -> None:
+        """One optimizer step over this rank's micro-batches; a non-finite loss or gradient fails the run, or with
+        skip_nonfinite skips the update (recorded)."""
+        cfg, t0 = self.cfg, time.time()
+        lr = cosine_lr(self.step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_value, extra = self.accumulate(self.task.rows(self.step))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip or float("inf"))
+        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+        if not finite and not cfg.skip_nonfinite:
+            self.bar.close()
+            what = f"loss or gradient became non-finite at step {self.step + 1} (loss {loss_value})"
+            if self.out_dir is None:
+                raise RunFailure(f"{self.info.get('stage', 'training')}: {what}; try a lower learning rate")
+            raise RunFailure(f"{what}; the last good checkpoint in {self.out_dir} is kept; try a lower --lr, "
+                             "or --skip-nonfinite")
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        rec = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+               "tokens_per_sec": self.tokens_per_step / max(time.time() - t0, 1e-9), "elapsed": self.elapsed(),
+               **extra}
+        if not finite:
+            rec["skipped"] = True
+            logger.warning(f"step {self.step}: non-finite loss or gradient; batch skipped")
+        self.metrics.append(rec)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_sec']:,.0f}")
+
+    def accumulate(self, batch) -> tuple[float, dict[str, float]]:
+        """Forward and backward over this rank's rows of ``batch`` in micro-batches (gradients synchronised at the
+        last one only); returns the loss averaged over ranks and the task's extra metrics."""
+        loss_sum = torch.zeros((), device=self.device)
+        extra_sum: dict[str, float] = {}
+        offset = self.rank * self.rows_rank
+        for i, (lo, hi) in enumerate(self.chunks):
+            micro_batch = self.task.take(batch, offset + lo, offset + hi, self.device)
+            sync = nullcontext() if (self.world == 1 or i == len(self.chunks) - 1) else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, extra = self.task.loss(self.model, micro_batch)
+                weight = (hi - lo) / self.rows_rank
+                (loss * weight).backward()
+            loss_sum += loss.detach() * weight
+            for k, v in extra.items():
+                extra_sum[k] = extra_sum.get(k, 0.0) + v * weight
+        if self.world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        return loss_sum.item(), extra_sum
+
+    def stop_requested(self, stop: _StopFlag) -> bool:
+        """A signal or stop_after; under DDP every rank must agree, or the others would hang in all_reduce."""
+        requested = stop.signal is not None or bool(self.cfg.stop_after and self.step >= self.cfg.stop_after)
+        if self.world > 1:
+            flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
+
+    def run_eval(self, final: bool) -> bool:
+        """Evaluate; True when early stopping says to stop."""
+        if not (self.master and self.evaluate is not None):
+            return False
+        res = self.evaluate(self.raw_model, final, self.autocast)
+        rec = {"step": self.step, **{f"val_{k}": v for k, v in res.items()}}
+        self.metrics.append(rec)
+        if any(k in rec for k in SHOWN):
+            logger.info(f"step {self.step}: {format_eval(rec)}")
+        if not self.cfg.patience:
+            return False
+        value, best = rec[f"val_{self.cfg.stop_metric}"], self.best
+        if value < best["value"]:
+            best.update(value=value, step=self.step, misses=0,
+                        state={k: v.detach().clone() for k, v in self.raw_model.state_dict().items()})
+            return False
+        best["misses"] += 1
+        return best["misses"] >= self.cfg.patience
+
+    def snapshot(self, final: bool) -> None:
+        """The checkpoint at this step (rank 0 writes it; every rank's generators go into its trainer state)."""
+        rng = _rng_state(self.device)
         per_rank = None
-        if world > 1:  # every rank's generators, so that a resume gives each its own back
-            per_rank = [None] * world
+        if self.world > 1:  # every rank's generators, so that a resume gives each its own back
+            per_rank = [None] * self.world
             dist.all_gather_object(per_rank, rng)
-        if not master:
+        if not self.master:
             return
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng,
-                 "elapsed": elapsed_before + time.time() - t_start}
+        cfg, step, metrics = self.cfg, self.step, self.metrics
+        state = {"step": step, "optimizer": self.optimizer.state_dict(), "rng": rng, "elapsed": self.elapsed()}
         if per_rank is not None:
             state["rng_ranks"] = per_rank
-        training = dict(info, step=step, max_steps=cfg.max_steps, complete=final and step >= cfg.max_steps,
-                        tokens_seen=step * tokens_per_step, train_config=asdict(cfg), world_size=world,
+        training = dict(self.info, step=step, max_steps=cfg.max_steps, complete=final and step >= cfg.max_steps,
+                        tokens_seen=step * self.tokens_per_step, train_config=asdict(cfg), world_size=self.world,
                         skipped_steps=sum(1 for m in metrics if m.get("skipped")))
         evals = [m for m in metrics if "val_loss" in m]
         if evals:  # its scalars: per-item lists (DPO's per-pair margins) stay in metrics.jsonl
             training["last_eval"] = {k: v for k, v in evals[-1].items() if not isinstance(v, list)}
-        save_checkpoint(out_dir, raw_model, tokenizer, training, trainer_state=state,
+        save_checkpoint(self.out_dir, self.raw_model, self.tokenizer, training, trainer_state=state,
                         files={"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)})
-        logger.debug(f"step {step}: checkpoint saved to {out_dir}")
-
-    best = {"value": math.inf, "step": None, "state": None, "misses": 0}
-
-    def run_eval(final: bool) -> bool:
-        """Evaluate; True when early stopping says to stop."""
-        if not (master and evaluate is not None):
-            return False
-        res = evaluate(raw_model, final, autocast)
-        rec = {"step": step, **{f"val_{k}": v for k, v in res.items()}}
-        metrics.append(rec)
-        if any(k in rec for k in SHOWN):
-            logger.info(f"step {step}: {format_eval(rec)}")
-        if not cfg.patience:
-            return False
-        value = rec[f"val_{cfg.stop_metric}"]
-        if value < best["value"]:
-            best.update(value=value, step=step, misses=0,
-                        state={k: v.detach().clone() for k, v in raw_model.state_dict().items()})
-            return False
-        best["misses"] += 1
-        return best["misses"] >= cfg.patience
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and master), unit="step",
-               dynamic_ncols=True, desc=info.get("stage", "train"))
-    stop = _StopFlag()
-    interrupted = stopped_early = False
-    t_start = time.time()
-    elapsed_before = float(resume_state.get("elapsed", 0.0)) if resume_state else 0.0
-    model.train()
-    if cfg.eval_at_start and step == 0:
-        run_eval(final=False)
-    with stop.installed():
-        while step < cfg.max_steps:
-            t0 = time.time()
-            lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = task.rows(step)
-            loss_sum = torch.zeros((), device=device)
-            extra_sum: dict[str, float] = {}
-            for i, (lo, hi) in enumerate(chunks):
-                micro_batch = task.take(batch, rank * rows_rank + lo, rank * rows_rank + hi, device)
-                sync = nullcontext() if (world == 1 or i == len(chunks) - 1) else model.no_sync()
-                with sync:
-                    with autocast():
-                        loss, extra = task.loss(model, micro_batch)
-                    weight = (hi - lo) / rows_rank
-                    (loss * weight).backward()
-                loss_sum += loss.detach() * weight
-                for k, v in extra.items():
-                    extra_sum[k] = extra_sum.get(k, 0.0) + v * weight
-            if world > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            loss_value = loss_sum.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
-            if not finite and not cfg.skip_nonfinite:
-                bar.close()
-                what = f"loss or gradient became non-finite at step {step + 1} (loss {loss_value})"
-                if out_dir is None:
-                    raise RunFailure(f"{info.get('stage', 'training')}: {what}; try a lower learning rate")
-                raise RunFailure(f"{what}; the last good checkpoint in {out_dir} is kept; try a lower --lr, "
-                                 "or --skip-nonfinite")
-            if finite:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.time() - t0
-            rec = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_sec": tokens_per_step / max(dt, 1e-9),
-                   "elapsed": elapsed_before + time.time() - t_start, **extra_sum}
-            if not finite:
-                rec["skipped"] = True
-                logger.warning(f"step {step}: non-finite loss or gradient; batch skipped")
-            metrics.append(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_sec']:,.0f}")
-            last = step == cfg.max_steps
-            if (step % cfg.eval_interval == 0 or last) and run_eval(final=last):
-                stopped_early = True
-                break
-            save_every = cfg.save_interval or cfg.eval_interval
-            requested = stop.signal is not None or (cfg.stop_after and step >= cfg.stop_after)
-            if world > 1:  # every rank must agree to stop, or the others would hang in all_reduce
-                flag = torch.tensor([1.0 if requested else 0.0], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                requested = bool(flag.item())
-            if out_dir is not None and (last or requested or step % save_every == 0):
-                snapshot(final=last)
-                if world > 1:
-                    dist.barrier()
-            if requested and not last:
-                interrupted = True
-                break
-    bar.close()
-    if best["state"] is not None:
-        raw_model.load_state_dict(best["state"])
-    return TrainResult(step=step, interrupted=interrupted, elapsed=elapsed_before + time.time() - t_start,
-                       metrics=metrics, best_step=best["step"], stopped_early=stopped_early)
+        logger.debug(f"step {step}: checkpoint saved to {self.out_dir}")
