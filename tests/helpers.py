@@ -59,3 +59,21 @@ def run_bad(argv, capsys):
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
+
+
+SERVE_CONTEXT = 128  # the served test models' context (tests/infer/conftest.py): room for a long stream
+
+
+def slowed(model, delay: float):
+    """``model`` whose every forward pass first sleeps ``delay`` seconds: tokens that arrive one by one, as a larger
+    model's would (a served stream long enough to leave mid-way, figures that are not all transport)."""
+    import time
+
+    forward = model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(delay)
+        return forward(*args, **kwargs)
+
+    model.forward = slow
+    return model

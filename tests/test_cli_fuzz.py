@@ -22,7 +22,8 @@ from hybrid_gpt.options import KINDS
 # Flags that change the process for the rest of the session, or take minutes when valid.
 SKIPPED = {"--compile", "--threads", "-h", "--help"}
 # Commands that take minutes when their values are valid: fuzzed with one invalid value always among them.
-SLOW = {"pipeline", "ablate", "probe", "distill", "retrofit", "dpo", "prepare-chat"}
+# serve, valid, runs until stopped.
+SLOW = {"pipeline", "ablate", "probe", "distill", "retrofit", "dpo", "prepare-chat", "serve"}
 # Examples per command: fewer where every valid run measures or analyses for a second.
 EXAMPLES = {"bench": 12, "importance": 12} | {cmd: 15 for cmd in SLOW}
 
@@ -78,6 +79,7 @@ def _bases(inputs) -> dict[str, list[str]]:
                    "1024", "--eval-tokens", "1024", "--widths", "4", "--short-context", "0", "--max-epochs", "1",
                    "--out", "static"],
         "replace": [str(inputs / "pretrain-standard"), "--ks", "1", "--out", "replace"],  # no map: refused early
+        "serve": [ckpt, "--port", "0"],
     }
 
 

@@ -44,6 +44,7 @@ from hybrid_gpt.analysis.static_config import StaticConfig
 from hybrid_gpt.data.config import MAX_VOCAB
 from hybrid_gpt.errors import HybridGPTError, RunFailure
 from hybrid_gpt.fsutil import os_reason
+from hybrid_gpt.infer.api import host_problem
 from hybrid_gpt.infer.config import (
     BANDWIDTH_GBS,
     BENCH_DTYPES,
@@ -210,6 +211,16 @@ class ChatOptions:
     prompt: str | None = option(None, kind="text", flags=("-p", "--prompt"), help="one message, one reply, then exit")
     system: str | None = option(None, kind="text", help="a system message to start the conversation")
     seed: int | None = option(None, kind="seed", help="random seed (default: a different one each run)")
+
+
+@dataclass
+class ServeOptions:
+    checkpoints: list[str] = option(None, kind="input", positional=True, nargs="+", metavar="CKPT",
+                                    help="checkpoints to serve, each named by its directory (see docs/serve.md)")
+    host: str = option("127.0.0.1", check=host_problem,
+                       help="IP address to listen on (another than loopback is reachable from other machines, and the "
+                            "server has no authentication)")
+    port: int = option(8000, lo=0, hi=65535, help="port to listen on (0: any free one, printed)")
 
 
 _BENCH = BenchConfig()
@@ -501,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "verdict", "'Does the hypothesis hold?': one table and sentences from the analyses")
     _command(sub, "chat", "chat with an aligned checkpoint (interactive, streaming)", (None, ChatOptions, {}),
              ("sampling", Sampling, {}), run=dict(exclude=("seed",)))
+    _command(sub, "serve", "an OpenAI-compatible HTTP server over checkpoints, and a web chat comparing two",
+             (None, ServeOptions, {}), run=dict(exclude=("preset", "run_dir", "seed")))
     _command(sub, "import", "a pretrained model (SmolLM2, a GGUF file, a Hugging Face directory) as a checkpoint, "
                            "offline", (None, ImportOptions, {}), (None, CheckpointOptions, dict(only=("overwrite",))),
              run=dict(exclude=tuple(f.name for f in fields(RunOptions))))
@@ -684,6 +697,25 @@ def cmd_chat(args) -> int:
         return 0
     repl(session, banner=f"chatting with {args.checkpoint} ({model.config.layers}, {training.get('stage', '?')}). "
                          "/reset clears the history, /quit or Ctrl-D exits.")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from hybrid_gpt.infer.api import check_serve_extra, is_loopback
+
+    check_serve_extra()  # before the server module, which imports them
+    from hybrid_gpt.infer.serve import Service, load_models
+    from hybrid_gpt.runtime import resolve_device
+
+    models = load_models(args.checkpoints, resolve_device(args.device))
+    service = Service(models, args.host, args.port)
+    for m in models:
+        print(f"model {m.label}: {m.model.config.layers}, context {m.context}, {m.training.get('stage', '?')}")
+    if not is_loopback(args.host):
+        print(f"note: listening on {args.host}, which other machines may reach; the server has no authentication")
+    print(f"serving the OpenAI API at {service.url}/v1 and the web chat at {service.url}/ (Ctrl-C stops)", flush=True)
+    service.run()
+    print("stopped")
     return 0
 
 
@@ -895,7 +927,7 @@ COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, 
             "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance,
             "probe": cmd_probe, "distill": cmd_distill, "retrofit": cmd_retrofit, "static": cmd_static,
             "replace": cmd_replace, "verdict": cmd_verdict,
-            "import": cmd_import, "costs": cmd_costs}
+            "import": cmd_import, "costs": cmd_costs, "serve": cmd_serve}
 
 
 class OutputError(RunFailure):
