@@ -268,7 +268,7 @@ BAD_BY_KIND = {"int": ["-99999999999999999999", "99999999999999999999", "1.5", "
                "float": ["nan", "inf", "-inf", "1e999", ""], "ints": ["", "1,x", "1," + "9" * 30],
                "seeds": ["", "-1", "9" * 30], "strs": ["", ","], "text": ["\udcff"],
                "str": ["", "\ud800"], "input": ["", "\udcff", "a\x00"], "outdir": ["", "\udcff", "a\x00"],
-               "outfile": ["", "\udcff", "a\x00"]}
+               "outfile": ["", "\udcff", "a\x00"], "output": ["", "\udcff", "a\x00"]}
 BY_CLASS = [(cmd, name, value) for cmd, name, kind, _ in _flags() for value in BAD_BY_KIND[kind]]
 
 

@@ -70,6 +70,7 @@ def _bases(inputs) -> dict[str, list[str]]:
                   "--batch-sizes", "1", "--no-peer", "--no-naive"],
         "importance": [str(inputs / "pretrain-standard"), "--max-tokens", "64", "--out", "imp"],
         "import": [str(inputs / "tiny.gguf"), "--out", "imp"],
+        "export": [str(inputs / "pretrain-hybrid"), "--format", "hf", "--out", "exp"],
         "verdict": ["--run-dir", "verdict"],
         "costs": ["--preset", "smoke", "--contexts", "16", "--bandwidth", "10", "--flops", "10"],
         "pipeline": ["--preset", "smoke"], "ablate": ["--preset", "smoke"], "probe": ["--preset", "smoke"],
@@ -118,7 +119,7 @@ def _value(action: argparse.Action, inputs):
         return st.one_of(st.sampled_from([str(inputs / "data"), str(inputs / "pretrain-standard"),
                                           str(inputs / "sft.jsonl"), str(inputs / "corpus.txt"), "/dev/zero",
                                           "missing"]), OUT_PATHS)
-    if kind in ("outdir", "outfile"):
+    if kind in ("outdir", "outfile", "output"):
         return OUT_PATHS
     assert kind in KINDS, f"{action.option_strings}: no strategy for {kind}"
     return st.one_of(ANY_TEXT, st.sampled_from(["cpu", "AM"]))

@@ -24,6 +24,7 @@ from hybrid_gpt.data.chat_data import CHAT_FILES
 from hybrid_gpt.data.tokens import DATA_FILES
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import claimed_dir, foreign_entries, output_dir
+from hybrid_gpt.interop.hf_export import HF_EXPORT_FILES
 
 
 @dataclass
@@ -49,6 +50,9 @@ COMMANDS = {
                                  "--no-progress", "--out", o, "--overwrite"], CHECKPOINT_FILES, CKPT),
     "import": Command(lambda r, o: ["import", r / "pretrain-hybrid", "--out", o, "--overwrite"],
                       CHECKPOINT_FILES, CKPT),
+    "export": Command(lambda r, o: ["export", r / "pretrain-hybrid", "--format", "hf", "--out", o, "--overwrite"],
+                      HF_EXPORT_FILES, ("config.json", "model.safetensors", "tokenizer.json",
+                                        "modeling_hybrid_gpt.py")),
     "distill": Command(lambda r, o: ["distill", r / "pretrain-standard", "--layers", "AM", "--out", o,
                                      "--overwrite"], DISTILL_FILES,
                        ("distill.json", "distill-mse.png", *(f"distilled/{n}" for n in CKPT),

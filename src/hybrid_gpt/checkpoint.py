@@ -42,10 +42,11 @@ def is_checkpoint(path: Path) -> bool:
     )
 
 
-def refuse_foreign(path: str | Path) -> None:
+def refuse_foreign(path: str | Path, mark: str = "model", whose: str = "a hybrid-gpt checkpoint's") -> None:
     """Refuse a directory whose config.json is some other program's (a Hugging Face model directory holds
     config.json, model.safetensors and tokenizer.json too, so names alone do not tell it from ours):
-    replacing it would delete that model. A config.json that does not parse is left to the usual checks."""
+    replacing it would delete that model. Ours holds an object under ``mark`` ("model" in a checkpoint's; an
+    export's has its own mark). A config.json that does not parse is left to the usual checks."""
     file = Path(path) / "config.json"
     if not file.is_file():
         return
@@ -53,9 +54,9 @@ def refuse_foreign(path: str | Path) -> None:
         raw = read_json(file, "config")
     except HybridGPTError:
         return
-    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        raise HybridGPTError(f"{path} holds a config.json that is not a hybrid-gpt checkpoint's (another model's?); "
-                             "it is left untouched (choose another output path)")
+    if not isinstance(raw, dict) or not isinstance(raw.get(mark), dict):
+        raise HybridGPTError(f"{path} holds a config.json that is not {whose} (another model's?); it is left "
+                             "untouched (choose another output path)")
 
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, training: dict,
@@ -67,7 +68,7 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, training
     """
     path = Path(path)
     model = getattr(model, "module", model)  # unwrap DDP
-    state = {k: v.detach().to("cpu").contiguous() for k, v in _own_tensors(model.state_dict(), model).items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in own_tensors(model.state_dict(), model).items()}
     bad = _non_finite(state)
     if bad:
         raise RunFailure(
@@ -138,15 +139,15 @@ def _names(keys) -> str:
     return ", ".join(clip(k, 80) for k in keys[:5]) + (f" and {len(keys) - 5:,} more" if len(keys) > 5 else "")
 
 
-def _own_tensors(state: dict, model: GPT) -> dict:
+def own_tensors(state: dict, model: GPT) -> dict:
     """``state`` without lm_head.weight when the model ties it to wte (one tensor, stored once); an untied
-    lm_head is a tensor of its own and stays."""
+    lm_head is a tensor of its own and stays. What a checkpoint stores, and a hybrid's Hugging Face export."""
     tied = model.config.tie_embeddings
     return {k: v for k, v in state.items() if not (tied and k == TIED)}
 
 
 def _check_tensors(state: dict, model: GPT, where: Path) -> None:
-    expected = {k: v.shape for k, v in _own_tensors(model.state_dict(), model).items()}
+    expected = {k: v.shape for k, v in own_tensors(model.state_dict(), model).items()}
     if model.config.tie_embeddings:
         state.pop(TIED, None)
     missing = set(expected) - set(state)

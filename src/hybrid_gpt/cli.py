@@ -56,7 +56,7 @@ from hybrid_gpt.infer.config import (
     Sampling,
 )
 from hybrid_gpt.infer.config import CONTEXTS as COST_CONTEXTS
-from hybrid_gpt.interop.config import STORED_DTYPES
+from hybrid_gpt.interop.config import EXPORT_DTYPES, EXPORT_FORMATS, STORED_DTYPES
 from hybrid_gpt.options import (
     MAX_CONTEXT,
     MAX_LAYERS,
@@ -441,6 +441,41 @@ def cmd_costs(args) -> int:
     return 0
 
 
+# export: a checkpoint as a Hugging Face directory or a GGUF file (interop/exporter.py) -- its options, command and
+# registration are this block and its entries in build_parser and COMMANDS.
+
+
+@dataclass
+class ExportOptions:
+    checkpoint: str = option(None, kind="input", positional=True, metavar="CKPT", help="the checkpoint to export")
+    format: str = option(None, choices=EXPORT_FORMATS, required=True,
+                         help="hf: a Hugging Face model directory (transformers; a hybrid brings its own modeling "
+                              "file, loaded with trust_remote_code=True); gguf: a GGUF file for llama.cpp "
+                              "(all-attention Llama-family models only)")
+    out: str = option(None, kind="output", required=True,
+                      help="the directory (--format hf) or the .gguf file (--format gguf) to write")
+    dtype: str = option("float32", choices=EXPORT_DTYPES,
+                        help="precision of the exported weights (GGUF: of its matrices; norms and biases stay "
+                             "float32)")
+    overwrite: bool = option(False, help="replace an earlier export at --out")
+
+
+def cmd_export(args) -> int:
+    from hybrid_gpt.interop.exporter import export_model
+
+    r = export_model(args.checkpoint, args.format, args.out, args.dtype, overwrite=args.overwrite)
+    if r["format"] == "hf":
+        load = "" if r["native"] else ", trust_remote_code=True"
+        print(f"exported {args.checkpoint} -> {r['out']}: {r['architecture']} ({r['family']}, {r['layers']}), "
+              f"{r['parameters']:,} parameters, {r['dtype']}{', with its chat template' if r['chat_template'] else ''}"
+              f"; load it with AutoModelForCausalLM.from_pretrained({r['out']!r}{load})")
+    else:
+        print(f"exported {args.checkpoint} -> {r['out']}: GGUF (llama), {r['tensors']} tensors, {r['parameters']:,} "
+              f"parameters, {r['dtype']}{', with its chat template' if r['chat_template'] else ''}; run it with "
+              f"llama-cli -m {r['out']}")
+    return 0
+
+
 # ---- the parser ---------------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -517,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "import", "a pretrained model (SmolLM2, a GGUF file, a Hugging Face directory) as a checkpoint, "
                            "offline", (None, ImportOptions, {}), (None, CheckpointOptions, dict(only=("overwrite",))),
              run=dict(exclude=tuple(f.name for f in fields(RunOptions))))
+    _command(sub, "export", "a checkpoint as a Hugging Face model directory or a GGUF file (llama.cpp), offline",
+             (None, ExportOptions, {}), run=dict(exclude=tuple(f.name for f in fields(RunOptions))))
     _command(sub, "costs", "FLOPs, bytes and roofline time per step of layer patterns, and the speedup they predict",
              (None, CostsOptions, {}), run=dict(exclude=("run_dir", "seed")))
     return parser
@@ -927,7 +964,7 @@ COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "eval": cmd_eval, 
             "bench": cmd_bench, "pipeline": cmd_pipeline, "ablate": cmd_ablate, "importance": cmd_importance,
             "probe": cmd_probe, "distill": cmd_distill, "retrofit": cmd_retrofit, "static": cmd_static,
             "replace": cmd_replace, "verdict": cmd_verdict,
-            "import": cmd_import, "costs": cmd_costs, "serve": cmd_serve}
+            "import": cmd_import, "costs": cmd_costs, "serve": cmd_serve, "export": cmd_export}
 
 
 class OutputError(RunFailure):

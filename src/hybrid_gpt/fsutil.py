@@ -320,6 +320,14 @@ def check_replaceable(path: Path, allowed: Collection[str], what: str) -> None:
                              "(move those away, or choose another output path)")
 
 
+def check_not_source(source: str | Path, out: str | Path) -> None:
+    """Refuse an output that is the source being read, or a directory holding it: writing it would replace (and
+    so delete) the source."""
+    src, dest = Path(source).resolve(), Path(out).resolve()
+    if dest == src or dest in src.parents:
+        raise HybridGPTError(f"the output {out} would replace the source {source}; choose another --out")
+
+
 def check_replaceable_json(path: str | Path, keys: Collection[str], what: str) -> None:
     """Refuse to overwrite the file ``path`` unless it is missing or a JSON object holding ``keys``: an output
     file named on the command line may be a user's file or another artifact (a checkpoint's config.json)."""

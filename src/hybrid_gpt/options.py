@@ -41,11 +41,15 @@ SHOWN_CHARS = 80  # user input echoed in a message is cut to this
 MAX_MESSAGE_CHARS = 600  # and a whole error line to this
 
 # Kinds of value; the field's type gives the kind unless ``kind`` says otherwise.
-KINDS = ("int", "float", "bool", "str", "text", "seed", "ints", "seeds", "strs", "input", "outdir", "outfile")
+# "output": a file or a directory, which the command's other options decide (export --format).
+KINDS = ("int", "float", "bool", "str", "text", "seed", "ints", "seeds", "strs", "input", "outdir", "outfile",
+         "output")
+PATHS = ("input", "outdir", "outfile", "output")  # kinds naming a path: NULs refused, links and types checked
 LISTS = {"ints": "int", "seeds": "seed", "strs": "str"}  # comma-separated, and the kind of each entry
 
 METAVARS = {"int": "N", "seed": "N", "float": "X", "ints": "N,N,...", "seeds": "N,N,...", "strs": "A,B,...",
-            "text": "TEXT", "str": "TEXT", "input": "PATH", "outdir": "DIR", "outfile": "FILE"}
+            "text": "TEXT", "str": "TEXT", "input": "PATH", "outdir": "DIR", "outfile": "FILE",
+            "output": "PATH"}
 
 
 def pattern_problem(text: str) -> str | None:
@@ -147,7 +151,7 @@ def _text_problem(text: str, kind: str, spec: Spec) -> str | None:
     limit = MAX_TEXT_CHARS if kind == "text" else MAX_PATH_CHARS
     if len(text) > limit:
         return f"is {len(text):,} characters long; the limit is {limit:,}"
-    if kind in ("input", "outdir", "outfile") and "\x00" in text:
+    if kind in PATHS and "\x00" in text:
         return "contains a NUL character"
     return None
 
@@ -155,7 +159,7 @@ def _text_problem(text: str, kind: str, spec: Spec) -> str | None:
 def _path_problem(path: Path, kind: str) -> str | None:
     """An existing path of the wrong type, or an output name longer than its file system takes, caught
     before any work starts."""
-    if kind in ("outdir", "outfile"):
+    if kind in ("outdir", "outfile", "output"):
         size, limit = len(os.fsencode(path.name)), name_max(path.parent)
         if size > limit:
             return f"has a name of {size:,} bytes; its file system takes names of at most {limit:,} bytes"
@@ -164,9 +168,9 @@ def _path_problem(path: Path, kind: str) -> str | None:
             path.resolve()
         except RuntimeError:  # what pathlib raises for a loop of symbolic links, where the caller resolves it
             return "is or passes through a loop of symbolic links"
+        if kind in ("input", "output") and path.exists() and not (path.is_file() or path.is_dir()):
+            return "is not a regular file or a directory"
         if kind == "input":
-            if path.exists() and not (path.is_file() or path.is_dir()):
-                return "is not a regular file or a directory"
             return None
         if path.exists():
             if kind == "outdir" and not path.is_dir():
@@ -199,7 +203,7 @@ def check_value(value, kind: str, spec: Spec = Spec()):
     problem = _text_problem(value, kind, spec)
     if problem:
         return problem
-    if kind in ("input", "outdir", "outfile"):
+    if kind in PATHS:
         problem = _path_problem(Path(value), kind)
         if problem:
             return problem

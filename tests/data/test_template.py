@@ -266,3 +266,29 @@ def test_template_round_trips_through_json():
                             ({"version": 9}, "version 9"), ({"format": "x"}, "not a hybrid-gpt chat template")):
         with pytest.raises(HybridGPTError, match=message):
             ChatTemplate.from_dict(bad | change, "t.json")
+
+
+JINJA_PROBES = [[], [{"role": "user", "content": "x"}], CONV, [{"role": "assistant", "content": "only me"}],
+                [{"role": "user", "content": "quotes ' \" \\ and {{ braces }} {% raw %}, émoi\r\n\t"}]]
+
+
+@pytest.mark.parametrize("default_system", [None, "", "You're \\ a 'bot'\n\té ✓ {{ not jinja }}"])
+def test_jinja_template_renders_what_the_template_renders(default_system):
+    """What an export carries: rendered as transformers renders chat templates (jinja2's sandbox), it gives our
+    rendering of every conversation, with and without a generation prompt; for ChatML it is recognised back."""
+    from hybrid_gpt.data.template import (
+        HYBRID_TEMPLATE,
+        _jinja_renderer,
+        chatml_template,
+        jinja_template,
+        template_from_jinja,
+    )
+
+    templates = [chatml_template(default_system)] + ([HYBRID_TEMPLATE] if default_system is None else [])
+    for template in templates:
+        text = jinja_template(template)
+        rendered = _jinja_renderer(text)
+        for messages in JINJA_PROBES:
+            for gen in (False, True):
+                assert rendered(messages, gen) == template.text(messages, gen)
+        assert template_from_jinja(text) == (template if template.name == "chatml" else None)

@@ -1,6 +1,6 @@
-"""Helpers of the import tests: tiny random Hugging Face models written by save_pretrained, as a downloaded
-model directory holds them, and as GGUF files in llama.cpp's layout, with data.chatml's tokenizer and SmolLM2's
-chat template. Nothing here needs the network or a large file."""
+"""Helpers of the import and export tests: tiny random Hugging Face models written by save_pretrained, as a
+downloaded model directory holds them, and as GGUF files in llama.cpp's layout, with data.chatml's tokenizer and
+SmolLM2's chat template; tiny random models of ours to export. Nothing here needs the network or a large file."""
 
 import json
 
@@ -56,6 +56,16 @@ def save_hf(model, bpe, path, template: str | None = "jinja"):
         config["chat_template"] = SMOLLM2_JINJA
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
+
+
+def our_model(family: str, layers: str, vocab_size: int, seed: int = 0, **kw):
+    """A random GPT of ours of the smoke preset's width with 4 heads and a context of 64, of ``family`` ("gpt2", or
+    "llama" with 2 key/value heads: grouped-query), every weight drawn again (:func:`randomise`)."""
+    from helpers import LLAMA, smoke_model
+
+    family_fields = dict(LLAMA, n_kv_head=2) if family == "llama" else {}
+    return randomise(smoke_model(layers, seed, vocab_size=vocab_size, block_size=64, n_head=4,
+                                 **{**family_fields, **kw}), seed)
 
 
 def greedy_hf(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:

