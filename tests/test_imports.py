@@ -110,3 +110,17 @@ def test_the_private_import_check_can_fail(tmp_path, monkeypatch):
     (tmp_path / "hybrid_gpt" / "a.py").write_text("from hybrid_gpt.b import _secret\n")
     monkeypatch.setattr(test_imports, "PKG", tmp_path / "hybrid_gpt")
     assert test_imports._private_imports() == ["hybrid_gpt.a imports hybrid_gpt.b._secret"]
+
+
+MAX_FUNCTION_LINES = 80  # a function a reader can hold; ruff's C901 (pyproject.toml) caps its branches
+
+
+def test_no_library_function_runs_past_80_lines():
+    long = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PKG)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions longer than 80 lines: " + ", ".join(long)

@@ -44,10 +44,9 @@ class PipelineOptions:
 
 
 def run_pipeline(opts: PipelineOptions) -> tuple[Path, dict]:
+    """Prepare, train every stage of both models for every seed (finished stages skipped), evaluate, bench the
+    first seed's aligned models, take samples and write the report; returns (report path, results)."""
     from hybrid_gpt.data.chat_data import is_chat_prepared, prepare_chat_data
-    from hybrid_gpt.train.dpo import run_dpo
-    from hybrid_gpt.train.pretrain import run_pretrain
-    from hybrid_gpt.train.sft import run_sft
 
     run_dir = Path(opts.run_dir)
     t_start = time.time()
@@ -58,62 +57,15 @@ def run_pipeline(opts: PipelineOptions) -> tuple[Path, dict]:
         logger.info(f"[pipeline] prepare-chat -> {chat_dir}")
         prepare_chat_data(corpus, chat_dir)
     data = TokenData.open(data_dir)
-
-    timings: dict[str, dict] = {}
-    for seed in opts.seeds:
-        sd = seed_dir(run_dir, seed)
-        for mt in MODEL_TYPES:
-            common = dict(preset=opts.preset, device=opts.device)
-
-            def ov(stage):
-                return {**opts.overrides.get(stage, {}), "seed": seed, "progress": opts.progress}
-
-            t = timings.setdefault(f"{seed}/{mt}", {})
-            t["pretrain"] = run_or_skip(f"pretrain {mt} seed {seed}", sd / f"pretrain-{mt}", lambda **kw: run_pretrain(
-                run_dir=sd, model_type=mt, data_dir=data_dir, overrides=ov("pretrain"), **common, **kw))
-            t["sft"] = run_or_skip(f"sft {mt} seed {seed}", sd / f"sft-{mt}", lambda **kw: run_sft(
-                run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("sft"), **common, **kw))
-            t["dpo"] = run_or_skip(f"dpo {mt} seed {seed}", sd / f"dpo-{mt}", lambda **kw: run_dpo(
-                run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("dpo"), **common, **kw))
+    timings = _train_stages(opts, run_dir, data_dir, chat_dir)
 
     logger.info(f"[pipeline] evaluating on {device}")
-    byte_lengths = data.tokenizer.token_byte_lengths()
     per_seed: dict[str, dict] = {mt: {} for mt in MODEL_TYPES}
     curves: dict[str, dict] = {mt: {} for mt in MODEL_TYPES}
     for seed in opts.seeds:
-        sd = seed_dir(run_dir, seed)
         for mt in MODEL_TYPES:
-            figures = {}
-            for stage in ("pretrain", "dpo"):
-                model, _, _ = load_checkpoint(sd / f"{stage}-{mt}", device)
-                ev = evaluate_lm(model, data.val, byte_lengths, EVAL_TOKENS)
-                figures[f"{stage}_val_loss"], figures[f"{stage}_val_bpb"] = ev["loss"], ev["bpb"]
-            for stage in ("pretrain", "sft", "dpo"):
-                metrics = read_metrics(sd / f"{stage}-{mt}")
-                evals = [m for m in metrics if "val_loss" in m]
-                steps = [m for m in metrics if "loss" in m]
-                if stage == "sft":
-                    figures["sft_val_loss_start"], figures["sft_val_loss"] = evals[0]["val_loss"], evals[-1]["val_loss"]
-                if stage == "dpo":
-                    last = evals[-1]
-                    for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
-                        figures[f"dpo_val_{k}"] = last[f"val_{k}"]
-                    # The preference loss; "dpo_val_loss" is the aligned model's language-model loss.
-                    figures["dpo_val_preference_loss"] = last["val_loss"]
-                    figures["dpo_val_rewards/accuracies_ci95"] = last.get("val_rewards/accuracies_ci95")
-                    figures["dpo_val_pairs"] = last.get("val_pairs")
-                    # Every validation pair's reward margin, for the report's paired test (None: an older run).
-                    figures["dpo_val_pair_margins"] = last.get("val_pair_margins")
-                figures[f"{stage}_train_seconds"] = steps[-1]["elapsed"] if steps else None
-                figures[f"{stage}_train_tokens_per_sec"] = (
-                    sorted(m["tokens_per_sec"] for m in steps)[len(steps) // 2] if steps else None)
-                if seed == opts.seeds[0]:
-                    curves[mt][stage] = {"train": [(m["step"], m["loss"]) for m in steps],
-                                         "val": [(m["step"], m["val_loss"]) for m in evals]}
-            figures["parameters"] = model.num_params()
-            figures["kv_bytes_per_token"] = model.config.kv_bytes_per_token()
-            figures["layers"] = model.config.layers
-            per_seed[mt][seed] = figures
+            per_seed[mt][seed] = _figures(seed_dir(run_dir, seed), mt, data, device,
+                                          curves[mt] if seed == opts.seeds[0] else None)
 
     first = seed_dir(run_dir, opts.seeds[0])
     logger.info("[pipeline] benchmarking the aligned models (seed %d)" % opts.seeds[0])
@@ -141,6 +93,74 @@ def run_pipeline(opts: PipelineOptions) -> tuple[Path, dict]:
         results["hypothesis"] = run_hypothesis_tests(first, opts.preset, opts.device, opts.progress)
         write_text(report, report.read_text() + "\n" + (first / "hypothesis.md").read_text())
     return report, results
+
+
+def _train_stages(opts: PipelineOptions, run_dir: Path, data_dir: Path, chat_dir: Path) -> dict[str, dict]:
+    """Pretrain, SFT and DPO of both model types for every seed (run, resumed or skipped); the seconds each took
+    in this invocation, by "<seed>/<model type>"."""
+    from hybrid_gpt.train.dpo import run_dpo
+    from hybrid_gpt.train.pretrain import run_pretrain
+    from hybrid_gpt.train.sft import run_sft
+
+    timings: dict[str, dict] = {}
+    for seed in opts.seeds:
+        sd = seed_dir(run_dir, seed)
+        for mt in MODEL_TYPES:
+            common = dict(preset=opts.preset, device=opts.device)
+
+            def ov(stage):
+                return {**opts.overrides.get(stage, {}), "seed": seed, "progress": opts.progress}
+
+            t = timings.setdefault(f"{seed}/{mt}", {})
+            t["pretrain"] = run_or_skip(f"pretrain {mt} seed {seed}", sd / f"pretrain-{mt}", lambda **kw: run_pretrain(
+                run_dir=sd, model_type=mt, data_dir=data_dir, overrides=ov("pretrain"), **common, **kw))
+            t["sft"] = run_or_skip(f"sft {mt} seed {seed}", sd / f"sft-{mt}", lambda **kw: run_sft(
+                run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("sft"), **common, **kw))
+            t["dpo"] = run_or_skip(f"dpo {mt} seed {seed}", sd / f"dpo-{mt}", lambda **kw: run_dpo(
+                run_dir=sd, model_type=mt, chat_dir=str(chat_dir), overrides=ov("dpo"), **common, **kw))
+    return timings
+
+
+def _figures(sd: Path, mt: str, data: TokenData, device, curves: dict | None) -> dict:
+    """One seed's figures of one model type: held-out loss and bpb of the pretrained and aligned checkpoints,
+    each stage's last evaluation and training time, parameters and KV cache; ``curves`` (the first seed's)
+    receives each stage's training and validation curve."""
+    figures = {}
+    for stage in ("pretrain", "dpo"):
+        model, _, _ = load_checkpoint(sd / f"{stage}-{mt}", device)
+        ev = evaluate_lm(model, data.val, data.tokenizer.token_byte_lengths(), EVAL_TOKENS)
+        figures[f"{stage}_val_loss"], figures[f"{stage}_val_bpb"] = ev["loss"], ev["bpb"]
+    for stage in ("pretrain", "sft", "dpo"):
+        metrics = read_metrics(sd / f"{stage}-{mt}")
+        evals = [m for m in metrics if "val_loss" in m]
+        steps = [m for m in metrics if "loss" in m]
+        if stage == "sft":
+            figures["sft_val_loss_start"], figures["sft_val_loss"] = evals[0]["val_loss"], evals[-1]["val_loss"]
+        if stage == "dpo":
+            figures.update(_dpo_figures(evals[-1]))
+        figures[f"{stage}_train_seconds"] = steps[-1]["elapsed"] if steps else None
+        figures[f"{stage}_train_tokens_per_sec"] = (
+            sorted(m["tokens_per_sec"] for m in steps)[len(steps) // 2] if steps else None)
+        if curves is not None:
+            curves[stage] = {"train": [(m["step"], m["loss"]) for m in steps],
+                             "val": [(m["step"], m["val_loss"]) for m in evals]}
+    figures["parameters"] = model.num_params()
+    figures["kv_bytes_per_token"] = model.config.kv_bytes_per_token()
+    figures["layers"] = model.config.layers
+    return figures
+
+
+def _dpo_figures(last: dict) -> dict:
+    """The DPO stage's last evaluation as the report's figures."""
+    figures = {f"dpo_val_{k}": last[f"val_{k}"]
+               for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")}
+    # The preference loss; "dpo_val_loss" is the aligned model's language-model loss.
+    figures["dpo_val_preference_loss"] = last["val_loss"]
+    figures["dpo_val_rewards/accuracies_ci95"] = last.get("val_rewards/accuracies_ci95")
+    figures["dpo_val_pairs"] = last.get("val_pairs")
+    # Every validation pair's reward margin, for the report's paired test (None: an older run).
+    figures["dpo_val_pair_margins"] = last.get("val_pair_margins")
+    return figures
 
 
 def run_hypothesis_tests(run_dir: Path, preset: str, device: str = "auto", progress: bool = False) -> dict:

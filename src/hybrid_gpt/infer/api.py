@@ -209,33 +209,14 @@ def _messages(raw) -> list[dict]:
 def parse_request(raw: dict, kind: str) -> GenerationRequest:
     """``raw``, a request body of the chat ("chat") or completions ("completion") endpoint, checked against
     OpenAI's rules and our bounds; APIError 400 naming the first field that breaks one."""
-    unknown = sorted(set(raw) - _FIELDS[kind])
-    if unknown:
-        raise APIError(400, f"Unrecognized request argument supplied: {shown(unknown[0])}", param=unknown[0],
-                       code="unknown_parameter")
-    for name, neutral in _NEUTRAL.items():
-        if name in raw and raw[name] is not None and not any(raw[name] == v and type(raw[name]) is type(v)
-                                                             for v in neutral):
-            raise APIError(400, f"{name} {shown(_json_text(raw[name]))} is not supported by this server (only "
-                                f"{' or '.join(_json_text(v) for v in neutral)})", param=name, code="unsupported_value")
+    _check_fields(raw, kind)
     model = raw.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "model is required: the name of a loaded model (GET /v1/models lists them)",
                        param="model", code="invalid_value" if model is None or isinstance(model, str) else
                        "invalid_type")
     req = GenerationRequest(kind=kind, model=model)
-    if kind == "chat":
-        req.messages = _messages(raw.get("messages"))
-        if raw.get("max_tokens") is not None and raw.get("max_completion_tokens") is not None:
-            raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens",
-                           code="invalid_value")
-    else:
-        prompt = raw.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise _wrong("prompt", "a string (or a list of one string)", prompt)
-        req.prompt = prompt
+    _read_input(raw, req)
     for name in ("max_tokens", "max_completion_tokens"):
         n = _number(raw, name, _SPEC["max_new_tokens"], "int")
         req.max_tokens = n if n is not None else req.max_tokens
@@ -245,31 +226,70 @@ def parse_request(raw: dict, kind: str) -> GenerationRequest:
     req.top_p = None if top_p is None or top_p == 1 else float(top_p)
     req.top_k = _number(raw, "top_k", _SPEC["top_k"], "int") or None
     req.stop = _stops(raw)
+    req.seed = _request_seed(raw)
+    _read_stream(raw, req)
+    if raw.get("user") is not None and not isinstance(raw["user"], str):
+        raise _wrong("user", _TEXT, raw["user"])
+    return req
+
+
+def _check_fields(raw: dict, kind: str) -> None:
+    """No field we do not know, and the features we do not implement only at their "off" values."""
+    unknown = sorted(set(raw) - _FIELDS[kind])
+    if unknown:
+        raise APIError(400, f"Unrecognized request argument supplied: {shown(unknown[0])}", param=unknown[0],
+                       code="unknown_parameter")
+    for name, neutral in _NEUTRAL.items():
+        if name in raw and raw[name] is not None and not any(raw[name] == v and type(raw[name]) is type(v)
+                                                             for v in neutral):
+            raise APIError(400, f"{name} {shown(_json_text(raw[name]))} is not supported by this server (only "
+                                f"{' or '.join(_json_text(v) for v in neutral)})", param=name, code="unsupported_value")
+
+
+def _read_input(raw: dict, req: GenerationRequest) -> None:
+    """The chat endpoint's messages, or the completions endpoint's prompt, into ``req``."""
+    if req.kind == "chat":
+        req.messages = _messages(raw.get("messages"))
+        if raw.get("max_tokens") is not None and raw.get("max_completion_tokens") is not None:
+            raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens",
+                           code="invalid_value")
+        return
+    prompt = raw.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _wrong("prompt", "a string (or a list of one string)", prompt)
+    req.prompt = prompt
+
+
+def _request_seed(raw: dict) -> int | None:
     seed = raw.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise _wrong("seed", _INT, seed)
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise APIError(400, f"seed must be in [-2^63, 2^64 - 1], got {shown(seed)}", param="seed",
                        code="invalid_value")
-    req.seed = seed
+    return seed
+
+
+def _read_stream(raw: dict, req: GenerationRequest) -> None:
+    """``stream`` and ``stream_options`` (only with stream: whether the last chunk carries the usage)."""
     stream = raw.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _wrong("stream", _BOOL, stream)
     req.stream = bool(stream)
     options = raw.get("stream_options")
-    if options is not None:
-        if not req.stream:
-            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
-                           code="invalid_value")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise _wrong("stream_options", 'an object {"include_usage": true or false}', options)
-        include = options.get("include_usage", False)
-        if not isinstance(include, bool):
-            raise _wrong("stream_options.include_usage", _BOOL, include)
-        req.include_usage = include
-    if raw.get("user") is not None and not isinstance(raw["user"], str):
-        raise _wrong("user", _TEXT, raw["user"])
-    return req
+    if options is None:
+        return
+    if not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
+                       code="invalid_value")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise _wrong("stream_options", 'an object {"include_usage": true or false}', options)
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise _wrong("stream_options.include_usage", _BOOL, include)
+    req.include_usage = include
 
 
 def context_error(context: int, prompt_tokens: int, max_tokens: int | None) -> APIError | None:
