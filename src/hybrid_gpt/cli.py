@@ -893,11 +893,11 @@ def cmd_probe(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from hybrid_gpt.analysis.distill import quality_sentences, run_distill
+    from hybrid_gpt.analysis.distill import quality_summary, run_distill
 
     cfg = DistillConfig(**values(args, DistillConfig, skip_none=True))
     result = run_distill(args.checkpoint, cfg, progress=args.progress)
-    print(quality_sentences(result))
+    print(quality_summary(result))
     print(f"results: {Path(result['out_dir']) / 'distill.md'}")
     return 0
 

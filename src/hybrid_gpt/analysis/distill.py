@@ -475,7 +475,7 @@ def judge_quality_kept(result: dict) -> QualityKept:
     return QualityKept({arm: quality_kept(result, arm) for arm in result["arms"]}, gap_sentence(result))
 
 
-def quality_sentences(result: dict) -> str:
+def quality_summary(result: dict) -> str:
     """What distillation kept of the teacher's quality, in sentences (present/distill.py's, with the verdict's
     reading)."""
     return page.quality_sentences(result, judge_quality_kept(result))
