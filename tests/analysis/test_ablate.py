@@ -4,18 +4,17 @@ import pytest
 
 from hybrid_gpt.analysis.ablate import (
     gap_curves,
-    gap_table,
     learning_curves,
     matched_hidden,
     parse_variants,
     power_lines,
-    power_table,
     run_ablate,
     sentences,
 )
 from hybrid_gpt.analysis.verdict import QUALITY_TOLERANCE
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.model.gpt import GPTConfig
+from hybrid_gpt.present.ablate import gap_table, power_table
 from hybrid_gpt.presets import get_preset
 from hybrid_gpt.stats import mean_ci
 
