@@ -3,8 +3,9 @@ import shutil
 
 import pytest
 
-from hybrid_gpt.analysis.verdict import per_context, render_verdict_markdown, sentences, table, write_verdict
+from hybrid_gpt.analysis.verdict import CRITERIA, per_context, sentences, table, write_verdict
 from hybrid_gpt.errors import HybridGPTError
+from hybrid_gpt.present.verdict import render_verdict_markdown
 from hybrid_gpt.stats import mean_ci
 
 
@@ -75,7 +76,7 @@ def test_the_verdict_never_pairs_contexts():
     assert ctx["answer"]["state"] == "cannot be told" and ctx["answer"]["context"] == 128
     assert "speed alone was measured at 256, 1,024, 4,096, 16,384 tokens" in ctx["answer"]["text"]
     md = render_verdict_markdown({"sources": {}, "table": table(found), "sentences": sentences(found),
-                                  "per_context": ctx})
+                                  "per_context": ctx}, CRITERIA)
     assert "| 16,384 | random | not measured | not measured | 1.70x [1.60, 1.90] | - | holds | not measured |" in md
     assert "quality not measured at this context" in "\n".join(sentences(found))
 
@@ -91,7 +92,7 @@ def test_the_verdict_at_the_paired_context_in_each_of_its_three_states():
     assert ctx["answer"]["state"] == "holds" and ctx["answer"]["context"] == 128
     assert ctx["answer"]["text"].startswith("holds at context 128")
     md = render_verdict_markdown({"sources": {}, "table": table(found), "sentences": sentences(found),
-                                  "per_context": ctx})
+                                  "per_context": ctx}, CRITERIA)
     assert md.splitlines()[2].startswith("**The hypothesis holds at context 128")
     assert "| 128 | trained | +0.0010 ± 0.0000 | holds | 1.40x [1.30, 1.50] | - | holds | holds |" in md
 
@@ -163,7 +164,7 @@ def test_the_table_joins_ablation_and_probe_by_pattern():
     assert {r["pattern"]: r for r in table(found)}["AAMM"]["decode_vs_standard"] == {"ratio": 1.4, "ci95": [1.3, 1.5]}
     assert per_context(found)["rows"][0]["ci95"] == [1.3, 1.5]
     md = render_verdict_markdown({"sources": {"ablate": "ablate/ablate.json"}, "table": table(found),
-                                  "sentences": sentences(found)})
+                                  "sentences": sentences(found)}, CRITERIA)
     assert md.startswith("## Does the hypothesis hold?") and "| MMMM |" in md and "1.40x [1.30, 1.50]" in md
 
 
@@ -184,7 +185,7 @@ def test_the_probe_sentences_read_every_task_and_its_judgements():
     assert "AAAA learns it and AAMM cannot: here the deep attention does something (AA learn it too)." in text
     rows = {r["pattern"]: r for r in table(found)}
     assert set(rows["AAAA"]["probe_accuracy"]) == {"recall", "two-hop"} and "AA" in rows
-    md = render_verdict_markdown({"sources": {}, "table": table(found), "sentences": sentences(found)})
+    md = render_verdict_markdown({"sources": {}, "table": table(found), "sentences": sentences(found)}, CRITERIA)
     assert "| probe: recall | probe: two-hop |" in md and "| 0.313 ± 0.038 |" in md
 
 

@@ -32,9 +32,9 @@ from hybrid_gpt.analysis.longcontext import pair_names, summarize
 from hybrid_gpt.errors import HybridGPTError
 from hybrid_gpt.fsutil import JSON_LIMIT, read_json, read_text, write_json, write_text
 from hybrid_gpt.present.longcontext import plot_speed_context, render_markdown
+from hybrid_gpt.present.verdict import NOT_MEASURED, STATES, render_verdict_markdown
 from hybrid_gpt.stats import (
     NOT_MEASURABLE,
-    format_ci,
     format_ratio,
     format_share,
     judge_interval,
@@ -49,8 +49,9 @@ QUALITY_TOLERANCE = 0.01  # 1% of the standard model's bits per byte
 SPEED_GAIN = 1.25
 STANDARD, HYBRID, DROP = "AAAA", "AAMM", "AANN"
 SPEED_DIR = "speed"  # <run-dir>/speed/*.json: bench results read per context
-NOT_MEASURED = "not measured"
-STATES = {True: "holds", False: "does not hold", None: "cannot be told", NOT_MEASURED: NOT_MEASURED}
+# The criteria as the page states them (present/verdict.py renders it).
+CRITERIA = {"quality_tolerance": QUALITY_TOLERANCE, "speed_gain": SPEED_GAIN, "standard": STANDARD,
+            "hybrid": HYBRID, "drop": DROP}
 
 
 def _read(path: Path) -> dict | None:
@@ -483,52 +484,6 @@ def _speed_sentences(ctx: dict, mlp_matters: bool | None) -> list[str]:
     return out
 
 
-def render_verdict_markdown(result: dict) -> str:
-    ctx = result.get("per_context")
-    tasks = list(dict.fromkeys(t for r in result["table"] for t in r["probe_accuracy"]))
-    L = ["## Does the hypothesis hold?\n"]
-    if ctx:
-        L.append(f"**The hypothesis {ctx['answer']['text']}.**\n")
-    L += ["Generated from the analyses below; criteria: little loss of quality = the 95% interval of the hybrid's "
-          f"extra bits per byte lies below {100 * QUALITY_TOLERANCE:.0f}% of the standard's; a large speed gain = "
-          f"the 95% interval of its cached decode speedup (batch 1) lies above {SPEED_GAIN:.2f}x; "
-          f"the MLP matters = {HYBRID} measurably better than {DROP}. Each is judged holds, does not hold, or "
-          "cannot be told (the interval straddles the criterion, or there is none). Sources: "
-          + ", ".join(f"`{v}`" for v in result["sources"].values()) + ".\n",
-          "| pattern | parameters | val bpb | vs AAAA | " + "".join(f"probe: {t} | " for t in tasks)
-          + "decode tok/s | vs AAAA | KV B/token |", "| --- " * (7 + len(tasks)) + "|"]
-
-    def num(value, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
-
-    for r in result["table"]:
-        d = r["bpb_vs_standard"]
-        cells = [r["pattern"], num(r["parameters"], ","), format_ci(r["val_bpb"]), num(d and d["mean"], "+.4f"),
-                 *(format_ci(r["probe_accuracy"].get(t), 3) for t in tasks), num(r["decode_tok_s"], ",.0f"),
-                 format_ratio(r["decode_vs_standard"]),
-                 num(r["kv_bytes_per_token"], ",")]
-        L.append("| " + " | ".join(cells) + " |")
-    L.append("")
-    if ctx and ctx["rows"]:
-        d = ctx["quality_cost_bpb"]
-        L += [f"Per context, like with like (quality: {HYBRID} - {STANDARD} bits per byte of the trained models, "
-              f"measured at context {ctx['quality_context']:,}, tolerance {ctx['tolerance_bpb']:.4f}; speed: "
-              "hybrid/standard cached decode at batch 1, 95% interval over paired repeats; a row pairs the two only "
-              "where both were measured on the same trained models at its context):\n",
-              "| context | weights | quality cost (95% CI) | little loss | decode speedup (95% CI) | predicted | "
-              "large gain | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in ctx["rows"]:
-            measured = r["quality_context"] is not None
-            L.append(f"| {r['context']:,} | {r['weights']} | "
-                     f"{format_ci(d, signed=True) if measured else NOT_MEASURED} | {STATES[r['quality']]} | "
-                     f"{format_ratio({'ratio': r['ratio'], 'ci95': r['ci95']})} | "
-                     f"{num(r['predicted'], '.2f') + ('x' if r['predicted'] else '')} | {STATES[r['speed']]} | "
-                     f"{STATES[r['state']]} |")
-        L.append("")
-    L += [f"- {s}" for s in result["sentences"]]
-    return "\n".join(L) + "\n"
-
-
 def write_verdict(run_dir: str | Path) -> dict:
     """hypothesis.json and hypothesis.md in ``run_dir``: the verdict, then each analysis's own section
     (its plots linked from their subdirectories)."""
@@ -542,7 +497,7 @@ def write_verdict(run_dir: str | Path) -> dict:
     sources |= {f"speed:{Path(e['path']).stem}": e["path"] for e in found.get("speed", [])}
     result = {"sources": sources, "table": table(found), "sentences": sentences(found),
               "per_context": per_context(found)}
-    sections = [render_verdict_markdown(result)]
+    sections = [render_verdict_markdown(result, CRITERIA)]
     if found.get("speed"):  # the long-context benchmarks: measured and predicted speedup against context
         summaries = {Path(e["path"]).stem: summarize(e["data"]) for e in found["speed"]}
         plot = plot_speed_context(summaries, run_dir / "speed-context.png")
