@@ -77,3 +77,20 @@ def slowed(model, delay: float):
 
     model.forward = slow
     return model
+
+
+def rerun_tests(files: list[str], env: dict[str, str], still_true: str, timeout: int = 600) -> None:
+    """Run the test ``files`` again in a fresh process with ``env`` added to the environment (a fallback path
+    switched on at start-up), failing unless they pass there and the Python expression ``still_true`` (it may use
+    ``compat`` and ``kernels``) holds afterwards: that the process really took the path asked for."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys, pytest; from hybrid_gpt import compat; from hybrid_gpt.model import kernels; "
+              f"rc = pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '-n', '0', *{files!r}]); "
+              f"sys.exit(rc or (0 if ({still_true}) else 3))")
+    run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

@@ -2,13 +2,11 @@
 (the model, engine and int8 tests pass again with every feature forced onto its public path)."""
 
 import ast
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import rerun_tests
 
 import hybrid_gpt
 from hybrid_gpt import compat
@@ -117,10 +115,5 @@ def test_environment_selects_the_public_path(monkeypatch):
 def test_model_engine_and_int8_tests_pass_on_the_public_path():
     """The public fallbacks must not rot: the model's, the engine's and int8's tests again, in a process with
     HYBRID_GPT_TORCH_COMPAT=public, which must really have taken the public path there."""
-    script = ("import sys, pytest; from hybrid_gpt import compat; from hybrid_gpt.model import kernels; "
-              "rc = pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '-n', '0', 'tests/model/test_gpt.py', "
-              "'tests/infer/test_engine.py', 'tests/infer/test_int8.py']); "
-              "sys.exit(rc or (3 if kernels.onednn_enabled() or compat.describe()['mode'] != 'public' else 0))")
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, compat.ENV: "public"})
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    rerun_tests(["tests/model/test_gpt.py", "tests/infer/test_engine.py", "tests/infer/test_int8.py"],
+                {compat.ENV: "public"}, "not kernels.onednn_enabled() and compat.describe()['mode'] == 'public'")

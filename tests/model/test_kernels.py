@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import smoke_config
+from helpers import rerun_tests, smoke_config
 
 from hybrid_gpt.model import kernels
 from hybrid_gpt.model.gpt import GPT
@@ -217,17 +217,5 @@ def test_self_test_checks_bfloat16_apart_from_float32(always_onednn, monkeypatch
 def test_core_model_and_engine_tests_pass_with_onednn_off():
     """The F.linear fallback must not rot: the model's and the engine's tests again, in a process
     with HYBRID_GPT_ONEDNN=0, which must really have been off there."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    script = ("import sys, pytest; from hybrid_gpt.model import kernels; "
-              "rc = pytest.main(['-q', '-x', '-p', 'no:cacheprovider', 'tests/model/test_gpt.py', "
-              "'tests/infer/test_engine.py']); "
-              "sys.exit(rc or (3 if kernels.onednn_enabled() or kernels.backend_name() != "
-              "'PyTorch default (F.linear)' else 0))")
-    run = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, kernels.ENV_SWITCH: "0"})
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    rerun_tests(["tests/model/test_gpt.py", "tests/infer/test_engine.py"], {kernels.ENV_SWITCH: "0"},
+                "not kernels.onednn_enabled() and kernels.backend_name() == 'PyTorch default (F.linear)'", timeout=300)

@@ -242,12 +242,12 @@ def gap_curves(runs: dict[str, dict[int, Path]], variants: list[dict], tokens_pe
     by_layers: dict[str, dict] = {}
     for e in variants:
         by_layers.setdefault(e["layers"], e)
+    periodic = {e["slug"]: _evaluations(runs[e["slug"]])[0] for e in by_layers.values()}  # each run read once
     out = []
     for other, base, question in QUESTIONS:
         if other not in by_layers or base not in by_layers:
             continue
-        o, _ = _evaluations(runs[by_layers[other]["slug"]])
-        b, _ = _evaluations(runs[by_layers[base]["slug"]])
+        o, b = periodic[by_layers[other]["slug"]], periodic[by_layers[base]["slug"]]
         points = []
         for step in sorted(set(o) & set(b)):
             seeds = sorted(set(o[step]) & set(b[step]))
